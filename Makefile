@@ -1,0 +1,39 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+TORCH_VERSION ?= 2.13.0
+RUN ?= runs/demo
+
+.PHONY: setup test test-fast lint demo bench clean
+
+setup: $(VENV)/.installed
+
+# CPU torch first (a wheel on disk here; pip finds it via its find-links), so the `torch>=2.4`
+# requirement of the package is already met and pip never downloads a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PIP) install "torch==$(TORCH_VERSION)"
+	$(PIP) install -e ".[dev]"
+	touch $@
+
+test: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+	$(PY) -m pytest -q -x --durations=15
+
+test-fast: setup
+	$(PY) -m pytest -q -x -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+demo: setup
+	$(VENV)/bin/smalltalk run --config configs/demo.yaml --set run_dir=$(RUN)
+
+bench: setup
+	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_train.py
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,68 @@
+"""Training checkpoints: HF weights (safetensors) + optimizer, scheduler, RNG and data cursor.
+
+A checkpoint directory appears only complete (temp dir + rename). Damage done afterwards (a truncated
+file) is reported with the path and the way out, instead of a stack trace from deep inside torch.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import atomic_dir
+
+_STEP_DIR = re.compile(r"^step_(\d{8})$")
+
+
+def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
+    root = Path(out_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    dirs = checkpoint_dirs(out_dir)
+    return dirs[-1] if dirs else None
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
+                    keep: int = 2) -> Path:
+    final = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
+    with atomic_dir(final) as tmp:
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        torch.save(state, tmp / "trainer_state.pt")
+    for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """Load weights into `model` and return the trainer state; SmalltalkError on damaged files."""
+    from safetensors.torch import load_file
+
+    fix = f"delete {path} to resume from the previous checkpoint, or start without --resume"
+    weights = path / "model.safetensors"
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise SmalltalkError(f"checkpoint weights are unreadable (truncated or corrupt): {exc}",
+                             where=str(weights), fix=fix) from None
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
+    if missing or unexpected:
+        raise SmalltalkError(f"checkpoint does not match the model (missing {missing[:3]}, "
+                             f"unexpected {unexpected[:3]})", where=str(weights),
+                             fix="resume with the same model config that wrote it")
+    if getattr(model.config, "tie_word_embeddings", False):
+        model.tie_weights()
+    try:
+        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - torch.load raises many types on damaged pickles
+        raise SmalltalkError(f"trainer state is unreadable (truncated or corrupt): {exc}",
+                             where=str(path / "trainer_state.pt"), fix=fix) from None

@@ -1,0 +1,202 @@
+"""Dataclass configs, loaded from YAML with dotted command-line overrides (`--set train.lr=3e-4`).
+
+Unknown keys and wrongly typed values are errors that name the key, so a typo never silently
+falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from smalltalk.errors import SmalltalkError
+
+
+@dataclass
+class DataConfig:
+    inputs: list[str] = field(default_factory=list)  # files, directories or globs
+    text_field: str = "text"
+    domain_field: str | None = "domain"  # optional per-document label, kept for diagnostics
+    txt_mode: str = "file"  # "file": one document per .txt file; "blocks": split at blank lines
+    validation_fraction: float = 0.05
+    test_fraction: float = 0.05
+    split_seed: int = 0
+    seq_len: int = 1024
+    encode_batch_docs: int = 512  # documents per tokenizers.encode_batch call (parallel in Rust)
+    max_docs: int | None = None
+
+
+@dataclass
+class TokenizerConfig:
+    vocab_size: int = 32000
+    pretrained: str | None = None  # a local HF tokenizer directory instead of training one
+    min_frequency: int = 2
+    max_train_chars: int | None = None  # cap the text used to fit BPE (first documents of train)
+    eot_token: str = "<|endoftext|>"
+
+
+@dataclass
+class ModelConfig:
+    preset: str | None = "cpu-expert-0.5m"
+    hidden_size: int | None = None
+    num_layers: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    intermediate_size: int | None = None
+    vocab_size: int | None = None  # None: take it from the tokenizer
+    tie_embeddings: bool | None = None
+    rope_theta: float | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    micro_batch_size: int = 16
+    grad_accum: int = 1
+    seq_len: int | None = None  # train on the first N tokens only (routers: the prefix); None = all
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    schedule: str = "cosine"  # "cosine" or "constant" (both after linear warmup)
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.99
+    grad_clip: float = 0.1
+    seed: int = 0
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
+    dtype: str = "float32"  # "float32" or "bfloat16" (autocast)
+    compile: bool = False
+    checkpoint_every: int = 0  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    eval_every: int = 0
+    eval_batches: int = 4
+    num_threads: int | None = None
+    tensorboard: bool = True
+    peak_flops: float | None = None  # for MFU; None: measured with a matmul at start-up
+    progress: bool = True
+
+
+@dataclass
+class RoutingConfig:
+    method: str = "em"  # "em", "tfidf" or "random"
+    experts: int = 4
+    prefix: int = 256  # M: tokens the routers see when training and partitioning
+    rounds: int = 4  # EM rounds T
+    chunk: int = 4096  # N: fresh sequences scored and re-split per round
+    router: ModelConfig = field(default_factory=lambda: ModelConfig(preset="cpu-router-0.1m"))
+    train: TrainConfig = field(
+        default_factory=lambda: TrainConfig(
+            steps=200, lr=1e-3, schedule="constant", warmup_steps=50, micro_batch_size=32, log_every=50
+        )
+    )
+    score_batch_size: int = 256
+    partition_chunk: int | None = None  # None: the whole training set at once
+    heldout_sequences: int = 256  # validation sequences for the per-round held-out loss
+    parallel: int = 1  # router jobs run at once within a round
+    seed: int = 0
+
+
+@dataclass
+class Config:
+    run_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Build a Config from an optional YAML file and `key.sub=value` overrides (values parsed as YAML)."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise SmalltalkError(f"config file not found: {path}", fix="pass an existing YAML file to --config")
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise SmalltalkError(f"config file is not valid YAML: {exc}", where=str(path)) from exc
+        if not isinstance(raw, dict):
+            raise SmalltalkError("config file must hold a mapping at top level", where=str(path))
+        source = str(path)
+    for item in overrides or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SmalltalkError(f"bad override {item!r}", fix="write overrides as --set section.key=value")
+        node = raw
+        parts = key.strip().split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise SmalltalkError(f"override {item!r}: '{part}' is not a section")
+        node[parts[-1]] = yaml.safe_load(value)
+    return _build(Config, raw, prefix="", source=source)
+
+
+def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:
+    if not isinstance(raw, dict):
+        raise SmalltalkError(f"config key '{prefix.rstrip('.')}' must be a mapping", where=source)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - names)
+    if unknown:
+        raise SmalltalkError(
+            f"unknown config key '{prefix}{unknown[0]}'",
+            where=source,
+            fix=f"valid keys under '{prefix.rstrip('.') or 'top level'}': {', '.join(sorted(names))}",
+        )
+    kwargs = {}
+    defaults = cls()
+    for name, value in raw.items():
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            if not isinstance(value, dict):
+                raise SmalltalkError(f"config key '{prefix}{name}' must be a mapping", where=source)
+            merged = dataclasses.asdict(getattr(defaults, name))
+            merged.update(value)
+            kwargs[name] = _build(hint, merged, f"{prefix}{name}.", source)
+        else:
+            kwargs[name] = _coerce(value, hint, f"{prefix}{name}", source)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    """Check `value` against a simple type hint (int, float, str, bool, list[str], X | None)."""
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        hint = next(a for a in options if a is not type(None))
+        origin = typing.get_origin(hint)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, list):
+            raise SmalltalkError(f"config key '{key}' must be a list, got {value!r}", where=source)
+        return [_coerce(v, typing.get_args(hint)[0], key, source) for v in value]
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if hint is float and isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise SmalltalkError(
+        f"config key '{key}' must be {getattr(hint, '__name__', hint)}, got {value!r}", where=source
+    )
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    return dataclasses.asdict(cfg)

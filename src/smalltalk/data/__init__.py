@@ -1,0 +1,1 @@
+"""Data pipeline: ingest documents, fit or load a tokenizer, pack token shards."""

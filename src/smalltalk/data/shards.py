@@ -1,0 +1,189 @@
+"""Packed token shards: documents joined with end-of-text, cut into fixed-length sequences on disk.
+
+Layout of RUN/data/ (one set of files per split):
+  {split}.bin              uint16/uint32 tokens; sequence i is tokens[i*S:(i+1)*S] (O(1) random access)
+  {split}.doc_starts.npy   int64 token offset of every document start
+  {split}.doc_domains.npy  int16 domain id per document (-1: unlabelled)
+  {split}.seq_domains.npy  int16 domain id of each sequence (the domain of its first token)
+  manifest.json            counts, vocab, seq_len, dtype, sha256 of every .bin, domain names
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from smalltalk.config import Config, config_to_dict
+from smalltalk.data.ingest import SPLITS, iter_documents, split_of
+from smalltalk.data.tokenizer import load_tokenizer
+from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import atomic_dir, read_json, write_json
+
+FORMAT_VERSION = 1
+
+
+class _SplitWriter:
+    """Appends encoded documents of one split to its token file and tracks document offsets."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, eot_id: int) -> None:
+        self.split, self.dtype = split, dtype
+        self.handle = open(directory / f"{split}.bin", "wb")  # noqa: SIM115 - closed in finish()
+        self.hasher = hashlib.sha256()
+        self.eot = np.array([eot_id], dtype=dtype)
+        self.n_tokens = 0
+        self.doc_lengths: list[np.ndarray] = []
+        self.doc_domains: list[int] = []
+
+    def add(self, encodings: list, domains: list[int]) -> None:
+        pieces = []
+        for enc in encodings:
+            pieces.append(np.asarray(enc.ids, dtype=self.dtype))
+            pieces.append(self.eot)
+        block = np.concatenate(pieces)
+        data = block.tobytes()
+        self.handle.write(data)
+        self.hasher.update(data)
+        self.n_tokens += block.size
+        self.doc_lengths.append(np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings)))
+        self.doc_domains.extend(domains)
+
+    def finish(self, directory: Path, seq_len: int) -> dict:
+        """Truncate to whole sequences (the dropped tail is recorded) and write the index arrays."""
+        self.handle.close()
+        n_seq = self.n_tokens // seq_len
+        kept = n_seq * seq_len
+        path = directory / f"{self.split}.bin"
+        if kept != self.n_tokens:
+            with open(path, "r+b") as handle:
+                handle.truncate(kept * self.dtype.itemsize)
+            digest = _sha256_prefix(path)
+        else:
+            digest = self.hasher.hexdigest()
+        lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, np.int64)
+        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths.size else lengths
+        doc_domains = np.asarray(self.doc_domains, dtype=np.int16)
+        seq_first = np.arange(n_seq, dtype=np.int64) * seq_len
+        seq_domains = doc_domains[np.searchsorted(starts, seq_first, side="right") - 1] if n_seq else \
+            np.zeros(0, np.int16)
+        np.save(directory / f"{self.split}.doc_starts.npy", starts)
+        np.save(directory / f"{self.split}.doc_domains.npy", doc_domains)
+        np.save(directory / f"{self.split}.seq_domains.npy", seq_domains.astype(np.int16))
+        return {"documents": int(lengths.size), "tokens": int(kept), "sequences": int(n_seq),
+                "tail_tokens_dropped": int(self.n_tokens - kept), "sha256": digest}
+
+
+def _sha256_prefix(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 22):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def prepare_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
+    """Read, split by document, encode in parallel batches, pack and write RUN/data atomically."""
+    tokenizer, tok_manifest = load_tokenizer(tokenizer_dir)
+    vocab, eot_id = tok_manifest["vocab_size"], tok_manifest["eot_id"]
+    dtype = np.dtype(np.uint16 if vocab < 65536 else np.uint32)
+    seq_len, batch_docs = cfg.data.seq_len, cfg.data.encode_batch_docs
+    if seq_len < 2:
+        raise SmalltalkError(f"data.seq_len must be at least 2, got {seq_len}")
+    stats: dict = {}
+    domains: dict[str, int] = {}
+    start = time.perf_counter()
+    chars = 0
+    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
+        writers = {s: _SplitWriter(tmp, s, dtype, eot_id) for s in SPLITS}
+        buffers: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in SPLITS}
+        pending = None  # encoding runs in a thread (Rust releases the GIL) while we read the next batch
+        bar = tqdm(unit="B", unit_scale=True, desc="prepare", disable=None, mininterval=1.0)
+
+        def flush(split: str) -> None:
+            nonlocal pending
+            texts, doms = buffers[split]
+            buffers[split] = ([], [])
+            if pending is not None:
+                pending.result()
+            future = pool.submit(tokenizer.encode_batch, texts, add_special_tokens=False)
+            pending = pool.submit(lambda f=future, s=split, d=doms: writers[s].add(f.result(), d))
+
+        for doc in iter_documents(cfg.data, stats):
+            split = split_of(doc.text, cfg.data)
+            domain_id = -1 if doc.domain is None else domains.setdefault(doc.domain, len(domains))
+            buffers[split][0].append(doc.text)
+            buffers[split][1].append(domain_id)
+            chars += len(doc.text)
+            bar.update(len(doc.text))
+            if len(buffers[split][0]) >= batch_docs:
+                flush(split)
+        for split in SPLITS:
+            if buffers[split][0]:
+                flush(split)
+        if pending is not None:
+            pending.result()
+        bar.close()
+        split_info = {s: w.finish(tmp, seq_len) for s, w in writers.items()}
+        if split_info["train"]["sequences"] == 0:
+            raise SmalltalkError(
+                f"the train split holds fewer than seq_len={seq_len} tokens",
+                fix="add documents or lower data.seq_len")
+        seconds = time.perf_counter() - start
+        manifest = {
+            "kind": "data", "format_version": FORMAT_VERSION, "seq_len": seq_len, "dtype": dtype.name,
+            "vocab_size": vocab, "eot_id": eot_id, "tokenizer_sha256": tok_manifest["sha256"],
+            "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            "domains": sorted(domains, key=domains.get), "splits": split_info,
+            "documents": stats["documents"], "empty_documents_skipped": stats["empty_documents_skipped"],
+            "chars": chars, "seconds": round(seconds, 3), "mb_per_s": round(chars / 1e6 / seconds, 3),
+            "data_config": config_to_dict(cfg.data),
+        }
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+class SplitData:
+    """Read-only view of one split: O(1) access to sequence i via np.memmap."""
+
+    def __init__(self, data_dir: str | Path, split: str = "train") -> None:
+        self.dir = Path(data_dir)
+        manifest_path = self.dir / "manifest.json"
+        if not manifest_path.is_file():
+            raise SmalltalkError(f"no prepared data at {self.dir}", fix="run `smalltalk data prepare` first")
+        self.manifest = read_json(manifest_path)
+        if split not in self.manifest["splits"]:
+            raise SmalltalkError(f"unknown split {split!r}", fix=f"use one of {', '.join(SPLITS)}")
+        self.split = split
+        self.seq_len: int = self.manifest["seq_len"]
+        self.vocab_size: int = self.manifest["vocab_size"]
+        info = self.manifest["splits"][split]
+        self.num_sequences: int = info["sequences"]
+        dtype = np.dtype(self.manifest["dtype"])
+        path = self.dir / f"{split}.bin"
+        expected = info["tokens"] * dtype.itemsize
+        if not path.is_file() or path.stat().st_size != expected:
+            raise SmalltalkError(f"token file is missing or has the wrong size (expected {expected} bytes)",
+                                 where=str(path), fix="re-run `smalltalk data prepare`")
+        self.tokens = (np.memmap(path, dtype=dtype, mode="r", shape=(self.num_sequences, self.seq_len))
+                       if self.num_sequences else np.zeros((0, self.seq_len), dtype))
+        self.seq_domains = np.load(self.dir / f"{split}.seq_domains.npy")
+        self.domain_names: list[str] = self.manifest["domains"]
+
+    def __len__(self) -> int:
+        return self.num_sequences
+
+    def __getitem__(self, index: int) -> np.ndarray:
+        return np.asarray(self.tokens[index])
+
+    def batch(self, ids: np.ndarray, length: int | None = None) -> np.ndarray:
+        """Sequences `ids` (first `length` tokens) as an int64 array, ready for torch.from_numpy."""
+        rows = self.tokens[np.asarray(ids)]
+        return np.ascontiguousarray(rows[:, :length] if length else rows, dtype=np.int64)
+
+    @property
+    def has_domains(self) -> bool:
+        return bool(self.domain_names) and bool((self.seq_domains >= 0).any())

@@ -1,0 +1,301 @@
+"""One trainer for routers, experts and dense baselines.
+
+AdamW with warmup + cosine or warmup + constant LR, gradient accumulation, clipping, bf16 autocast and
+optional torch.compile on CUDA, DDP under torchrun. Checkpoints hold everything needed to continue
+bitwise-exactly: weights, optimizer, scheduler, RNG states and the data cursor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smalltalk.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from smalltalk.config import TrainConfig, config_to_dict
+from smalltalk.data.shards import SplitData
+from smalltalk.distributed import DistContext, init_distributed, resolve_device
+from smalltalk.errors import SmalltalkError
+from smalltalk.evaluate import sequence_nll
+from smalltalk.flops import measure_matmul_peak, training_flops
+from smalltalk.fsutil import atomic_dir, write_json
+from smalltalk.model import ModelSpec, build_model, count_params
+
+
+class Sampler:
+    """Deterministic epoch-wise shuffling over a fixed id set; its cursor is part of the checkpoint."""
+
+    def __init__(self, ids: np.ndarray, batch_size: int, seed: int) -> None:
+        if len(ids) == 0:
+            raise SmalltalkError("no training sequences to sample from", fix="check the data or the partition")
+        self.ids, self.batch_size, self.seed = np.asarray(ids, dtype=np.int64), batch_size, seed
+        self.fingerprint = hashlib.sha256(self.ids.tobytes()).hexdigest()[:16]
+        self.epoch, self.pos = 0, 0
+        self._perm = self._permutation(0)
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+
+    def next_batch(self) -> np.ndarray:
+        out = []
+        need = self.batch_size
+        while need:
+            take = self._perm[self.pos:self.pos + need]
+            out.append(take)
+            need -= len(take)
+            self.pos += len(take)
+            if self.pos >= len(self.ids):
+                self.epoch, self.pos = self.epoch + 1, 0
+                self._perm = self._permutation(self.epoch)
+        return self.ids[np.concatenate(out)]
+
+    def state_dict(self) -> dict:
+        return {"fingerprint": self.fingerprint, "epoch": self.epoch, "pos": self.pos}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue the cursor if the id set is the same; a new share (next EM round) starts fresh."""
+        if state.get("fingerprint") == self.fingerprint:
+            self.epoch, self.pos = state["epoch"], state["pos"]
+            self._perm = self._permutation(self.epoch)
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of cfg.lr for 0-based `step`: linear warmup, then cosine to min_lr_ratio or constant."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps))
+    return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+@dataclass
+class TrainJob:
+    """What to train on: a model spec, a split and optionally the sequence ids this job may read."""
+
+    spec: ModelSpec
+    cfg: TrainConfig
+    data: SplitData
+    out_dir: Path
+    ids: np.ndarray | None = None
+    val: SplitData | None = None
+    name: str = "lm"
+
+
+def _validate(job: TrainJob) -> None:
+    cfg = job.cfg
+    if cfg.schedule not in ("cosine", "constant"):
+        raise SmalltalkError(f"train.schedule must be 'cosine' or 'constant', got {cfg.schedule!r}")
+    if cfg.dtype not in ("float32", "bfloat16"):
+        raise SmalltalkError(f"train.dtype must be 'float32' or 'bfloat16', got {cfg.dtype!r}")
+    if job.spec.vocab_size != job.data.vocab_size:
+        raise SmalltalkError(
+            f"vocab/model mismatch: model vocab {job.spec.vocab_size}, data vocab {job.data.vocab_size}",
+            where=str(job.data.dir), fix="use the tokenizer the data was prepared with")
+    if cfg.seq_len is not None and not 2 <= cfg.seq_len <= job.data.seq_len:
+        raise SmalltalkError(f"train.seq_len={cfg.seq_len} must be in [2, {job.data.seq_len}]")
+
+
+def _optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+class _Metrics:
+    """metrics.jsonl (+ TensorBoard); on resume, rows past the checkpoint are dropped."""
+
+    def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool, enabled: bool) -> None:
+        self.path = out_dir / "metrics.jsonl"
+        self.enabled = enabled
+        self.tb = None
+        if not enabled:
+            return
+        if self.path.exists():
+            rows = [line for line in self.path.read_text().splitlines()
+                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
+            self.path.write_text("".join(r + "\n" for r in rows))
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+
+    def log(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tb.add_scalar(key, value, row["step"])
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def train(job: TrainJob, resume: bool = False) -> dict:
+    """Run (or continue) a training job; returns the summary written to out_dir/train_manifest.json."""
+    _validate(job)
+    cfg, out_dir = job.cfg, Path(job.out_dir)
+    if cfg.num_threads:
+        torch.set_num_threads(cfg.num_threads)
+    device = resolve_device(cfg.device)
+    dist = init_distributed(device.type)
+    device = resolve_device(cfg.device, dist.local_rank)
+    seq = cfg.seq_len or job.data.seq_len
+    global_batch = cfg.micro_batch_size * cfg.grad_accum * dist.world_size
+    model = build_model(job.spec, max_positions=job.data.seq_len, seed=cfg.seed)
+    optimizer = _optimizer(model, cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
+    ids = job.ids if job.ids is not None else np.arange(len(job.data))
+    sampler = Sampler(ids, global_batch, cfg.seed)
+    step, tokens_seen = 0, 0
+    checkpoint = latest_checkpoint(out_dir) if resume else None
+    if checkpoint is not None:
+        state = load_checkpoint(checkpoint, model)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        sampler.load_state_dict(state["sampler"])
+        _set_rng_state(state["rng"])
+        step, tokens_seen = state["step"], state["tokens_seen"]
+    elif not resume and (out_dir / "checkpoints").exists() and dist.is_main:
+        raise SmalltalkError(f"{out_dir} already holds checkpoints", fix="pass --resume, or choose a new --out")
+    model.to(device)
+    for opt_state in optimizer.state.values():  # moved with the model
+        for key, value in opt_state.items():
+            if torch.is_tensor(value) and key != "step":
+                opt_state[key] = value.to(device)
+    runner = _wrap(model, cfg, dist, device)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    metrics = _Metrics(out_dir, step, cfg.tensorboard, dist.is_main)
+    step_flops = training_flops(job.spec, seq, global_batch, 1)
+    peak = cfg.peak_flops or measure_matmul_peak(str(device), "bfloat16" if cfg.dtype == "bfloat16" else "float32")
+    progress = _progress(cfg, step, dist, job.name)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.dtype == "bfloat16")
+
+    def save(at: int) -> None:
+        if dist.is_main:
+            state = {"step": at, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
+                     "rng": _rng_state(), "world_size": dist.world_size, "config": config_to_dict(cfg)}
+            save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
+        dist.barrier()
+
+    window_start, window_steps, last_loss = time.perf_counter(), 0, float("nan")
+    while step < cfg.steps:
+        batch_ids = sampler.next_batch()
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(cfg.grad_accum):
+            offset = (micro * dist.world_size + dist.rank) * cfg.micro_batch_size
+            rows = batch_ids[offset:offset + cfg.micro_batch_size]
+            x = torch.from_numpy(job.data.batch(rows, seq)).to(device, non_blocking=True)
+            sync = micro == cfg.grad_accum - 1 or not dist.enabled
+            with (runner.no_sync() if not sync else contextlib.nullcontext()), autocast:
+                loss = runner(input_ids=x, labels=x).loss / cfg.grad_accum
+            loss.backward()
+            loss_sum += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 \
+            else torch.zeros(())
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += global_batch * seq
+        window_steps += 1
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            if dist.enabled:
+                torch.distributed.all_reduce(loss_sum, op=torch.distributed.ReduceOp.AVG)
+            elapsed = time.perf_counter() - window_start
+            last_loss = loss_sum.item()
+            tok_s = window_steps * global_batch * seq / elapsed
+            mfu = window_steps * step_flops / elapsed / (peak * dist.world_size)
+            metrics.log({"step": step, "loss": last_loss, "lr": scheduler.get_last_lr()[0],
+                         "grad_norm": float(grad_norm), "tokens": tokens_seen,
+                         "flops": training_flops(job.spec, seq, global_batch, step), "tokens_per_s": tok_s,
+                         "mfu": mfu})
+            progress.set_postfix(loss=f"{last_loss:.3f}", tok_s=f"{tok_s:,.0f}", mfu=f"{mfu:.0%}")
+            window_start, window_steps = time.perf_counter(), 0
+        progress.update(1)
+        if cfg.eval_every and job.val is not None and step % cfg.eval_every == 0:
+            metrics.log({"step": step, "val_loss": _val_loss(model, job, device)})
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+            save(step)
+    progress.close()
+    metrics.close()
+    if checkpoint is None or step > int(checkpoint.name.split("_")[1]):
+        save(step)
+    summary = _finish(job, model, step, tokens_seen, seq, global_batch, last_loss, dist)
+    return summary
+
+
+def _finish(job: TrainJob, model, step: int, tokens: int, seq: int, global_batch: int, loss: float,
+            dist: DistContext) -> dict:
+    """Write the final HF model dir and the manifest (rank 0), atomically."""
+    out_dir = Path(job.out_dir)
+    params = count_params(job.spec)
+    summary = {
+        "kind": "train", "name": job.name, "steps": step, "tokens": tokens, "seq_len": seq,
+        "global_batch": global_batch, "world_size": dist.world_size, "final_loss": loss,
+        "params": params, "non_embedding_params": count_params(job.spec, embeddings=False),
+        "tokens_per_param": tokens / params, "distinct_sequences": int(len(job.ids) if job.ids is not None
+                                                                         else len(job.data)),
+        "training_flops": {"exact": training_flops(job.spec, seq, global_batch, step, "exact"),
+                           "paper": training_flops(job.spec, seq, global_batch, step, "paper")},
+        "config": config_to_dict(job.cfg), "data": str(job.data.dir),
+    }
+    if dist.is_main:
+        with atomic_dir(out_dir / "model") as tmp:
+            model.save_pretrained(str(tmp), safe_serialization=True)
+        write_json(out_dir / "train_manifest.json", summary)
+    dist.barrier()
+    return summary
+
+
+def _wrap(model, cfg: TrainConfig, dist: DistContext, device: torch.device):
+    runner = model
+    if cfg.compile:
+        runner = torch.compile(runner)
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        runner = DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+    return runner
+
+
+def _progress(cfg: TrainConfig, step: int, dist: DistContext, name: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.steps, initial=step, desc=name, disable=not (cfg.progress and dist.is_main) or None,
+                dynamic_ncols=True, mininterval=1.0)
+
+
+@torch.no_grad()
+def _val_loss(model, job: TrainJob, device: torch.device) -> float:
+    count = min(len(job.val), job.cfg.eval_batches * job.cfg.micro_batch_size)
+    nll, tokens = sequence_nll(model, job.val, np.arange(count), job.cfg.micro_batch_size, device,
+                               length=job.cfg.seq_len)
+    model.train()
+    return nll / max(tokens, 1)
