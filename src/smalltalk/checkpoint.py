@@ -23,6 +23,8 @@ def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
     root = Path(out_dir) / "checkpoints"
     if not root.is_dir():
         return []
+    for stale in root.glob(".step_*.tmp-*"):  # left by a process killed while saving
+        shutil.rmtree(stale, ignore_errors=True)
     return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
 
 

@@ -27,7 +27,8 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-    parser.add_argument("--run", help="run directory (overrides run_dir)")
+    # --run-dir is the same option; use it under torchrun, whose own parser mistakes --run for --run-path.
+    parser.add_argument("--run", "--run-dir", dest="run", help="run directory (overrides run_dir)")
 
 
 def _load(args: argparse.Namespace) -> tuple[Config, RunLayout]:

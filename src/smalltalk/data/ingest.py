@@ -146,11 +146,16 @@ def _read_txt(path: Path, cfg: DataConfig) -> Iterator[Document]:
         return
     if cfg.txt_mode != "blocks":
         raise SmalltalkError(f"data.txt_mode must be 'file' or 'blocks', got {cfg.txt_mode!r}")
-    lineno = 1
-    for block in re.split(r"(\n[ \t]*\n)", text):
-        if block.strip() and not re.fullmatch(r"\n[ \t]*\n", block):
-            yield Document(block.strip("\n"), None, f"{path}:{lineno}")
-        lineno += block.count("\n")
+    position, lineno = 0, 1
+    for match in re.finditer(r"\n(?:[ \t]*\n)+|$", text):
+        block = text[position:match.start()]
+        if block.strip():
+            lead = len(block) - len(block.lstrip("\n"))
+            yield Document(block.strip("\n"), None, f"{path}:{lineno + lead}")
+        lineno += text.count("\n", position, match.end())
+        position = match.end()
+        if match.start() == len(text):
+            break
 
 
 def _read_parquet(path: Path, cfg: DataConfig) -> Iterator[Document]:

@@ -1,0 +1,63 @@
+"""Shared fixtures: a small synthetic multi-domain corpus and a prepared run built from it once."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+
+from smalltalk.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS10 = ROOT.parent / "shared" / "data" / "corpus10"
+TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+
+_ALPHABETS = {
+    "code": "abcdefgxyz_(){}=;+",
+    "prose": "etaoinshrdlu",
+    "german": "enisratdhulcgmoöäüß",
+}
+
+
+def make_documents(n_docs: int = 120, seed: int = 0) -> list[dict]:
+    """Documents from three synthetic 'domains' with distinct vocabularies and word statistics."""
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n_docs):
+        domain = list(_ALPHABETS)[i % len(_ALPHABETS)]
+        letters = _ALPHABETS[domain]
+        vocab = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(40)]
+        words = [rng.choice(vocab[: 10 + (i % 30)]) for _ in range(rng.randint(80, 200))]
+        docs.append({"text": " ".join(words), "domain": domain, "source": f"synthetic-{i}"})
+    return docs
+
+
+def write_jsonl(path: Path, docs: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    return path
+
+
+def cli(*args: str) -> int:
+    return main([str(a) for a in args])
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory) -> Path:
+    return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", make_documents())
+
+
+@pytest.fixture(scope="session")
+def prepared_run(tmp_path_factory, corpus_file) -> Path:
+    """RUN with tokenizer/ and data/ built by the real CLI from the synthetic corpus."""
+    run = tmp_path_factory.mktemp("run")
+    common = ["--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]",
+              "--set", "data.max_docs=null", "--set", "data.test_fraction=0.1",
+              "--set", "data.validation_fraction=0.1"]
+    assert cli("tokenizer", "train", *common) == 0
+    assert cli("data", "prepare", *common) == 0
+    return run
