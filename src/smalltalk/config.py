@@ -63,6 +63,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr_ratio: float = 0.1
     schedule: str = "cosine"  # "cosine" or "constant" (both after linear warmup)
+    schedule_steps: int | None = None  # cosine horizon when a job is continued in parts (EM); None = steps
     warmup_steps: int = 100
     weight_decay: float = 0.1
     beta1: float = 0.9

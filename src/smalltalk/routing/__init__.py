@@ -1,0 +1,1 @@
+"""Routing: router scoring, balanced assignment, EM router training, partition, baselines."""

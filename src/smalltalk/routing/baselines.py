@@ -1,0 +1,72 @@
+"""Baseline routers with the EM routers' interface: tf-idf + balanced k-means (c-BTM) and random."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from smalltalk.config import Config
+from smalltalk.data.shards import SplitData
+from smalltalk.fsutil import atomic_dir, write_json
+from smalltalk.routing.assignment import balanced_assignment
+from smalltalk.routing.em import ChunkStream
+from smalltalk.routing.metrics import split_quality
+from smalltalk.routing.routers import make_decoder, neg_distance
+
+
+def _manifest(cfg: Config, method: str, data: SplitData, **extra) -> dict:
+    rc = cfg.routing
+    return {"kind": "routers", "method": method, "experts": rc.experts, "prefix": rc.prefix, "seed": rc.seed,
+            "data": str(data.dir.resolve()), "data_sha256": data.manifest["splits"]["train"]["sha256"], **extra}
+
+
+def train_random_router(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
+    """Nothing to fit: the manifest (E, seed) is the router."""
+    data = SplitData(data_dir, "train")
+    manifest = _manifest(cfg, "random", data)
+    with atomic_dir(out_dir) as tmp:
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+
+
+def train_tfidf_router(cfg: Config, data_dir: Path, out_dir: Path, iterations: int = 30,
+                       components: int = 100) -> dict:
+    """Fit tf-idf -> TruncatedSVD -> L2 norm on the prefix text of as many sequences as EM would see,
+    then balanced k-means (assignment step = our balanced assignment on -distance)."""
+    from sklearn.cluster import kmeans_plusplus
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+
+    rc = cfg.routing
+    data = SplitData(data_dir, "train")
+    tokenizer_json = Path(data.manifest["tokenizer_dir"]) / "tokenizer.json"
+    decode = make_decoder(tokenizer_json)
+    size = min(len(data), rc.chunk * max(1, rc.rounds))
+    ids, _ = ChunkStream(len(data), size, rc.seed).chunk(0)
+    texts = [decode(row) for row in data.batch(ids, rc.prefix)]
+    vectorizer = TfidfVectorizer(sublinear_tf=True, max_features=100_000)
+    matrix = vectorizer.fit_transform(texts)
+    svd = TruncatedSVD(n_components=max(1, min(components, matrix.shape[1] - 1)), random_state=rc.seed)
+    embedded = normalize(svd.fit_transform(matrix)).astype(np.float32)
+    centroids, _ = kmeans_plusplus(embedded, rc.experts, random_state=rc.seed)
+    assignment = np.full(len(ids), -1)
+    for iteration in range(iterations):  # noqa: B007 - reported in the manifest
+        new = balanced_assignment(neg_distance(embedded, centroids.astype(np.float32)))
+        if np.array_equal(new, assignment):
+            break
+        assignment = new
+        centroids = np.stack([embedded[assignment == e].mean(axis=0) for e in range(rc.experts)])
+    fit_quality = split_quality(assignment, data.seq_domains[ids])
+    manifest = _manifest(cfg, "tfidf", data, fit_sequences=len(ids), kmeans_iterations=iteration + 1,
+                         svd_components=svd.n_components, fit_quality=fit_quality)
+    with atomic_dir(out_dir) as tmp:
+        with open(tmp / "tfidf.pkl", "wb") as handle:
+            pickle.dump({"vectorizer": vectorizer, "svd": svd, "centroids": centroids.astype(np.float32)}, handle)
+        shutil.copy(tokenizer_json, tmp / "tokenizer.json")
+        write_json(tmp / "manifest.json", manifest)
+    return manifest
+

@@ -1,0 +1,174 @@
+"""EM training of the router LMs (the paper's Algorithm 1).
+
+Round 0 splits a first chunk of N sequences at random into E equal shares. In every round each router
+trains on its share with next-token loss on the first M tokens only (an independent job; one optimizer
+per router, carried across rounds through its checkpoint); then a fresh chunk is scored by all routers
+and re-split by balanced assignment. State is written at round boundaries, so a killed run resumes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from smalltalk.config import Config, config_to_dict
+from smalltalk.data.shards import SplitData
+from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import read_json, write_json
+from smalltalk.model import ModelSpec, resolve_spec
+from smalltalk.routing.assignment import argmax_assignment, balanced_assignment
+from smalltalk.routing.metrics import split_quality
+from smalltalk.routing.routers import LMRouters, score_split
+
+
+class ChunkStream:
+    """Chunk r of N distinct sequences: epoch-wise seeded permutations, never reusing a sequence while
+    unseen ones remain in the epoch; the epoch's leftover (< N) is skipped and counted."""
+
+    def __init__(self, total: int, size: int, seed: int) -> None:
+        if size > total:
+            raise SmalltalkError(f"routing.chunk={size} exceeds the {total} training sequences",
+                                 fix="lower routing.chunk")
+        self.total, self.size, self.seed = total, size, seed
+        self.per_epoch = total // size
+
+    def chunk(self, index: int) -> tuple[np.ndarray, int]:
+        epoch, k = divmod(index, self.per_epoch)
+        perm = np.random.default_rng([self.seed, epoch]).permutation(self.total)
+        return np.sort(perm[k * self.size:(k + 1) * self.size]), epoch
+
+
+def router_names(experts: int) -> list[str]:
+    return [f"{e:02d}" for e in range(experts)]
+
+
+def _train_router(args: tuple) -> dict:
+    """One router's job for one round (runs in this process or a worker process)."""
+    spec, train_cfg, data_dir, out_dir, ids, name, threads = args
+    import torch
+
+    from smalltalk.train import TrainJob, train
+
+    if threads:
+        torch.set_num_threads(threads)
+    return train(TrainJob(spec, train_cfg, SplitData(data_dir, "train"), Path(out_dir), ids, name=name),
+                 resume=True)
+
+
+def _settings(cfg: Config, spec: ModelSpec, data: SplitData) -> dict:
+    rc = cfg.routing
+    return {"experts": rc.experts, "prefix": rc.prefix, "rounds": rc.rounds, "chunk": rc.chunk, "seed": rc.seed,
+            "router": dataclasses.asdict(spec), "train": config_to_dict(rc.train),
+            "data_sha256": data.manifest["splits"]["train"]["sha256"]}
+
+
+def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
+    """Run (or resume) EM; returns the manifest written to out_dir/manifest.json."""
+    rc = cfg.routing
+    data, val = SplitData(data_dir, "train"), SplitData(data_dir, "validation")
+    if not 2 <= rc.prefix <= data.seq_len:
+        raise SmalltalkError(f"routing.prefix={rc.prefix} must be in [2, seq_len={data.seq_len}]")
+    if rc.experts < 2:
+        raise SmalltalkError(f"routing.experts={rc.experts}: a mixture needs at least 2 experts")
+    spec = resolve_spec(rc.router, data.vocab_size)
+    settings = _settings(cfg, spec, data)
+    state_path = out_dir / "em_state.json"
+    if state_path.exists() and read_json(state_path)["settings"] != settings:
+        raise SmalltalkError(f"{out_dir} holds EM routers trained with other settings",
+                             fix="use a new --out directory, or delete it to start over")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(state_path, {"settings": settings})
+    stream = ChunkStream(len(data), rc.chunk, rc.seed)
+    history_path = out_dir / "em_history.json"
+    history = read_json(history_path)["rounds"] if history_path.exists() else []
+    heldout = np.arange(min(rc.heldout_sequences, len(val)))
+    names = router_names(rc.experts)
+    for r in range(len(history), rc.rounds):
+        chunk_ids, assignment, epoch = _share(out_dir, stream, r, rc.experts, rc.seed)
+        summaries = _run_round(cfg, spec, data_dir, out_dir, chunk_ids, assignment, r, names)
+        routers = LMRouters.from_dir_names(out_dir, names, rc.train.device, rc.score_batch_size)
+        row = _round_metrics(r, epoch, routers, data, val, heldout, chunk_ids, assignment, summaries,
+                             rc.prefix, out_dir)
+        if r + 1 < rc.rounds:
+            next_ids, next_epoch = stream.chunk(r + 1)
+            scores = score_split(routers, data, next_ids, rc.prefix, rc.score_batch_size)
+            next_assignment = balanced_assignment(scores)
+            np.savez(out_dir / "shares" / f"round_{r + 1:03d}.npz", ids=next_ids, assignment=next_assignment)
+            row["next_chunk"] = {"epoch": next_epoch, "argmax_loads": np.bincount(
+                argmax_assignment(scores), minlength=rc.experts).tolist(),
+                **_quality(next_assignment, data.seq_domains[next_ids], "balanced")}
+        history.append(row)
+        write_json(history_path, {"settings": settings, "rounds": history})
+    manifest = {"kind": "routers", "method": "em", "experts": rc.experts, "prefix": rc.prefix,
+                "routers": names, "router_spec": dataclasses.asdict(spec), "rounds": rc.rounds,
+                "chunk": rc.chunk, "seed": rc.seed, "data": str(Path(data_dir).resolve()),
+                "data_sha256": settings["data_sha256"], "tokenizer_dir": data.manifest.get("tokenizer_dir")}
+    write_json(out_dir / "manifest.json", manifest)
+    return manifest
+
+
+def _share(out_dir: Path, stream: ChunkStream, r: int, experts: int, seed: int):
+    """The ids and assignment router training uses in round r (round 0: equal random split)."""
+    path = out_dir / "shares" / f"round_{r:03d}.npz"
+    ids, epoch = stream.chunk(r)
+    if path.exists():
+        saved = np.load(path)
+        return saved["ids"], saved["assignment"], epoch
+    if r != 0:
+        raise SmalltalkError(f"missing EM state {path}", fix=f"delete {out_dir} and train the routers again")
+    assignment = np.random.default_rng([seed, 12345]).permutation(len(ids)) % experts
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, ids=ids, assignment=assignment)
+    return ids, assignment, epoch
+
+
+def _run_round(cfg: Config, spec: ModelSpec, data_dir: Path, out_dir: Path, chunk_ids: np.ndarray,
+               assignment: np.ndarray, r: int, names: list[str]) -> list[dict]:
+    rc = cfg.routing
+    train_cfg = dataclasses.replace(rc.train, seq_len=rc.prefix, steps=(r + 1) * rc.train.steps,
+                                    schedule_steps=rc.rounds * rc.train.steps, progress=False)
+    threads = max(1, (os.cpu_count() or 1) // rc.parallel) if rc.parallel > 1 else rc.train.num_threads
+    jobs = [(spec, train_cfg, str(data_dir), str(out_dir / name), chunk_ids[assignment == e],
+             f"router {name} round {r}", threads) for e, name in enumerate(names)]
+    if rc.parallel <= 1:
+        return [_train_router(job) for job in jobs]
+    with ProcessPoolExecutor(rc.parallel, mp_context=get_context("spawn")) as pool:
+        return list(pool.map(_train_router, jobs))
+
+
+def _quality(assignment: np.ndarray, labels: np.ndarray, prefix: str) -> dict:
+    return {f"{prefix}_{k}": v for k, v in split_quality(assignment, labels).items()}
+
+
+def _round_metrics(r: int, epoch: int, routers: LMRouters, data: SplitData, val: SplitData,
+                   heldout: np.ndarray, chunk_ids: np.ndarray, assignment: np.ndarray, summaries: list[dict],
+                   prefix: int, out_dir: Path) -> dict:
+    experts = routers.num_experts
+    tokens = prefix - 1
+    share_scores = score_split(routers, data, chunk_ids, prefix)
+    share_loss = [float(-share_scores[assignment == e, e].mean() / tokens) for e in range(experts)]
+    row = {"round": r, "epoch": epoch, "loads": np.bincount(assignment, minlength=experts).tolist(),
+           "train_loss": [s["final_loss"] for s in summaries], "share_loss": share_loss,
+           **_quality(assignment, data.seq_domains[chunk_ids], "share")}
+    if len(heldout):
+        scores = score_split(routers, val, heldout, prefix)
+        best = argmax_assignment(scores)
+        best_path = out_dir / "shares" / f"heldout_best_{r:03d}.npy"
+        previous = out_dir / "shares" / f"heldout_best_{r - 1:03d}.npy"
+        np.save(best_path, best)
+        row.update({
+            "heldout_loss": [float(-scores[:, e].mean() / tokens) for e in range(experts)],
+            "heldout_routed_loss": float(-scores.max(axis=1).mean() / tokens),
+            "heldout_argmax_loads": np.bincount(best, minlength=experts).tolist(),
+            "best_changed_fraction": float((np.load(previous) != best).mean()) if previous.exists() else None,
+            **_quality(best, val.seq_domains[heldout], "heldout")})
+    print(json.dumps({k: row[k] for k in ("round", "loads", "share_nmi") if k in row}
+                     | {"heldout_nmi": row.get("heldout_nmi")}), flush=True)
+    return row
+

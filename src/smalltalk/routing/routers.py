@@ -1,0 +1,125 @@
+"""The router interface shared by EM routers and the tf-idf and random baselines.
+
+A router set maps prefix token ids [N, M] to scores [N, E] (higher = better fit); argmax of a row is the
+inference route and balanced_assignment of a matrix is the training partition. RUN/routers/manifest.json
+says which kind is stored there.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import read_json
+from smalltalk.routing.scoring import score_batches
+
+
+class Router(Protocol):
+    num_experts: int
+
+    def score(self, tokens: np.ndarray) -> np.ndarray:
+        """[N, M] int prefix tokens -> [N, E] float32 scores."""
+
+
+class LMRouters:
+    """E router language models; score = prefix log-likelihood (uniform prior)."""
+
+    def __init__(self, models: list[torch.nn.Module], device: str | torch.device = "cpu",
+                 batch_size: int = 256) -> None:
+        self.models = [m.to(device).eval() for m in models]
+        self.device, self.batch_size = torch.device(device), batch_size
+        self.num_experts = len(models)
+
+    @classmethod
+    def from_dir_names(cls, routers_dir: Path, names: list[str], device: str = "cpu",
+                       batch_size: int = 256) -> LMRouters:
+        from transformers import AutoModelForCausalLM
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        models = [AutoModelForCausalLM.from_pretrained(str(routers_dir / name / "model")) for name in names]
+        return cls(models, device, batch_size)
+
+    def score(self, tokens: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(tokens, dtype=np.int64)
+        return score_batches(self.models, lambda rows: tokens[rows], np.arange(len(tokens)), self.batch_size,
+                             self.device)
+
+
+class RandomRouter:
+    """Seeded pseudo-random scores from a hash of the prefix: balanced assignment of them is a seeded
+    balanced random split, argmax is a hash route at inference."""
+
+    def __init__(self, num_experts: int, seed: int = 0) -> None:
+        self.num_experts, self.seed = num_experts, seed
+
+    def score(self, tokens: np.ndarray) -> np.ndarray:
+        out = np.empty((len(tokens), self.num_experts), dtype=np.float32)
+        for i, row in enumerate(np.asarray(tokens, dtype=np.int64)):
+            digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=self.seed.to_bytes(8, "little")).digest()
+            out[i] = np.random.default_rng(int.from_bytes(digest, "little")).random(self.num_experts)
+        return out
+
+
+class TfidfRouter:
+    """c-BTM style: tf-idf of the prefix text -> TruncatedSVD -> L2 norm; score = -distance to centroids."""
+
+    def __init__(self, decode, vectorizer, svd, centroids: np.ndarray) -> None:
+        self.decode, self.vectorizer, self.svd = decode, vectorizer, svd
+        self.centroids = centroids.astype(np.float32)
+        self.num_experts = len(centroids)
+
+    def embed(self, tokens: np.ndarray) -> np.ndarray:
+        from sklearn.preprocessing import normalize
+
+        texts = [self.decode(row) for row in np.asarray(tokens)]
+        return normalize(self.svd.transform(self.vectorizer.transform(texts))).astype(np.float32)
+
+    def score(self, tokens: np.ndarray) -> np.ndarray:
+        return neg_distance(self.embed(tokens), self.centroids)
+
+
+def neg_distance(x: np.ndarray, centroids: np.ndarray) -> np.ndarray:
+    """-Euclidean distance of each row of x to each centroid: [N, E] float32."""
+    sq = (x**2).sum(1)[:, None] - 2 * x @ centroids.T + (centroids**2).sum(1)[None, :]
+    return -np.sqrt(np.maximum(sq, 0.0)).astype(np.float32)
+
+
+def make_decoder(tokenizer_json: Path):
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(tokenizer_json))
+    return lambda row: tokenizer.decode([int(t) for t in row], skip_special_tokens=False)
+
+
+def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int = 256) -> Router:
+    routers_dir = Path(routers_dir)
+    manifest_path = routers_dir / "manifest.json"
+    if not manifest_path.is_file():
+        raise SmalltalkError(f"no trained routers at {routers_dir}", fix="run `smalltalk routers train` first")
+    manifest = read_json(manifest_path)
+    method = manifest["method"]
+    if method == "em":
+        return LMRouters.from_dir_names(routers_dir, manifest["routers"], device, batch_size)
+    if method == "random":
+        return RandomRouter(manifest["experts"], manifest["seed"])
+    if method == "tfidf":
+        with open(routers_dir / "tfidf.pkl", "rb") as handle:
+            state = pickle.load(handle)
+        return TfidfRouter(make_decoder(routers_dir / "tokenizer.json"), state["vectorizer"], state["svd"],
+                           state["centroids"])
+    raise SmalltalkError(f"unknown routing method {method!r} in {manifest_path}")
+
+
+def score_split(router: Router, data, ids: np.ndarray, prefix: int, batch_size: int = 1024) -> np.ndarray:
+    """Scores [len(ids), E] of the first `prefix` tokens of sequences `ids` of a SplitData."""
+    out = np.empty((len(ids), router.num_experts), dtype=np.float32)
+    for start in range(0, len(ids), batch_size):
+        out[start:start + batch_size] = router.score(data.batch(ids[start:start + batch_size], prefix))
+    return out
