@@ -18,21 +18,22 @@ TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
 _ALPHABETS = {
-    "code": "abcdefgxyz_(){}=;+",
+    "code": "xyz_(){}=;+0123456789",
     "prose": "etaoinshrdlu",
-    "german": "enisratdhulcgmoöäüß",
+    "german": "äöüßkwjvbpfgmc",
 }
 
 
 def make_documents(n_docs: int = 120, seed: int = 0) -> list[dict]:
     """Documents from three synthetic 'domains' with distinct vocabularies and word statistics."""
     rng = random.Random(seed)
+    vocabularies = {domain: ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(150)]
+                    for domain, letters in _ALPHABETS.items()}
     docs = []
     for i in range(n_docs):
         domain = list(_ALPHABETS)[i % len(_ALPHABETS)]
-        letters = _ALPHABETS[domain]
-        vocab = ["".join(rng.choice(letters) for _ in range(rng.randint(2, 7))) for _ in range(40)]
-        words = [rng.choice(vocab[: 10 + (i % 30)]) for _ in range(rng.randint(80, 200))]
+        start = rng.randrange(100)
+        words = [rng.choice(vocabularies[domain][start:start + 50]) for _ in range(rng.randint(80, 200))]
         docs.append({"text": " ".join(words), "domain": domain, "source": f"synthetic-{i}"})
     return docs
 

@@ -1,0 +1,153 @@
+"""Router scoring, EM routers, partition (also under torchrun) and the baselines, on tiny models."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smalltalk.config import ModelConfig
+from smalltalk.data.shards import SplitData
+from smalltalk.model import build_model, resolve_spec
+from smalltalk.routing.routers import LMRouters, load_routers
+from smalltalk.routing.scoring import score_batches
+
+from .conftest import ROOT, TINY_CONFIG, cli
+
+ROUTING = ["--config", str(TINY_CONFIG), "--set", "routing.experts=3", "--set", "routing.chunk=240",
+           "--set", "routing.rounds=3", "--set", "routing.train.steps=30", "--set", "routing.heldout_sequences=60"]
+
+
+def test_scoring_equals_per_sequence_reference(prepared_run):
+    spec = resolve_spec(ModelConfig(preset="test-tiny"), 384)
+    models = [build_model(spec, 64, seed=s) for s in (1, 2, 3)]
+    data = SplitData(prepared_run / "data", "train")
+    ids = np.arange(13)
+    scores = score_batches(models, lambda rows: data.batch(rows, 20), ids, batch_size=5)
+    assert scores.shape == (13, 3) and scores.dtype == np.float32
+    for i in ids:
+        x = torch.from_numpy(data.batch(np.array([i]), 20))
+        for e, model in enumerate(models):
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
+            reference = logp.gather(1, x[0, 1:, None]).sum().item()  # the first token is not scored
+            assert scores[i, e] == pytest.approx(reference, rel=1e-5, abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def em_run(prepared_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("em") / "routers"
+    assert cli("routers", "train", *ROUTING, "--run", prepared_run, "--out", out) == 0
+    return out
+
+
+def test_em_history_and_checkpoints(em_run):
+    history = json.loads((em_run / "em_history.json").read_text())["rounds"]
+    assert [r["round"] for r in history] == [0, 1, 2]
+    for row in history:
+        assert row["loads"] == [80, 80, 80]
+        for key in ("train_loss", "share_loss", "heldout_loss"):
+            assert len(row[key]) == 3 and all(np.isfinite(row[key]))
+        assert 0 <= row["share_nmi"] <= 1 and 0 <= row["heldout_purity"] <= 1
+    assert history[0]["best_changed_fraction"] is None and 0 <= history[1]["best_changed_fraction"] <= 1
+    assert history[0]["share_nmi"] < 0.2  # round 0 is a random split
+    # Specialisation grows from the random split (a random split scores ~0.01 here).
+    assert history[-1]["share_nmi"] > history[0]["share_nmi"] + 0.1
+    assert history[-1]["heldout_nmi"] > 0.2
+    manifest = json.loads((em_run / "manifest.json").read_text())
+    assert manifest["method"] == "em" and manifest["routers"] == ["00", "01", "02"]
+    # one optimizer per router carried across rounds: the router's step counter accumulates
+    state = torch.load(sorted((em_run / "01" / "checkpoints").iterdir())[-1] / "trainer_state.pt",
+                       weights_only=False)
+    assert state["step"] == 90 and len(state["optimizer"]["state"]) > 0
+    # prefix-only training
+    assert state["config"]["seq_len"] == 16
+
+
+def test_em_routers_see_each_sequence_once_per_epoch(em_run):
+    shares = [np.load(p)["ids"] for p in sorted((em_run / "shares").glob("round_*.npz"))]
+    seen = np.concatenate(shares)
+    assert len(np.unique(seen)) == len(seen), "fresh chunks must not reuse sequences"
+
+
+def _partition(run: Path, routers: Path, out: Path, *extra: str) -> dict:
+    assert cli("partition", "--config", TINY_CONFIG, "--run", run, "--routers", routers, "--out", out, *extra) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
+def test_partition_invariants_and_determinism(prepared_run, em_run, tmp_path):
+    a = _partition(prepared_run, em_run, tmp_path / "a")
+    b = _partition(prepared_run, em_run, tmp_path / "b")
+    n = len(SplitData(prepared_run / "data", "train"))
+    shares = [np.load(tmp_path / "a" / f) for f in a["files"]]
+    assert sorted(np.concatenate(shares).tolist()) == list(range(n))
+    assert all(np.array_equal(s, np.sort(s)) for s in shares)
+    assert max(a["counts"]) - min(a["counts"]) <= 1 and a["sha256"] == b["sha256"]
+    assert a["prefix"] == 16 and a["quality"]["nmi"] > 0.15
+    chunked = _partition(prepared_run, em_run, tmp_path / "c", "--chunk-size", "50")
+    assert chunked["chunk_size"] == 50 and sum(chunked["counts"]) == n
+
+
+@pytest.mark.slow
+def test_partition_under_torchrun_is_byte_identical(prepared_run, em_run, tmp_path):
+    single = _partition(prepared_run, em_run, tmp_path / "one", "--set", "routing.score_batch_size=7")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "smalltalk.cli", "partition",
+                    "--config", str(TINY_CONFIG), "--run-dir", str(prepared_run), "--routers", str(em_run),
+                    "--out", str(tmp_path / "two"), "--set", "routing.score_batch_size=7"],
+                   check=True, cwd=ROOT, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    double = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    for name in single["files"]:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
+    assert single["sha256"] == double["sha256"]
+
+
+def test_baselines_partition_balanced(prepared_run, tmp_path):
+    for method in ("tfidf", "random"):
+        out = tmp_path / method
+        assert cli("routers", "train", *ROUTING, "--run", prepared_run, "--method", method, "--out", out) == 0
+        manifest = _partition(prepared_run, out, tmp_path / f"part-{method}")
+        assert max(manifest["counts"]) - min(manifest["counts"]) <= 1
+        router = load_routers(out)
+        tokens = SplitData(prepared_run / "data", "test").batch(np.arange(10), 16)
+        scores = router.score(tokens)
+        assert scores.shape == (10, 3) and np.array_equal(scores, router.score(tokens))  # deterministic
+        if method == "random":
+            assert manifest["quality"]["nmi"] < 0.1
+        else:
+            assert manifest["quality"]["nmi"] > 0.3
+
+
+def test_em_resumes_at_round_boundary(prepared_run, em_run, tmp_path):
+    """Cut the history back to round 1 and rerun: the last round is redone and gives the same routers."""
+    import shutil
+
+    copy = tmp_path / "routers"
+    shutil.copytree(em_run, copy)
+    history = json.loads((copy / "em_history.json").read_text())
+    history["rounds"] = history["rounds"][:2]
+    (copy / "em_history.json").write_text(json.dumps(history))
+    for router in ("00", "01", "02"):  # drop the last round's checkpoint and model
+        ckpts = sorted((copy / router / "checkpoints").iterdir())
+        shutil.rmtree(ckpts[-1])
+        shutil.rmtree(copy / router / "model")
+    assert cli("routers", "train", *ROUTING, "--run", prepared_run, "--out", copy) == 0
+    from safetensors.torch import load_file
+
+    for router in ("00", "01", "02"):
+        a = load_file(str(em_run / router / "model" / "model.safetensors"))
+        b = load_file(str(copy / router / "model" / "model.safetensors"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_em_refuses_a_directory_with_other_settings(prepared_run, em_run, capsys):
+    assert cli("routers", "train", *ROUTING, "--run", prepared_run, "--out", em_run, "--prefix", "8") == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_lm_routers_score_api(em_run, prepared_run):
+    router = load_routers(em_run)
+    assert isinstance(router, LMRouters) and router.num_experts == 3
