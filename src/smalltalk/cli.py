@@ -7,7 +7,12 @@
   smalltalk model info        presets with exact parameter counts and FLOPs
   smalltalk routers train     EM training of the router LMs
   smalltalk partition         route every training sequence to an expert
+  smalltalk experts train     train expert K (or --all) on its share, as independent jobs
+  smalltalk dense train       compute-matched and bigger dense baselines
+  smalltalk eval              the mixture vs the dense baselines, with FLOPs (eval ppl: one model)
+  smalltalk report RUN        plots, report.md and index.html
   smalltalk run               every stage of a config in order, skipping finished ones
+  smalltalk corpus demo OUT   build the multi-domain demo corpus from local sources
 """
 
 from __future__ import annotations
@@ -129,7 +134,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
     p.set_defaults(func=cmd_train_lm)
 
-    ev = sub.add_parser("eval", help="evaluation").add_subparsers(dest="action", required=True)
+    eval_parser = sub.add_parser("eval", help="evaluation: `eval --run RUN` (mixture vs dense) or `eval ppl`")
+    ev = eval_parser.add_subparsers(dest="action", required=False)
     p = ev.add_parser("ppl", help="token-level perplexity on a split")
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--data", required=True, help="prepared data directory")
@@ -147,9 +153,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024)
     p.set_defaults(func=cmd_model_info)
 
-    from smalltalk import cli_routing
+    from smalltalk import cli_pipeline, cli_routing
 
     cli_routing.add_commands(sub, _common)
+    cli_pipeline.add_commands(sub, _common)
+    cli_pipeline.add_eval_mixture(eval_parser, _common)
     return parser
 
 

@@ -82,6 +82,7 @@ class TrainConfig:
     tensorboard: bool = True
     peak_flops: float | None = None  # for MFU; None: measured with a matmul at start-up
     progress: bool = True
+    record_consumed: bool = False  # write consumed_ids.npy: every sequence id the job read
 
 
 @dataclass
@@ -102,6 +103,29 @@ class RoutingConfig:
     heldout_sequences: int = 256  # validation sequences for the per-round held-out loss
     parallel: int = 1  # router jobs run at once within a round
     seed: int = 0
+    compile: bool = False  # torch.compile the routers for scoring (2x on CPU, ~20 s to compile)
+
+
+@dataclass
+class ExpertsConfig:
+    parallel: int = 1  # expert jobs at once on this machine (threads are split between them)
+
+
+@dataclass
+class DenseConfig:
+    match: str = "steps"  # "steps": expert batch, E x steps; "batch": E x batch, same steps (paper)
+    bigger: bool = True  # also train a dense model ~E x one expert's non-embedding size, same FLOPs
+    bigger_preset: str | None = None  # None: one expert's preset with width scaled by sqrt(E)
+
+
+@dataclass
+class EvalConfig:
+    split: str = "test"
+    prefixes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256])
+    main_prefix: int | None = None  # prefix for per-expert/per-domain tables; None: routing.prefix
+    batch_size: int = 32
+    max_sequences: int | None = None
+    device: str = "auto"
 
 
 @dataclass
@@ -112,6 +136,9 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    dense: DenseConfig = field(default_factory=DenseConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

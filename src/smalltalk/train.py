@@ -174,6 +174,7 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     ids = job.ids if job.ids is not None else np.arange(len(job.data))
     sampler = Sampler(ids, global_batch, cfg.seed)
     step, tokens_seen = 0, 0
+    consumed = np.zeros(len(job.data), dtype=bool) if cfg.record_consumed else None
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model)
@@ -182,6 +183,8 @@ def train(job: TrainJob, resume: bool = False) -> dict:
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
+        if consumed is not None and state.get("consumed") is not None:
+            consumed[state["consumed"]] = True
     elif not resume and (out_dir / "checkpoints").exists() and dist.is_main:
         raise SmalltalkError(f"{out_dir} already holds checkpoints", fix="pass --resume, or choose a new --out")
     model.to(device)
@@ -201,13 +204,16 @@ def train(job: TrainJob, resume: bool = False) -> dict:
         if dist.is_main:
             state = {"step": at, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                     "rng": _rng_state(), "world_size": dist.world_size, "config": config_to_dict(cfg)}
+                     "rng": _rng_state(), "world_size": dist.world_size, "config": config_to_dict(cfg),
+                     "consumed": None if consumed is None else np.flatnonzero(consumed)}
             save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
         dist.barrier()
 
     window_start, window_steps, last_loss = time.perf_counter(), 0, float("nan")
     while step < cfg.steps:
         batch_ids = sampler.next_batch()
+        if consumed is not None:
+            consumed[batch_ids] = True
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             offset = (micro * dist.world_size + dist.rank) * cfg.micro_batch_size
@@ -248,8 +254,9 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     metrics.close()
     if checkpoint is None or step > int(checkpoint.name.split("_")[1]):
         save(step)
-    summary = _finish(job, model, step, tokens_seen, seq, global_batch, last_loss, dist)
-    return summary
+    if consumed is not None and dist.is_main:
+        np.save(out_dir / "consumed_ids.npy", np.flatnonzero(consumed))
+    return _finish(job, model, step, tokens_seen, seq, global_batch, last_loss, dist)
 
 
 def _finish(job: TrainJob, model, step: int, tokens: int, seq: int, global_batch: int, loss: float,

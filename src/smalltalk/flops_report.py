@@ -1,0 +1,58 @@
+"""FLOPs of a whole SmallTalk run: routing overhead, experts, dense baselines, inference per sequence.
+
+Routing overhead = router training (EM) + scoring the fresh EM chunks + scoring every training sequence
+for the partition. Held-out diagnostics computed during EM are not counted (they are optional).
+"""
+
+from __future__ import annotations
+
+from smalltalk.data.shards import SplitData
+from smalltalk.flops import forward_flops
+from smalltalk.fsutil import read_json
+from smalltalk.layout import RunLayout
+from smalltalk.model import ModelSpec, PRESETS
+
+ACCOUNTINGS = ("exact", "paper")
+
+
+def router_spec(run: RunLayout) -> ModelSpec | None:
+    manifest = read_json(run.routers / "manifest.json")
+    spec = manifest.get("router_spec")
+    return ModelSpec(**spec) if spec else None
+
+
+def routing_overhead_flops(run: RunLayout, accounting: str = "exact") -> dict:
+    """FLOPs the routing adds to training (0 for tf-idf / random, which train no LM)."""
+    manifest = read_json(run.routers / "manifest.json")
+    spec = router_spec(run)
+    if spec is None:
+        return {"router_training": 0.0, "em_scoring": 0.0, "partition_scoring": 0.0, "total": 0.0}
+    experts, prefix = manifest["experts"], manifest["prefix"]
+    training = sum(read_json(run.routers / name / "train_manifest.json")["training_flops"][accounting]
+                   for name in manifest["routers"])
+    per_prefix = forward_flops(spec, prefix, 1, accounting)
+    em_scoring = (manifest["rounds"] - 1) * manifest["chunk"] * experts * per_prefix
+    partition = read_json(run.partition / "manifest.json")
+    partition_scoring = partition["sequences"] * experts * forward_flops(spec, partition["prefix"], 1, accounting)
+    return {"router_training": training, "em_scoring": em_scoring, "partition_scoring": partition_scoring,
+            "total": training + em_scoring + partition_scoring}
+
+
+def paper_router_overhead(experts: int, router_steps: int, router_batch: int, router_seq: int, prefix: int,
+                          expert_steps: int, expert_batch: int) -> float:
+    """The paper's Table 3 router overhead: E routers trained at (steps, batch, seq); every sequence a router
+    trains on and every sequence an expert trains on is scored by all E routers on its prefix."""
+    spec = PRESETS["paper-router-4.4m"]
+    training = experts * 3 * forward_flops(spec, router_seq, router_batch, "paper") * router_steps
+    scored = experts * router_steps * router_batch + experts * expert_steps * expert_batch
+    return training + scored * experts * forward_flops(spec, prefix, 1, "paper")
+
+
+def inference_flops(run: RunLayout, expert_spec: ModelSpec, routing_prefix: int, accounting: str) -> dict:
+    """Per test sequence: routers on the prefix + one expert on the full sequence."""
+    data = SplitData(run.data, "train")
+    spec = router_spec(run)
+    manifest = read_json(run.routers / "manifest.json")
+    routing = 0.0 if spec is None else manifest["experts"] * forward_flops(spec, routing_prefix, 1, accounting)
+    expert = forward_flops(expert_spec, data.seq_len, 1, accounting)
+    return {"routing": routing, "expert": expert, "total": routing + expert, "overhead": routing / expert}

@@ -1,0 +1,102 @@
+"""SmallTalkMixture: routers + independent experts + tokenizer, tied together by mixture.json.
+
+Inference rule (the paper's): score the prompt's first M tokens with every router, take the argmax
+(uniform prior, no balancing) and run exactly that one expert.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import read_json, write_json
+from smalltalk.layout import RunLayout
+from smalltalk.routing.assignment import argmax_assignment
+from smalltalk.routing.routers import load_routers
+
+MIXTURE_FILE = "mixture.json"
+
+
+def write_mixture_manifest(run: RunLayout, experts: int, prefix: int, method: str) -> dict:
+    """mixture.json: relative paths, so a run directory (or an export of it) can move."""
+    manifest = {
+        "kind": "smalltalk-mixture", "format_version": 1, "method": method, "experts": experts,
+        "routers": "routers", "tokenizer": "tokenizer", "prefix": prefix,
+        "expert_dirs": [f"experts/{k:02d}/model" for k in range(experts)],
+    }
+    write_json(run.root / MIXTURE_FILE, manifest)
+    return manifest
+
+
+class SmallTalkMixture:
+    def __init__(self, root: Path, manifest: dict, device: str = "cpu") -> None:
+        self.root, self.manifest, self.device = Path(root), manifest, torch.device(device)
+        self.num_experts: int = manifest["experts"]
+        self.prefix: int = manifest["prefix"]
+        self.routers = load_routers(self.root / manifest["routers"], device)
+        self._experts: dict[int, torch.nn.Module] = {}
+        self._tokenizer = None
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> SmallTalkMixture:
+        path = Path(path)
+        manifest_path = path / MIXTURE_FILE
+        if not manifest_path.is_file():
+            raise SmalltalkError(f"no {MIXTURE_FILE} in {path}",
+                                 fix="point at a run whose experts are trained (`smalltalk run`) or an export")
+        return cls(path, read_json(manifest_path), device)
+
+    @property
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            self._tokenizer = AutoTokenizer.from_pretrained(str(self.root / self.manifest["tokenizer"]))
+        return self._tokenizer
+
+    def expert(self, index: int) -> torch.nn.Module:
+        """Expert `index`, loaded on first use (each is a plain HF checkpoint)."""
+        if index not in self._experts:
+            from transformers import AutoModelForCausalLM
+
+            path = self.root / self.manifest["expert_dirs"][index]
+            self._experts[index] = AutoModelForCausalLM.from_pretrained(str(path)).to(self.device).eval()
+        return self._experts[index]
+
+    def route(self, input_ids, prefix_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(chosen expert [B], router scores [B, E]) from the first prefix_len tokens of each row."""
+        ids = np.atleast_2d(np.asarray(input_ids.cpu() if torch.is_tensor(input_ids) else input_ids))
+        prefix = min(prefix_len or self.prefix, ids.shape[1])
+        if prefix < 2:
+            raise SmalltalkError("routing needs at least 2 tokens of prompt")
+        scores = self.routers.score(ids[:, :prefix])
+        return argmax_assignment(scores), scores
+
+    @torch.inference_mode()
+    def score(self, input_ids, prefix_len: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
+        """Per-token NLL [B, S-1] of each row under its routed expert, and the chosen experts."""
+        from smalltalk.evaluate import token_nll
+
+        ids = torch.as_tensor(np.atleast_2d(np.asarray(input_ids)), dtype=torch.long)
+        chosen, _ = self.route(ids, prefix_len)
+        out = torch.empty(ids.shape[0], ids.shape[1] - 1)
+        for k in np.unique(chosen):
+            rows = torch.from_numpy(np.flatnonzero(chosen == k))
+            out[rows] = token_nll(self.expert(int(k)), ids[rows].to(self.device)).cpu()
+        return out, chosen
+
+    @torch.inference_mode()
+    def generate(self, prompt: str, max_new_tokens: int = 64, prefix_len: int | None = None, **kwargs) -> dict:
+        """Route the prompt, then HF `generate` (KV cache) with the one chosen expert."""
+        encoded = self.tokenizer(prompt, return_tensors="pt").input_ids
+        if encoded.shape[1] < 2:
+            raise SmalltalkError("prompt must be at least 2 tokens long to be routed")
+        chosen, scores = self.route(encoded, prefix_len)
+        expert = int(chosen[0])
+        output = self.expert(expert).generate(encoded.to(self.device), max_new_tokens=max_new_tokens,
+                                              pad_token_id=self.tokenizer.eos_token_id, **kwargs)
+        text = self.tokenizer.decode(output[0, encoded.shape[1]:], skip_special_tokens=True)
+        return {"expert": expert, "scores": scores[0].tolist(), "text": text}

@@ -1,0 +1,183 @@
+"""`smalltalk report RUN`: matplotlib PNGs, report.md and index.html from a run's manifests."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+
+from smalltalk.fsutil import read_json
+from smalltalk.layout import RunLayout
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+
+
+def _curves(run: RunLayout) -> dict[str, list[dict]]:
+    curves = {}
+    for path in sorted((run.root / "experts").glob("*/metrics.jsonl")):
+        curves[f"expert {path.parent.name}"] = [r for r in _rows(path) if "loss" in r]
+    for path in sorted(run.dense.glob("*/metrics.jsonl")):
+        curves[f"dense {path.parent.name}"] = [r for r in _rows(path) if "loss" in r]
+    return curves
+
+
+def _plot_loss(run: RunLayout, out: Path, plt) -> list[str]:
+    curves = _curves(run)
+    if not curves:
+        return []
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4))
+    for name, rows in curves.items():
+        style = "-" if name.startswith("dense") else "--"
+        axes[0].plot([r["tokens"] for r in rows], [r["loss"] for r in rows], style, label=name)
+        axes[1].plot([r["flops"] for r in rows], [r["loss"] for r in rows], style, label=name)
+    for ax, xlabel in zip(axes, ["training tokens", "training FLOPs (exact)"], strict=True):
+        ax.set_xscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("train loss")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "loss_curves.png", dpi=110)
+    plt.close(fig)
+    return ["loss_curves.png"]
+
+
+def _plot_prefix(results: dict, out: Path, plt) -> list[str]:
+    sweep = results["sweep"]
+    x = [r["prefix"] for r in sweep]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(x, [r["mixture_all"]["ppl"] for r in sweep], "o-", label="mixture (all tokens)")
+    ax.plot(x, [r["mixture_after"]["ppl"] for r in sweep], "o--", label="mixture (after prefix)")
+    for kind in ("matched", "bigger"):
+        if f"dense_{kind}_all" in sweep[0]:
+            ax.plot(x, [r[f"dense_{kind}_after"]["ppl"] for r in sweep], "s:", label=f"dense {kind} (after prefix)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("routing prefix M̂ (tokens)")
+    ax.set_ylabel("test perplexity")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "ppl_vs_prefix.png", dpi=110)
+    plt.close(fig)
+    return ["ppl_vs_prefix.png"]
+
+
+def _plot_partition(run: RunLayout, out: Path, plt) -> list[str]:
+    manifest = read_json(run.partition / "manifest.json")
+    files = []
+    fig, ax = plt.subplots(figsize=(6, 3))
+    ax.bar(range(len(manifest["counts"])), manifest["counts"], label="balanced (partition)")
+    ax.plot(range(len(manifest["counts"])), manifest["score_stats"]["argmax_loads"], "ko", label="argmax")
+    ax.set_xlabel("expert")
+    ax.set_ylabel("training sequences")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "expert_loads.png", dpi=110)
+    plt.close(fig)
+    files.append("expert_loads.png")
+    mix = manifest.get("domain_mix")
+    if mix:
+        domains = sorted({d for m in mix for d in m})
+        table = np.array([[m.get(d, 0) for m in mix] for d in domains], dtype=float)
+        table /= np.maximum(table.sum(axis=1, keepdims=True), 1)
+        fig, ax = plt.subplots(figsize=(1.2 + 0.6 * len(mix), 0.5 + 0.35 * len(domains)))
+        im = ax.imshow(table, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+        ax.set_yticks(range(len(domains)), domains, fontsize=8)
+        ax.set_xticks(range(len(mix)))
+        ax.set_xlabel("expert")
+        fig.colorbar(im, ax=ax, label="share of the domain's sequences")
+        fig.tight_layout()
+        fig.savefig(out / "domain_expert_heatmap.png", dpi=110)
+        plt.close(fig)
+        files.append("domain_expert_heatmap.png")
+    return files
+
+
+def _plot_em(run: RunLayout, out: Path, plt) -> list[str]:
+    path = run.routers / "em_history.json"
+    if not path.is_file():
+        return []
+    rounds = read_json(path)["rounds"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    r = [row["round"] for row in rounds]
+    for key in ("share_nmi", "heldout_nmi"):
+        if key in rounds[0]:
+            axes[0].plot(r, [row[key] for row in rounds], "o-", label=key)
+    axes[0].set_xlabel("EM round")
+    axes[0].set_ylabel("NMI vs domains")
+    axes[0].legend(fontsize=8)
+    if "heldout_routed_loss" in rounds[0]:
+        axes[1].plot(r, [row["heldout_routed_loss"] for row in rounds], "o-", label="held-out, best router")
+        axes[1].plot(r, [float(np.mean(row["heldout_loss"])) for row in rounds], "o--", label="held-out, mean router")
+    axes[1].set_xlabel("EM round")
+    axes[1].set_ylabel("prefix loss (nats/token)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "em_curve.png", dpi=110)
+    plt.close(fig)
+    return ["em_curve.png"]
+
+
+def _plot_domains(results: dict, out: Path, plt) -> list[str]:
+    rows = results.get("per_domain") or []
+    if not rows:
+        return []
+    names = [r["group"] for r in rows]
+    x = np.arange(len(rows))
+    fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(rows), 3.5))
+    ax.bar(x - 0.2, [r["mixture_after"] for r in rows], 0.4, label="mixture")
+    if "dense_matched_after" in rows[0]:
+        ax.bar(x + 0.2, [r["dense_matched_after"] for r in rows], 0.4, label="dense (compute-matched)")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"perplexity after {results['main_prefix']} tokens")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "per_domain_ppl.png", dpi=110)
+    plt.close(fig)
+    return ["per_domain_ppl.png"]
+
+
+def _flops_table(results: dict) -> list[str]:
+    lines = ["| accounting | experts training | routing overhead | overhead | dense matched | inference overhead |",
+             "|---|---|---|---|---|---|"]
+    for acc, f in results["flops"].items():
+        lines.append(f"| {acc} | {f['experts_training']:.3e} | {f['routing_overhead']['total']:.3e} | "
+                     f"{f['training_overhead']:.2%} | {f['dense_training'].get('matched', float('nan')):.3e} | "
+                     f"{f['inference']['overhead']:.2%} |")
+    return lines
+
+
+def write_report(run: RunLayout) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from smalltalk.mixture_eval import format_results
+
+    out = run.root / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    results_path = run.eval / "results.json"
+    results = read_json(results_path) if results_path.is_file() else None
+    images = _plot_loss(run, out, plt) + _plot_em(run, out, plt)
+    if (run.partition / "manifest.json").is_file():
+        images += _plot_partition(run, out, plt)
+    md = [f"# SmallTalk run report: {run.root.name}", ""]
+    if results:
+        images += _plot_prefix(results, out, plt) + _plot_domains(results, out, plt)
+        tpp = results["tokens_per_param"]
+        md += ["## Perplexity (test split)", "", format_results(results), "",
+               f"Tokens per parameter: experts {', '.join(f'{t:.0f}' for t in tpp['experts'])}; "
+               + ", ".join(f"dense {k} {v:.0f}" for k, v in tpp.items() if k != "experts"), "",
+               "## FLOPs", "", *_flops_table(results), ""]
+    md += ["## Figures", ""] + [f"![{name}]({name})" for name in images]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    body = "\n".join(f"<h3>{html.escape(n)}</h3><img src='{n}' style='max-width:100%'>" for n in images)
+    table = html.escape("\n".join(md[:md.index("## Figures")]))
+    (out / "index.html").write_text(f"<html><head><meta charset='utf-8'><title>{html.escape(run.root.name)}</title>"
+                                    f"</head><body><pre>{table}</pre>{body}</body></html>\n")
+    return out / "report.md"
