@@ -49,7 +49,8 @@ def bench_scoring(peak: float, vocab: int) -> None:
                 batch = max(8, 16384 // prefix)
                 n = batch * 4
                 tokens = np.random.default_rng(0).integers(0, vocab, size=(n, prefix))
-                seconds = median_time(lambda: score_batches(models, lambda r: tokens[r], np.arange(n), batch))
+                seconds = median_time(lambda m=models, t=tokens, n=n, b=batch: score_batches(
+                    m, lambda r: t[r], np.arange(n), b))
                 flops = experts * forward_flops(spec, prefix, n)
                 print(f"| {preset} | {experts} | {prefix} | {batch} | {n / seconds:,.0f} | {flops / seconds / 1e9:.1f} "
                       f"| {flops / seconds / peak:.0%} |")
@@ -59,7 +60,8 @@ def bench_assignment() -> None:
     scores = np.random.default_rng(0).normal(size=(1_000_000, 32)).astype(np.float32)
     scores -= np.linspace(0, 1, 32, dtype=np.float32)[None]  # some experts more popular than others
     seconds = median_time(lambda: balanced_assignment(scores))
-    print(f"balanced assignment N=1,000,000 E=32: {seconds:.2f} s (target < 10 s: {'met' if seconds < 10 else 'MISSED'})")
+    verdict = "met" if seconds < 10 else "MISSED"
+    print(f"balanced assignment N=1,000,000 E=32: {seconds:.2f} s (target < 10 s: {verdict})")
 
 
 def bench_partition(run: Path | None, threads: int) -> None:

@@ -10,7 +10,7 @@ from smalltalk.data.shards import SplitData
 from smalltalk.flops import forward_flops
 from smalltalk.fsutil import read_json
 from smalltalk.layout import RunLayout
-from smalltalk.model import ModelSpec, PRESETS
+from smalltalk.model import PRESETS, ModelSpec
 
 ACCOUNTINGS = ("exact", "paper")
 

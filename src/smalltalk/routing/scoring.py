@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-
 HEAD_CHUNK = 2048  # token rows per LM-head block: the logits block stays in cache (2-3x faster on CPU)
 
 
