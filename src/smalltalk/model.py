@@ -40,6 +40,7 @@ PRESETS: dict[str, ModelSpec] = {
     "paper-335m": ModelSpec(1024, 24, 16, 2736, vocab_size=32000, paper_dff=4096),
     "paper-1.3b": ModelSpec(2048, 24, 16, 5464, vocab_size=32000, paper_dff=8192),
     # CPU presets; the names give the size at a 1k vocabulary.
+    "cpu-router-0.03m": ModelSpec(32, 1, 2, 64),
     "cpu-router-0.1m": ModelSpec(48, 2, 4, 128),
     "cpu-router-0.5m": ModelSpec(96, 4, 4, 256),
     "cpu-expert-0.04m": ModelSpec(32, 2, 2, 86),  # the winning regime of shared/notes/scale-regime.md
