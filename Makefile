@@ -5,6 +5,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION ?= 2.13.0
 RUN ?= runs/demo
+CORPUS ?= runs/demo-corpus
 
 .PHONY: setup test test-fast lint demo bench clean
 
@@ -28,12 +29,15 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# The main job: build a corpus from this machine's text, then every stage of configs/demo.yaml.
 demo: setup
-	$(VENV)/bin/smalltalk run --config configs/demo.yaml --set run_dir=$(RUN)
+	test -f $(CORPUS)/stats.json || $(VENV)/bin/smalltalk corpus demo $(CORPUS) --max-chars 4e6
+	$(VENV)/bin/smalltalk run --config configs/demo.yaml --run $(RUN) --set "data.inputs=[$(CORPUS)]"
 
 bench: setup
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_routing.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -67,7 +67,8 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_corpus_demo(args: argparse.Namespace) -> None:
     from smalltalk.data.corpus import build_demo_corpus
 
-    build_demo_corpus(Path(args.out), max_chars=args.max_chars, install=args.install, seed=args.seed)
+    build_demo_corpus(Path(args.out), max_chars=args.max_chars, install=args.install, seed=args.seed,
+                      min_docs=args.min_docs)
 
 
 def stage_functions(cfg: Config, run: RunLayout, args: argparse.Namespace):
@@ -167,6 +168,7 @@ def add_commands(sub, common) -> None:
     p.add_argument("--max-chars", type=float, default=2e6, help="characters per domain")
     p.add_argument("--install", action="store_true", help="apt-get install extra sources when root")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-docs", type=int, default=20, help="a domain with fewer documents is skipped")
     p.set_defaults(func=cmd_corpus_demo)
 
 
