@@ -22,7 +22,7 @@ from smalltalk.config import Config, config_to_dict
 from smalltalk.data.ingest import SPLITS, iter_documents, split_of
 from smalltalk.data.tokenizer import load_tokenizer
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import atomic_dir, read_json, write_json
+from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
 
 FORMAT_VERSION = 1
 
@@ -61,7 +61,7 @@ class _SplitWriter:
         if kept != self.n_tokens:
             with open(path, "r+b") as handle:
                 handle.truncate(kept * self.dtype.itemsize)
-            digest = _sha256_prefix(path)
+            digest = sha256_file(path)
         else:
             digest = self.hasher.hexdigest()
         lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, np.int64)
@@ -75,14 +75,6 @@ class _SplitWriter:
         np.save(directory / f"{self.split}.seq_domains.npy", seq_domains.astype(np.int16))
         return {"documents": int(lengths.size), "tokens": int(kept), "sequences": int(n_seq),
                 "tail_tokens_dropped": int(self.n_tokens - kept), "sha256": digest}
-
-
-def _sha256_prefix(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 22):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def prepare_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
