@@ -13,6 +13,8 @@
   smalltalk report RUN        plots, report.md and index.html
   smalltalk run               every stage of a config in order, skipping finished ones
   smalltalk corpus demo OUT   build the multi-domain demo corpus from local sources
+  smalltalk generate          route a prompt and continue it with the chosen expert
+  smalltalk export            a self-contained mixture directory (HF experts + routers + tokenizer)
 """
 
 from __future__ import annotations
@@ -158,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_routing.add_commands(sub, _common)
     cli_pipeline.add_commands(sub, _common)
     cli_pipeline.add_eval_mixture(eval_parser, _common)
+    cli_pipeline.add_use_commands(sub)
     return parser
 
 

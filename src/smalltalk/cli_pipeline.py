@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from smalltalk.config import Config
@@ -177,3 +178,57 @@ def add_eval_mixture(eval_parser, common) -> None:
     common(eval_parser)
     eval_parser.set_defaults(func=cmd_eval_mixture)
 
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from smalltalk.export import export_mixture
+
+    out = export_mixture(RunLayout(Path(args.run)), Path(args.out))
+    print(f"exported -> {out}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from smalltalk.mixture import SmallTalkMixture
+
+    prompt = Path(args.file).read_text() if args.file else args.prompt
+    if not prompt:
+        raise SmalltalkError("no prompt", fix='pass a prompt string or --file FILE')
+    mixture = SmallTalkMixture.from_pretrained(args.run, args.device)
+    ids = mixture.tokenizer(prompt, return_tensors="pt").input_ids
+    chosen, scores = mixture.route(ids, args.prefix)
+    expert = int(chosen[0])
+    ranked = sorted(scores[0], reverse=True)
+    margin = ranked[0] - ranked[1] if len(ranked) > 1 else float("inf")
+    print(f"[expert {expert:02d}, router margin {margin:.2f} nats over the runner-up]", file=sys.stderr)
+    torch.manual_seed(args.seed)
+    sample = args.temperature > 0
+    streamer = TextStreamer(mixture.tokenizer, skip_prompt=True) if args.stream else None
+    output = mixture.expert(expert).generate(
+        ids.to(mixture.device), max_new_tokens=args.max_new_tokens, do_sample=sample,
+        temperature=args.temperature if sample else None, top_p=args.top_p if sample else None,
+        pad_token_id=mixture.tokenizer.eos_token_id, streamer=streamer)
+    if not args.stream:
+        print(mixture.tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+
+
+def add_use_commands(sub) -> None:
+    p = sub.add_parser("export", help="write a self-contained mixture directory")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("generate", help="route a prompt and continue it with the chosen expert")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--run", required=True, help="run directory or exported mixture")
+    p.add_argument("--file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", type=int, help="route on this many prompt tokens (default: the mixture's)")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
