@@ -62,3 +62,13 @@ def prepared_run(tmp_path_factory, corpus_file) -> Path:
     assert cli("tokenizer", "train", *common) == 0
     assert cli("data", "prepare", *common) == 0
     return run
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, corpus_file):
+    """A whole tiny run (3 experts, dense baselines, eval, report) made by `smalltalk run`."""
+    run = tmp_path_factory.mktemp("pipeline") / "run"
+    args = ["run", "--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]",
+            "--set", "data.max_docs=null", "--set", "routing.chunk=240", "--set", "routing.experts=3"]
+    assert cli(*args) == 0
+    return run, args

@@ -18,15 +18,6 @@ from .conftest import TINY_CONFIG, cli
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory, corpus_file):
-    run = tmp_path_factory.mktemp("pipeline") / "run"
-    args = ["run", "--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]",
-            "--set", "data.max_docs=null", "--set", "routing.chunk=240", "--set", "routing.experts=3"]
-    assert cli(*args) == 0
-    return run, args
-
-
 def test_experts_read_only_their_share(pipeline_run):
     run = RunLayout(pipeline_run[0])
     shares = [np.load(run.partition / f"expert_{k:02d}.npy") for k in range(3)]

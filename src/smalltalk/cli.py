@@ -15,6 +15,7 @@
   smalltalk corpus demo OUT   build the multi-domain demo corpus from local sources
   smalltalk generate          route a prompt and continue it with the chosen expert
   smalltalk export            a self-contained mixture directory (HF experts + routers + tokenizer)
+  smalltalk serve             OpenAI-compatible server (completions, chat, SSE streaming, metrics)
 """
 
 from __future__ import annotations
@@ -161,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pipeline.add_commands(sub, _common)
     cli_pipeline.add_eval_mixture(eval_parser, _common)
     cli_pipeline.add_use_commands(sub)
+    cli_pipeline.add_serve_command(sub)
     return parser
 
 

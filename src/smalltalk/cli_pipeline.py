@@ -232,3 +232,21 @@ def add_use_commands(sub) -> None:
     p.add_argument("--stream", action="store_true")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from smalltalk.serve import serve
+
+    serve(args.run, args.host, args.port, args.api_key, args.max_resident_experts, args.model_name, args.device)
+
+
+def add_serve_command(sub) -> None:
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a mixture")
+    p.add_argument("--run", required=True, help="run directory or exported mixture")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-resident-experts", type=int, help="LRU bound on experts kept in memory")
+    p.add_argument("--model-name", default="smalltalk")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_serve)

@@ -6,6 +6,8 @@ Inference rule (the paper's): score the prompt's first M tokens with every route
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -32,22 +34,26 @@ def write_mixture_manifest(run: RunLayout, experts: int, prefix: int, method: st
 
 
 class SmallTalkMixture:
-    def __init__(self, root: Path, manifest: dict, device: str = "cpu") -> None:
+    def __init__(self, root: Path, manifest: dict, device: str = "cpu", max_resident: int | None = None) -> None:
         self.root, self.manifest, self.device = Path(root), manifest, torch.device(device)
         self.num_experts: int = manifest["experts"]
         self.prefix: int = manifest["prefix"]
         self.routers = load_routers(self.root / manifest["routers"], device)
-        self._experts: dict[int, torch.nn.Module] = {}
+        self.max_resident = max_resident  # None: keep every expert once loaded
+        self._experts: OrderedDict[int, torch.nn.Module] = OrderedDict()
+        self._lock = threading.Lock()
         self._tokenizer = None
+        self.loads = 0  # expert loads from disk (evictions make this exceed num_experts)
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, device: str = "cpu") -> SmallTalkMixture:
+    def from_pretrained(cls, path: str | Path, device: str = "cpu",
+                        max_resident: int | None = None) -> SmallTalkMixture:
         path = Path(path)
         manifest_path = path / MIXTURE_FILE
         if not manifest_path.is_file():
             raise SmalltalkError(f"no {MIXTURE_FILE} in {path}",
                                  fix="point at a run whose experts are trained (`smalltalk run`) or an export")
-        return cls(path, read_json(manifest_path), device)
+        return cls(path, read_json(manifest_path), device, max_resident)
 
     @property
     def tokenizer(self):
@@ -58,13 +64,25 @@ class SmallTalkMixture:
         return self._tokenizer
 
     def expert(self, index: int) -> torch.nn.Module:
-        """Expert `index`, loaded on first use (each is a plain HF checkpoint)."""
-        if index not in self._experts:
+        """Expert `index`, loaded on first use; at most `max_resident` stay in memory (LRU), so a mixture
+        larger than memory can still serve. A caller keeps its reference while it uses the model."""
+        with self._lock:
+            if index in self._experts:
+                self._experts.move_to_end(index)
+                return self._experts[index]
             from transformers import AutoModelForCausalLM
 
             path = self.root / self.manifest["expert_dirs"][index]
-            self._experts[index] = AutoModelForCausalLM.from_pretrained(str(path)).to(self.device).eval()
-        return self._experts[index]
+            model = AutoModelForCausalLM.from_pretrained(str(path)).to(self.device).eval()
+            self.loads += 1
+            self._experts[index] = model
+            while self.max_resident and len(self._experts) > self.max_resident:
+                self._experts.popitem(last=False)
+            return model
+
+    @property
+    def resident_experts(self) -> list[int]:
+        return list(self._experts)
 
     def route(self, input_ids, prefix_len: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(chosen expert [B], router scores [B, E]) from the first prefix_len tokens of each row."""
