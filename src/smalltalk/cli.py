@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequences", type=int)
     p.set_defaults(func=cmd_eval_ppl)
 
+    from smalltalk.cli_pipeline import add_downstream
+
+    add_downstream(ev)
+
     mo = sub.add_parser("model", help="model presets").add_subparsers(dest="action", required=True)
     p = mo.add_parser("info", help="parameter counts and FLOPs of presets")
     p.add_argument("presets", nargs="*")

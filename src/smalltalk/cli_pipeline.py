@@ -250,3 +250,29 @@ def add_serve_command(sub) -> None:
     p.add_argument("--model-name", default="smalltalk")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_serve)
+
+
+def cmd_eval_downstream(args: argparse.Namespace) -> None:
+    import json
+
+    from smalltalk.lm_eval_model import evaluate_downstream
+
+    results = evaluate_downstream(args.run, args.tasks, args.include_path, args.limit, args.device,
+                                  args.num_fewshot)
+    summary = {task: {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+               for task, metrics in results["results"].items()}
+    print(json.dumps(summary, indent=2))
+    if args.output:
+        Path(args.output).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def add_downstream(ev) -> None:
+    p = ev.add_parser("downstream", help="lm-evaluation-harness tasks through the routed mixture")
+    p.add_argument("--run", required=True, help="run directory or exported mixture")
+    p.add_argument("--tasks", nargs="+", required=True)
+    p.add_argument("--include-path", help="directory of local task YAML files")
+    p.add_argument("--limit", type=int)
+    p.add_argument("--num-fewshot", type=int)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--output", help="write the metrics as JSON here")
+    p.set_defaults(func=cmd_eval_downstream)

@@ -1,0 +1,54 @@
+"""lm-evaluation-harness through the `smalltalk` model, on a local task whose data the test writes."""
+
+import json
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+TASK = """task: smalltalk_local_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+"""
+
+
+def test_lm_eval_local_task_matches_direct_expert_scoring(pipeline_run, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from smalltalk.lm_eval_model import SmallTalkLM, evaluate_downstream
+
+    docs = [{"query": "xyz_ {} = 1 +", "choices": [" 2 ;", " etaoin", " äöü"], "gold": 0},
+            {"query": "etaoin shrdlu tahoe", "choices": [" xyz_", " shrdlu", " ßkw"], "gold": 1},
+            {"query": "äöüß kwjv bpfgm", "choices": [" 0123", " etao", " äöü"], "gold": 2}]
+    data = tmp_path / "mc.jsonl"
+    data.write_text("".join(json.dumps(d, ensure_ascii=False) + "\n" for d in docs))
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "local.yaml").write_text(TASK.format(data=data))
+    run = str(pipeline_run[0])
+    results = evaluate_downstream(run, ["smalltalk_local_mc"], str(tasks))
+    assert 0.0 <= results["results"]["smalltalk_local_mc"]["acc,none"] <= 1.0
+    samples = results["samples"]["smalltalk_local_mc"]
+    assert len(samples) == 3
+    lm = SmallTalkLM(run)
+    for sample in samples:
+        pairs = [tuple(arg) for arg in sample["arguments"]]  # the exact (context, continuation) requests
+        experts = {lm.route_request(context, cont) for context, cont in pairs}
+        assert len(experts) == 1, "all choices of an item go to the same expert"
+        model = lm.mixture.expert(experts.pop())
+        for (context, continuation), response in zip(pairs, sample["resps"], strict=True):
+            ctx, cont = lm._encode(context), lm._encode(continuation)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0, -len(cont):]
+            direct = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
+            assert response[0][0] == pytest.approx(direct, abs=1e-4)
