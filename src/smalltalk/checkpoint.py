@@ -15,6 +15,7 @@ import torch
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir
+from smalltalk.model import quiet_transformers
 
 _STEP_DIR = re.compile(r"^step_(\d{8})$")
 
@@ -35,9 +36,7 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                     keep: int = 2) -> Path:
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # one "Writing model shards" bar per checkpoint is noise
+    quiet_transformers()
     final = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
     with atomic_dir(final) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)

@@ -172,9 +172,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from transformers.utils import logging as hf_logging
+    from smalltalk.model import quiet_transformers
 
-    hf_logging.disable_progress_bar()  # our own bars say more; HF's "Writing model shards" is noise
+    quiet_transformers()  # our own bars say more
     try:
         args.func(args)
     except SmalltalkError as exc:

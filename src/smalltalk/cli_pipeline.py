@@ -197,6 +197,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not prompt:
         raise SmalltalkError("no prompt", fix='pass a prompt string or --file FILE')
     mixture = SmallTalkMixture.from_pretrained(args.run, args.device)
+    if args.reroute_at:
+        torch.manual_seed(args.seed)
+        sample = args.temperature > 0
+        out = mixture.generate(prompt, args.max_new_tokens, args.prefix, reroute_at=args.reroute_at,
+                               do_sample=sample, temperature=args.temperature if sample else None,
+                               top_p=args.top_p if sample else None)
+        print(f"[experts {' -> '.join(f'{k:02d}' for k in out['experts'])} (re-routed at {args.reroute_at} "
+              "tokens)]", file=sys.stderr)
+        print(out["text"])
+        return
     ids = mixture.tokenizer(prompt, return_tensors="pt").input_ids
     chosen, scores = mixture.route(ids, args.prefix)
     expert = int(chosen[0])
@@ -230,6 +240,7 @@ def add_use_commands(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prefix", type=int, help="route on this many prompt tokens (default: the mixture's)")
     p.add_argument("--stream", action="store_true")
+    p.add_argument("--reroute-at", type=int, help="re-score once prompt + output reach this many tokens")
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_generate)
 

@@ -16,6 +16,7 @@ import torch
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout
+from smalltalk.model import quiet_transformers
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import load_routers
 
@@ -35,6 +36,7 @@ def write_mixture_manifest(run: RunLayout, experts: int, prefix: int, method: st
 
 class SmallTalkMixture:
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", max_resident: int | None = None) -> None:
+        quiet_transformers()
         self.root, self.manifest, self.device = Path(root), manifest, torch.device(device)
         self.num_experts: int = manifest["experts"]
         self.prefix: int = manifest["prefix"]
@@ -107,14 +109,29 @@ class SmallTalkMixture:
         return out, chosen
 
     @torch.inference_mode()
-    def generate(self, prompt: str, max_new_tokens: int = 64, prefix_len: int | None = None, **kwargs) -> dict:
-        """Route the prompt, then HF `generate` (KV cache) with the one chosen expert."""
-        encoded = self.tokenizer(prompt, return_tensors="pt").input_ids
-        if encoded.shape[1] < 2:
+    def generate(self, prompt: str, max_new_tokens: int = 64, prefix_len: int | None = None,
+                 reroute_at: int | None = None, **kwargs) -> dict:
+        """Route the prompt, then HF `generate` (KV cache) with the one chosen expert.
+
+        A prompt shorter than the prefix is routed on the tokens it has. With `reroute_at=M`, once prompt +
+        generated text reach M tokens the routers score again and, if another expert now wins, generation
+        continues with it (the context is re-encoded by the new expert)."""
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.shape[1] < 2:
             raise SmalltalkError("prompt must be at least 2 tokens long to be routed")
-        chosen, scores = self.route(encoded, prefix_len)
-        expert = int(chosen[0])
-        output = self.expert(expert).generate(encoded.to(self.device), max_new_tokens=max_new_tokens,
-                                              pad_token_id=self.tokenizer.eos_token_id, **kwargs)
-        text = self.tokenizer.decode(output[0, encoded.shape[1]:], skip_special_tokens=True)
-        return {"expert": expert, "scores": scores[0].tolist(), "text": text}
+        chosen, scores = self.route(ids, prefix_len)
+        experts = [int(chosen[0])]
+        pad = self.tokenizer.eos_token_id
+        first_leg = max_new_tokens
+        if reroute_at is not None and ids.shape[1] < reroute_at:
+            first_leg = min(max_new_tokens, reroute_at - ids.shape[1])
+        out = self.expert(experts[0]).generate(ids.to(self.device), max_new_tokens=first_leg, pad_token_id=pad,
+                                               **kwargs).cpu()
+        rest = max_new_tokens - (out.shape[1] - ids.shape[1])
+        if reroute_at is not None and first_leg < max_new_tokens and rest > 0 and out.shape[1] >= reroute_at:
+            new_choice, scores = self.route(out, reroute_at)
+            experts.append(int(new_choice[0]))
+            out = self.expert(experts[-1]).generate(out.to(self.device), max_new_tokens=rest, pad_token_id=pad,
+                                                    **kwargs).cpu()
+        text = self.tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+        return {"expert": experts[-1], "experts": experts, "scores": scores[0].tolist(), "text": text}

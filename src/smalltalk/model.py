@@ -131,3 +131,10 @@ def describe(spec: ModelSpec) -> str:
     return (f"d={spec.hidden_size} L={spec.num_layers} H={spec.num_heads} ffn={spec.intermediate_size} "
             f"V={spec.vocab_size} params={count_params(spec) / 1e6:.3f}M "
             f"(non-embedding {count_params(spec, embeddings=False) / 1e6:.3f}M)")
+
+
+def quiet_transformers() -> None:
+    """Silence transformers' per-file progress bars ("Loading weights", "Writing model shards")."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()

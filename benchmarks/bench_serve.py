@@ -1,0 +1,125 @@
+"""Load test of `smalltalk serve` on loopback: 200 concurrent requests of mixed shapes, bounded in time.
+
+Starts the real server on a free 127.0.0.1 port, fires completions / chat / streaming requests with
+various prompt lengths and max_tokens all at once (httpx, asyncio), and prints: answered / lost / 5xx,
+p50 / p95 latency, routing time p50 (from each response's "smalltalk.routing_ms") and its share of the
+total, and the server's resident memory with --max-resident-experts 1 and with every expert resident.
+
+  python benchmarks/bench_serve.py --run runs/demo [--requests 200] [--timeout 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+PROMPTS = ["def parse_args(argv):\n    ", "Die Option", "Permission is hereby granted, free of charge,",
+           "#include <stdio.h>\nint main(", "NAME\n       ls - list directory contents", "La commande",
+           "Redistribution and use in source and binary forms", "class Foo:\n    def __init__(self"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def start(run: str, resident: int | None) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = [sys.executable, "-m", "smalltalk.cli", "serve", "--run", run, "--port", str(port)]
+    if resident:
+        cmd += ["--max-resident-experts", str(resident)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    base = f"http://127.0.0.1:{port}"
+    for _ in range(300):
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("server did not start")
+
+
+async def one(client: httpx.AsyncClient, base: str, i: int) -> dict:
+    rng = random.Random(i)
+    prompt = rng.choice(PROMPTS) * rng.randint(1, 3)
+    body = {"model": "smalltalk", "max_tokens": rng.choice([1, 4, 16, 32]), "temperature": 0}
+    kind = ["completion", "chat", "stream"][i % 3]
+    start = time.perf_counter()
+    if kind == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+        r = await client.post(f"{base}/v1/chat/completions", json=body)
+        routing = r.json().get("smalltalk", {}).get("routing_ms") if r.status_code == 200 else None
+    elif kind == "stream":
+        body |= {"prompt": prompt, "stream": True}
+        routing, status = None, None
+        async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
+            async for line in r.aiter_lines():
+                if line.startswith("data: {") and routing is None:
+                    routing = json.loads(line[6:])["smalltalk"]["routing_ms"]
+        status = r.status_code
+        return {"status": status, "seconds": time.perf_counter() - start, "routing_ms": routing}
+    else:
+        body["prompt"] = prompt
+        r = await client.post(f"{base}/v1/completions", json=body)
+        routing = r.json().get("smalltalk", {}).get("routing_ms") if r.status_code == 200 else None
+    return {"status": r.status_code, "seconds": time.perf_counter() - start, "routing_ms": routing}
+
+
+async def fire(base: str, n: int, timeout: float) -> list[dict]:
+    limits = httpx.Limits(max_connections=n)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+        results = await asyncio.gather(*(one(client, base, i) for i in range(n)), return_exceptions=True)
+    return [r if isinstance(r, dict) else {"status": None, "error": repr(r)} for r in results]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--run", required=True)
+    ap.add_argument("--requests", type=int, default=200)
+    ap.add_argument("--timeout", type=float, default=300)
+    args = ap.parse_args()
+    for resident in (1, None):
+        proc, base = start(args.run, resident)
+        try:
+            wall = time.perf_counter()
+            results = asyncio.run(fire(base, args.requests, args.timeout))
+            wall = time.perf_counter() - wall
+            ok = [r for r in results if r["status"] == 200]
+            lat = sorted(r["seconds"] for r in ok)
+            routing = [r["routing_ms"] for r in ok if r.get("routing_ms") is not None]
+            label = f"max-resident {resident}" if resident else "all experts resident"
+            print(f"[{label}] {len(ok)}/{len(results)} answered, lost {sum(r['status'] is None for r in results)}, "
+                  f"5xx {sum((r['status'] or 0) >= 500 for r in results)}, wall {wall:.1f} s")
+            if lat:
+                p50, p95 = lat[len(lat) // 2], lat[int(len(lat) * 0.95) - 1]
+                r50 = statistics.median(routing)
+                print(f"  latency p50 {p50 * 1e3:.0f} ms, p95 {p95 * 1e3:.0f} ms; routing p50 {r50:.2f} ms "
+                      f"({r50 / 1e3 / p50:.1%} of p50 latency; target <= 10 ms: {'met' if r50 <= 10 else 'MISSED'})")
+            print(f"  server RSS after the load: {rss_mb(proc.pid):.0f} MB")
+        finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
