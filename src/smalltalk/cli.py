@@ -16,6 +16,7 @@
   smalltalk generate          route a prompt and continue it with the chosen expert
   smalltalk export            a self-contained mixture directory (HF experts + routers + tokenizer)
   smalltalk serve             OpenAI-compatible server (completions, chat, SSE streaming, metrics)
+  smalltalk plan              job list, token budgets, FLOPs and GPU-hours of a config
 """
 
 from __future__ import annotations
@@ -167,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pipeline.add_eval_mixture(eval_parser, _common)
     cli_pipeline.add_use_commands(sub)
     cli_pipeline.add_serve_command(sub)
+    cli_pipeline.add_plan_command(sub, _common)
     return parser
 
 

@@ -287,3 +287,20 @@ def add_downstream(ev) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--output", help="write the metrics as JSON here")
     p.set_defaults(func=cmd_eval_downstream)
+
+
+def cmd_plan(args: argparse.Namespace) -> None:
+    from smalltalk.plan import GPU_PEAKS, format_plan, plan
+
+    cfg, _ = _load(args)
+    peak = GPU_PEAKS.get(args.gpu.lower()) if args.gpu else None
+    print(format_plan(plan(cfg), peak or args.peak_flops, args.mfu))
+
+
+def add_plan_command(sub, common) -> None:
+    p = sub.add_parser("plan", help="job list, token budgets, FLOPs and GPU-hours of a config")
+    common(p)
+    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--gpu", choices=["h100", "h200", "a100", "v100"], default="h100")
+    p.add_argument("--peak-flops", type=float, default=989e12, help="used when --gpu is not given")
+    p.set_defaults(func=cmd_plan)

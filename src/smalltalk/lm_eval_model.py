@@ -6,7 +6,8 @@ they go to the same expert and their log-likelihoods are comparable. Contexts sh
 routed with the continuation's first tokens appended (the router needs one scored token).
 
   smalltalk eval downstream --run RUN --tasks TASK [--include-path DIR]
-  lm_eval --model smalltalk --model_args run=RUN --tasks TASK   (after `import smalltalk.lm_eval_model`)
+  python -m smalltalk.lm_eval_model --model smalltalk --model_args run=RUN --tasks TASK --include_path DIR
+      (the lm_eval CLI itself, with this model registered; lm-eval has no plugin entry point)
 """
 
 from __future__ import annotations
@@ -107,3 +108,10 @@ def evaluate_downstream(run: str, tasks: list[str], include_path: str | None = N
     manager = TaskManager(include_path=include_path) if include_path else TaskManager()
     return simple_evaluate(model=SmallTalkLM(run, device), tasks=tasks, task_manager=manager, limit=limit,
                            num_fewshot=num_fewshot, bootstrap_iters=0, log_samples=True)
+
+
+if __name__ == "__main__":  # the full lm_eval CLI with the model registered:
+    # python -m smalltalk.lm_eval_model --model smalltalk --model_args run=RUN --tasks T --include_path DIR
+    from lm_eval.__main__ import cli_evaluate
+
+    cli_evaluate()

@@ -1,0 +1,51 @@
+"""`smalltalk plan --config C`: the job list, token budgets, FLOPs and GPU-hours of a config, before running.
+
+FLOPs use the paper's accounting (its Table 3): router overhead counts the E routers' training on full
+sequences plus scoring, by all E routers on the prefix, of every sequence a router or an expert trains on.
+"""
+
+from __future__ import annotations
+
+from smalltalk.config import Config
+from smalltalk.flops import training_flops
+from smalltalk.flops_report import paper_router_overhead
+from smalltalk.model import count_params, resolve_spec
+
+GPU_PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12}  # dense bf16 FLOP/s
+
+
+def plan(cfg: Config, vocab_size: int | None = None) -> dict:
+    rc, tc = cfg.routing, cfg.train
+    vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
+    expert = resolve_spec(cfg.model, vocab)
+    router = resolve_spec(rc.router, vocab)
+    seq = cfg.data.seq_len
+    batch = tc.micro_batch_size * tc.grad_accum
+    router_steps = rc.rounds * rc.train.steps
+    router_batch = rc.train.micro_batch_size * rc.train.grad_accum
+    experts_flops = rc.experts * training_flops(expert, seq, batch, tc.steps, "paper")
+    overhead = paper_router_overhead(rc.experts, router_steps, router_batch, seq, rc.prefix, tc.steps, batch) \
+        if rc.method == "em" else 0.0
+    jobs = [f"routers: {rc.rounds} EM rounds x {rc.experts} router jobs of {rc.train.steps} steps "
+            f"(batch {router_batch}, prefix {rc.prefix}), chunk {rc.chunk} sequences per round",
+            "partition: score every training sequence with all routers (torchrun-parallel)",
+            *[f"expert {k:02d}: {tc.steps} steps x batch {batch} x {seq} tokens = "
+              f"{tc.steps * batch * seq / 1e9:.2f}B tokens" for k in range(rc.experts)],
+            f"dense (compute-matched, match={cfg.dense.match}): "
+            f"{rc.experts * tc.steps * batch * seq / 1e9:.2f}B tokens"]
+    return {"jobs": jobs, "expert_params": count_params(expert), "router_params": count_params(router),
+            "tokens_per_expert": tc.steps * batch * seq, "experts_training_flops": experts_flops,
+            "router_overhead_flops": overhead, "total_training_flops": experts_flops + overhead}
+
+
+def format_plan(result: dict, peak: float, mfu: float) -> str:
+    hours = result["total_training_flops"] / (peak * mfu) / 3600
+    per_expert = result["experts_training_flops"] / len([j for j in result["jobs"] if j.startswith("expert")])
+    lines = ["jobs:", *[f"  {j}" for j in result["jobs"]], "",
+             f"expert {result['expert_params'] / 1e6:.1f}M params, router {result['router_params'] / 1e6:.2f}M params, "
+             f"{result['tokens_per_expert'] / 1e9:.2f}B tokens per expert",
+             f"training FLOPs (paper accounting): experts {result['experts_training_flops'] / 1e19:.2f}e19 + routing "
+             f"{result['router_overhead_flops'] / 1e19:.2f}e19 = {result['total_training_flops'] / 1e19:.2f}e19",
+             f"GPU-hours at {mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s: {hours:,.0f} in all, "
+             f"{per_expert / (peak * mfu) / 3600:,.0f} per expert job"]
+    return "\n".join(lines)
