@@ -30,11 +30,12 @@ from smalltalk.train import TrainJob, train
 def random_data(directory: Path, sequences: int, seq_len: int, vocab: int) -> SplitData:
     """A prepared-data directory of random tokens (throughput does not depend on the text)."""
     directory.mkdir(parents=True)
-    tokens = np.random.default_rng(0).integers(0, vocab, size=(sequences, seq_len), dtype=np.uint16)
+    dtype = np.uint16 if vocab < 65536 else np.uint32
+    tokens = np.random.default_rng(0).integers(0, vocab, size=(sequences, seq_len), dtype=dtype)
     tokens.tofile(directory / "train.bin")
     np.save(directory / "train.seq_domains.npy", np.full(sequences, -1, np.int16))
     write_json(directory / "manifest.json", {
-        "seq_len": seq_len, "vocab_size": vocab, "dtype": "uint16", "domains": [],
+        "seq_len": seq_len, "vocab_size": vocab, "dtype": np.dtype(dtype).name, "domains": [],
         "splits": {"train": {"sequences": sequences, "tokens": sequences * seq_len}}})
     return SplitData(directory, "train")
 
@@ -47,16 +48,24 @@ def main() -> int:
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=1024)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--peak", type=float, help="peak FLOP/s (e.g. the card's bf16 peak); default: measured matmul")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    peak = measure_matmul_peak("cpu", "float32", size=2048)
-    print(f"fp32 matmul peak (2048², {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    peak = args.peak or measure_matmul_peak(args.device, args.dtype, size=2048 if args.device == "cpu" else 8192)
+    print(f"peak for MFU ({args.device}, {args.dtype}): {peak / 1e9:,.1f} GFLOP/s"
+          + ("" if args.peak else " (measured matmul)"))
     with tempfile.TemporaryDirectory() as tmp:
         data = random_data(Path(tmp) / "data", 4096, args.seq_len, args.vocab)
+        if args.steps <= 4:
+            raise SystemExit("--steps must be above 4 (the first logged window is warm-up)")
         for preset in args.presets:
             spec = resolve_spec(ModelConfig(preset=preset), args.vocab)
             cfg = TrainConfig(steps=args.steps, micro_batch_size=args.batch, log_every=4, warmup_steps=2,
-                              num_threads=args.threads, tensorboard=False, progress=False, peak_flops=peak)
+                              num_threads=args.threads, tensorboard=False, progress=False, peak_flops=peak,
+                              device=args.device, dtype=args.dtype, compile=args.compile)
             out = Path(tmp) / preset
             train(TrainJob(spec, cfg, data, out, name=preset))
             rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()][1:]
