@@ -138,3 +138,13 @@ def test_generate_prints_the_routing_decision(pipeline_run, capsys):
                "--temperature", "0") == 0
     captured = capsys.readouterr()
     assert "expert 0" in captured.err and "router margin" in captured.err
+
+
+def test_top_k_ensemble_with_k1_is_the_routed_mixture(pipeline_run):
+    results = json.loads((pipeline_run[0] / "eval" / "results.json").read_text())
+    main = next(r for r in results["sweep"] if r["prefix"] == results["main_prefix"])
+    top1 = [r for r in results["top_k"] if r["k"] == 1]
+    assert top1 and all(r["after"]["ppl"] == pytest.approx(main["mixture_after"]["ppl"], rel=1e-9) for r in top1)
+    assert {r["k"] for r in results["top_k"]} == {1, 2, 3}  # k=4 is dropped with E=3
+    for r in results["top_k"]:
+        assert r["after"]["tokens"] == main["mixture_after"]["tokens"]

@@ -126,6 +126,8 @@ class EvalConfig:
     batch_size: int = 32
     max_sequences: int | None = None
     device: str = "auto"
+    top_k: list[int] = field(default_factory=lambda: [1, 2, 4])  # c-BTM-style ensembles of the top-k experts
+    top_k_temperatures: list[float] = field(default_factory=lambda: [1.0, 16.0])
 
 
 @dataclass

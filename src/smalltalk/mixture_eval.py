@@ -82,9 +82,10 @@ def evaluate_run(cfg: Config, run: RunLayout) -> dict:
     main_prefix = ec.main_prefix or mixture.prefix
     expert_nll = [_nll_matrix(mixture.expert(k), data, ids, ec.batch_size, device) for k in range(mixture.num_experts)]
     dense = {k: _nll_matrix(m, data, ids, ec.batch_size, device) for k, m in _dense_models(run, device).items()}
-    sweep, chosen_at = [], {}
+    sweep, chosen_at, scores_at = [], {}, {}
     for prefix in sorted(set(prefixes) | {main_prefix}):
-        chosen = argmax_assignment(score_split(mixture.routers, data, ids, prefix))
+        scores_at[prefix] = score_split(mixture.routers, data, ids, prefix)
+        chosen = argmax_assignment(scores_at[prefix])
         chosen_at[prefix] = chosen
         mix = np.stack([expert_nll[k][i] for i, k in enumerate(chosen)])
         row = {"prefix": prefix, "loads": np.bincount(chosen, minlength=mixture.num_experts).tolist(),
@@ -100,12 +101,33 @@ def evaluate_run(cfg: Config, run: RunLayout) -> dict:
         "sweep": sweep, "per_expert": _per_group(chosen, chosen, mix, dense, main_prefix, mixture.num_experts),
         "per_domain": _per_domain(data, ids, chosen, mix, dense, main_prefix),
         "flops": _flops(run, mixture, main_prefix), "timing": _timing(mixture, data, main_prefix),
+        "top_k": top_k_table(expert_nll, scores_at[main_prefix], main_prefix, ec.top_k, ec.top_k_temperatures),
         "tokens_per_param": {"experts": [s["tokens_per_param"] for s in expert_summaries(run)],
                              **{k: read_json(run.dense / k / "train_manifest.json")["tokens_per_param"]
                                 for k in dense}},
     }
     write_json(run.eval / "results.json", results)
     return results
+
+
+def top_k_table(expert_nll: list[np.ndarray], scores: np.ndarray, prefix: int, ks: list[int],
+                temperatures: list[float]) -> list[dict]:
+    """c-BTM's inference rule: mix the top-k experts' next-token probabilities with weights from the router
+    posterior softmax(score / T). Uses each expert's probability of the actual next token, so no extra
+    forward passes; inference cost is k expert forwards."""
+    stacked = -np.stack(expert_nll)  # [E, N, S-1] log p of the target
+    rows = np.arange(scores.shape[0])
+    order = np.argsort(-scores, axis=1, kind="stable")
+    out = []
+    for k in sorted({k for k in ks if 1 <= k <= len(expert_nll)}):
+        top = order[:, :k]
+        for t in temperatures:
+            logits = np.take_along_axis(scores, top, axis=1).astype(np.float64) / t
+            log_w = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+            mixed = np.logaddexp.reduce([log_w[:, j, None] + stacked[top[:, j], rows] for j in range(k)], axis=0)
+            out.append({"k": k, "temperature": t, "expert_forwards": k, "after": _ppl(-mixed, prefix),
+                        "all": _ppl(-mixed)})
+    return out
 
 
 def _per_group(groups: np.ndarray, chosen: np.ndarray, mix: np.ndarray, dense: dict, prefix: int,
@@ -165,6 +187,10 @@ def format_results(results: dict) -> str:
             cells += [f"{row[f'dense_{k}_all']['ppl']:.2f}", f"{row[f'dense_{k}_after']['ppl']:.2f}",
                       f"{row['mixture_after']['ppl'] / row[f'dense_{k}_after']['ppl']:.3f}"]
         lines.append("| " + " | ".join(cells) + " |")
+    if results.get("top_k"):
+        lines.append("")
+        lines.append("top-k ensembles at M̂ = " + str(results["main_prefix"]) + " (ppl after M̂): " + ", ".join(
+            f"k={r['k']} T={r['temperature']:g}: {r['after']['ppl']:.2f}" for r in results["top_k"]))
     flops = results["flops"]["exact"]
     lines.append("")
     lines.append(f"training FLOPs (exact): experts {flops['experts_training']:.3e} + routing "
