@@ -17,6 +17,8 @@
   smalltalk export            a self-contained mixture directory (HF experts + routers + tokenizer)
   smalltalk serve             OpenAI-compatible server (completions, chat, SSE streaming, metrics)
   smalltalk plan              job list, token budgets, FLOPs and GPU-hours of a config
+  smalltalk launch            a stage as independent jobs: local processes or a SLURM array
+  smalltalk status RUN        every stage and expert: state, step, loss, throughput, ETA
 """
 
 from __future__ import annotations
@@ -169,6 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
     cli_pipeline.add_use_commands(sub)
     cli_pipeline.add_serve_command(sub)
     cli_pipeline.add_plan_command(sub, _common)
+    cli_pipeline.add_launch_commands(sub, _common)
     return parser
 
 

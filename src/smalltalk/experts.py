@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -52,37 +48,13 @@ def train_expert(cfg: Config, run: RunLayout, index: int, resume: bool = True) -
 
 def train_all_experts(cfg: Config, run: RunLayout, parallel: int, config_path: str | None,
                       overrides: list[str]) -> list[int]:
-    """Run every expert as its own `smalltalk experts train --expert K` process, `parallel` at a time.
+    """Every expert as its own `smalltalk experts train --expert K` process, `parallel` at a time (threads
+    split evenly: two 1-thread jobs beat one 2-thread job by ~1/3 on 2 cores). Returns exit codes (0 = done);
+    a failed expert does not stop the others, and a rerun re-attaches or resumes."""
+    from smalltalk.launch import launch_experts_local
 
-    Threads are split evenly (two 1-thread jobs beat one 2-thread job by ~1/3 on 2 cores). Returns
-    the exit codes; a failed expert does not stop the others.
-    """
-    experts = num_experts(run)
-    threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
-    base = [sys.executable, "-m", "smalltalk.cli", "experts", "train", "--run", str(run.root)]
-    if config_path:
-        base += ["--config", config_path]
-    for item in overrides:
-        base += ["--set", item]
-    base += ["--set", f"train.num_threads={threads}", "--set", "train.progress=false"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    pending, running, codes = list(range(experts)), {}, [0] * experts
-    while pending or running:
-        while pending and len(running) < max(1, parallel):
-            k = pending.pop(0)
-            run.expert(k).parent.mkdir(parents=True, exist_ok=True)
-            log = open(run.expert(k).parent / f"{k:02d}.log", "a")  # noqa: SIM115 - closed below
-            running[k] = (subprocess.Popen([*base, "--expert", str(k)], env=env, stdout=log,
-                                           stderr=subprocess.STDOUT), log)
-        for k, (proc, log) in list(running.items()):
-            if proc.poll() is not None:
-                codes[k] = proc.returncode
-                log.close()
-                del running[k]
-                print(f"expert {k:02d}: {'done' if proc.returncode == 0 else f'FAILED ({proc.returncode})'}",
-                      flush=True)
-        time.sleep(0.2)
-    return codes
+    records = launch_experts_local(run, num_experts(run), cfg.train.steps, parallel, config_path, overrides)
+    return [0 if r["state"] == "done" else (r.get("returncode") or 1) for r in records]
 
 
 def expert_summaries(run: RunLayout) -> list[dict]:

@@ -183,6 +183,8 @@ def train(job: TrainJob, resume: bool = False) -> dict:
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
+        if dist.is_main:
+            print(f"{job.name}: resuming from {checkpoint}", flush=True)
         if consumed is not None and state.get("consumed") is not None:
             consumed[state["consumed"]] = True
     elif not resume and (out_dir / "checkpoints").exists() and dist.is_main:

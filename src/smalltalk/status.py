@@ -1,0 +1,81 @@
+"""`smalltalk status RUN`: every stage and every expert at a glance (or as JSON for scripts)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from smalltalk.checkpoint import latest_checkpoint
+from smalltalk.fsutil import read_json
+from smalltalk.layout import RunLayout
+
+
+def _last_metrics(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if "loss" in r]
+    return rows[-1] if rows else {}
+
+
+def expert_status(run: RunLayout, index: int, target_steps: int | None) -> dict:
+    directory = run.expert(index)
+    job_path = run.root / "jobs" / f"experts-{index:02d}.json"
+    job = read_json(job_path) if job_path.is_file() else {}
+    last = _last_metrics(directory / "metrics.jsonl")
+    checkpoint = latest_checkpoint(directory)
+    done = (directory / "train_manifest.json").is_file() and (
+        target_steps is None or read_json(directory / "train_manifest.json")["steps"] >= target_steps)
+    state = job.get("state") or ("done" if done else ("running" if last else "pending"))
+    if done and state != "failed":
+        state = "done"
+    step = last.get("step", 0)
+    tok_s = last.get("tokens_per_s")
+    tokens_per_step = last["tokens"] / step if step else None
+    eta = ((target_steps - step) * tokens_per_step / tok_s) if (tok_s and target_steps and tokens_per_step
+                                                                 and state == "running") else None
+    return {"expert": index, "state": state, "step": step, "target_steps": target_steps,
+            "tokens": last.get("tokens", 0),
+            "target_tokens": int(tokens_per_step * target_steps) if tokens_per_step and target_steps else None,
+            "loss": last.get("loss"), "tokens_per_s": tok_s, "eta_s": eta,
+            "last_checkpoint": os.path.getmtime(checkpoint) if checkpoint else None,
+            "error": job.get("error"), "pid": job.get("pid")}
+
+
+def run_status(run: RunLayout) -> dict:
+    stages_path = run.root / "stages.json"
+    stages = read_json(stages_path) if stages_path.is_file() else {}
+    config = read_json(run.root / "config.json") if (run.root / "config.json").is_file() else {}
+    target = config.get("train", {}).get("steps")
+    manifests = {"tokenizer": run.tokenizer, "data": run.data, "routers": run.routers, "partition": run.partition}
+    out = {"run": str(run.root), "stages": {}}
+    for name, directory in manifests.items():
+        out["stages"][name] = "done" if (directory / "manifest.json").is_file() else "pending"
+    for name in ("dense", "eval", "report"):
+        out["stages"][name] = "done" if name in stages else "pending"
+    experts = read_json(run.partition / "manifest.json")["experts"] if (run.partition / "manifest.json").is_file() \
+        else 0
+    out["experts"] = [expert_status(run, k, target) for k in range(experts)]
+    states = {e["state"] for e in out["experts"]}
+    out["stages"]["experts"] = ("failed" if "failed" in states else "done" if states == {"done"}
+                                else "running" if "running" in states else "pending") if experts else "pending"
+    return out
+
+
+def format_status(status: dict) -> str:
+    lines = [f"run {status['run']}", "stages: " + "  ".join(f"{k}={v}" for k, v in status["stages"].items()), "",
+             "| expert | state | step | tokens | loss | tok/s | ETA | last checkpoint |",
+             "|---|---|---|---|---|---|---|---|"]
+    for e in status["experts"]:
+        ckpt = time.strftime("%H:%M:%S", time.localtime(e["last_checkpoint"])) if e["last_checkpoint"] else "-"
+        loss = "-" if e["loss"] is None else f"{e['loss']:.3f}"
+        speed = "-" if not e["tokens_per_s"] else f"{e['tokens_per_s']:,.0f}"
+        eta = "-" if e["eta_s"] is None else f"{e['eta_s']:.0f}s"
+        lines.append(f"| {e['expert']:02d} | {e['state']} | {e['step']}/{e['target_steps']} | "
+                     f"{e['tokens'] / 1e6:.1f}M/{(e['target_tokens'] or 0) / 1e6:.1f}M | {loss} | {speed} | {eta} | "
+                     f"{ckpt} |")
+        if e["error"]:
+            lines.append(f"|    | error: {e['error']} |||||||")
+    return "\n".join(lines)

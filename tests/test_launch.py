@@ -1,0 +1,103 @@
+"""The local launcher survives its own death, SLURM scripts run the same jobs, status shows failures."""
+
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import ROOT, TINY_CONFIG, cli
+
+pytestmark = pytest.mark.slow
+LONGER = ["--set", "train.steps=40", "--set", "train.checkpoint_every=10"]
+
+
+def _fresh_copy(pipeline_run, dest):
+    shutil.copytree(pipeline_run[0], dest, ignore=shutil.ignore_patterns("experts", "jobs", "dense", "eval"))
+    return dest
+
+
+def _launch_cmd(run, *extra):
+    return [sys.executable, "-m", "smalltalk.cli", "launch", "--config", str(TINY_CONFIG), "--run", str(run),
+            "--stage", "experts", "--parallel", "1", *LONGER, *extra]
+
+
+def test_killed_launcher_relaunch_finishes_without_retraining(pipeline_run, tmp_path):
+    ref = _fresh_copy(pipeline_run, tmp_path / "ref")
+    subprocess.run(_launch_cmd(ref), check=True, cwd=ROOT, timeout=600)
+    run = _fresh_copy(pipeline_run, tmp_path / "killed")
+    launcher = subprocess.Popen(_launch_cmd(run), cwd=ROOT)
+    deadline = time.time() + 120
+    while not (run / "experts" / "00" / "checkpoints" / "step_00000020").exists():
+        assert launcher.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    job = json.loads((run / "jobs" / "experts-00.json").read_text())
+    os.kill(launcher.pid, signal.SIGKILL)  # the launcher dies ...
+    os.kill(job["pid"], signal.SIGKILL)  # ... and so does its running expert (a machine restart)
+    launcher.wait()
+    time.sleep(0.5)
+    subprocess.run(_launch_cmd(run), check=True, cwd=ROOT, timeout=600)
+    log = (run / "jobs" / "experts-00.log").read_text()
+    assert "resuming from" in log and "step_000000" in log, "expert 00 must resume, not restart"
+    for k in range(3):
+        assert json.loads((run / "jobs" / f"experts-{k:02d}.json").read_text())["state"] == "done"
+        a = load_file(str(ref / "experts" / f"{k:02d}" / "model" / "model.safetensors"))
+        b = load_file(str(run / "experts" / f"{k:02d}" / "model" / "model.safetensors"))
+        assert all(torch.equal(a[n], b[n]) for n in a), f"expert {k} differs from the uninterrupted run"
+
+
+def test_relaunch_reattaches_to_running_jobs(pipeline_run, tmp_path):
+    run = _fresh_copy(pipeline_run, tmp_path / "attach")
+    launcher = subprocess.Popen(_launch_cmd(run), cwd=ROOT)
+    deadline = time.time() + 120
+    while not (run / "jobs" / "experts-00.json").exists():
+        assert time.time() < deadline
+        time.sleep(0.05)
+    pid = json.loads((run / "jobs" / "experts-00.json").read_text())["pid"]
+    os.kill(launcher.pid, signal.SIGKILL)  # the expert keeps running as an orphan
+    launcher.wait()
+    subprocess.run(_launch_cmd(run), check=True, cwd=ROOT, timeout=600)
+    log = (run / "jobs" / "experts-00.log").read_text()
+    assert "resuming from" not in log, "the running job was re-attached, not restarted"
+    assert json.loads((run / "jobs" / "experts-00.json").read_text())["pid"] == pid
+
+
+def test_sbatch_script_runs_the_same_jobs_as_local(pipeline_run, tmp_path, capsys):
+    run = _fresh_copy(pipeline_run, tmp_path / "slurm")
+    assert cli("launch", "--config", TINY_CONFIG, "--run", run, "--stage", "experts", "--scheduler", "slurm") == 0
+    script = (run / "jobs" / "experts.sbatch").read_text()
+    subprocess.run(["bash", "-n", str(run / "jobs" / "experts.sbatch")], check=True)
+    assert "#SBATCH --array=0-2" in script
+    line = next(x for x in script.splitlines() if x.startswith("torchrun"))
+    slurm_args = shlex.split(line.split("-m smalltalk.cli ", 1)[1])
+    assert cli("launch", "--config", TINY_CONFIG, "--run", run, "--stage", "experts", "--parallel", "2") == 0
+    local_only = ("train.num_threads=", "train.progress=")  # thread pinning differs per machine, not the job
+    for k in range(3):
+        local = shlex.split(json.loads((run / "jobs" / f"experts-{k:02d}.json").read_text())["command"])
+        local = local[local.index("smalltalk.cli") + 1:]
+        local = [a for i, a in enumerate(local) if not a.startswith(local_only)
+                 and not (a == "--set" and i + 1 < len(local) and local[i + 1].startswith(local_only))]
+        task = [a.replace("${SLURM_ARRAY_TASK_ID}", str(k)) for a in slurm_args]
+        assert task == local
+
+
+def test_status_reports_a_failed_expert(pipeline_run, tmp_path, capsys):
+    run = _fresh_copy(pipeline_run, tmp_path / "failing")
+    (run / "partition" / "expert_01.npy").write_bytes(b"not a numpy file")
+    assert cli("launch", "--config", TINY_CONFIG, "--run", run, "--stage", "experts", "--parallel", "2") == 2
+    capsys.readouterr()
+    assert cli("status", run, "--json") == 0
+    status = json.loads(capsys.readouterr().out)
+    states = {e["expert"]: e for e in status["experts"]}
+    assert states[0]["state"] == "done" and states[2]["state"] == "done"
+    assert states[1]["state"] == "failed" and states[1]["error"]
+    assert status["stages"]["experts"] == "failed"
+    assert cli("status", run) == 0
+    assert "failed" in capsys.readouterr().out
