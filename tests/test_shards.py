@@ -51,3 +51,27 @@ def test_splits_are_disjoint_documents(prepared_run):
     docs = {s: manifest["splits"][s]["documents"] for s in ("train", "validation", "test")}
     assert sum(docs.values()) == manifest["documents"] == 120
     assert docs["test"] > 0 and docs["validation"] > 0
+
+
+def test_pretrained_local_tokenizer_is_adopted(prepared_run, corpus_file, tmp_path):
+    from .conftest import TINY_CONFIG, cli
+
+    run = tmp_path / "run"
+    common = ["--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]",
+              "--set", "data.max_docs=null"]
+    assert cli("tokenizer", "train", *common, "--pretrained", prepared_run / "tokenizer") == 0
+    manifest = json.loads((run / "tokenizer" / "manifest.json").read_text())
+    original = json.loads((prepared_run / "tokenizer" / "manifest.json").read_text())
+    assert manifest["source"] == str(prepared_run / "tokenizer")
+    assert manifest["vocab_size"] == original["vocab_size"] and manifest["eot_id"] == original["eot_id"]
+    assert cli("data", "prepare", *common) == 0
+    assert SplitData(run / "data", "train").vocab_size == original["vocab_size"]
+
+
+def test_pretrained_directory_without_tokenizer_json_is_an_error(tmp_path, capsys):
+    from .conftest import TINY_CONFIG, cli
+
+    (tmp_path / "empty").mkdir()
+    assert cli("tokenizer", "train", "--config", TINY_CONFIG, "--run", tmp_path / "run",
+               "--pretrained", tmp_path / "empty") == 2
+    assert "no tokenizer.json" in capsys.readouterr().err
