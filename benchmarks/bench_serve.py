@@ -114,6 +114,11 @@ def main() -> int:
                 r50 = statistics.median(routing)
                 print(f"  latency p50 {p50 * 1e3:.0f} ms, p95 {p95 * 1e3:.0f} ms; routing p50 {r50:.2f} ms "
                       f"({r50 / 1e3 / p50:.1%} of p50 latency; target <= 10 ms: {'met' if r50 <= 10 else 'MISSED'})")
+            metrics = httpx.get(f"{base}/metrics").text.splitlines()
+            per_expert = [x.split('"')[1] + ":" + x.split()[-1] for x in metrics
+                          if x.startswith("smalltalk_expert_requests_total")]
+            loads = next(x.split()[-1] for x in metrics if x.startswith("smalltalk_expert_loads_total"))
+            print(f"  requests per expert {' '.join(per_expert)}; expert loads from disk {loads}")
             print(f"  server RSS after the load: {rss_mb(proc.pid):.0f} MB")
         finally:
             proc.terminate()

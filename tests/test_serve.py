@@ -10,6 +10,7 @@ import httpx
 import numpy as np
 import pytest
 
+from smalltalk.data.shards import SplitData
 from smalltalk.mixture import SmallTalkMixture
 
 from .conftest import ROOT
@@ -80,17 +81,26 @@ def test_lru_serves_every_expert_with_one_resident(server):
     base, run = server
     client = _client(base)
     mixture = SmallTalkMixture.from_pretrained(run)
-    prompts = ["xyz_ {} = 1 + 2 ; 34 ()", "etaoin shrdlu tahoe in", "äöüß kwjv bpfgm äö", "0123 ( ) {} ;"]
-    experts = set()
-    for prompt in prompts:
-        out = client.completions.create(model="smalltalk", prompt=prompt, max_tokens=3, temperature=0)
-        experts.add(out.model_extra["smalltalk"]["expert"])
-        assert out.model_extra["smalltalk"]["expert"] == int(mixture.route(mixture.tokenizer(prompt).input_ids)[0][0])
-    assert len(experts) >= 2, "the probe prompts should reach several experts"
-    health = httpx.get(f"{base}/health").json()
-    assert len(health["resident"]) == 1
+    tokenizer = mixture.tokenizer
+    data = SplitData(run / "data", "test")
+    prompt_for = {}  # one test prompt routed to each expert, found locally
+    for i in range(len(data)):
+        text = tokenizer.decode(data[i][:24].tolist(), skip_special_tokens=True)
+        ids = tokenizer(text).input_ids
+        if len(ids) >= 2:
+            prompt_for.setdefault(int(mixture.route(ids)[0][0]), text)
+        if len(prompt_for) == mixture.num_experts:
+            break
+    assert len(prompt_for) == mixture.num_experts, "every expert should get some test prompt"
+    for _ in range(2):  # twice round the experts: each request evicts the previous expert
+        for expert, prompt in sorted(prompt_for.items()):
+            out = client.completions.create(model="smalltalk", prompt=prompt, max_tokens=3, temperature=0)
+            assert out.model_extra["smalltalk"]["expert"] == expert
+            assert httpx.get(f"{base}/health").json()["resident"] == [expert]
     metrics = httpx.get(f"{base}/metrics").text
-    assert "smalltalk_resident_experts 1" in metrics and "smalltalk_expert_requests_total" in metrics
+    assert "smalltalk_resident_experts 1" in metrics
+    for expert in prompt_for:
+        assert f'smalltalk_expert_requests_total{{expert="{expert}"}}' in metrics
 
 
 @pytest.mark.parametrize("body,status,param", [
