@@ -151,3 +151,13 @@ def test_em_refuses_a_directory_with_other_settings(prepared_run, em_run, capsys
 def test_lm_routers_score_api(em_run, prepared_run):
     router = load_routers(em_run)
     assert isinstance(router, LMRouters) and router.num_experts == 3
+
+
+@pytest.mark.slow
+def test_compiled_router_scoring_matches_eager(prepared_run):
+    spec = resolve_spec(ModelConfig(preset="test-tiny"), 384)
+    models = [build_model(spec, 64, seed=s) for s in (1, 2)]
+    tokens = SplitData(prepared_run / "data", "train").batch(np.arange(12), 16)
+    eager = LMRouters(models, batch_size=5).score(tokens)
+    compiled = LMRouters(models, batch_size=5, compile=True).score(tokens)
+    assert np.allclose(eager, compiled, rtol=1e-4, atol=1e-3)

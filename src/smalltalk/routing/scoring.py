@@ -25,7 +25,7 @@ def prefix_loglik(model, input_ids: torch.Tensor, body=None) -> torch.Tensor:
     compiled `model.model`.
     """
     batch, length = input_ids.shape
-    hidden = (body or model.model)(input_ids=input_ids).last_hidden_state[:, :-1]
+    hidden = (body if body is not None else model.model)(input_ids=input_ids).last_hidden_state[:, :-1]
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
     weight = model.lm_head.weight
