@@ -7,7 +7,6 @@ import json
 from pathlib import Path
 
 from smalltalk.config import Config
-from smalltalk.layout import RunLayout
 
 
 def _apply(cfg: Config, args: argparse.Namespace) -> None:
@@ -100,5 +99,3 @@ def add_commands(sub, common) -> None:
     p.add_argument("--out", help="output directory (default RUN/partition)")
     p.set_defaults(func=cmd_partition)
 
-
-__all__ = ["add_commands", "RunLayout"]

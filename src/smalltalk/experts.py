@@ -10,9 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from pathlib import Path
-
-import numpy as np
 
 from smalltalk.config import Config, ModelConfig
 from smalltalk.data.shards import SplitData
@@ -110,8 +107,3 @@ def mixture_training_flops(run: RunLayout, accounting: str = "exact") -> float:
 
     total = sum(s["training_flops"][accounting] for s in expert_summaries(run))
     return total + routing_overhead_flops(run, accounting)["total"]
-
-
-def consumed_ids(run: RunLayout, index: int) -> np.ndarray:
-    return np.load(Path(run.expert(index)) / "consumed_ids.npy")
-

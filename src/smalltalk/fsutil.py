@@ -71,12 +71,3 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
         while block := handle.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def sha256_dir(path: str | Path, pattern: str = "*.safetensors") -> str:
-    """Checksum of all files matching `pattern` under a directory, in sorted order."""
-    digest = hashlib.sha256()
-    for file in sorted(Path(path).rglob(pattern)):
-        digest.update(str(file.relative_to(path)).encode())
-        digest.update(sha256_file(file).encode())
-    return digest.hexdigest()

@@ -7,7 +7,6 @@ artifacts of two configs would make the comparison meaningless.
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import time
@@ -62,7 +61,3 @@ def run_pipeline(cfg: Config, stages: dict[str, Callable[[], None]], run: RunLay
         stages[stage]()
         record[stage] = {"digest": want, "seconds": round(time.perf_counter() - start, 1)}
         write_json(record_path, record)
-
-
-def replace_section(cfg: Config, **changes) -> Config:
-    return dataclasses.replace(cfg, **changes)
