@@ -19,6 +19,7 @@ def _load(args):
 
 def cmd_experts_train(args: argparse.Namespace) -> None:
     from smalltalk.experts import num_experts, train_all_experts, train_expert
+    from smalltalk.mixture import write_mixture_manifest
 
     cfg, run = _load(args)
     if args.all:
@@ -27,13 +28,50 @@ def cmd_experts_train(args: argparse.Namespace) -> None:
         if failed:
             raise SmalltalkError(f"experts {failed} failed", where=str(run.root / "experts"),
                                  fix="read experts/NN.log, fix, and rerun (finished experts are kept)")
-        print(f"all {num_experts(run)} experts trained -> {run.root / 'experts'}")
+        write_mixture_manifest(run)
+        print(f"all {num_experts(run)} experts trained -> {run.root / 'experts'}; mixture -> {run.root}/mixture.json")
         return
     if args.expert is None:
         raise SmalltalkError("say which expert to train", fix="pass --expert K or --all")
     summary = train_expert(cfg, run, args.expert)
+    if write_mixture_manifest(run):  # the last expert to finish ties the mixture together
+        print(f"every expert is trained: mixture -> {run.root}/mixture.json")
     print(f"expert {args.expert:02d}: {summary['steps']} steps, {summary['tokens_per_param']:.0f} tokens/param, "
           f"final loss {summary['final_loss']:.4f}")
+
+
+def cmd_experts_add(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from smalltalk.data.shards import SplitData
+    from smalltalk.elastic import add_expert, read_mixture, routing_shift
+
+    if args.config is None and args.run and (Path(args.run) / "config.json").is_file():
+        args.config = str(Path(args.run) / "config.json")  # the run's own settings: same tokenizer, presets
+    cfg, run = _load(args)
+    before = read_mixture(run)
+    added = add_expert(cfg, run, args.data, args.steps, args.router_steps)
+    print(f"added pair {added['pair']:02d} as mixture expert {added['index']}: router {added['router']['steps']} "
+          f"steps, expert {added['expert']['steps']} steps ({added['expert']['tokens_per_param']:.0f} tokens/param) "
+          f"on {added['train_sequences']} sequences")
+    prefix = before["prefix"]
+    for name, data_dir in (("new", run.root / "added" / f"{added['pair']:02d}" / "data"), ("old", run.data)):
+        val = SplitData(data_dir, "validation")
+        if len(val):
+            ids = np.arange(min(len(val), 512))
+            shift = routing_shift(run.root, before, added["manifest"], val, ids, prefix)
+            new_dir = added["manifest"]["expert_dirs"][-1]
+            print(f"{name} validation sequences routed to the new expert: "
+                  f"{(shift['chosen_after'] == new_dir).mean():.1%} (of {len(ids)})")
+
+
+def cmd_experts_remove(args: argparse.Namespace) -> None:
+    from smalltalk.elastic import remove_expert
+
+    removed = remove_expert(RunLayout(Path(args.run)), args.expert, args.delete)
+    print(f"removed expert {args.expert} ({removed['expert_dir']}, router {removed['router_dir']}); "
+          f"the mixture now has {removed['manifest']['experts']} experts"
+          + ("" if args.delete else " (files kept on disk)"))
 
 
 def cmd_dense_train(args: argparse.Namespace) -> None:
@@ -99,7 +137,7 @@ def stage_functions(cfg: Config, run: RunLayout, args: argparse.Namespace):
         codes = train_all_experts(cfg, run, cfg.experts.parallel, args.config, overrides)
         if any(codes):
             raise SmalltalkError(f"expert jobs failed: {codes}", fix="see RUN/experts/NN.log")
-        write_mixture_manifest(run, num_experts(run), cfg.routing.prefix, cfg.routing.method)
+        write_mixture_manifest(run)
 
     def dense() -> None:
         for kind in ["matched"] + (["bigger"] if cfg.dense.bigger else []):
@@ -147,6 +185,17 @@ def add_commands(sub, common) -> None:
     p.add_argument("--all", action="store_true", help="every expert, each as its own process")
     p.add_argument("--parallel", type=int, help="expert processes at once (with --all)")
     p.set_defaults(func=cmd_experts_train)
+    p = experts.add_parser("add", help="train a new router + expert on new documents and append the pair")
+    common(p)
+    p.add_argument("--data", nargs="+", required=True, help="new documents (jsonl/txt/parquet files or dirs)")
+    p.add_argument("--steps", type=int, help="expert steps (default: train.steps of the run)")
+    p.add_argument("--router-steps", type=int, help="router steps (default: EM rounds x routing.train.steps)")
+    p.set_defaults(func=cmd_experts_add)
+    p = experts.add_parser("remove", help="drop expert K and its router from the mixture")
+    p.add_argument("--run", "--run-dir", dest="run", required=True)
+    p.add_argument("--expert", type=int, required=True, help="index in mixture.json (0-based)")
+    p.add_argument("--delete", action="store_true", help="also delete the pair's files")
+    p.set_defaults(func=cmd_experts_remove)
 
     dense = sub.add_parser("dense", help="dense baselines").add_subparsers(dest="action", required=True)
     p = dense.add_parser("train", help="compute-matched (and bigger) dense baselines")

@@ -30,8 +30,9 @@ def export_mixture(run: RunLayout, out: Path) -> Path:
             if (run.routers / extra).is_file():
                 shutil.copy(run.routers / extra, tmp / "routers" / extra)
         write_json(tmp / "routers" / "manifest.json", routers)
-        for rel in manifest["expert_dirs"]:
-            shutil.copytree(run.root / rel, tmp / rel)
+        for rel in manifest["expert_dirs"] + manifest.get("router_dirs", []):  # router_dirs: elastic pairs
+            if not (tmp / rel).exists():
+                shutil.copytree(run.root / rel, tmp / rel)
         write_json(tmp / MIXTURE_FILE, manifest)
         (tmp / "README.md").write_text(model_card(run, manifest))
     return out

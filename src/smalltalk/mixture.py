@@ -18,19 +18,27 @@ from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout
 from smalltalk.model import quiet_transformers
 from smalltalk.routing.assignment import argmax_assignment
-from smalltalk.routing.routers import load_routers
+from smalltalk.routing.routers import LMRouters, load_routers
 
 MIXTURE_FILE = "mixture.json"
 
 
-def write_mixture_manifest(run: RunLayout, experts: int, prefix: int, method: str) -> dict:
-    """mixture.json: relative paths, so a run directory (or an export of it) can move."""
+def write_mixture_manifest(run: RunLayout) -> dict | None:
+    """mixture.json, once every expert of the partition is trained (None before). Relative paths, so a run
+    directory (or an export of it) can move. A manifest edited by elastic add/remove is kept as it is."""
+    path = run.root / MIXTURE_FILE
+    if path.is_file() and "elastic" in read_json(path):
+        return read_json(path)
+    experts = read_json(run.partition / "manifest.json")["experts"]
+    if not all((run.expert(k) / "train_manifest.json").is_file() for k in range(experts)):
+        return None
+    routers = read_json(run.routers / "manifest.json")
     manifest = {
-        "kind": "smalltalk-mixture", "format_version": 1, "method": method, "experts": experts,
-        "routers": "routers", "tokenizer": "tokenizer", "prefix": prefix,
+        "kind": "smalltalk-mixture", "format_version": 1, "method": routers["method"], "experts": experts,
+        "routers": "routers", "tokenizer": "tokenizer", "prefix": routers["prefix"],
         "expert_dirs": [f"experts/{k:02d}/model" for k in range(experts)],
     }
-    write_json(run.root / MIXTURE_FILE, manifest)
+    write_json(path, manifest)
     return manifest
 
 
@@ -40,7 +48,10 @@ class SmallTalkMixture:
         self.root, self.manifest, self.device = Path(root), manifest, torch.device(device)
         self.num_experts: int = manifest["experts"]
         self.prefix: int = manifest["prefix"]
-        self.routers = load_routers(self.root / manifest["routers"], device)
+        if manifest.get("router_dirs"):  # written by elastic add/remove: the router of each expert, in order
+            self.routers = LMRouters.from_model_dirs([self.root / d for d in manifest["router_dirs"]], device)
+        else:
+            self.routers = load_routers(self.root / manifest["routers"], device)
         self.max_resident = max_resident  # None: keep every expert once loaded
         self._experts: OrderedDict[int, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()

@@ -39,13 +39,12 @@ class LMRouters:
         self.bodies = [torch.compile(m.model, dynamic=True) for m in self.models] if compile else None
 
     @classmethod
-    def from_dir_names(cls, routers_dir: Path, names: list[str], device: str = "cpu",
-                       batch_size: int = 256) -> LMRouters:
+    def from_model_dirs(cls, model_dirs: list[Path], device: str = "cpu", batch_size: int = 256) -> LMRouters:
         from transformers import AutoModelForCausalLM
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        models = [AutoModelForCausalLM.from_pretrained(str(routers_dir / name / "model")) for name in names]
+        models = [AutoModelForCausalLM.from_pretrained(str(path)) for path in model_dirs]
         return cls(models, device, batch_size)
 
     def score(self, tokens: np.ndarray) -> np.ndarray:
@@ -108,7 +107,8 @@ def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int =
     manifest = read_json(manifest_path)
     method = manifest["method"]
     if method == "em":
-        return LMRouters.from_dir_names(routers_dir, manifest["routers"], device, batch_size)
+        return LMRouters.from_model_dirs([routers_dir / name / "model" for name in manifest["routers"]], device,
+                                         batch_size)
     if method == "random":
         return RandomRouter(manifest["experts"], manifest["seed"])
     if method == "tfidf":

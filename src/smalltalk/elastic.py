@@ -1,0 +1,168 @@
+"""Elastic experts: add a router + expert pair for new documents, or drop a pair, without touching others.
+
+Routing is argmax over independent router likelihoods (uniform prior), so a new pair needs no retraining
+of the existing ones: the new router only has to give its own domain a higher prefix likelihood than the
+old routers do, and other text a lower one. That relies on the routers being comparably calibrated
+density models — same architecture, tokenizer, prefix length and training budget — which is why the new
+router reuses the run's router spec and trains for as many steps as each EM router did in total.
+`mixture.json` is the only file edited (atomically, after both models are trained), so an interrupted
+`add` leaves the mixture as it was and a rerun resumes from the pair's checkpoints.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smalltalk.config import Config
+from smalltalk.data.shards import SplitData, prepare_data
+from smalltalk.errors import SmalltalkError
+from smalltalk.evaluate import token_nll
+from smalltalk.fsutil import read_json, write_json
+from smalltalk.layout import RunLayout
+from smalltalk.mixture import MIXTURE_FILE, SmallTalkMixture
+from smalltalk.model import ModelSpec, resolve_spec
+from smalltalk.routing.assignment import argmax_assignment
+from smalltalk.routing.routers import score_split
+from smalltalk.train import TrainJob, train
+
+
+def read_mixture(run: RunLayout) -> dict:
+    path = run.root / MIXTURE_FILE
+    if not path.is_file():
+        raise SmalltalkError(f"no {MIXTURE_FILE} in {run.root}", fix="train the experts first (`smalltalk run`)")
+    manifest = read_json(path)
+    if "router_dirs" not in manifest and manifest["method"] == "em":
+        names = read_json(run.root / manifest["routers"] / "manifest.json")["routers"]
+        manifest["router_dirs"] = [f"{manifest['routers']}/{name}/model" for name in names]
+    return manifest
+
+
+def _free_index(run: RunLayout) -> int:
+    """The next pair number with neither experts/NN nor routers/NN on disk (removed pairs keep theirs)."""
+    k = 0
+    while run.expert(k).exists() or (run.routers / f"{k:02d}").exists():
+        k += 1
+    return k
+
+
+def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int | None = None,
+               router_steps: int | None = None) -> dict:
+    """Prepare `inputs` with the run's tokenizer, train one router and one expert on them, append the pair."""
+    manifest = read_mixture(run)
+    if manifest["method"] != "em":
+        raise SmalltalkError(f"`experts add` needs EM routers; this mixture routes by {manifest['method']!r}",
+                             fix="elastic experts rely on one router LM per expert (routing.method: em)")
+    routers_manifest = read_json(run.root / manifest["routers"] / "manifest.json")
+    pending = manifest.get("pending_add")
+    if pending and pending["inputs"] != list(inputs):
+        raise SmalltalkError(f"an unfinished `experts add` of {pending['inputs']} is pending in {MIXTURE_FILE}",
+                             where=str(run.root / MIXTURE_FILE),
+                             fix="rerun it with the same --data to finish it, or delete the pending_add entry")
+    k = pending["index"] if pending else _free_index(run)
+    pair_dir = run.root / "added" / f"{k:02d}"
+    if not (pair_dir / "data" / "manifest.json").is_file():
+        data_cfg = copy.deepcopy(cfg)
+        data_cfg.data.inputs = list(inputs)
+        prepare_data(data_cfg, run.tokenizer, pair_dir / "data")
+    data, val = SplitData(pair_dir / "data", "train"), SplitData(pair_dir / "data", "validation")
+    if len(data) == 0:
+        raise SmalltalkError(f"no training sequences in {inputs}", fix="add more documents")
+    write_json(run.root / MIXTURE_FILE, {**manifest, "pending_add": {"index": k, "inputs": list(inputs)}})
+
+    rc, prefix = cfg.routing, manifest["prefix"]
+    steps = router_steps or routers_manifest["rounds"] * rc.train.steps
+    router_cfg = dataclasses.replace(rc.train, seq_len=prefix, steps=steps, schedule_steps=steps,
+                                     seed=rc.seed + k, progress=False)
+    router_spec = ModelSpec(**routers_manifest["router_spec"])
+    router = train(TrainJob(router_spec, router_cfg, data, run.routers / f"{k:02d}", name=f"router {k:02d}"))
+    expert_cfg = dataclasses.replace(cfg.train, record_consumed=True, seed=cfg.train.seed + k,
+                                     steps=expert_steps or cfg.train.steps)
+    expert = train(TrainJob(resolve_spec(cfg.model, data.vocab_size), expert_cfg, data, run.expert(k),
+                            val=val if len(val) else None, name=f"expert {k:02d}"))
+
+    manifest = {key: value for key, value in manifest.items() if key != "pending_add"}
+    manifest["router_dirs"] = [*manifest["router_dirs"], f"routers/{k:02d}/model"]
+    manifest["expert_dirs"] = [*manifest["expert_dirs"], f"experts/{k:02d}/model"]
+    manifest["experts"] = len(manifest["expert_dirs"])
+    manifest.setdefault("elastic", []).append({
+        "op": "add", "pair": k, "data": f"added/{k:02d}/data", "inputs": [str(Path(i)) for i in inputs],
+        "router_steps": router["steps"], "expert_steps": expert["steps"], "time": time.time()})
+    write_json(run.root / MIXTURE_FILE, manifest)
+    return {"pair": k, "index": manifest["experts"] - 1, "router": router, "expert": expert,
+            "train_sequences": len(data), "manifest": manifest}
+
+
+def remove_expert(run: RunLayout, index: int, delete: bool = False) -> dict:
+    """Drop mixture expert `index` (its position in mixture.json) and its router. The files stay on disk
+    unless `delete` (so a removal can be undone by editing mixture.json)."""
+    manifest = read_mixture(run)
+    count = len(manifest["expert_dirs"])
+    if manifest["method"] != "em":
+        raise SmalltalkError(f"`experts remove` needs EM routers; this mixture routes by {manifest['method']!r}")
+    if not 0 <= index < count:
+        raise SmalltalkError(f"expert {index} does not exist: the mixture has experts 0..{count - 1}")
+    if count <= 1:
+        raise SmalltalkError("cannot remove the last expert of a mixture")
+    expert_dir, router_dir = manifest["expert_dirs"][index], manifest["router_dirs"][index]
+    manifest = {**manifest, "expert_dirs": [d for i, d in enumerate(manifest["expert_dirs"]) if i != index],
+                "router_dirs": [d for i, d in enumerate(manifest["router_dirs"]) if i != index]}
+    manifest["experts"] = count - 1
+    manifest.setdefault("elastic", []).append({"op": "remove", "expert_dir": expert_dir, "router_dir": router_dir,
+                                               "deleted": delete, "time": time.time()})
+    write_json(run.root / MIXTURE_FILE, manifest)
+    if delete:
+        for rel in (expert_dir, router_dir):
+            shutil.rmtree((run.root / rel).parent, ignore_errors=True)
+    return {"removed": index, "expert_dir": expert_dir, "router_dir": router_dir, "manifest": manifest}
+
+
+def routing_shift(root: Path, before: dict, after: dict, data: SplitData, ids: np.ndarray,
+                  prefix: int) -> dict:
+    """How routing of `ids` changes between two mixture manifests of one run: the share whose expert
+    (compared by directory, not index) changed, and where they went."""
+    chosen = {}
+    for name, manifest in (("before", before), ("after", after)):
+        mixture = SmallTalkMixture(root, manifest)
+        picks = argmax_assignment(score_split(mixture.routers, data, ids, prefix))
+        chosen[name] = np.array(manifest["expert_dirs"])[picks]
+    changed = chosen["before"] != chosen["after"]
+    return {"sequences": len(ids), "changed": float(changed.mean()), "chosen_before": chosen["before"],
+            "chosen_after": chosen["after"]}
+
+
+def compare_mixtures(root: Path, before: dict, after: dict, data: SplitData, ids: np.ndarray, prefix: int,
+                     batch_size: int = 64) -> dict:
+    """Routing shift plus perplexity (after the prefix, and all tokens) of `ids` under both manifests; each
+    expert scores only the rows routed to it, once."""
+    from transformers import AutoModelForCausalLM
+
+    shift = routing_shift(root, before, after, data, ids, prefix)
+    nll: dict[str, np.ndarray] = {}
+    out = {"sequences": len(ids), "changed": shift["changed"]}
+    for name in ("before", "after"):
+        chosen = shift[f"chosen_{name}"]
+        rows = np.empty((len(ids), data.seq_len - 1))
+        for rel in np.unique(chosen):
+            where = np.flatnonzero(chosen == rel)
+            key = str(rel)
+            if key not in nll:
+                nll[key] = np.full((len(ids), data.seq_len - 1), np.nan)
+            todo = where[np.isnan(nll[key][where, 0])]
+            if len(todo):
+                model = AutoModelForCausalLM.from_pretrained(str(root / key)).eval()
+                with torch.inference_mode():
+                    for start in range(0, len(todo), batch_size):
+                        part = todo[start:start + batch_size]
+                        nll[key][part] = token_nll(model, torch.from_numpy(data.batch(ids[part]))).numpy()
+            rows[where] = nll[key][where]
+        out[name] = {"ppl_after": math.exp(rows[:, prefix - 1:].mean()), "ppl_all": math.exp(rows.mean()),
+                     "loads": {str(k): int(v) for k, v in zip(*np.unique(chosen, return_counts=True), strict=True)}}
+    return out

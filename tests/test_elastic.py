@@ -1,0 +1,84 @@
+"""Elastic experts: add a pair for a new domain, remove a pair; the others stay untouched."""
+
+import json
+import random
+import shutil
+
+import numpy as np
+import pytest
+
+from smalltalk.data.shards import SplitData
+from smalltalk.elastic import routing_shift
+from smalltalk.fsutil import sha256_file
+from smalltalk.mixture import SmallTalkMixture
+
+from .conftest import cli, write_jsonl
+
+pytestmark = pytest.mark.slow
+
+
+def new_domain_docs(n_docs: int = 60, seed: int = 7) -> list[dict]:
+    """A fourth domain whose alphabet (upper case) the three original domains never use."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("QWERTYUIOP") for _ in range(rng.randint(2, 6))) for _ in range(80)]
+    return [{"text": " ".join(rng.choice(words) for _ in range(rng.randint(80, 200))), "domain": "upper",
+             "source": f"new-{i}"} for i in range(n_docs)]
+
+
+def _weights(run, rel: str) -> str:
+    return sha256_file(run / rel / "model.safetensors")
+
+
+def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run[0], run)
+    new_docs = write_jsonl(tmp_path / "new.jsonl", new_domain_docs())
+    before = json.loads((run / "mixture.json").read_text())
+    old_weights = {rel: _weights(run, rel) for rel in before["expert_dirs"]}
+
+    assert cli("experts", "add", "--run", run, "--data", new_docs, "--router-steps", "40",
+               "--set", "data.validation_fraction=0.2", "--set", "data.test_fraction=0.2") == 0
+    printed = capsys.readouterr().out
+    assert "added pair 03 as mixture expert 3" in printed
+    after = json.loads((run / "mixture.json").read_text())
+    assert after["experts"] == 4 and after["expert_dirs"][:3] == before["expert_dirs"]
+    assert after["router_dirs"][-1] == "routers/03/model" and "pending_add" not in after
+    assert {rel: _weights(run, rel) for rel in before["expert_dirs"]} == old_weights  # others untouched
+
+    # The new expert trained only on the new documents, and the new domain is routed to it.
+    new_data = SplitData(run / "added" / "03" / "data", "train")
+    consumed = np.load(run / "experts" / "03" / "consumed_ids.npy")
+    assert consumed.max() < len(new_data)
+    new_val = SplitData(run / "added" / "03" / "data", "validation")
+    shift = routing_shift(run, before, after, new_val, np.arange(len(new_val)), before["prefix"])
+    assert (shift["chosen_after"] == "experts/03/model").mean() > 0.8
+    old_val = SplitData(run / "data", "validation")
+    old_shift = routing_shift(run, before, after, old_val, np.arange(len(old_val)), before["prefix"])
+    assert old_shift["changed"] < 0.2  # calibration: old text mostly keeps its expert
+
+    mixture = SmallTalkMixture.from_pretrained(run)
+    chosen, scores = mixture.route(new_val.batch(np.arange(4)), before["prefix"])
+    assert scores.shape == (4, 4) and np.array_equal(chosen, scores.argmax(axis=1))
+    assert cli("eval", "--config", run / "config.json", "--run", run) == 0
+    assert json.loads((run / "eval" / "results.json").read_text())["experts"] == 4
+
+    assert cli("experts", "remove", "--run", run, "--expert", "3") == 0
+    removed = json.loads((run / "mixture.json").read_text())
+    assert removed["expert_dirs"] == before["expert_dirs"] and removed["experts"] == 3
+    back = routing_shift(run, before, removed, old_val, np.arange(len(old_val)), before["prefix"])
+    assert back["changed"] == 0.0
+    assert (run / "experts" / "03" / "model").is_dir()  # kept on disk without --delete
+
+    assert cli("experts", "remove", "--run", run, "--expert", "7") == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_add_refuses_non_em_mixture(pipeline_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run[0], run)
+    manifest = json.loads((run / "mixture.json").read_text())
+    (run / "mixture.json").write_text(json.dumps({**manifest, "method": "random"}))
+    docs = write_jsonl(tmp_path / "new.jsonl", new_domain_docs(10))
+    assert cli("experts", "add", "--run", run, "--data", docs) == 2
+    assert "needs EM routers" in capsys.readouterr().err
+    assert not (run / "added").exists()
