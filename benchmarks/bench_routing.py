@@ -24,7 +24,7 @@ from smalltalk.config import ModelConfig
 from smalltalk.flops import forward_flops, measure_matmul_peak
 from smalltalk.model import build_model, resolve_spec
 from smalltalk.routing.assignment import balanced_assignment
-from smalltalk.routing.scoring import score_batches
+from smalltalk.routing.scoring import score_batches, scoring_body
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus10"
 
@@ -38,22 +38,32 @@ def median_time(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_scoring(peak: float, vocab: int) -> None:
-    print("| router | E | prefix | batch | prefixes/s | GFLOP/s | of peak |")
-    print("|---|---|---|---|---|---|---|")
-    for preset in ("cpu-router-0.1m", "cpu-router-0.5m"):
+def bench_scoring(peak: float, vocab: int, compile: bool) -> None:
+    """Our scoring path (fused Llama body, blocked LM head) against the same with the HF body."""
+    paths = {"fused": lambda models: [scoring_body(m) for m in models], "HF body": lambda models: [None] * len(models)}
+    if compile:
+        paths["fused+compile"] = lambda models: [scoring_body(m, compile=True) for m in models]
+    print("| router | E | prefix | batch | prefixes/s (fused) | " + " | ".join(f"{p} GFLOP/s (of peak)" for p in paths)
+          + " |")
+    print("|---|---|---|---|---|" + "---|" * len(paths))
+    for preset in ("cpu-router-0.03m", "cpu-router-0.1m", "cpu-router-0.5m"):
         spec = resolve_spec(ModelConfig(preset=preset), vocab)
         for experts in (4, 10):
             models = [build_model(spec, 256, seed=e).eval() for e in range(experts)]
+            bodies = {name: make(models) for name, make in paths.items()}
             for prefix in (32, 256):
                 batch = max(8, 16384 // prefix)
                 n = batch * 4
                 tokens = np.random.default_rng(0).integers(0, vocab, size=(n, prefix))
-                seconds = median_time(lambda m=models, t=tokens, n=n, b=batch: score_batches(
-                    m, lambda r: t[r], np.arange(n), b))
                 flops = experts * forward_flops(spec, prefix, n)
-                print(f"| {preset} | {experts} | {prefix} | {batch} | {n / seconds:,.0f} | {flops / seconds / 1e9:.1f} "
-                      f"| {flops / seconds / peak:.0%} |")
+                cells, rate = [], 0.0
+                for body in bodies.values():
+                    score_batches(models, lambda r, t=tokens: t[r], np.arange(batch), batch, bodies=body)  # warm-up
+                    seconds = median_time(lambda m=models, t=tokens, n=n, b=batch, body=body: score_batches(
+                        m, lambda r: t[r], np.arange(n), b, bodies=body))
+                    rate = rate or n / seconds
+                    cells.append(f"{flops / seconds / 1e9:.1f} ({flops / seconds / peak:.0%})")
+                print(f"| {preset} | {experts} | {prefix} | {batch} | {rate:,.0f} | " + " | ".join(cells) + " |")
 
 
 def bench_assignment() -> None:
@@ -96,11 +106,12 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--run", help="a run with corpus10 data (and routers-em-256) to reuse")
     ap.add_argument("--skip-partition", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile'd fused bodies")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     peak = measure_matmul_peak("cpu", "float32", size=2048)
     print(f"fp32 matmul peak (2048², {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
-    bench_scoring(peak, args.vocab)
+    bench_scoring(peak, args.vocab, args.compile)
     bench_assignment()
     if not args.skip_partition:
         bench_partition(Path(args.run) if args.run else None, args.threads)

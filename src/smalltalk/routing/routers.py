@@ -17,7 +17,7 @@ import torch
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json
-from smalltalk.routing.scoring import score_batches
+from smalltalk.routing.scoring import score_batches, scoring_body
 
 
 class Router(Protocol):
@@ -35,8 +35,7 @@ class LMRouters:
         self.models = [m.to(device).eval() for m in models]
         self.device, self.batch_size = torch.device(device), batch_size
         self.num_experts = len(models)
-        # torch.compile of the transformer body: ~2x faster on CPU for tiny routers, ~20 s to compile.
-        self.bodies = [torch.compile(m.model, dynamic=True) for m in self.models] if compile else None
+        self.bodies = [scoring_body(m, compile) for m in self.models]
 
     @classmethod
     def from_model_dirs(cls, model_dirs: list[Path], device: str = "cpu", batch_size: int = 256) -> LMRouters:
