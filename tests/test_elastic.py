@@ -56,6 +56,8 @@ def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
     old_shift = routing_shift(run, before, after, old_val, np.arange(len(old_val)), before["prefix"])
     assert old_shift["changed"] < 0.2  # calibration: old text mostly keeps its expert
 
+    assert cli("status", run) == 0
+    assert "03 (added) | done" in capsys.readouterr().out
     mixture = SmallTalkMixture.from_pretrained(run)
     chosen, scores = mixture.route(new_val.batch(np.arange(4)), before["prefix"])
     assert scores.shape == (4, 4) and np.array_equal(chosen, scores.argmax(axis=1))

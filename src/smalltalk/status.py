@@ -58,6 +58,12 @@ def run_status(run: RunLayout) -> dict:
     experts = read_json(run.partition / "manifest.json")["experts"] if (run.partition / "manifest.json").is_file() \
         else 0
     out["experts"] = [expert_status(run, k, target) for k in range(experts)]
+    mixture = read_json(run.root / "mixture.json") if (run.root / "mixture.json").is_file() else {}
+    out["mixture"] = mixture.get("expert_dirs", [])
+    pending = mixture.get("pending_add")
+    added = [(op["pair"], op["expert_steps"]) for op in mixture.get("elastic", []) if op["op"] == "add"]
+    for pair, steps in added + ([(pending["index"], None)] if pending else []):  # elastic pairs
+        out["experts"].append({**expert_status(run, pair, steps), "added": True})
     states = {e["state"] for e in out["experts"]}
     out["stages"]["experts"] = ("failed" if "failed" in states else "done" if states == {"done"}
                                 else "running" if "running" in states else "pending") if experts else "pending"
@@ -73,9 +79,12 @@ def format_status(status: dict) -> str:
         loss = "-" if e["loss"] is None else f"{e['loss']:.3f}"
         speed = "-" if not e["tokens_per_s"] else f"{e['tokens_per_s']:,.0f}"
         eta = "-" if e["eta_s"] is None else f"{e['eta_s']:.0f}s"
-        lines.append(f"| {e['expert']:02d} | {e['state']} | {e['step']}/{e['target_steps']} | "
+        name = f"{e['expert']:02d}" + (" (added)" if e.get("added") else "")
+        lines.append(f"| {name} | {e['state']} | {e['step']}/{e['target_steps']} | "
                      f"{e['tokens'] / 1e6:.1f}M/{(e['target_tokens'] or 0) / 1e6:.1f}M | {loss} | {speed} | {eta} | "
                      f"{ckpt} |")
         if e["error"]:
             lines.append(f"|    | error: {e['error']} |||||||")
+    if status.get("mixture"):
+        lines.append(f"\nmixture.json: {len(status['mixture'])} experts: " + ", ".join(status["mixture"]))
     return "\n".join(lines)

@@ -63,9 +63,9 @@ class FusedLlamaBody(torch.nn.Module):
         q_size, kv_size = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for w in self.layers:
             h = F.rms_norm(x, (x.shape[-1],), w["in_norm"], self.eps)
-            q, k, v = (h @ w["qkv"].T).split([q_size, kv_size, kv_size], dim=-1)
-            q = self._rotate(q.view(batch, length, self.heads, self.head_dim), cos, sin).transpose(1, 2)
-            k = self._rotate(k.view(batch, length, self.kv_heads, self.head_dim), cos, sin).transpose(1, 2)
+            qk, v = (h @ w["qkv"].T).split([q_size + kv_size, kv_size], dim=-1)
+            qk = self._rotate(qk.view(batch, length, self.heads + self.kv_heads, self.head_dim), cos, sin)
+            q, k = qk.transpose(1, 2).split([self.heads, self.kv_heads], dim=1)  # one RoPE pass for q and k
             v = v.view(batch, length, self.kv_heads, self.head_dim).transpose(1, 2)
             if self.kv_heads != self.heads:
                 k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
