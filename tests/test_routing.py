@@ -1,6 +1,5 @@
 """Router scoring, EM routers, partition (also under torchrun) and the baselines, on tiny models."""
 
-import dataclasses
 import json
 import subprocess
 import sys
@@ -163,21 +162,3 @@ def test_compiled_router_scoring_matches_eager(prepared_run):
     compiled = LMRouters(models, batch_size=5, compile=True).score(tokens)
     assert np.allclose(eager, compiled, rtol=1e-4, atol=1e-3)
 
-
-@pytest.mark.parametrize("kv_heads", [None, 1])
-def test_fused_body_equals_hf_body(kv_heads):
-    from smalltalk.routing.fused import FusedLlamaBody, supports
-
-    spec = dataclasses.replace(resolve_spec(ModelConfig(preset="test-tiny"), 97), num_kv_heads=kv_heads)
-    model = build_model(spec, 64, seed=3).eval()
-    ids = torch.randint(0, 97, (3, 40), generator=torch.Generator().manual_seed(0))
-    assert supports(model)
-    with torch.inference_mode():
-        reference = model.model(input_ids=ids, use_cache=False).last_hidden_state
-        body = FusedLlamaBody(model)
-        fused = body(ids)
-        shorter = body(ids[:, :9])  # rotary tables cached for the longer length still apply
-    assert torch.allclose(fused, reference, rtol=1e-5, atol=1e-5)
-    assert torch.allclose(shorter, reference[:, :9], rtol=1e-5, atol=1e-5)
-    model.config.attention_bias = True
-    assert not supports(model)  # configurations it does not reproduce fall back to the HF body
