@@ -152,7 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-sequences", type=int)
     p.set_defaults(func=cmd_eval_ppl)
 
-    from smalltalk.cli_pipeline import add_downstream
+    from smalltalk.cli_use import add_downstream
 
     add_downstream(ev)
 
@@ -163,15 +163,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=1024)
     p.set_defaults(func=cmd_model_info)
 
-    from smalltalk import cli_pipeline, cli_routing
+    from smalltalk import cli_pipeline, cli_routing, cli_scale, cli_use
 
     cli_routing.add_commands(sub, _common)
     cli_pipeline.add_commands(sub, _common)
     cli_pipeline.add_eval_mixture(eval_parser, _common)
-    cli_pipeline.add_use_commands(sub)
-    cli_pipeline.add_serve_command(sub)
-    cli_pipeline.add_plan_command(sub, _common)
-    cli_pipeline.add_launch_commands(sub, _common)
+    cli_use.add_use_commands(sub)
+    cli_use.add_serve_command(sub)
+    cli_scale.add_plan_command(sub, _common)
+    cli_scale.add_launch_commands(sub, _common)
     return parser
 
 
