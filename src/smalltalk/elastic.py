@@ -141,28 +141,25 @@ def routing_shift(root: Path, before: dict, after: dict, data: SplitData, ids: n
 def compare_mixtures(root: Path, before: dict, after: dict, data: SplitData, ids: np.ndarray, prefix: int,
                      batch_size: int = 64) -> dict:
     """Routing shift plus perplexity (after the prefix, and all tokens) of `ids` under both manifests; each
-    expert scores only the rows routed to it, once."""
+    expert scores once the rows routed to it on either side."""
     from transformers import AutoModelForCausalLM
 
     shift = routing_shift(root, before, after, data, ids, prefix)
-    nll: dict[str, np.ndarray] = {}
+    nll_by = {name: np.empty((len(ids), data.seq_len - 1)) for name in ("before", "after")}
+    for rel in np.union1d(shift["chosen_before"], shift["chosen_after"]):
+        rows = np.flatnonzero((shift["chosen_before"] == rel) | (shift["chosen_after"] == rel))
+        model = AutoModelForCausalLM.from_pretrained(str(root / rel)).eval()
+        with torch.inference_mode():
+            for start in range(0, len(rows), batch_size):
+                part = rows[start:start + batch_size]
+                nll_part = token_nll(model, torch.from_numpy(data.batch(ids[part]))).numpy()
+                for name in ("before", "after"):  # a row routed to `rel` on either side
+                    hit = shift[f"chosen_{name}"][part] == rel
+                    nll_by[name][part[hit]] = nll_part[hit]
     out = {"sequences": len(ids), "changed": shift["changed"]}
     for name in ("before", "after"):
+        rows = nll_by[name]
         chosen = shift[f"chosen_{name}"]
-        rows = np.empty((len(ids), data.seq_len - 1))
-        for rel in np.unique(chosen):
-            where = np.flatnonzero(chosen == rel)
-            key = str(rel)
-            if key not in nll:
-                nll[key] = np.full((len(ids), data.seq_len - 1), np.nan)
-            todo = where[np.isnan(nll[key][where, 0])]
-            if len(todo):
-                model = AutoModelForCausalLM.from_pretrained(str(root / key)).eval()
-                with torch.inference_mode():
-                    for start in range(0, len(todo), batch_size):
-                        part = todo[start:start + batch_size]
-                        nll[key][part] = token_nll(model, torch.from_numpy(data.batch(ids[part]))).numpy()
-            rows[where] = nll[key][where]
         out[name] = {"ppl_after": math.exp(rows[:, prefix - 1:].mean()), "ppl_all": math.exp(rows.mean()),
                      "loads": {str(k): int(v) for k, v in zip(*np.unique(chosen, return_counts=True), strict=True)}}
     return out

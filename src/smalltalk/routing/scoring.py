@@ -51,8 +51,6 @@ def score_batches(models: Sequence[torch.nn.Module], get_batch: Callable[[np.nda
                   autocast_dtype: torch.dtype | None = None, bodies: Sequence | None = None) -> np.ndarray:
     """Score sequences `ids` (prefix tokens from `get_batch`) with every model: [len(ids), E] float32."""
     device = torch.device(device)
-    if bodies is None:
-        bodies = [scoring_body(m) for m in models]
     out = np.empty((len(ids), len(models)), dtype=np.float32)
     for model in models:
         model.eval()
@@ -60,5 +58,5 @@ def score_batches(models: Sequence[torch.nn.Module], get_batch: Callable[[np.nda
         x = torch.from_numpy(get_batch(ids[start:start + batch_size])).to(device)
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             for e, model in enumerate(models):
-                out[start:start + len(x), e] = prefix_loglik(model, x, bodies[e]).cpu().numpy()
+                out[start:start + len(x), e] = prefix_loglik(model, x, bodies[e] if bodies else None).cpu().numpy()
     return out
