@@ -19,12 +19,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from smalltalk.config import ModelConfig
 from smalltalk.flops import forward_flops, measure_matmul_peak
 from smalltalk.model import build_model, resolve_spec
 from smalltalk.routing.assignment import balanced_assignment
-from smalltalk.routing.scoring import score_batches, scoring_body
+from smalltalk.routing.scoring import default_workers, score_batches, scoring_body
+from smalltalk.runtime import keep_freed_memory
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus10"
 
@@ -38,32 +40,59 @@ def median_time(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_scoring(peak: float, vocab: int, compile: bool) -> None:
-    """Our scoring path (HF body, blocked cross-entropy LM head), eager and optionally compiled."""
-    paths = {"eager": lambda models: [scoring_body(m) for m in models]}
+def bench_scoring(peak: float, vocab: int, compile: bool, presets: list[str]) -> None:
+    """Our scoring path (HF body, blocked cross-entropy LM head): routers one after another (1 worker),
+    side by side (the default on CPU: one worker per thread), and optionally compiled."""
+    paths = {"1 worker": (False, 1), "default workers": (False, None)}
     if compile:
-        paths["compiled"] = lambda models: [scoring_body(m, compile=True) for m in models]
-    print("| router | E | prefix | batch | prefixes/s (eager) | " + " | ".join(f"{p} GFLOP/s (of peak)" for p in paths)
-          + " |")
-    print("|---|---|---|---|---|" + "---|" * len(paths))
-    for preset in ("cpu-router-0.03m", "cpu-router-0.1m", "cpu-router-0.5m"):
+        paths["compiled"] = (True, None)
+    print("| router | E | prefix | batch | workers | prefixes/s (default) | "
+          + " | ".join(f"{p} GFLOP/s (of peak)" for p in paths) + " |")
+    print("|---|---|---|---|---|---|" + "---|" * len(paths))
+    for preset in presets:
         spec = resolve_spec(ModelConfig(preset=preset), vocab)
         for experts in (4, 10):
             models = [build_model(spec, 256, seed=e).eval() for e in range(experts)]
-            bodies = {name: make(models) for name, make in paths.items()}
+            compiled = [scoring_body(m, compile=True) for m in models] if compile else None
+            auto = default_workers("cpu", experts)
             for prefix in (32, 256):
                 batch = max(8, 16384 // prefix)
                 n = batch * 4
                 tokens = np.random.default_rng(0).integers(0, vocab, size=(n, prefix))
                 flops = experts * forward_flops(spec, prefix, n)
                 cells, rate = [], 0.0
-                for body in bodies.values():
-                    score_batches(models, lambda r, t=tokens: t[r], np.arange(batch), batch, bodies=body)  # warm-up
-                    seconds = median_time(lambda m=models, t=tokens, n=n, b=batch, body=body: score_batches(
-                        m, lambda r: t[r], np.arange(n), b, bodies=body))
-                    rate = rate or n / seconds
+                for name, (use_compiled, workers) in paths.items():
+                    kwargs = {"bodies": compiled if use_compiled else None, "workers": workers or auto}
+                    score_batches(models, lambda r, t=tokens: t[r], np.arange(batch), batch, **kwargs)  # warm-up
+                    seconds = median_time(lambda m=models, t=tokens, n=n, b=batch, kw=kwargs: score_batches(
+                        m, lambda r: t[r], np.arange(n), b, **kw))
+                    if name == "default workers":
+                        rate = n / seconds
                     cells.append(f"{flops / seconds / 1e9:.1f} ({flops / seconds / peak:.0%})")
-                print(f"| {preset} | {experts} | {prefix} | {batch} | {rate:,.0f} | " + " | ".join(cells) + " |")
+                print(f"| {preset} | {experts} | {prefix} | {batch} | {auto} | {rate:,.0f} | " + " | ".join(cells)
+                      + " |")
+
+
+def bench_head(vocab: int) -> None:
+    """The LM-head block size (scoring.HEAD_BLOCK_LOGITS): one thread, -cross_entropy over row blocks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    peak = measure_matmul_peak("cpu", "float32", size=2048)
+    print(f"LM head, 1 thread (peak {peak / 1e9:.1f} GFLOP/s): fraction of peak by rows per block")
+    print("| d | " + " | ".join(f"{rows} rows" for rows in (256, 1024, 2048)) + " |\n|---|---|---|---|")
+    for d in (32, 48, 96):
+        hidden, weight = torch.randn(16384, d), torch.randn(vocab, d) * 0.1
+        targets = torch.randint(0, vocab, (16384,))
+        cells = []
+        for rows in (256, 1024, 2048):
+            def head(rows: int = rows, h: torch.Tensor = hidden, w: torch.Tensor = weight,
+                     t: torch.Tensor = targets) -> None:
+                for s in range(0, len(h), rows):
+                    F.cross_entropy(h[s:s + rows] @ w.T, t[s:s + rows], reduction="none")
+            head()
+            cells.append(f"{2 * 16384 * d * vocab / median_time(head, 5) / peak:.0%}")
+        print(f"| {d} | " + " | ".join(cells) + " |")
+    torch.set_num_threads(threads)
 
 
 def bench_assignment() -> None:
@@ -105,13 +134,18 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--run", help="a run with corpus10 data (and routers-em-256) to reuse")
+    ap.add_argument("--presets", nargs="+", default=["cpu-router-0.03m", "cpu-router-0.1m", "cpu-router-0.5m"])
+    ap.add_argument("--head", action="store_true", help="also time LM-head block sizes (1 thread)")
     ap.add_argument("--skip-partition", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd router bodies")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the smalltalk command does
     peak = measure_matmul_peak("cpu", "float32", size=2048)
     print(f"fp32 matmul peak (2048², {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
-    bench_scoring(peak, args.vocab, args.compile)
+    bench_scoring(peak, args.vocab, args.compile, args.presets)
+    if args.head:
+        bench_head(args.vocab)
     bench_assignment()
     if not args.skip_partition:
         bench_partition(Path(args.run) if args.run else None, args.threads)

@@ -12,6 +12,7 @@ import torch
 from smalltalk.config import ModelConfig
 from smalltalk.data.shards import SplitData
 from smalltalk.model import build_model, resolve_spec
+from smalltalk.routing import scoring
 from smalltalk.routing.routers import LMRouters, load_routers
 from smalltalk.routing.scoring import score_batches
 
@@ -21,12 +22,17 @@ ROUTING = ["--config", str(TINY_CONFIG), "--set", "routing.experts=3", "--set", 
            "--set", "routing.rounds=3", "--set", "routing.train.steps=30", "--set", "routing.heldout_sequences=60"]
 
 
-def test_scoring_equals_per_sequence_reference(prepared_run):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_scoring_equals_per_sequence_reference(prepared_run, monkeypatch, workers):
     spec = resolve_spec(ModelConfig(preset="test-tiny"), 384)
     models = [build_model(spec, 64, seed=s) for s in (1, 2, 3)]
     data = SplitData(prepared_run / "data", "train")
     ids = np.arange(13)
-    scores = score_batches(models, lambda rows: data.batch(rows, 20), ids, batch_size=5)
+    # 64-row LM-head blocks: 5 x 19 scored positions span two blocks, one of them partial
+    monkeypatch.setitem(scoring.HEAD_BLOCK_LOGITS, "cpu", 64 * 384 // torch.get_num_threads())
+    threads = torch.get_num_threads()
+    scores = score_batches(models, lambda rows: data.batch(rows, 20), ids, batch_size=5, workers=workers)
+    assert torch.get_num_threads() == threads  # the workers' thread setting is undone
     assert scores.shape == (13, 3) and scores.dtype == np.float32
     for i in ids:
         x = torch.from_numpy(data.batch(np.array([i]), 20))

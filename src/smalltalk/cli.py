@@ -178,8 +178,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from smalltalk.model import quiet_transformers
+    from smalltalk.runtime import keep_freed_memory
 
     quiet_transformers()  # our own bars say more
+    keep_freed_memory()  # glibc: reuse freed activations instead of page-faulting fresh ones (runtime.py)
     try:
         args.func(args)
     except SmalltalkError as exc:

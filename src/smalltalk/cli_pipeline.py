@@ -148,7 +148,8 @@ def stage_functions(cfg: Config, run: RunLayout, args: argparse.Namespace):
     stages = {
         "tokenizer": tokenizer, "data": lambda: prepare_data(cfg, run.tokenizer, run.data), "routers": routers,
         "partition": lambda: partition(run.routers, run.data, run.partition, None, cfg.routing.partition_chunk,
-                                       cfg.routing.score_batch_size),
+                                       cfg.routing.score_batch_size, compile=cfg.routing.compile,
+                                       workers=cfg.routing.score_workers),
         "experts": experts, "dense": dense, "eval": evaluate, "report": lambda: print(write_report(run)),
     }
 

@@ -48,7 +48,7 @@ def cmd_partition(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else run.partition
     manifest = partition(routers, Path(args.data) if args.data else run.data, out, args.prefix,
                          args.chunk_size or cfg.routing.partition_chunk, cfg.routing.score_batch_size,
-                         args.device)
+                         args.device, cfg.routing.compile, cfg.routing.score_workers)
     if manifest:
         quality = manifest.get("quality", {})
         print(f"partition: {manifest['sequences']} sequences -> loads {manifest['counts']}"

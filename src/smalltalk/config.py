@@ -98,12 +98,13 @@ class RoutingConfig:
             steps=200, lr=1e-3, schedule="constant", warmup_steps=50, micro_batch_size=32, log_every=50
         )
     )
-    score_batch_size: int = 256
+    score_batch_size: int = 256  # sequences per scoring batch
+    score_workers: int | None = None  # routers scored at once; None: one per CPU thread (1 on GPU)
     partition_chunk: int | None = None  # None: the whole training set at once
     heldout_sequences: int = 256  # validation sequences for the per-round held-out loss
     parallel: int = 1  # router jobs run at once within a round
     seed: int = 0
-    compile: bool = False  # torch.compile the routers for scoring (2x on CPU, ~20 s to compile)
+    compile: bool = False  # torch.compile the routers for `partition` (~20 s per router; 0-10% on CPU)
 
 
 @dataclass

@@ -45,14 +45,14 @@ def training_flops(spec: ModelSpec, S: int, B: int, steps: int, accounting: str 
     return 3.0 * forward_flops(spec, S, B, accounting) * steps
 
 
-_PEAK_CACHE: dict[tuple[str, str], float] = {}
+_PEAK_CACHE: dict[tuple, float] = {}
 
 
 def measure_matmul_peak(device: str = "cpu", dtype: str = "float32", size: int = 1024, repeats: int = 8) -> float:
     """FLOP/s of a large square matmul on this device: the practical peak MFU is measured against."""
     import torch
 
-    key = (device, dtype)
+    key = (device, dtype, size, torch.get_num_threads() if device == "cpu" else 0)  # the peak depends on all
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
     torch_dtype = getattr(torch, dtype)

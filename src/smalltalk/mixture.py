@@ -49,9 +49,10 @@ class SmallTalkMixture:
         self.num_experts: int = manifest["experts"]
         self.prefix: int = manifest["prefix"]
         if manifest.get("router_dirs"):  # written by elastic add/remove: the router of each expert, in order
-            self.routers = LMRouters.from_model_dirs([self.root / d for d in manifest["router_dirs"]], device)
-        else:
-            self.routers = load_routers(self.root / manifest["routers"], device)
+            self.routers = LMRouters.from_model_dirs([self.root / d for d in manifest["router_dirs"]], device,
+                                                     workers=1)
+        else:  # workers=1: scoring threads would change the thread count under a concurrent generate
+            self.routers = load_routers(self.root / manifest["routers"], device, workers=1)
         self.max_resident = max_resident  # None: keep every expert once loaded
         self._experts: OrderedDict[int, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()

@@ -52,10 +52,11 @@ def check_invariants(assignment: np.ndarray, experts: int, chunk: int) -> None:
 
 
 def partition(routers_dir: Path, data_dir: Path, out_dir: Path, prefix: int | None = None,
-              chunk_size: int | None = None, batch_size: int = 256, device: str = "cpu") -> dict:
+              chunk_size: int | None = None, batch_size: int = 256, device: str = "cpu", compile: bool = False,
+              workers: int | None = None) -> dict:
     started = time.perf_counter()
     routers_manifest = read_json(_need(routers_dir / "manifest.json", "run `smalltalk routers train` first"))
-    router = load_routers(routers_dir, device, batch_size)
+    router = load_routers(routers_dir, device, batch_size, compile, workers)
     data = SplitData(data_dir, "train")
     prefix = prefix or routers_manifest["prefix"]
     if not 2 <= prefix <= data.seq_len:

@@ -17,7 +17,7 @@ import torch
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json
-from smalltalk.routing.scoring import score_batches, scoring_body
+from smalltalk.routing.scoring import default_workers, score_batches, scoring_body
 
 
 class Router(Protocol):
@@ -28,28 +28,35 @@ class Router(Protocol):
 
 
 class LMRouters:
-    """E router language models; score = prefix log-likelihood (uniform prior)."""
+    """E router language models; score = prefix log-likelihood (uniform prior).
+
+    workers: routers scored side by side (None: one per CPU thread, see scoring.default_workers). It
+    changes the process-wide intra-op thread count while scoring, so a server that generates in other
+    threads keeps workers=1.
+    """
 
     def __init__(self, models: list[torch.nn.Module], device: str | torch.device = "cpu",
-                 batch_size: int = 256, compile: bool = False) -> None:
+                 batch_size: int = 256, compile: bool = False, workers: int | None = None) -> None:
         self.models = [m.to(device).eval() for m in models]
-        self.device, self.batch_size = torch.device(device), batch_size
+        self.device, self.batch_size, self.workers = torch.device(device), batch_size, workers
         self.num_experts = len(models)
         self.bodies = [scoring_body(m, compile) for m in self.models]
 
     @classmethod
-    def from_model_dirs(cls, model_dirs: list[Path], device: str = "cpu", batch_size: int = 256) -> LMRouters:
+    def from_model_dirs(cls, model_dirs: list[Path], device: str = "cpu", batch_size: int = 256,
+                        compile: bool = False, workers: int | None = None) -> LMRouters:
         from transformers import AutoModelForCausalLM
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         models = [AutoModelForCausalLM.from_pretrained(str(path)) for path in model_dirs]
-        return cls(models, device, batch_size)
+        return cls(models, device, batch_size, compile, workers)
 
     def score(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64)
+        workers = self.workers or default_workers(self.device, self.num_experts)
         return score_batches(self.models, lambda rows: tokens[rows], np.arange(len(tokens)), self.batch_size,
-                             self.device, bodies=self.bodies)
+                             self.device, bodies=self.bodies, workers=workers)
 
 
 class RandomRouter:
@@ -98,7 +105,8 @@ def make_decoder(tokenizer_json: Path):
     return lambda row: tokenizer.decode([int(t) for t in row], skip_special_tokens=False)
 
 
-def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int = 256) -> Router:
+def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int = 256, compile: bool = False,
+                 workers: int | None = None) -> Router:
     routers_dir = Path(routers_dir)
     manifest_path = routers_dir / "manifest.json"
     if not manifest_path.is_file():
@@ -107,7 +115,7 @@ def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int =
     method = manifest["method"]
     if method == "em":
         return LMRouters.from_model_dirs([routers_dir / name / "model" for name in manifest["routers"]], device,
-                                         batch_size)
+                                         batch_size, compile, workers)
     if method == "random":
         return RandomRouter(manifest["experts"], manifest["seed"])
     if method == "tfidf":

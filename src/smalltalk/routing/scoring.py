@@ -2,28 +2,41 @@
 
 score[i, e] = sum_{s=1}^{M-1} log p_e(x_{s+1} | x_{1:s}): the first token is not scored. Each batch of
 prefixes is read once and given to every router (a loop over E routers; see docs/routing.md for why
-not stacked). The LM head runs block by block (HEAD_CHUNK positions): log p = -cross_entropy(logits,
-target), so only one block of logits exists at a time.
+not stacked). On CPU the routers of a batch run side by side in `workers` threads, each with its share
+of the intra-op threads: tiny routers keep one core busier than two cores splitting every small op.
+The LM head runs block by block: log p = -cross_entropy(logits, target), so only one block of logits
+exists at a time.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-HEAD_CHUNK = 2048  # token rows per LM-head block: the logits block stays in cache (2-3x faster on CPU)
+# Logits per LM-head block and intra-op thread. On CPU 256k fp32 logits (1 MB) stay in a core's L2
+# between the matmul that writes them and the cross-entropy that reads them: at V = 1k and d = 32, one
+# thread runs 256-row blocks at 59% of its matmul peak and 2,048-row ones at 43%
+# (benchmarks/bench_routing.py --head). On GPU, blocks only bound memory.
+HEAD_BLOCK_LOGITS = {"cpu": 1 << 18, "cuda": 1 << 26}
+
+
+def head_block_rows(vocab_size: int, device: torch.device) -> int:
+    per_thread = HEAD_BLOCK_LOGITS.get(device.type, 1 << 26)
+    threads = torch.get_num_threads() if device.type == "cpu" else 1
+    return max(64, per_thread * threads // vocab_size)
 
 
 @torch.inference_mode()
 def prefix_loglik(model, input_ids: torch.Tensor, body=None) -> torch.Tensor:
     """[B] float32 summed log-likelihood of tokens 2..M of each row given their past.
 
-    The LM head runs over blocks of HEAD_CHUNK positions: per block, -cross_entropy(logits, target) =
-    logit[target] - logsumexp(logits), so the full [B, M, V] logits are never held (one block is). `body` may be a
-    compiled `model.model`.
+    Per LM-head block, -cross_entropy(logits, target) = logit[target] - logsumexp(logits) in one fused
+    kernel (2x faster than the two ops on CPU); the full [B, M, V] logits are never held. `body` may be
+    a compiled `model.model`.
     """
     batch, length = input_ids.shape
     body = body if body is not None else model.model
@@ -31,32 +44,60 @@ def prefix_loglik(model, input_ids: torch.Tensor, body=None) -> torch.Tensor:
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
     weight = model.lm_head.weight
+    rows = head_block_rows(weight.shape[0], hidden.device)
     out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], HEAD_CHUNK):
-        logits = (hidden[start:start + HEAD_CHUNK] @ weight.T).float()
-        # cross_entropy = logsumexp - logit[target] in one fused kernel: 2x faster than the two ops on CPU
-        out[start:start + HEAD_CHUNK] = -F.cross_entropy(logits, targets[start:start + HEAD_CHUNK], reduction="none")
+    for start in range(0, hidden.shape[0], rows):
+        logits = (hidden[start:start + rows] @ weight.T).float()
+        out[start:start + rows] = -F.cross_entropy(logits, targets[start:start + rows], reduction="none")
     return out.view(batch, length - 1).sum(dim=1)
 
 
 def scoring_body(model, compile: bool = False):
-    """The model's transformer body, optionally torch.compile'd (~20 s per router to compile; worth it for
-    long partitions). A hand-fused Llama body was tried and measured slower than HF's at d = 48."""
+    """The model's transformer body, optionally torch.compile'd (~20 s per router to compile). A
+    hand-fused Llama body was tried and measured slower than HF's at d = 48."""
     return torch.compile(model.model, dynamic=True) if compile else model.model
+
+
+def default_workers(device: torch.device | str, experts: int) -> int:
+    """Routers scored at once: on CPU one per intra-op thread (up to E); on GPU one (a single stream)."""
+    return min(experts, torch.get_num_threads()) if torch.device(device).type == "cpu" else 1
 
 
 @torch.inference_mode()
 def score_batches(models: Sequence[torch.nn.Module], get_batch: Callable[[np.ndarray], np.ndarray],
                   ids: np.ndarray, batch_size: int, device: torch.device | str = "cpu",
-                  autocast_dtype: torch.dtype | None = None, bodies: Sequence | None = None) -> np.ndarray:
-    """Score sequences `ids` (prefix tokens from `get_batch`) with every model: [len(ids), E] float32."""
+                  autocast_dtype: torch.dtype | None = None, bodies: Sequence | None = None,
+                  workers: int = 1) -> np.ndarray:
+    """Score sequences `ids` (prefix tokens from `get_batch`) with every model: [len(ids), E] float32.
+
+    workers > 1 (CPU): the E routers of each batch run in that many threads, the intra-op threads split
+    between them, and the caller's thread count restored afterwards.
+    """
     device = torch.device(device)
     out = np.empty((len(ids), len(models)), dtype=np.float32)
     for model in models:
         model.eval()
-    for start in range(0, len(ids), batch_size):
-        x = torch.from_numpy(get_batch(ids[start:start + batch_size])).to(device)
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            for e, model in enumerate(models):
-                out[start:start + len(x), e] = prefix_loglik(model, x, bodies[e] if bodies else None).cpu().numpy()
+
+    def score_one(e: int, x: torch.Tensor) -> np.ndarray:
+        # autocast and inference mode are thread-local: set them in the thread that runs the router
+        with torch.inference_mode(), torch.autocast(device.type, dtype=autocast_dtype or torch.float32,
+                                                    enabled=autocast_dtype is not None):
+            return prefix_loglik(models[e], x, bodies[e] if bodies else None).cpu().numpy()
+
+    workers = max(1, min(workers, len(models)))
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers, initializer=torch.set_num_threads,
+                              initargs=(max(1, threads // workers),)) if workers > 1 else None
+    try:
+        for start in range(0, len(ids), batch_size):
+            x = torch.from_numpy(get_batch(ids[start:start + batch_size])).to(device)
+            if pool is None:
+                columns = [score_one(e, x) for e in range(len(models))]
+            else:
+                columns = list(pool.map(score_one, range(len(models)), [x] * len(models)))
+            out[start:start + len(x)] = np.stack(columns, axis=1)
+    finally:
+        if pool is not None:
+            pool.shutdown()
+            torch.set_num_threads(threads)  # the workers' setting is process-wide
     return out
