@@ -82,6 +82,22 @@ def test_report_and_resumable_run(pipeline_run, capsys):
     assert "different config" in capsys.readouterr().err
 
 
+def test_report_mixture_curve_weights_experts_by_share(pipeline_run):
+    from smalltalk.report import _curves, mixture_curve
+
+    run = RunLayout(pipeline_run[0])
+    curves = _curves(run)
+    counts = json.loads((run.partition / "manifest.json").read_text())["counts"]
+    mixture = mixture_curve(run, curves, routing_flops=1e9)
+    experts = [{r["step"]: r for r in curves[f"expert {k:02d}"]} for k in range(3)]
+    assert mixture and [r["step"] for r in mixture] == sorted(experts[0])
+    for row in mixture:
+        at_step = [e[row["step"]] for e in experts]
+        assert row["flops"] == pytest.approx(1e9 + sum(r["flops"] for r in at_step))
+        expected = sum(c * r["loss"] for c, r in zip(counts, at_step, strict=True)) / sum(counts)
+        assert row["loss"] == pytest.approx(expected)
+
+
 def test_dense_match_batch_variant(pipeline_run, tmp_path):
     import shutil
 

@@ -25,15 +25,40 @@ def _curves(run: RunLayout) -> dict[str, list[dict]]:
     return curves
 
 
-def _plot_loss(run: RunLayout, out: Path, plt) -> list[str]:
+def mixture_curve(run: RunLayout, curves: dict[str, list[dict]], routing_flops: float = 0.0) -> list[dict]:
+    """The mixture's training curve, as the paper plots it against dense: at each step logged by every
+    expert, loss = the experts' losses weighted by their share of the partition (the training loss over
+    the union of the shares), tokens and FLOPs = the sum over experts, FLOPs + the routing overhead."""
+    experts = [rows for name, rows in curves.items() if name.startswith("expert")]
+    partition = run.partition / "manifest.json"
+    if not experts or not partition.is_file():
+        return []
+    counts = np.array(read_json(partition)["counts"], dtype=np.float64)
+    if len(counts) != len(experts):  # an expert has not logged yet: no mixture point is complete
+        return []
+    by_step = [{r["step"]: r for r in rows} for rows in experts]
+    steps = sorted(set.intersection(*(set(rows) for rows in by_step)))
+    weights = counts / counts.sum()
+    return [{"step": step, "loss": float(sum(w * rows[step]["loss"] for w, rows in zip(weights, by_step, strict=True))),
+             "tokens": sum(rows[step]["tokens"] for rows in by_step),
+             "flops": routing_flops + sum(rows[step]["flops"] for rows in by_step)} for step in steps]
+
+
+def _plot_loss(run: RunLayout, out: Path, plt, results: dict | None) -> list[str]:
     curves = _curves(run)
     if not curves:
         return []
+    routing = results["flops"]["exact"]["routing_overhead"]["total"] if results else 0.0
+    mixture = mixture_curve(run, curves, routing)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for name, rows in curves.items():
         style = "-" if name.startswith("dense") else "--"
-        axes[0].plot([r["tokens"] for r in rows], [r["loss"] for r in rows], style, label=name)
-        axes[1].plot([r["flops"] for r in rows], [r["loss"] for r in rows], style, label=name)
+        axes[0].plot([r["tokens"] for r in rows], [r["loss"] for r in rows], style, label=name, alpha=0.8)
+        axes[1].plot([r["flops"] for r in rows], [r["loss"] for r in rows], style, label=name, alpha=0.8)
+    if mixture:
+        label = "mixture (all experts" + (" + routing)" if routing else ")")
+        for ax, key in zip(axes, ["tokens", "flops"], strict=True):
+            ax.plot([r[key] for r in mixture], [r["loss"] for r in mixture], "k-", lw=2, label=label)
     for ax, xlabel in zip(axes, ["training tokens", "training FLOPs (exact)"], strict=True):
         ax.set_xscale("log")
         ax.set_xlabel(xlabel)
@@ -163,7 +188,7 @@ def write_report(run: RunLayout) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     results_path = run.eval / "results.json"
     results = read_json(results_path) if results_path.is_file() else None
-    images = _plot_loss(run, out, plt) + _plot_em(run, out, plt)
+    images = _plot_loss(run, out, plt, results) + _plot_em(run, out, plt)
     if (run.partition / "manifest.json").is_file():
         images += _plot_partition(run, out, plt)
     md = [f"# SmallTalk run report: {run.root.name}", ""]
