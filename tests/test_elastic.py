@@ -63,6 +63,23 @@ def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
     assert scores.shape == (4, 4) and np.array_equal(chosen, scores.argmax(axis=1))
     assert cli("eval", "--config", run / "config.json", "--run", run) == 0
     assert json.loads((run / "eval" / "results.json").read_text())["experts"] == 4
+    # ... and on the new domain's own test split, written beside, not over, RUN/eval
+    new_dir = run / "added" / "03" / "data"
+    assert cli("eval", "--config", run / "config.json", "--run", run, "--data", new_dir,
+               "--out", tmp_path / "eval-new") == 0
+    on_new = json.loads((tmp_path / "eval-new" / "results.json").read_text())
+    cap = json.loads((run / "config.json").read_text())["eval"]["max_sequences"] or 10**9
+    assert on_new["data"] == str(new_dir) and on_new["sequences"] == min(cap, len(SplitData(new_dir, "test")))
+    at_main = next(r for r in on_new["sweep"] if r["prefix"] == on_new["main_prefix"])
+    assert at_main["loads"][3] > 0.8 * on_new["sequences"]
+    other = tmp_path / "other-tokenizer"
+    shutil.copytree(new_dir, other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    (other / "manifest.json").write_text(json.dumps({**manifest, "tokenizer_sha256": "0" * 64}))
+    capsys.readouterr()
+    assert cli("eval", "--config", run / "config.json", "--run", run, "--data", other,
+               "--out", tmp_path / "eval-other") == 2
+    assert "another tokenizer" in capsys.readouterr().err and not (tmp_path / "eval-other").exists()
 
     assert cli("experts", "remove", "--run", run, "--expert", "3") == 0
     removed = json.loads((run / "mixture.json").read_text())

@@ -90,9 +90,10 @@ def cmd_eval_mixture(args: argparse.Namespace) -> None:
     from smalltalk.mixture_eval import evaluate_run, format_results
 
     cfg, run = _load(args)
-    results = evaluate_run(cfg, run)
+    out = Path(args.eval_out) if args.eval_out else run.eval
+    results = evaluate_run(cfg, run, Path(args.eval_data) if args.eval_data else None, out)
     print(format_results(results))
-    print(f"results -> {run.eval / 'results.json'}")
+    print(f"results -> {out / 'results.json'}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
@@ -225,4 +226,8 @@ def add_commands(sub, common) -> None:
 def add_eval_mixture(eval_parser, common) -> None:
     """`smalltalk eval --run RUN` (no sub-action) evaluates the mixture."""
     common(eval_parser)
+    eval_parser.add_argument("--data", dest="eval_data",
+                             help="prepared data to evaluate on (default RUN/data; e.g. RUN/added/NN/data after "
+                                  "`experts add`); must use the run's tokenizer")
+    eval_parser.add_argument("--out", dest="eval_out", help="results directory (default RUN/eval)")
     eval_parser.set_defaults(func=cmd_eval_mixture)

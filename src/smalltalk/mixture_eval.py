@@ -20,6 +20,7 @@ from transformers import AutoConfig
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.distributed import resolve_device
+from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import token_nll
 from smalltalk.experts import expert_summaries
 from smalltalk.flops import forward_flops
@@ -71,11 +72,14 @@ def _timing(mixture: SmallTalkMixture, data: SplitData, prefix: int, repeats: in
     return {"routing_ms": r * 1e3, "expert_forward_ms": e * 1e3, "ratio": r / e}
 
 
-def evaluate_run(cfg: Config, run: RunLayout) -> dict:
+def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+    """The mixture vs the dense baselines on `data_dir` (default RUN/data; e.g. RUN/added/NN/data after
+    `experts add`), written to `out_dir`/results.json (default RUN/eval)."""
     ec = cfg.eval
     device = resolve_device(ec.device)
     mixture = SmallTalkMixture.from_pretrained(run.root, str(device))
-    data = SplitData(run.data, ec.split)
+    data_dir = _same_tokenizer(run, data_dir) if data_dir is not None else run.data
+    data = SplitData(data_dir, ec.split)
     n = len(data) if ec.max_sequences is None else min(len(data), ec.max_sequences)
     ids, seq = np.arange(n), data.seq_len
     prefixes = sorted({p for p in ec.prefixes if 2 <= p < seq})
@@ -106,8 +110,25 @@ def evaluate_run(cfg: Config, run: RunLayout) -> dict:
                              **{k: read_json(run.dense / k / "train_manifest.json")["tokens_per_param"]
                                 for k in dense}},
     }
-    write_json(run.eval / "results.json", results)
+    if data_dir != run.data:
+        results["data"] = str(data_dir)
+    write_json((out_dir or run.eval) / "results.json", results)
     return results
+
+
+def _same_tokenizer(run: RunLayout, data_dir: Path) -> Path:
+    """Token ids mean nothing across tokenizers: refuse data prepared with another one."""
+    manifest = data_dir / "manifest.json"
+    if not manifest.is_file():
+        raise SmalltalkError(f"no prepared data at {data_dir} (no manifest.json)",
+                             fix="prepare it with `smalltalk data prepare --run RUN --out DIR` (the run's tokenizer)")
+    theirs, ours = read_json(manifest)["tokenizer_sha256"], read_json(run.data / "manifest.json")["tokenizer_sha256"]
+    if theirs != ours:
+        raise SmalltalkError(f"{manifest}: data was tokenized with another tokenizer than the run's "
+                             f"({theirs[:12]} vs {ours[:12]})",
+                             fix="prepare the data with the run's tokenizer: `smalltalk data prepare --run RUN "
+                                 "--set data.inputs=[...] --out DIR`")
+    return data_dir
 
 
 def top_k_table(expert_nll: list[np.ndarray], scores: np.ndarray, prefix: int, ks: list[int],
