@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 
 # Logits per LM-head block and intra-op thread. On CPU 256k fp32 logits (1 MB) stay in a core's L2
-# between the matmul that writes them and the cross-entropy that reads them: at V = 1k and d = 32, one
-# thread runs 256-row blocks at 59% of its matmul peak and 2,048-row ones at 43%
+# between the matmul that writes them and the cross-entropy that reads them: at V = 1k and d = 48, one
+# thread runs 256-row blocks at 66% of its matmul peak and 2,048-row ones at 54%
 # (benchmarks/bench_routing.py --head). On GPU, blocks only bound memory.
 HEAD_BLOCK_LOGITS = {"cpu": 1 << 18, "cuda": 1 << 26}
 
