@@ -25,7 +25,8 @@ from smalltalk.config import ModelConfig
 from smalltalk.flops import forward_flops, measure_matmul_peak
 from smalltalk.model import build_model, resolve_spec
 from smalltalk.routing.assignment import balanced_assignment
-from smalltalk.routing.scoring import default_workers, score_batches, scoring_body
+from smalltalk.routing.routers import LMRouters
+from smalltalk.routing.scoring import default_workers
 from smalltalk.runtime import keep_freed_memory
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus10"
@@ -53,24 +54,23 @@ def bench_scoring(peak: float, vocab: int, compile: bool, presets: list[str]) ->
         spec = resolve_spec(ModelConfig(preset=preset), vocab)
         for experts in (4, 10):
             models = [build_model(spec, 256, seed=e).eval() for e in range(experts)]
-            compiled = [scoring_body(m, compile=True) for m in models] if compile else None
-            auto = default_workers("cpu", experts)
+            routers = {name: LMRouters(models, "cpu", compile=use_compiled, workers=workers)  # the CLI's path
+                       for name, (use_compiled, workers) in paths.items()}
             for prefix in (32, 256):
                 batch = max(8, 16384 // prefix)
                 n = batch * 4
                 tokens = np.random.default_rng(0).integers(0, vocab, size=(n, prefix))
                 flops = experts * forward_flops(spec, prefix, n)
                 cells, rate = [], 0.0
-                for name, (use_compiled, workers) in paths.items():
-                    kwargs = {"bodies": compiled if use_compiled else None, "workers": workers or auto}
-                    score_batches(models, lambda r, t=tokens: t[r], np.arange(batch), batch, **kwargs)  # warm-up
-                    seconds = median_time(lambda m=models, t=tokens, n=n, b=batch, kw=kwargs: score_batches(
-                        m, lambda r: t[r], np.arange(n), b, **kw))
+                for name, router in routers.items():
+                    router.batch_size = batch
+                    router.score(tokens[:batch])  # warm-up (and compilation)
+                    seconds = median_time(lambda r=router, t=tokens: r.score(t))
                     if name == "default workers":
                         rate = n / seconds
                     cells.append(f"{flops / seconds / 1e9:.1f} ({flops / seconds / peak:.0%})")
-                print(f"| {preset} | {experts} | {prefix} | {batch} | {auto} | {rate:,.0f} | " + " | ".join(cells)
-                      + " |")
+                print(f"| {preset} | {experts} | {prefix} | {batch} | {default_workers('cpu', experts)} | "
+                      f"{rate:,.0f} | " + " | ".join(cells) + " |")
 
 
 def bench_head(vocab: int) -> None:

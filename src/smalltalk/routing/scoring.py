@@ -25,7 +25,7 @@ HEAD_BLOCK_LOGITS = {"cpu": 1 << 18, "cuda": 1 << 26}
 
 
 def head_block_rows(vocab_size: int, device: torch.device) -> int:
-    per_thread = HEAD_BLOCK_LOGITS.get(device.type, 1 << 26)
+    per_thread = HEAD_BLOCK_LOGITS.get(device.type, HEAD_BLOCK_LOGITS["cuda"])
     threads = torch.get_num_threads() if device.type == "cpu" else 1
     return max(64, per_thread * threads // vocab_size)
 
