@@ -12,7 +12,6 @@ import pytest
 from smalltalk.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS10 = ROOT.parent / "shared" / "data" / "corpus10"
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")

@@ -6,7 +6,6 @@ file) is reported with the path and the way out, instead of a stack trace from d
 
 from __future__ import annotations
 
-import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -15,18 +14,17 @@ import torch
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir
+from smalltalk.layout import STALE_STEP_GLOB, STEP_DIR, TRAINER_STATE, WEIGHTS, TrainFiles
 from smalltalk.model import quiet_transformers
-
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
 
 
 def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
-    root = Path(out_dir) / "checkpoints"
+    root = TrainFiles(Path(out_dir)).checkpoints
     if not root.is_dir():
         return []
-    for stale in root.glob(".step_*.tmp-*"):  # left by a process killed while saving
+    for stale in root.glob(STALE_STEP_GLOB):  # left by a process killed while saving
         shutil.rmtree(stale, ignore_errors=True)
-    return sorted(p for p in root.iterdir() if _STEP_DIR.match(p.name))
+    return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
 
 
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
@@ -37,10 +35,10 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
                     keep: int = 2) -> Path:
     quiet_transformers()
-    final = Path(out_dir) / "checkpoints" / f"step_{step:08d}"
+    final = TrainFiles(Path(out_dir)).checkpoint(step)
     with atomic_dir(final) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        torch.save(state, tmp / "trainer_state.pt")
+        torch.save(state, tmp / TRAINER_STATE)
     for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -51,7 +49,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     from safetensors.torch import load_file
 
     fix = f"delete {path} to resume from the previous checkpoint, or start without --resume"
-    weights = path / "model.safetensors"
+    weights = path / WEIGHTS
     try:
         tensors = load_file(str(weights))
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
@@ -66,7 +64,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     try:
-        return torch.load(path / "trainer_state.pt", map_location="cpu", weights_only=False)
+        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types on damaged pickles
         raise SmalltalkError(f"trainer state is unreadable (truncated or corrupt): {exc}",
-                             where=str(path / "trainer_state.pt"), fix=fix) from None
+                             where=str(path / TRAINER_STATE), fix=fix) from None

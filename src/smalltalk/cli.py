@@ -24,154 +24,18 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 
-from smalltalk.config import Config, load_config
+from smalltalk.commands import data, evaluate, experts, jobs, routing, use
 from smalltalk.errors import SmalltalkError
-from smalltalk.layout import RunLayout
-
-
-def _common(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
-    # --run-dir is the same option; use it under torchrun, whose own parser mistakes --run for --run-path.
-    parser.add_argument("--run", "--run-dir", dest="run", help="run directory (overrides run_dir)")
-
-
-def _load(args: argparse.Namespace) -> tuple[Config, RunLayout]:
-    cfg = load_config(args.config, args.set)
-    if getattr(args, "run", None):
-        cfg.run_dir = args.run
-    return cfg, RunLayout(Path(cfg.run_dir))
-
-
-def cmd_tokenizer_train(args: argparse.Namespace) -> None:
-    from smalltalk.data.tokenizer import adopt_pretrained, train_tokenizer
-
-    cfg, run = _load(args)
-    if args.input:
-        cfg.data.inputs = args.input
-    out = Path(args.out) if args.out else run.tokenizer
-    pretrained = args.pretrained or cfg.tokenizer.pretrained
-    manifest = adopt_pretrained(cfg, pretrained, out) if pretrained else train_tokenizer(cfg, out)
-    print(f"tokenizer: vocab {manifest['vocab_size']}, eot id {manifest['eot_id']} -> {out}")
-
-
-def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from smalltalk.data.shards import prepare_data
-
-    cfg, run = _load(args)
-    if args.input:
-        cfg.data.inputs = args.input
-    out = Path(args.out) if args.out else run.data
-    manifest = prepare_data(cfg, Path(args.tokenizer) if args.tokenizer else run.tokenizer, out)
-    splits = ", ".join(f"{k} {v['sequences']} seqs" for k, v in manifest["splits"].items())
-    print(f"data: {manifest['documents']} docs, {manifest['chars'] / 1e6:.1f}M chars at "
-          f"{manifest['mb_per_s']:.2f} MB/s; {splits} of {manifest['seq_len']} tokens -> {out}")
-
-
-def cmd_train_lm(args: argparse.Namespace) -> None:
-    from smalltalk.data.shards import SplitData
-    from smalltalk.model import resolve_spec
-    from smalltalk.train import TrainJob, train
-
-    cfg, run = _load(args)
-    data = SplitData(Path(args.data) if args.data else run.data, "train")
-    spec = resolve_spec(cfg.model, data.vocab_size)
-    val = SplitData(data.dir, "validation")
-    out = Path(args.out) if args.out else run.lm
-    summary = train(TrainJob(spec, cfg.train, data, out, val=val if len(val) else None, name="lm"),
-                    resume=args.resume)
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(f"trained {summary['steps']} steps, {summary['tokens'] / 1e6:.2f}M tokens "
-              f"({summary['tokens_per_param']:.2f}/param), final loss {summary['final_loss']:.4f} -> {out}")
-
-
-def cmd_eval_ppl(args: argparse.Namespace) -> None:
-    from smalltalk.evaluate import perplexity
-
-    result = perplexity(args.model, args.data, args.split, args.batch_size, args.device, args.first_target,
-                        args.max_sequences)
-    print(json.dumps(result, indent=2))
-
-
-def cmd_model_info(args: argparse.Namespace) -> None:
-    from smalltalk.config import ModelConfig
-    from smalltalk.flops import forward_flops
-    from smalltalk.model import PRESETS, describe, resolve_spec
-
-    for name in args.presets or list(PRESETS):
-        spec = resolve_spec(ModelConfig(preset=name), PRESETS.get(name, PRESETS["test-tiny"]).vocab_size
-                            or args.vocab_size)
-        print(f"{name:18s} {describe(spec)}  fwd/seq({args.seq_len}) exact "
-              f"{forward_flops(spec, args.seq_len):.3e} paper {forward_flops(spec, args.seq_len, 1, 'paper'):.3e}")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smalltalk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-
-    tok = sub.add_parser("tokenizer", help="tokenizer stage").add_subparsers(dest="action", required=True)
-    p = tok.add_parser("train", help="fit byte-level BPE on the train split")
-    _common(p)
-    p.add_argument("--input", nargs="+", help="documents (overrides data.inputs)")
-    p.add_argument("--pretrained", help="use this local HF tokenizer directory instead")
-    p.add_argument("--out", help="output directory (default RUN/tokenizer)")
-    p.set_defaults(func=cmd_tokenizer_train)
-
-    data = sub.add_parser("data", help="data stage").add_subparsers(dest="action", required=True)
-    p = data.add_parser("prepare", help="encode and pack documents into token shards")
-    _common(p)
-    p.add_argument("--input", nargs="+", help="documents (overrides data.inputs)")
-    p.add_argument("--tokenizer", help="tokenizer directory (default RUN/tokenizer)")
-    p.add_argument("--out", help="output directory (default RUN/data)")
-    p.set_defaults(func=cmd_data_prepare)
-
-    tr = sub.add_parser("train", help="training").add_subparsers(dest="action", required=True)
-    p = tr.add_parser("lm", help="train one LM on prepared data")
-    _common(p)
-    p.add_argument("--data", help="prepared data directory (default RUN/data)")
-    p.add_argument("--out", help="output directory (default RUN/lm)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
-    p.set_defaults(func=cmd_train_lm)
-
-    eval_parser = sub.add_parser("eval", help="evaluation: `eval --run RUN` (mixture vs dense) or `eval ppl`")
-    ev = eval_parser.add_subparsers(dest="action", required=False)
-    p = ev.add_parser("ppl", help="token-level perplexity on a split")
-    p.add_argument("--model", required=True, help="HF model directory")
-    p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--split", default="test")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--first-target", type=int, default=1, help="score tokens from this position on")
-    p.add_argument("--max-sequences", type=int)
-    p.set_defaults(func=cmd_eval_ppl)
-
-    from smalltalk.cli_use import add_downstream
-
-    add_downstream(ev)
-
-    mo = sub.add_parser("model", help="model presets").add_subparsers(dest="action", required=True)
-    p = mo.add_parser("info", help="parameter counts and FLOPs of presets")
-    p.add_argument("presets", nargs="*")
-    p.add_argument("--vocab-size", type=int, default=1024, help="vocabulary for presets without one")
-    p.add_argument("--seq-len", type=int, default=1024)
-    p.set_defaults(func=cmd_model_info)
-
-    from smalltalk import cli_pipeline, cli_routing, cli_scale, cli_use
-
-    cli_routing.add_commands(sub, _common)
-    cli_pipeline.add_commands(sub, _common)
-    cli_pipeline.add_eval_mixture(eval_parser, _common)
-    cli_use.add_use_commands(sub)
-    cli_use.add_serve_command(sub)
-    cli_scale.add_plan_command(sub, _common)
-    cli_scale.add_launch_commands(sub, _common)
+    for module in (data, routing, experts, evaluate, use, jobs):  # the order --help lists them
+        module.register(sub)
     return parser
 
 

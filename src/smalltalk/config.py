@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import write_json
 
 
 @dataclass
@@ -229,5 +230,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     )
 
 
-def config_to_dict(cfg: Any) -> dict[str, Any]:
-    return dataclasses.asdict(cfg)
+def save_config(cfg: Config, path: str | Path) -> None:
+    """The resolved config as JSON (YAML reads it back): RUN/config.json, which every later job of a run
+    (child processes, SLURM tasks, `experts add`) loads instead of re-parsing the command line that made it."""
+    write_json(path, dataclasses.asdict(cfg))

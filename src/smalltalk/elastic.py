@@ -25,9 +25,9 @@ from smalltalk.config import Config
 from smalltalk.data.shards import SplitData, prepare_data
 from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import token_nll
-from smalltalk.fsutil import read_json, write_json
-from smalltalk.layout import RunLayout
-from smalltalk.mixture import MIXTURE_FILE, SmallTalkMixture
+from smalltalk.fsutil import write_json
+from smalltalk.layout import RouterFiles, RunLayout, manifest_of
+from smalltalk.mixture import SmallTalkMixture
 from smalltalk.model import ModelSpec, resolve_spec
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import score_split
@@ -35,20 +35,17 @@ from smalltalk.train import TrainJob, train
 
 
 def read_mixture(run: RunLayout) -> dict:
-    path = run.root / MIXTURE_FILE
-    if not path.is_file():
-        raise SmalltalkError(f"no {MIXTURE_FILE} in {run.root}", fix="train the experts first (`smalltalk run`)")
-    manifest = read_json(path)
+    """mixture.json with `router_dirs` filled in (one router per expert, in order) for EM routers."""
+    manifest = run.mixture()
     if "router_dirs" not in manifest and manifest["method"] == "em":
-        names = read_json(run.root / manifest["routers"] / "manifest.json")["routers"]
-        manifest["router_dirs"] = [f"{manifest['routers']}/{name}/model" for name in names]
+        manifest["router_dirs"] = [run.router_model_rel(name) for name in run.routers_manifest()["routers"]]
     return manifest
 
 
 def _free_index(run: RunLayout) -> int:
     """The next pair number with neither experts/NN nor routers/NN on disk (removed pairs keep theirs)."""
     k = 0
-    while run.expert(k).exists() or (run.routers / f"{k:02d}").exists():
+    while run.expert(k).exists() or RouterFiles(run.routers).router(f"{k:02d}").root.exists():
         k += 1
     return k
 
@@ -60,42 +57,43 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
     if manifest["method"] != "em":
         raise SmalltalkError(f"`experts add` needs EM routers; this mixture routes by {manifest['method']!r}",
                              fix="elastic experts rely on one router LM per expert (routing.method: em)")
-    routers_manifest = read_json(run.root / manifest["routers"] / "manifest.json")
+    routers_manifest = run.routers_manifest()
     pending = manifest.get("pending_add")
     if pending and pending["inputs"] != list(inputs):
-        raise SmalltalkError(f"an unfinished `experts add` of {pending['inputs']} is pending in {MIXTURE_FILE}",
-                             where=str(run.root / MIXTURE_FILE),
+        raise SmalltalkError(f"an unfinished `experts add` of {pending['inputs']} is pending",
+                             where=str(run.mixture_file),
                              fix="rerun it with the same --data to finish it, or delete the pending_add entry")
     k = pending["index"] if pending else _free_index(run)
-    pair_dir = run.root / "added" / f"{k:02d}"
-    if not (pair_dir / "data" / "manifest.json").is_file():
+    pair_data = run.added(k)
+    if not manifest_of(pair_data).is_file():
         data_cfg = copy.deepcopy(cfg)
         data_cfg.data.inputs = list(inputs)
-        prepare_data(data_cfg, run.tokenizer, pair_dir / "data")
-    data, val = SplitData(pair_dir / "data", "train"), SplitData(pair_dir / "data", "validation")
+        prepare_data(data_cfg, run.tokenizer, pair_data)
+    data, val = SplitData(pair_data, "train"), SplitData(pair_data, "validation")
     if len(data) == 0:
         raise SmalltalkError(f"no training sequences in {inputs}", fix="add more documents")
-    write_json(run.root / MIXTURE_FILE, {**manifest, "pending_add": {"index": k, "inputs": list(inputs)}})
+    write_json(run.mixture_file, {**manifest, "pending_add": {"index": k, "inputs": list(inputs)}})
 
     rc, prefix = cfg.routing, manifest["prefix"]
     steps = router_steps or routers_manifest["rounds"] * rc.train.steps
     router_cfg = dataclasses.replace(rc.train, seq_len=prefix, steps=steps, schedule_steps=steps,
                                      seed=rc.seed + k, progress=False)
     router_spec = ModelSpec(**routers_manifest["router_spec"])
-    router = train(TrainJob(router_spec, router_cfg, data, run.routers / f"{k:02d}", name=f"router {k:02d}"))
+    router_dir = RouterFiles(run.routers).router(f"{k:02d}").root
+    router = train(TrainJob(router_spec, router_cfg, data, router_dir, name=f"router {k:02d}"))
     expert_cfg = dataclasses.replace(cfg.train, record_consumed=True, seed=cfg.train.seed + k,
                                      steps=expert_steps or cfg.train.steps)
     expert = train(TrainJob(resolve_spec(cfg.model, data.vocab_size), expert_cfg, data, run.expert(k),
                             val=val if len(val) else None, name=f"expert {k:02d}"))
 
     manifest = {key: value for key, value in manifest.items() if key != "pending_add"}
-    manifest["router_dirs"] = [*manifest["router_dirs"], f"routers/{k:02d}/model"]
-    manifest["expert_dirs"] = [*manifest["expert_dirs"], f"experts/{k:02d}/model"]
+    manifest["router_dirs"] = [*manifest["router_dirs"], run.router_model_rel(f"{k:02d}")]
+    manifest["expert_dirs"] = [*manifest["expert_dirs"], run.expert_model_rel(k)]
     manifest["experts"] = len(manifest["expert_dirs"])
     manifest.setdefault("elastic", []).append({
-        "op": "add", "pair": k, "data": f"added/{k:02d}/data", "inputs": [str(Path(i)) for i in inputs],
+        "op": "add", "pair": k, "data": str(pair_data.relative_to(run.root)), "inputs": [str(Path(i)) for i in inputs],
         "router_steps": router["steps"], "expert_steps": expert["steps"], "time": time.time()})
-    write_json(run.root / MIXTURE_FILE, manifest)
+    write_json(run.mixture_file, manifest)
     return {"pair": k, "index": manifest["experts"] - 1, "router": router, "expert": expert,
             "train_sequences": len(data), "manifest": manifest}
 
@@ -117,7 +115,7 @@ def remove_expert(run: RunLayout, index: int, delete: bool = False) -> dict:
     manifest["experts"] = count - 1
     manifest.setdefault("elastic", []).append({"op": "remove", "expert_dir": expert_dir, "router_dir": router_dir,
                                                "deleted": delete, "time": time.time()})
-    write_json(run.root / MIXTURE_FILE, manifest)
+    write_json(run.mixture_file, manifest)
     if delete:
         for rel in (expert_dir, router_dir):
             shutil.rmtree((run.root / rel).parent, ignore_errors=True)

@@ -10,6 +10,7 @@ import torch
 
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
+from smalltalk.layout import HF_CONFIG
 
 
 @torch.inference_mode()
@@ -41,7 +42,7 @@ def perplexity(model_dir: str | Path, data_dir: str | Path, split: str = "test",
     from transformers import AutoModelForCausalLM
 
     model_dir = Path(model_dir)
-    if not (model_dir / "config.json").is_file():
+    if not (model_dir / HF_CONFIG).is_file():
         raise SmalltalkError(f"no HF model at {model_dir}", fix="pass the model/ directory a training run wrote")
     data = SplitData(data_dir, split)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device)

@@ -11,27 +11,19 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from smalltalk.config import Config, ModelConfig
+from smalltalk.config import Config, ModelConfig, save_config
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import training_flops
-from smalltalk.fsutil import read_json
-from smalltalk.layout import RunLayout
+from smalltalk.layout import DENSE_KINDS, RunLayout
 from smalltalk.model import ModelSpec, count_params, resolve_spec
 from smalltalk.routing.partition import load_share
 from smalltalk.train import TrainJob, train
 
 
-def num_experts(run: RunLayout) -> int:
-    manifest = run.partition / "manifest.json"
-    if not manifest.is_file():
-        raise SmalltalkError(f"no partition at {run.partition}", fix="run `smalltalk partition` first")
-    return read_json(manifest)["experts"]
-
-
 def train_expert(cfg: Config, run: RunLayout, index: int, resume: bool = True) -> dict:
     """Train expert `index` on its share (resumes from its checkpoints when present)."""
-    experts = num_experts(run)
+    experts = run.num_experts()
     if not 0 <= index < experts:
         raise SmalltalkError(f"expert {index} does not exist (the partition has {experts})")
     data = SplitData(run.data, "train")
@@ -43,19 +35,27 @@ def train_expert(cfg: Config, run: RunLayout, index: int, resume: bool = True) -
     return train(job, resume=resume)
 
 
-def train_all_experts(cfg: Config, run: RunLayout, parallel: int, config_path: str | None,
-                      overrides: list[str]) -> list[int]:
+def train_all_experts(cfg: Config, run: RunLayout, parallel: int) -> dict:
     """Every expert as its own `smalltalk experts train --expert K` process, `parallel` at a time (threads
-    split evenly: two 1-thread jobs beat one 2-thread job by ~1/3 on 2 cores). Returns exit codes (0 = done);
-    a failed expert does not stop the others, and a rerun re-attaches or resumes."""
+    split evenly: two 1-thread jobs beat one 2-thread job by ~1/3 on 2 cores). The children read
+    RUN/config.json, written here. A failed expert does not stop the others and a rerun re-attaches or
+    resumes; once all are done, returns mixture.json."""
     from smalltalk.launch import launch_experts_local
+    from smalltalk.mixture import write_mixture_manifest
 
-    records = launch_experts_local(run, num_experts(run), cfg.train.steps, parallel, config_path, overrides)
-    return [0 if r["state"] == "done" else (r.get("returncode") or 1) for r in records]
+    save_config(cfg, run.config_file)
+    records = launch_experts_local(run, cfg.train.steps, parallel)
+    failed = [k for k, r in enumerate(records) if r["state"] != "done"]
+    if failed:
+        raise SmalltalkError(f"experts {failed} failed", where=str(run.jobs),
+                             fix="read `smalltalk status RUN` and RUN/jobs/experts-NN.log, fix, and rerun "
+                                 "(finished experts are kept)")
+    return write_mixture_manifest(run)
 
 
-def expert_summaries(run: RunLayout) -> list[dict]:
-    return [read_json(run.expert(k) / "train_manifest.json") for k in range(num_experts(run))]
+def dense_kinds(cfg: Config) -> list[str]:
+    """The dense baselines a config asks for."""
+    return list(DENSE_KINDS if cfg.dense.bigger else DENSE_KINDS[:1])
 
 
 def bigger_spec(spec: ModelSpec, experts: int, preset: str | None) -> ModelSpec:
@@ -72,7 +72,7 @@ def bigger_spec(spec: ModelSpec, experts: int, preset: str | None) -> ModelSpec:
 
 def train_dense(cfg: Config, run: RunLayout, kind: str = "matched", resume: bool = True) -> dict:
     """Dense baseline on the whole train split, sized against the trained experts."""
-    experts = num_experts(run)
+    experts = run.num_experts()
     data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
     spec = resolve_spec(cfg.model, data.vocab_size)
     tc = cfg.train
@@ -93,7 +93,7 @@ def train_dense(cfg: Config, run: RunLayout, kind: str = "matched", resume: bool
         train_cfg = dataclasses.replace(tc, steps=steps, warmup_steps=min(steps // 10, tc.warmup_steps * experts))
     else:
         raise SmalltalkError(f"unknown dense kind {kind!r} (use matched or bigger)")
-    out = run.dense / kind
+    out = run.dense_kind(kind)
     job = TrainJob(spec, train_cfg, data, out, val=val if len(val) else None, name=f"dense {kind}")
     summary = train(job, resume=resume)
     summary["non_embedding_ratio_to_expert"] = count_params(spec, False) / count_params(
@@ -105,5 +105,5 @@ def mixture_training_flops(run: RunLayout, accounting: str = "exact") -> float:
     """Experts' training FLOPs plus the routing overhead (router EM + scoring), for budget matching."""
     from smalltalk.flops_report import routing_overhead_flops
 
-    total = sum(s["training_flops"][accounting] for s in expert_summaries(run))
+    total = sum(s["training_flops"][accounting] for s in run.expert_summaries())
     return total + routing_overhead_flops(run, accounting)["total"]

@@ -9,32 +9,28 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, write_json
-from smalltalk.layout import RunLayout
-from smalltalk.mixture import MIXTURE_FILE
+from smalltalk.layout import MODEL_CARD, RouterFiles, RunLayout, manifest_of
 
 
 def export_mixture(run: RunLayout, out: Path) -> Path:
-    manifest_path = run.root / MIXTURE_FILE
-    if not manifest_path.is_file():
-        raise SmalltalkError(f"no {MIXTURE_FILE} in {run.root}", fix="train the experts first (`smalltalk run`)")
-    manifest = read_json(manifest_path)
-    routers = read_json(run.routers / "manifest.json")
+    manifest, routers = run.mixture(), run.routers_manifest()
     with atomic_dir(out) as tmp:
-        shutil.copytree(run.tokenizer, tmp / "tokenizer")
-        (tmp / "routers").mkdir()
+        staged = RunLayout(tmp)  # written under the temp name, renamed to `out` when complete
+        shutil.copytree(run.tokenizer, staged.tokenizer)
+        staged.routers.mkdir()
+        source, target = RouterFiles(run.routers), RouterFiles(staged.routers)
         for name in routers.get("routers", []):
-            shutil.copytree(run.routers / name / "model", tmp / "routers" / name / "model")
-        for extra in ("tfidf.pkl", "tokenizer.json", "em_history.json"):
+            shutil.copytree(source.router(name).model, target.router(name).model)
+        for extra in source.extras():
             if (run.routers / extra).is_file():
-                shutil.copy(run.routers / extra, tmp / "routers" / extra)
-        write_json(tmp / "routers" / "manifest.json", routers)
+                shutil.copy(run.routers / extra, staged.routers / extra)
+        write_json(manifest_of(staged.routers), routers)
         for rel in manifest["expert_dirs"] + manifest.get("router_dirs", []):  # router_dirs: elastic pairs
             if not (tmp / rel).exists():
                 shutil.copytree(run.root / rel, tmp / rel)
-        write_json(tmp / MIXTURE_FILE, manifest)
-        (tmp / "README.md").write_text(model_card(run, manifest))
+        write_json(staged.mixture_file, manifest)
+        (tmp / MODEL_CARD).write_text(model_card(run, manifest))
     return out
 
 
@@ -46,7 +42,7 @@ def model_card(run: RunLayout, manifest: dict) -> str:
              "mixture = SmallTalkMixture.from_pretrained('.')", "```", "",
              "Each `experts/NN/model` is a plain Hugging Face `LlamaForCausalLM`; `tokenizer/` loads with "
              "`AutoTokenizer`.", ""]
-    results = run.eval / "results.json"
+    results = run.results_file(run.eval)
     if results.is_file():
         from smalltalk.mixture_eval import format_results
 

@@ -19,10 +19,6 @@ def paper_forward_flops(B: int, S: int, H: int, L: int, Dff: int, V: int) -> flo
                  + 2 * B * S * H * V + 3 * B * S * V)
 
 
-def paper_training_flops(B: int, S: int, H: int, L: int, Dff: int, V: int, steps: int) -> float:
-    return 3.0 * paper_forward_flops(B, S, H, L, Dff, V) * steps
-
-
 def exact_forward_flops(spec: ModelSpec, S: int, B: int = 1) -> float:
     h, kv = spec.hidden_size, spec.kv_heads * spec.head_dim
     proj = 2 * S * h * (2 * h + 2 * kv)

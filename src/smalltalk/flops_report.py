@@ -9,30 +9,29 @@ from __future__ import annotations
 from smalltalk.data.shards import SplitData
 from smalltalk.flops import forward_flops
 from smalltalk.fsutil import read_json
-from smalltalk.layout import RunLayout
+from smalltalk.layout import RouterFiles, RunLayout
 from smalltalk.model import PRESETS, ModelSpec
 
 ACCOUNTINGS = ("exact", "paper")
 
 
 def router_spec(run: RunLayout) -> ModelSpec | None:
-    manifest = read_json(run.routers / "manifest.json")
-    spec = manifest.get("router_spec")
+    spec = run.routers_manifest().get("router_spec")
     return ModelSpec(**spec) if spec else None
 
 
 def routing_overhead_flops(run: RunLayout, accounting: str = "exact") -> dict:
     """FLOPs the routing adds to training (0 for tf-idf / random, which train no LM)."""
-    manifest = read_json(run.routers / "manifest.json")
+    manifest = run.routers_manifest()
     spec = router_spec(run)
     if spec is None:
         return {"router_training": 0.0, "em_scoring": 0.0, "partition_scoring": 0.0, "total": 0.0}
     experts, prefix = manifest["experts"], manifest["prefix"]
-    training = sum(read_json(run.routers / name / "train_manifest.json")["training_flops"][accounting]
-                   for name in manifest["routers"])
+    files = RouterFiles(run.routers)
+    training = sum(read_json(files.router(name).manifest)["training_flops"][accounting] for name in manifest["routers"])
     per_prefix = forward_flops(spec, prefix, 1, accounting)
     em_scoring = (manifest["rounds"] - 1) * manifest["chunk"] * experts * per_prefix
-    partition = read_json(run.partition / "manifest.json")
+    partition = run.partition_manifest()
     partition_scoring = partition["sequences"] * experts * forward_flops(spec, partition["prefix"], 1, accounting)
     return {"router_training": training, "em_scoring": em_scoring, "partition_scoring": partition_scoring,
             "total": training + em_scoring + partition_scoring}
@@ -52,7 +51,7 @@ def inference_flops(run: RunLayout, expert_spec: ModelSpec, routing_prefix: int,
     """Per test sequence: routers on the prefix + one expert on the full sequence."""
     data = SplitData(run.data, "train")
     spec = router_spec(run)
-    manifest = read_json(run.routers / "manifest.json")
-    routing = 0.0 if spec is None else manifest["experts"] * forward_flops(spec, routing_prefix, 1, accounting)
+    experts = run.routers_manifest()["experts"]
+    routing = 0.0 if spec is None else experts * forward_flops(spec, routing_prefix, 1, accounting)
     expert = forward_flops(expert_spec, data.seq_len, 1, accounting)
     return {"routing": routing, "expert": expert, "total": routing + expert, "overhead": routing / expert}

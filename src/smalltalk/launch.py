@@ -9,6 +9,7 @@ script (one task per expert) that runs exactly the same command.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -16,23 +17,28 @@ import sys
 import time
 from pathlib import Path
 
+from smalltalk.config import Config, save_config
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout
 
-
-def expert_args(run: RunLayout, index: int | str, config_path: str | None, overrides: list[str]) -> list[str]:
-    """The `smalltalk` arguments of expert job `index`: identical for local processes and SLURM tasks."""
-    args = ["experts", "train", "--run-dir", str(run.root), "--expert", str(index)]
-    if config_path:
-        args += ["--config", str(config_path)]
-    for item in overrides:
-        args += ["--set", item]
-    return args
+# The `smalltalk` verbs that run a stage of a run as one job; each reads RUN/config.json.
+STAGE_VERBS = {"routers": ["routers", "train"], "partition": ["partition"], "experts": ["experts", "train"],
+               "dense": ["dense", "train"], "eval": ["eval"]}
+LAUNCHABLE = tuple(STAGE_VERBS)
 
 
-def _job_path(run: RunLayout, index: int) -> Path:
-    return run.root / "jobs" / f"experts-{index:02d}.json"
+def stage_args(run: RunLayout, stage: str, expert: int | str | None = None) -> list[str]:
+    """The `smalltalk` arguments of one job of `stage`: identical for local processes and SLURM tasks.
+    No config travels on the command line: the job reads RUN/config.json."""
+    args = [*STAGE_VERBS[stage], "--run-dir", str(run.root)]
+    return args + ["--expert", str(expert)] if expert is not None else args
+
+
+def write_launch_config(cfg: Config, run: RunLayout) -> None:
+    """RUN/config.json, which every launched job reads (run_dir set to where the run is)."""
+    run.jobs.mkdir(parents=True, exist_ok=True)
+    save_config(dataclasses.replace(cfg, run_dir=str(run.root)), run.config_file)
 
 
 def _alive(pid: int, marker: str) -> bool:
@@ -51,68 +57,77 @@ def _last_error(log: Path) -> str | None:
     return (errors or lines or [None])[-1]
 
 
-def _finished(run: RunLayout, index: int, steps: int) -> bool:
-    manifest = run.expert(index) / "train_manifest.json"
-    return manifest.is_file() and read_json(manifest)["steps"] >= steps
-
-
-def launch_experts_local(run: RunLayout, experts: int, steps: int, parallel: int, config_path: str | None,
-                         overrides: list[str]) -> list[dict]:
-    """Run (or re-attach to) every expert job; returns the final job records."""
+def launch_experts_local(run: RunLayout, steps: int, parallel: int) -> list[dict]:
+    """Run (or re-attach to) every expert job of the run's partition; returns the final job records."""
+    experts = run.num_experts()
     threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
-    overrides = [*overrides, f"train.num_threads={threads}", "train.progress=false"]
+    local = ["--set", f"train.num_threads={threads}", "--set", "train.progress=false"]  # this machine's cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    (run.root / "jobs").mkdir(parents=True, exist_ok=True)
+    run.jobs.mkdir(parents=True, exist_ok=True)
     pending, running = [], {}
     for k in range(experts):
-        path = _job_path(run, k)
+        path = run.job_record(k)
         record = read_json(path) if path.is_file() else {}
         marker = f"--expert {k} "
         if record.get("state") == "running" and _alive(record.get("pid", -1), marker):
             running[k] = (None, record)  # re-attach: someone else's child, watched through /proc
-        elif _finished(run, k, steps):
+        elif run.expert_done(k, steps):
             write_json(path, {**record, "state": "done"})
         else:
             pending.append(k)
     while pending or running:
         while pending and len(running) < max(1, parallel):
             k = pending.pop(0)
-            cmd = [sys.executable, "-m", "smalltalk.cli", *expert_args(run, k, config_path, overrides)]
-            run.expert(k).parent.mkdir(parents=True, exist_ok=True)
-            with open(run.root / "jobs" / f"experts-{k:02d}.log", "a") as log:
+            cmd = [sys.executable, "-m", "smalltalk.cli", *stage_args(run, "experts", k), *local]
+            run.experts_dir.mkdir(parents=True, exist_ok=True)
+            with open(run.job_log(k), "a") as log:
                 proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
             record = {"state": "running", "pid": proc.pid, "command": shlex.join(cmd), "started": time.time()}
-            write_json(_job_path(run, k), record)
+            write_json(run.job_record(k), record)
             running[k] = (proc, record)
         for k, (proc, record) in list(running.items()):
             code = proc.poll() if proc is not None else (None if _alive(record["pid"], f"--expert {k} ") else -1)
             if code is None:
                 continue
-            ok = code == 0 if proc is not None else _finished(run, k, steps)
+            ok = code == 0 if proc is not None else run.expert_done(k, steps)
             record.update(state="done" if ok else "failed", ended=time.time(), returncode=code,
-                          error=None if ok else _last_error(run.root / "jobs" / f"experts-{k:02d}.log"))
-            write_json(_job_path(run, k), record)
+                          error=None if ok else _last_error(run.job_log(k)))
+            write_json(run.job_record(k), record)
             del running[k]
             print(f"expert {k:02d}: {record['state']}" + (f" ({record['error']})" if not ok else ""), flush=True)
         time.sleep(0.2)
-    return [read_json(_job_path(run, k)) for k in range(experts)]
+    return [read_json(run.job_record(k)) for k in range(experts)]
 
 
-def slurm_script(run: RunLayout, experts: int, config_path: str | None, overrides: list[str],
-                 gpus_per_expert: int = 1, partition: str | None = None, hours: int = 48,
+def run_stage_local(run: RunLayout, stage: str) -> None:
+    """One non-expert stage as a child process on this machine (the same command a SLURM job runs)."""
+    command = [sys.executable, "-m", "smalltalk.cli", *stage_args(run, stage)]
+    if subprocess.run(command).returncode != 0:
+        raise SmalltalkError(f"stage {stage} failed", fix="read its output above")
+
+
+def slurm_script(run: RunLayout, stage: str, gpus: int = 1, partition: str | None = None, hours: int = 48,
                  cpus_per_gpu: int = 8) -> str:
-    """An sbatch array script: task i runs expert i (torchrun over the task's GPUs)."""
-    args = shlex.join(expert_args(run, "__TASK__", config_path, overrides)).replace("__TASK__",
-                                                                                    "${SLURM_ARRAY_TASK_ID}")
-    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name=smalltalk-experts-{run.root.name}",
-             f"#SBATCH --array=0-{experts - 1}", "#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --gpus-per-node={gpus_per_expert}", f"#SBATCH --cpus-per-task={cpus_per_gpu * gpus_per_expert}",
-             f"#SBATCH --time={hours}:00:00", f"#SBATCH --output={run.root}/jobs/experts-%a.log"]
+    """An sbatch script for `stage`. Experts: an array, task i runs expert i (torchrun over the task's
+    GPUs) as an independent job; other stages: one job."""
+    experts = stage == "experts"
+    args = stage_args(run, stage, "__TASK__" if experts else None)
+    command = shlex.join(args).replace("__TASK__", "${SLURM_ARRAY_TASK_ID}")
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name=smalltalk-{stage}-{run.root.name}"]
+    if experts:
+        lines.append(f"#SBATCH --array=0-{run.num_experts() - 1}")
+    lines += ["#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus}",
+              f"#SBATCH --cpus-per-task={cpus_per_gpu * gpus}", f"#SBATCH --time={hours}:00:00",
+              f"#SBATCH --output={run.sbatch_log(stage)}"]
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
-    lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}",
-              "# every expert is an independent job: no communication with the other array tasks",
-              f"torchrun --standalone --nproc_per_node {gpus_per_expert} -m smalltalk.cli {args}", ""]
+    lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
+    if experts:
+        lines.append("# every expert is an independent job: no communication with the other array tasks")
+        lines.append(f"torchrun --standalone --nproc_per_node {gpus} -m smalltalk.cli {command}")
+    else:
+        lines.append(f"smalltalk {command}")
+    lines.append("")
     return "\n".join(lines)
 
 

@@ -1,18 +1,175 @@
-"""The run directory: one sub-directory per stage, each with a JSON manifest.
+"""The run directory and every file name in it: the one module that spells them, and the readers over them.
 
-  RUN/config.yaml  tokenizer/  data/  routers/  partition/  experts/NN/  dense/  eval/  mixture.json
+  RUN/config.json       the resolved config; every job of the run reads it (child jobs too)
+  RUN/stages.json       per finished stage: the config digest it was made with, and its seconds
+  RUN/tokenizer/        tokenizer.json, manifest.json
+  RUN/data/             SPLIT.bin (packed tokens) + SPLIT.{doc_starts,doc_domains,seq_domains}.npy, manifest.json
+  RUN/routers/          NN/ (one router LM: a training output) or tfidf.pkl + tokenizer.json;
+                        em_state.json, em_history.json, shares/ (EM resume state); manifest.json
+  RUN/partition/        expert_NN.npy (sorted train-sequence ids of expert NN), manifest.json
+  RUN/experts/NN/       a training output per expert      RUN/dense/{matched,bigger}/  training outputs
+  RUN/eval/results.json RUN/report/ (report.md, index.html, PNGs)
+  RUN/mixture.json      what the mixture is made of (experts, routers, tokenizer, prefix): generate/serve/export
+  RUN/jobs/             experts-NN.json (job record), experts-NN.log, STAGE.sbatch
+  RUN/added/NN/data/    the prepared documents of an elastic pair (`experts add`)
+
+A training output (train.py): model/ (HF), checkpoints/step_NNNNNNNN/, metrics.jsonl, train_manifest.json.
+An artifact directory is complete when its manifest exists: it is written last, atomically.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import read_json
+
+MANIFEST = "manifest.json"
+WEIGHTS = "model.safetensors"  # inside an HF model directory
+TRAINER_STATE = "trainer_state.pt"  # optimizer, scheduler, RNG and data cursor of a checkpoint
+STEP_DIR = re.compile(r"^step_(\d{8})$")
+STALE_STEP_GLOB = ".step_*.tmp-*"  # a checkpoint being written when its process died
+HF_CONFIG = "config.json"  # what marks a directory as an HF model
+CORPUS_STATS = "stats.json"  # `corpus demo` output
+MODEL_CARD = "README.md"  # of an exported mixture
+DENSE_KINDS = ("matched", "bigger")  # RUN/dense/KIND
+REPORT_PLOTS = {"loss": "loss_curves.png", "prefix": "ppl_vs_prefix.png", "loads": "expert_loads.png",
+                "domains_x_experts": "domain_expert_heatmap.png", "em": "em_curve.png",
+                "per_domain": "per_domain_ppl.png"}
+
+
+def manifest_of(directory: Path) -> Path:
+    return Path(directory) / MANIFEST
+
+
+def read_manifest(directory: Path, fix: str) -> dict:
+    """The manifest of an artifact directory, or a SmalltalkError saying which stage makes it."""
+    path = manifest_of(directory)
+    if not path.is_file():
+        raise SmalltalkError(f"no {Path(directory).name} at {directory} (no {MANIFEST})", fix=fix)
+    return read_json(path)
+
+
+@dataclass(frozen=True)
+class TrainFiles:
+    """What `train()` writes into its output directory."""
+
+    root: Path
+
+    @property
+    def model(self) -> Path:
+        return self.root / "model"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint(self, step: int) -> Path:
+        return self.checkpoints / f"step_{step:08d}"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "train_manifest.json"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def consumed_ids(self) -> Path:
+        return self.root / "consumed_ids.npy"
+
+    def summary(self) -> dict | None:
+        return read_json(self.manifest) if self.manifest.is_file() else None
+
+    def done(self, steps: int | None = None) -> bool:
+        """Finished (and, if `steps` is given, trained for at least that many steps)."""
+        summary = self.summary()
+        return summary is not None and (steps is None or summary["steps"] >= steps)
+
+
+@dataclass(frozen=True)
+class DataFiles:
+    """Packed token shards of one prepared dataset (data/shards.py)."""
+
+    root: Path
+
+    def tokens(self, split: str) -> Path:
+        return self.root / f"{split}.bin"
+
+    def index(self, split: str, name: str) -> Path:
+        """Per-split arrays: doc_starts, doc_domains, seq_domains."""
+        return self.root / f"{split}.{name}.npy"
+
+
+@dataclass(frozen=True)
+class TokenizerFiles:
+    root: Path
+
+    @property
+    def tokenizer_json(self) -> Path:
+        return self.root / "tokenizer.json"
+
+
+@dataclass(frozen=True)
+class RouterFiles:
+    """A routers directory: one training output per router LM, or a tf-idf state, plus EM's resume state."""
+
+    root: Path
+
+    def router(self, name: str) -> TrainFiles:
+        return TrainFiles(self.root / name)
+
+    @property
+    def tfidf(self) -> Path:
+        return self.root / "tfidf.pkl"
+
+    @property
+    def tokenizer_json(self) -> Path:  # the tf-idf router decodes ids back to text with it
+        return self.root / "tokenizer.json"
+
+    @property
+    def em_state(self) -> Path:
+        return self.root / "em_state.json"
+
+    @property
+    def em_history(self) -> Path:
+        return self.root / "em_history.json"
+
+    def round_share(self, r: int) -> Path:
+        return self.root / "shares" / f"round_{r:03d}.npz"
+
+    def heldout_best(self, r: int) -> Path:
+        return self.root / "shares" / f"heldout_best_{r:03d}.npy"
+
+    def extras(self) -> list[str]:
+        """Files besides the router models that an export copies."""
+        return [p.name for p in (self.tfidf, self.tokenizer_json, self.em_history)]
+
+
+@dataclass(frozen=True)
+class PartitionFiles:
+    root: Path
+
+    @staticmethod
+    def share_name(expert: int) -> str:
+        return f"expert_{expert:02d}.npy"
+
+    def share(self, expert: int) -> Path:
+        return self.root / self.share_name(expert)
 
 
 @dataclass(frozen=True)
 class RunLayout:
     root: Path
 
+    # -- stage directories ------------------------------------------------------------------------------
     @property
     def tokenizer(self) -> Path:
         return self.root / "tokenizer"
@@ -29,12 +186,26 @@ class RunLayout:
     def partition(self) -> Path:
         return self.root / "partition"
 
+    @property
+    def experts_dir(self) -> Path:
+        return self.root / "experts"
+
     def expert(self, index: int) -> Path:
-        return self.root / "experts" / f"{index:02d}"
+        return self.experts_dir / f"{index:02d}"
+
+    def expert_model_rel(self, index: int) -> str:
+        """Expert `index`'s model directory relative to the run (mixture.json stores relative paths)."""
+        return str(TrainFiles(self.expert(index)).model.relative_to(self.root))
+
+    def router_model_rel(self, name: str) -> str:
+        return str(RouterFiles(self.routers).router(name).model.relative_to(self.root))
 
     @property
     def dense(self) -> Path:
         return self.root / "dense"
+
+    def dense_kind(self, kind: str) -> Path:
+        return self.dense / kind
 
     @property
     def lm(self) -> Path:
@@ -43,3 +214,95 @@ class RunLayout:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @staticmethod
+    def results_file(eval_dir: Path) -> Path:
+        return Path(eval_dir) / "results.json"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    def plot(self, name: str) -> Path:
+        """A report figure by its key in REPORT_PLOTS."""
+        return self.report / REPORT_PLOTS[name]
+
+    @property
+    def report_md(self) -> Path:
+        return self.report / "report.md"
+
+    @property
+    def report_html(self) -> Path:
+        return self.report / "index.html"
+
+    def added(self, pair: int) -> Path:
+        """Prepared data of elastic pair `pair`."""
+        return self.root / "added" / f"{pair:02d}" / "data"
+
+    # -- run-level files -------------------------------------------------------------------------------
+    @property
+    def config_file(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def stages_file(self) -> Path:
+        return self.root / "stages.json"
+
+    @property
+    def mixture_file(self) -> Path:
+        return self.root / "mixture.json"
+
+    @property
+    def jobs(self) -> Path:
+        return self.root / "jobs"
+
+    def job_record(self, expert: int) -> Path:
+        return self.jobs / f"experts-{expert:02d}.json"
+
+    def job_log(self, expert: int) -> Path:
+        return self.jobs / f"experts-{expert:02d}.log"
+
+    def sbatch(self, stage: str) -> Path:
+        return self.jobs / f"{stage}.sbatch"
+
+    def sbatch_log(self, stage: str) -> Path:
+        return self.jobs / (f"{stage}-%a.log" if stage == "experts" else f"{stage}.log")
+
+    # -- readers: each decision about the run's state is made here and nowhere else ---------------------
+    def config(self) -> dict | None:
+        return read_json(self.config_file) if self.config_file.is_file() else None
+
+    def stages(self) -> dict:
+        return read_json(self.stages_file) if self.stages_file.is_file() else {}
+
+    def routers_manifest(self) -> dict:
+        return read_manifest(self.routers, "run `smalltalk routers train` first")
+
+    def partition_manifest(self) -> dict:
+        return read_manifest(self.partition, "run `smalltalk partition` first")
+
+    def num_experts(self) -> int:
+        """E of the partition: how many expert jobs the run has (elastic pairs are counted by mixture.json)."""
+        return self.partition_manifest()["experts"]
+
+    def expert_done(self, index: int, steps: int | None = None) -> bool:
+        return TrainFiles(self.expert(index)).done(steps)
+
+    def expert_summaries(self) -> list[dict]:
+        return [read_json(TrainFiles(self.expert(k)).manifest) for k in range(self.num_experts())]
+
+    def dense_summary(self, kind: str) -> dict | None:
+        return TrainFiles(self.dense_kind(kind)).summary()
+
+    def has_mixture(self) -> bool:
+        return self.mixture_file.is_file()
+
+    def mixture(self) -> dict:
+        if not self.has_mixture():
+            raise SmalltalkError(f"no {self.mixture_file.name} in {self.root}",
+                                 fix="train the experts first (`smalltalk run` or `smalltalk experts train --all`)")
+        return read_json(self.mixture_file)
+
+    def prefix(self) -> int:
+        """M, the routing prefix: the mixture's once it exists (elastic edits keep it), else the routers'."""
+        return self.mixture()["prefix"] if self.has_mixture() else self.routers_manifest()["prefix"]

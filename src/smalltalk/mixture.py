@@ -14,32 +14,33 @@ import numpy as np
 import torch
 
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import read_json, write_json
+from smalltalk.fsutil import write_json
 from smalltalk.layout import RunLayout
 from smalltalk.model import quiet_transformers
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import LMRouters, load_routers
 
-MIXTURE_FILE = "mixture.json"
-
 
 def write_mixture_manifest(run: RunLayout) -> dict | None:
     """mixture.json, once every expert of the partition is trained (None before). Relative paths, so a run
     directory (or an export of it) can move. A manifest edited by elastic add/remove is kept as it is."""
-    path = run.root / MIXTURE_FILE
-    if path.is_file() and "elastic" in read_json(path):
-        return read_json(path)
-    experts = read_json(run.partition / "manifest.json")["experts"]
-    if not all((run.expert(k) / "train_manifest.json").is_file() for k in range(experts)):
+    if run.has_mixture() and "elastic" in run.mixture():
+        return run.mixture()
+    experts = run.num_experts()
+    if not all(run.expert_done(k) for k in range(experts)):
         return None
-    routers = read_json(run.routers / "manifest.json")
+    routers = run.routers_manifest()
     manifest = {
         "kind": "smalltalk-mixture", "format_version": 1, "method": routers["method"], "experts": experts,
-        "routers": "routers", "tokenizer": "tokenizer", "prefix": routers["prefix"],
-        "expert_dirs": [f"experts/{k:02d}/model" for k in range(experts)],
+        "routers": _rel(run, run.routers), "tokenizer": _rel(run, run.tokenizer), "prefix": routers["prefix"],
+        "expert_dirs": [run.expert_model_rel(k) for k in range(experts)],
     }
-    write_json(path, manifest)
+    write_json(run.mixture_file, manifest)
     return manifest
+
+
+def _rel(run: RunLayout, path: Path) -> str:
+    return str(path.relative_to(run.root))
 
 
 class SmallTalkMixture:
@@ -63,11 +64,7 @@ class SmallTalkMixture:
     def from_pretrained(cls, path: str | Path, device: str = "cpu",
                         max_resident: int | None = None) -> SmallTalkMixture:
         path = Path(path)
-        manifest_path = path / MIXTURE_FILE
-        if not manifest_path.is_file():
-            raise SmalltalkError(f"no {MIXTURE_FILE} in {path}",
-                                 fix="point at a run whose experts are trained (`smalltalk run`) or an export")
-        return cls(path, read_json(manifest_path), device, max_resident)
+        return cls(path, RunLayout(path).mixture(), device, max_resident)
 
     @property
     def tokenizer(self):

@@ -22,11 +22,10 @@ from smalltalk.data.shards import SplitData
 from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import token_nll
-from smalltalk.experts import expert_summaries
 from smalltalk.flops import forward_flops
 from smalltalk.flops_report import ACCOUNTINGS, inference_flops, routing_overhead_flops
 from smalltalk.fsutil import read_json, write_json
-from smalltalk.layout import RunLayout
+from smalltalk.layout import DENSE_KINDS, HF_CONFIG, RunLayout, TrainFiles, manifest_of
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.model import spec_from_hf
 from smalltalk.routing.assignment import argmax_assignment
@@ -48,9 +47,9 @@ def _dense_models(run: RunLayout, device) -> dict:
     from transformers import AutoModelForCausalLM
 
     found = {}
-    for kind in ("matched", "bigger"):
-        path = run.dense / kind / "model"
-        if (path / "config.json").is_file():
+    for kind in DENSE_KINDS:
+        path = TrainFiles(run.dense_kind(kind)).model
+        if (path / HF_CONFIG).is_file():
             found[kind] = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
     return found
 
@@ -106,23 +105,22 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
         "per_domain": _per_domain(data, ids, chosen, mix, dense, main_prefix),
         "flops": _flops(run, mixture, main_prefix), "timing": _timing(mixture, data, main_prefix),
         "top_k": top_k_table(expert_nll, scores_at[main_prefix], main_prefix, ec.top_k, ec.top_k_temperatures),
-        "tokens_per_param": {"experts": [s["tokens_per_param"] for s in expert_summaries(run)],
-                             **{k: read_json(run.dense / k / "train_manifest.json")["tokens_per_param"]
-                                for k in dense}},
+        "tokens_per_param": {"experts": [s["tokens_per_param"] for s in run.expert_summaries()],
+                             **{k: run.dense_summary(k)["tokens_per_param"] for k in dense}},
     }
     if data_dir != run.data:
         results["data"] = str(data_dir)
-    write_json((out_dir or run.eval) / "results.json", results)
+    write_json(run.results_file(out_dir or run.eval), results)
     return results
 
 
 def _same_tokenizer(run: RunLayout, data_dir: Path) -> Path:
     """Token ids mean nothing across tokenizers: refuse data prepared with another one."""
-    manifest = data_dir / "manifest.json"
+    manifest = manifest_of(data_dir)
     if not manifest.is_file():
-        raise SmalltalkError(f"no prepared data at {data_dir} (no manifest.json)",
+        raise SmalltalkError(f"no prepared data at {data_dir} (no {manifest.name})",
                              fix="prepare it with `smalltalk data prepare --run RUN --out DIR` (the run's tokenizer)")
-    theirs, ours = read_json(manifest)["tokenizer_sha256"], read_json(run.data / "manifest.json")["tokenizer_sha256"]
+    theirs, ours = read_json(manifest)["tokenizer_sha256"], read_json(manifest_of(run.data))["tokenizer_sha256"]
     if theirs != ours:
         raise SmalltalkError(f"{manifest}: data was tokenized with another tokenizer than the run's "
                              f"({theirs[:12]} vs {ours[:12]})",
@@ -178,16 +176,15 @@ def _flops(run: RunLayout, mixture: SmallTalkMixture, prefix: int) -> dict:
     expert_spec = spec_from_hf(mixture.expert(0).config)
     out = {}
     for acc in ACCOUNTINGS:
-        experts = sum(s["training_flops"][acc] for s in expert_summaries(run))
+        experts = sum(s["training_flops"][acc] for s in run.expert_summaries())
         overhead = routing_overhead_flops(run, acc)
-        dense = {k: read_json(run.dense / k / "train_manifest.json")["training_flops"][acc]
-                 for k in ("matched", "bigger") if (run.dense / k / "train_manifest.json").is_file()}
+        dense = {k: run.dense_summary(k)["training_flops"][acc] for k in DENSE_KINDS if run.dense_summary(k)}
         out[acc] = {"experts_training": experts, "routing_overhead": overhead,
                     "mixture_training": experts + overhead["total"],
                     "training_overhead": overhead["total"] / experts, "dense_training": dense,
                     "inference": inference_flops(run, expert_spec, prefix, acc)}
         for kind in dense:
-            spec = spec_from_hf(AutoConfig.from_pretrained(str(run.dense / kind / "model")))
+            spec = spec_from_hf(AutoConfig.from_pretrained(str(TrainFiles(run.dense_kind(kind)).model)))
             out[acc]["inference"][f"dense_{kind}"] = forward_flops(spec, mixture_seq_len(run), 1, acc)
     return out
 
@@ -223,6 +220,3 @@ def format_results(results: dict) -> str:
                  f"forward {results['timing']['expert_forward_ms']:.2f} ms")
     return "\n".join(lines)
 
-
-def load_results(run: RunLayout) -> dict:
-    return read_json(Path(run.eval) / "results.json")

@@ -1,63 +1,146 @@
-"""`smalltalk run`: every stage of a config in order, skipping the ones already done.
+"""The pipeline: the one STAGES table (what each stage does, when it is done, what config it depends on)
+and `smalltalk run`'s loop over it, skipping the stages already done.
 
-A stage is done when its manifest exists and RUN/stages.json records the same config digest for it.
-A finished stage whose config changed is an error (use a new run directory): silently mixing
-artifacts of two configs would make the comparison meaningless.
+A stage is done when its done-check holds and RUN/stages.json records the same config digest for it.
+A finished stage whose config changed is an error (use a new run directory): silently mixing artifacts
+of two configs would make the comparison meaningless. To add a stage: write its function (cfg, run) in
+the library module that owns its artifact, and add a row here.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
-from smalltalk.config import Config, config_to_dict
+from smalltalk.config import Config, save_config
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import read_json, write_json
-from smalltalk.layout import RunLayout
-
-STAGES = ("tokenizer", "data", "routers", "partition", "experts", "dense", "eval", "report")
+from smalltalk.fsutil import write_json
+from smalltalk.layout import RunLayout, manifest_of
 
 
-def _stage_config(cfg: Config, stage: str) -> dict:
-    """The config sections a stage's output depends on (cumulative: later stages include earlier ones)."""
-    sections = {"tokenizer": ["data", "tokenizer"], "data": ["data", "tokenizer"],
-                "routers": ["data", "tokenizer", "routing"], "partition": ["data", "tokenizer", "routing"],
-                "experts": ["data", "tokenizer", "routing", "model", "train"],
-                "dense": ["data", "tokenizer", "routing", "model", "train", "dense"],
-                "eval": ["data", "tokenizer", "routing", "model", "train", "dense", "eval"],
-                "report": ["data", "tokenizer", "routing", "model", "train", "dense", "eval"]}[stage]
-    full = config_to_dict(cfg)
-    picked = {k: full[k] for k in sections}
-    for volatile in ("num_threads", "progress", "device", "tensorboard"):  # do not change results
-        for section in ("train",):
-            picked.get(section, {}).pop(volatile, None)
-        picked.get("routing", {}).get("train", {}).pop(volatile, None)
-    picked.get("routing", {}).pop("parallel", None)
+def _tokenizer(cfg: Config, run: RunLayout) -> None:
+    from smalltalk.data.tokenizer import make_tokenizer
+
+    make_tokenizer(cfg, run.tokenizer)
+
+
+def _data(cfg: Config, run: RunLayout) -> None:
+    from smalltalk.data.shards import prepare_data
+
+    prepare_data(cfg, run.tokenizer, run.data)
+
+
+def _routers(cfg: Config, run: RunLayout) -> None:
+    from smalltalk.routing.methods import train_routers
+
+    train_routers(cfg, run.data, run.routers)
+
+
+def _partition(cfg: Config, run: RunLayout) -> None:
+    from smalltalk.routing.partition import partition_run
+
+    partition_run(cfg, run)
+
+
+def _experts(cfg: Config, run: RunLayout) -> None:
+    from smalltalk.experts import train_all_experts
+
+    train_all_experts(cfg, run, cfg.experts.parallel)
+
+
+def _dense(cfg: Config, run: RunLayout) -> None:
+    from smalltalk.experts import dense_kinds, train_dense
+
+    for kind in dense_kinds(cfg):
+        train_dense(cfg, run, kind)
+
+
+def _eval(cfg: Config, run: RunLayout) -> None:
+    from smalltalk.mixture_eval import evaluate_run, format_results
+
+    print(format_results(evaluate_run(cfg, run)))
+
+
+def _report(cfg: Config, run: RunLayout) -> None:
+    from smalltalk.report import write_report
+
+    print(write_report(run))
+
+
+def _experts_done(cfg: Config, run: RunLayout) -> bool:
+    return run.has_mixture() and all(run.expert_done(k) for k in range(run.num_experts()))
+
+
+def _dense_done(cfg: Config, run: RunLayout) -> bool:
+    from smalltalk.experts import dense_kinds
+
+    return all(run.dense_summary(kind) is not None for kind in dense_kinds(cfg))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[Config, RunLayout], None]
+    done: Callable[[Config, RunLayout], bool]
+    sections: tuple[str, ...]  # config sections its output depends on (cumulative: later include earlier)
+
+
+_DATA = ("data", "tokenizer")
+_ROUTING = (*_DATA, "routing")
+_EXPERTS = (*_ROUTING, "model", "train")
+_EVAL = (*_EXPERTS, "dense", "eval")
+
+STAGES: tuple[Stage, ...] = (
+    Stage("tokenizer", _tokenizer, lambda cfg, run: manifest_of(run.tokenizer).is_file(), _DATA),
+    Stage("data", _data, lambda cfg, run: manifest_of(run.data).is_file(), _DATA),
+    Stage("routers", _routers, lambda cfg, run: manifest_of(run.routers).is_file(), _ROUTING),
+    Stage("partition", _partition, lambda cfg, run: manifest_of(run.partition).is_file(), _ROUTING),
+    Stage("experts", _experts, _experts_done, _EXPERTS),
+    Stage("dense", _dense, _dense_done, (*_EXPERTS, "dense")),
+    Stage("eval", _eval, lambda cfg, run: run.results_file(run.eval).is_file(), _EVAL),
+    Stage("report", _report, lambda cfg, run: run.report_md.is_file(), _EVAL),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+# Settings that change how fast a stage runs, never what it produces: left out of the digest.
+_VOLATILE = {"train": ("num_threads", "progress", "device", "tensorboard"),
+             "routing.train": ("num_threads", "progress", "device", "tensorboard"), "routing": ("parallel",)}
+
+
+def _stage_config(cfg: Config, stage: Stage) -> dict:
+    full = dataclasses.asdict(cfg)
+    picked = {k: full[k] for k in stage.sections}
+    for dotted, keys in _VOLATILE.items():
+        section = picked
+        for part in dotted.split("."):
+            section = section.get(part, {})
+        for key in keys:
+            section.pop(key, None)
     return picked
 
 
-def digest(cfg: Config, stage: str) -> str:
+def digest(cfg: Config, stage: Stage) -> str:
     return hashlib.sha256(json.dumps(_stage_config(cfg, stage), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def run_pipeline(cfg: Config, stages: dict[str, Callable[[], None]], run: RunLayout,
-                 done: dict[str, Callable[[], bool]]) -> None:
+def run_pipeline(cfg: Config, run: RunLayout) -> None:
     run.root.mkdir(parents=True, exist_ok=True)
-    write_json(run.root / "config.json", config_to_dict(cfg))
-    record_path = run.root / "stages.json"
-    record = read_json(record_path) if record_path.exists() else {}
+    save_config(cfg, run.config_file)
+    record = run.stages()
     for stage in STAGES:
         want = digest(cfg, stage)
-        if stage in record and done[stage]():
-            if record[stage]["digest"] != want:
-                raise SmalltalkError(f"stage '{stage}' of {run.root} was produced with a different config",
+        if stage.name in record and stage.done(cfg, run):
+            if record[stage.name]["digest"] != want:
+                raise SmalltalkError(f"stage '{stage.name}' of {run.root} was produced with a different config",
                                      fix="use a new run directory (--run) for the new config")
-            print(f"[{stage}] done, skipped", flush=True)
+            print(f"[{stage.name}] done, skipped", flush=True)
             continue
-        print(f"[{stage}] running", flush=True)
+        print(f"[{stage.name}] running", flush=True)
         start = time.perf_counter()
-        stages[stage]()
-        record[stage] = {"digest": want, "seconds": round(time.perf_counter() - start, 1)}
-        write_json(record_path, record)
+        stage.run(cfg, run)
+        record[stage.name] = {"digest": want, "seconds": round(time.perf_counter() - start, 1)}
+        write_json(run.stages_file, record)

@@ -9,19 +9,21 @@ from pathlib import Path
 import numpy as np
 
 from smalltalk.fsutil import read_json
-from smalltalk.layout import RunLayout
+from smalltalk.layout import DENSE_KINDS, REPORT_PLOTS, RouterFiles, RunLayout, TrainFiles, manifest_of
 
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
 
 
-def _curves(run: RunLayout) -> dict[str, list[dict]]:
+def training_curves(run: RunLayout) -> dict[str, list[dict]]:
     curves = {}
-    for path in sorted((run.root / "experts").glob("*/metrics.jsonl")):
-        curves[f"expert {path.parent.name}"] = [r for r in _rows(path) if "loss" in r]
-    for path in sorted(run.dense.glob("*/metrics.jsonl")):
-        curves[f"dense {path.parent.name}"] = [r for r in _rows(path) if "loss" in r]
+    trained = [("expert", d) for d in sorted(run.experts_dir.glob("*"))]
+    trained += [("dense", run.dense_kind(k)) for k in sorted(DENSE_KINDS)]
+    for kind, directory in trained:
+        metrics = TrainFiles(directory).metrics
+        if metrics.is_file():
+            curves[f"{kind} {directory.name}"] = [r for r in _rows(metrics) if "loss" in r]
     return curves
 
 
@@ -30,10 +32,9 @@ def mixture_curve(run: RunLayout, curves: dict[str, list[dict]], routing_flops: 
     expert, loss = the experts' losses weighted by their share of the partition (the training loss over
     the union of the shares), tokens and FLOPs = the sum over experts, FLOPs + the routing overhead."""
     experts = [rows for name, rows in curves.items() if name.startswith("expert")]
-    partition = run.partition / "manifest.json"
-    if not experts or not partition.is_file():
+    if not experts or not manifest_of(run.partition).is_file():
         return []
-    counts = np.array(read_json(partition)["counts"], dtype=np.float64)
+    counts = np.array(run.partition_manifest()["counts"], dtype=np.float64)
     if len(counts) != len(experts):  # an expert has not logged yet: no mixture point is complete
         return []
     by_step = [{r["step"]: r for r in rows} for rows in experts]
@@ -45,7 +46,7 @@ def mixture_curve(run: RunLayout, curves: dict[str, list[dict]], routing_flops: 
 
 
 def _plot_loss(run: RunLayout, out: Path, plt, results: dict | None) -> list[str]:
-    curves = _curves(run)
+    curves = training_curves(run)
     if not curves:
         return []
     routing = results["flops"]["exact"]["routing_overhead"]["total"] if results else 0.0
@@ -66,9 +67,9 @@ def _plot_loss(run: RunLayout, out: Path, plt, results: dict | None) -> list[str
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "loss_curves.png", dpi=110)
+    fig.savefig(out / REPORT_PLOTS["loss"], dpi=110)
     plt.close(fig)
-    return ["loss_curves.png"]
+    return [REPORT_PLOTS["loss"]]
 
 
 def _plot_prefix(results: dict, out: Path, plt) -> list[str]:
@@ -86,13 +87,13 @@ def _plot_prefix(results: dict, out: Path, plt) -> list[str]:
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out / "ppl_vs_prefix.png", dpi=110)
+    fig.savefig(out / REPORT_PLOTS["prefix"], dpi=110)
     plt.close(fig)
-    return ["ppl_vs_prefix.png"]
+    return [REPORT_PLOTS["prefix"]]
 
 
 def _plot_partition(run: RunLayout, out: Path, plt) -> list[str]:
-    manifest = read_json(run.partition / "manifest.json")
+    manifest = run.partition_manifest()
     files = []
     fig, ax = plt.subplots(figsize=(6, 3))
     ax.bar(range(len(manifest["counts"])), manifest["counts"], label="balanced (partition)")
@@ -101,9 +102,9 @@ def _plot_partition(run: RunLayout, out: Path, plt) -> list[str]:
     ax.set_ylabel("training sequences")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "expert_loads.png", dpi=110)
+    fig.savefig(out / REPORT_PLOTS["loads"], dpi=110)
     plt.close(fig)
-    files.append("expert_loads.png")
+    files.append(REPORT_PLOTS["loads"])
     mix = manifest.get("domain_mix")
     if mix:
         domains = sorted({d for m in mix for d in m})
@@ -116,14 +117,14 @@ def _plot_partition(run: RunLayout, out: Path, plt) -> list[str]:
         ax.set_xlabel("expert")
         fig.colorbar(im, ax=ax, label="share of the domain's sequences")
         fig.tight_layout()
-        fig.savefig(out / "domain_expert_heatmap.png", dpi=110)
+        fig.savefig(out / REPORT_PLOTS["domains_x_experts"], dpi=110)
         plt.close(fig)
-        files.append("domain_expert_heatmap.png")
+        files.append(REPORT_PLOTS["domains_x_experts"])
     return files
 
 
 def _plot_em(run: RunLayout, out: Path, plt) -> list[str]:
-    path = run.routers / "em_history.json"
+    path = RouterFiles(run.routers).em_history
     if not path.is_file():
         return []
     rounds = read_json(path)["rounds"]
@@ -142,9 +143,9 @@ def _plot_em(run: RunLayout, out: Path, plt) -> list[str]:
     axes[1].set_ylabel("prefix loss (nats/token)")
     axes[1].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "em_curve.png", dpi=110)
+    fig.savefig(out / REPORT_PLOTS["em"], dpi=110)
     plt.close(fig)
-    return ["em_curve.png"]
+    return [REPORT_PLOTS["em"]]
 
 
 def _plot_domains(results: dict, out: Path, plt) -> list[str]:
@@ -161,9 +162,9 @@ def _plot_domains(results: dict, out: Path, plt) -> list[str]:
     ax.set_ylabel(f"perplexity after {results['main_prefix']} tokens")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(out / "per_domain_ppl.png", dpi=110)
+    fig.savefig(out / REPORT_PLOTS["per_domain"], dpi=110)
     plt.close(fig)
-    return ["per_domain_ppl.png"]
+    return [REPORT_PLOTS["per_domain"]]
 
 
 def _flops_table(results: dict) -> list[str]:
@@ -184,12 +185,12 @@ def write_report(run: RunLayout) -> Path:
 
     from smalltalk.mixture_eval import format_results
 
-    out = run.root / "report"
+    out = run.report
     out.mkdir(parents=True, exist_ok=True)
-    results_path = run.eval / "results.json"
+    results_path = run.results_file(run.eval)
     results = read_json(results_path) if results_path.is_file() else None
     images = _plot_loss(run, out, plt, results) + _plot_em(run, out, plt)
-    if (run.partition / "manifest.json").is_file():
+    if manifest_of(run.partition).is_file():
         images += _plot_partition(run, out, plt)
     md = [f"# SmallTalk run report: {run.root.name}", ""]
     if results:
@@ -200,9 +201,9 @@ def write_report(run: RunLayout) -> Path:
                + ", ".join(f"dense {k} {v:.0f}" for k, v in tpp.items() if k != "experts"), "",
                "## FLOPs", "", *_flops_table(results), ""]
     md += ["## Figures", ""] + [f"![{name}]({name})" for name in images]
-    (out / "report.md").write_text("\n".join(md) + "\n")
+    run.report_md.write_text("\n".join(md) + "\n")
     body = "\n".join(f"<h3>{html.escape(n)}</h3><img src='{n}' style='max-width:100%'>" for n in images)
     table = html.escape("\n".join(md[:md.index("## Figures")]))
-    (out / "index.html").write_text(f"<html><head><meta charset='utf-8'><title>{html.escape(run.root.name)}</title>"
+    run.report_html.write_text(f"<html><head><meta charset='utf-8'><title>{html.escape(run.root.name)}</title>"
                                     f"</head><body><pre>{table}</pre>{body}</body></html>\n")
-    return out / "report.md"
+    return run.report_md

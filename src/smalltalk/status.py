@@ -9,7 +9,8 @@ from pathlib import Path
 
 from smalltalk.checkpoint import latest_checkpoint
 from smalltalk.fsutil import read_json
-from smalltalk.layout import RunLayout
+from smalltalk.layout import RunLayout, TrainFiles, manifest_of
+from smalltalk.pipeline import STAGE_NAMES
 
 
 def _last_metrics(path: Path) -> dict:
@@ -22,12 +23,11 @@ def _last_metrics(path: Path) -> dict:
 
 def expert_status(run: RunLayout, index: int, target_steps: int | None) -> dict:
     directory = run.expert(index)
-    job_path = run.root / "jobs" / f"experts-{index:02d}.json"
+    job_path = run.job_record(index)
     job = read_json(job_path) if job_path.is_file() else {}
-    last = _last_metrics(directory / "metrics.jsonl")
+    last = _last_metrics(TrainFiles(directory).metrics)
     checkpoint = latest_checkpoint(directory)
-    done = (directory / "train_manifest.json").is_file() and (
-        target_steps is None or read_json(directory / "train_manifest.json")["steps"] >= target_steps)
+    done = run.expert_done(index, target_steps)
     state = job.get("state") or ("done" if done else ("running" if last else "pending"))
     if done and state != "failed":
         state = "done"
@@ -45,20 +45,18 @@ def expert_status(run: RunLayout, index: int, target_steps: int | None) -> dict:
 
 
 def run_status(run: RunLayout) -> dict:
-    stages_path = run.root / "stages.json"
-    stages = read_json(stages_path) if stages_path.is_file() else {}
-    config = read_json(run.root / "config.json") if (run.root / "config.json").is_file() else {}
+    stages = run.stages()
+    config = run.config() or {}
     target = config.get("train", {}).get("steps")
-    manifests = {"tokenizer": run.tokenizer, "data": run.data, "routers": run.routers, "partition": run.partition}
     out = {"run": str(run.root), "stages": {}}
-    for name, directory in manifests.items():
-        out["stages"][name] = "done" if (directory / "manifest.json").is_file() else "pending"
-    for name in ("dense", "eval", "report"):
+    for name, directory in {"tokenizer": run.tokenizer, "data": run.data, "routers": run.routers,
+                            "partition": run.partition}.items():
+        out["stages"][name] = "done" if manifest_of(directory).is_file() else "pending"
+    for name in STAGE_NAMES[STAGE_NAMES.index("dense"):]:
         out["stages"][name] = "done" if name in stages else "pending"
-    experts = read_json(run.partition / "manifest.json")["experts"] if (run.partition / "manifest.json").is_file() \
-        else 0
+    experts = run.num_experts() if manifest_of(run.partition).is_file() else 0
     out["experts"] = [expert_status(run, k, target) for k in range(experts)]
-    mixture = read_json(run.root / "mixture.json") if (run.root / "mixture.json").is_file() else {}
+    mixture = run.mixture() if run.has_mixture() else {}
     out["mixture"] = mixture.get("expert_dirs", [])
     pending = mixture.get("pending_add")
     added = [(op["pair"], op["expert_steps"]) for op in mixture.get("elastic", []) if op["op"] == "add"]

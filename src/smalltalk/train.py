@@ -8,6 +8,7 @@ bitwise-exactly: weights, optimizer, scheduler, RNG states and the data cursor.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,13 +20,14 @@ import numpy as np
 import torch
 
 from smalltalk.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from smalltalk.config import TrainConfig, config_to_dict
+from smalltalk.config import TrainConfig
 from smalltalk.data.shards import SplitData
 from smalltalk.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import sequence_nll
 from smalltalk.flops import measure_matmul_peak, training_flops
 from smalltalk.fsutil import atomic_dir, write_json
+from smalltalk.layout import TrainFiles
 from smalltalk.model import ModelSpec, build_model, count_params
 
 
@@ -128,7 +130,7 @@ class _Metrics:
     """metrics.jsonl (+ TensorBoard); on resume, rows past the checkpoint are dropped."""
 
     def __init__(self, out_dir: Path, resume_step: int, tensorboard: bool, enabled: bool) -> None:
-        self.path = out_dir / "metrics.jsonl"
+        self.path = TrainFiles(out_dir).metrics
         self.enabled = enabled
         self.tb = None
         if not enabled:
@@ -140,7 +142,7 @@ class _Metrics:
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(out_dir / "tensorboard"), purge_step=resume_step + 1)
+            self.tb = SummaryWriter(str(TrainFiles(out_dir).tensorboard), purge_step=resume_step + 1)
 
     def log(self, row: dict) -> None:
         if not self.enabled:
@@ -158,7 +160,7 @@ class _Metrics:
 
 
 def train(job: TrainJob, resume: bool = False) -> dict:
-    """Run (or continue) a training job; returns the summary written to out_dir/train_manifest.json."""
+    """Run (or continue) a training job; returns the summary written to its TrainFiles.manifest."""
     _validate(job)
     cfg, out_dir = job.cfg, Path(job.out_dir)
     if cfg.num_threads:
@@ -187,7 +189,7 @@ def train(job: TrainJob, resume: bool = False) -> dict:
             print(f"{job.name}: resuming from {checkpoint}", flush=True)
         if consumed is not None and state.get("consumed") is not None:
             consumed[state["consumed"]] = True
-    elif not resume and (out_dir / "checkpoints").exists() and dist.is_main:
+    elif not resume and TrainFiles(out_dir).checkpoints.exists() and dist.is_main:
         raise SmalltalkError(f"{out_dir} already holds checkpoints", fix="pass --resume, or choose a new --out")
     model.to(device)
     for opt_state in optimizer.state.values():  # moved with the model
@@ -206,7 +208,7 @@ def train(job: TrainJob, resume: bool = False) -> dict:
         if dist.is_main:
             state = {"step": at, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                     "rng": _rng_state(), "world_size": dist.world_size, "config": config_to_dict(cfg),
+                     "rng": _rng_state(), "world_size": dist.world_size, "config": dataclasses.asdict(cfg),
                      "consumed": None if consumed is None else np.flatnonzero(consumed)}
             save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
         dist.barrier()
@@ -257,14 +259,14 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     if checkpoint is None or step > int(checkpoint.name.split("_")[1]):
         save(step)
     if consumed is not None and dist.is_main:
-        np.save(out_dir / "consumed_ids.npy", np.flatnonzero(consumed))
+        np.save(TrainFiles(out_dir).consumed_ids, np.flatnonzero(consumed))
     return _finish(job, model, step, tokens_seen, seq, global_batch, last_loss, dist)
 
 
 def _finish(job: TrainJob, model, step: int, tokens: int, seq: int, global_batch: int, loss: float,
             dist: DistContext) -> dict:
     """Write the final HF model dir and the manifest (rank 0), atomically."""
-    out_dir = Path(job.out_dir)
+    files = TrainFiles(Path(job.out_dir))
     params = count_params(job.spec)
     summary = {
         "kind": "train", "name": job.name, "steps": step, "tokens": tokens, "seq_len": seq,
@@ -274,12 +276,12 @@ def _finish(job: TrainJob, model, step: int, tokens: int, seq: int, global_batch
                                                                          else len(job.data)),
         "training_flops": {"exact": training_flops(job.spec, seq, global_batch, step, "exact"),
                            "paper": training_flops(job.spec, seq, global_batch, step, "paper")},
-        "config": config_to_dict(job.cfg), "data": str(job.data.dir),
+        "config": dataclasses.asdict(job.cfg), "data": str(job.data.dir),
     }
     if dist.is_main:
-        with atomic_dir(out_dir / "model") as tmp:
+        with atomic_dir(files.model) as tmp:
             model.save_pretrained(str(tmp), safe_serialization=True)
-        write_json(out_dir / "train_manifest.json", summary)
+        write_json(files.manifest, summary)
     dist.barrier()
     return summary
 

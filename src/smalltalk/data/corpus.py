@@ -24,6 +24,7 @@ from pathlib import Path
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, write_json
+from smalltalk.layout import CORPUS_STATS
 
 APT_PACKAGES = ["groff-base", "manpages", "manpages-dev", "manpages-de", "manpages-fr", "manpages-es"]
 GROFF = "preconv -e UTF-8 | groff -t -mandoc -Tutf8 -P-cbou -rLL=100n -rHY=0"
@@ -178,6 +179,6 @@ def build_demo_corpus(out_dir: Path, max_chars: float = 2e6, install: bool = Fal
         if len(stats["domains"]) < 4:
             raise SmalltalkError(f"only {len(stats['domains'])} domains available: {stats['skipped']}",
                                  fix="run with --install as root (apt-get installs man pages and groff)")
-        write_json(tmp / "stats.json", stats)
+        write_json(tmp / CORPUS_STATS, stats)
     print(f"corpus: {len(stats['domains'])} domains ({', '.join(stats['domains'])}) -> {out_dir}")
     return stats

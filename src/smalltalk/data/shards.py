@@ -10,6 +10,7 @@ Layout of RUN/data/ (one set of files per split):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,11 +19,12 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from smalltalk.config import Config, config_to_dict
+from smalltalk.config import Config
 from smalltalk.data.ingest import SPLITS, iter_documents, split_of
 from smalltalk.data.tokenizer import load_tokenizer
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
+from smalltalk.layout import DataFiles, manifest_of
 
 FORMAT_VERSION = 1
 
@@ -32,7 +34,7 @@ class _SplitWriter:
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, eot_id: int) -> None:
         self.split, self.dtype = split, dtype
-        self.handle = open(directory / f"{split}.bin", "wb")  # noqa: SIM115 - closed in finish()
+        self.handle = open(DataFiles(directory).tokens(split), "wb")  # noqa: SIM115 - closed in finish()
         self.hasher = hashlib.sha256()
         self.eot = np.array([eot_id], dtype=dtype)
         self.n_tokens = 0
@@ -57,7 +59,7 @@ class _SplitWriter:
         self.handle.close()
         n_seq = self.n_tokens // seq_len
         kept = n_seq * seq_len
-        path = directory / f"{self.split}.bin"
+        path = DataFiles(directory).tokens(self.split)
         if kept != self.n_tokens:
             with open(path, "r+b") as handle:
                 handle.truncate(kept * self.dtype.itemsize)
@@ -70,9 +72,9 @@ class _SplitWriter:
         seq_first = np.arange(n_seq, dtype=np.int64) * seq_len
         seq_domains = doc_domains[np.searchsorted(starts, seq_first, side="right") - 1] if n_seq else \
             np.zeros(0, np.int16)
-        np.save(directory / f"{self.split}.doc_starts.npy", starts)
-        np.save(directory / f"{self.split}.doc_domains.npy", doc_domains)
-        np.save(directory / f"{self.split}.seq_domains.npy", seq_domains.astype(np.int16))
+        np.save(DataFiles(directory).index(self.split, "doc_starts"), starts)
+        np.save(DataFiles(directory).index(self.split, "doc_domains"), doc_domains)
+        np.save(DataFiles(directory).index(self.split, "seq_domains"), seq_domains.astype(np.int16))
         return {"documents": int(lengths.size), "tokens": int(kept), "sequences": int(n_seq),
                 "tail_tokens_dropped": int(self.n_tokens - kept), "sha256": digest}
 
@@ -132,9 +134,9 @@ def prepare_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) ->
             "domains": sorted(domains, key=domains.get), "splits": split_info,
             "documents": stats["documents"], "empty_documents_skipped": stats["empty_documents_skipped"],
             "chars": chars, "seconds": round(seconds, 3), "mb_per_s": round(chars / 1e6 / seconds, 3),
-            "data_config": config_to_dict(cfg.data),
+            "data_config": dataclasses.asdict(cfg.data),
         }
-        write_json(tmp / "manifest.json", manifest)
+        write_json(manifest_of(tmp), manifest)
     return manifest
 
 
@@ -143,7 +145,7 @@ class SplitData:
 
     def __init__(self, data_dir: str | Path, split: str = "train") -> None:
         self.dir = Path(data_dir)
-        manifest_path = self.dir / "manifest.json"
+        manifest_path = manifest_of(self.dir)
         if not manifest_path.is_file():
             raise SmalltalkError(f"no prepared data at {self.dir}", fix="run `smalltalk data prepare` first")
         self.manifest = read_json(manifest_path)
@@ -155,14 +157,14 @@ class SplitData:
         info = self.manifest["splits"][split]
         self.num_sequences: int = info["sequences"]
         dtype = np.dtype(self.manifest["dtype"])
-        path = self.dir / f"{split}.bin"
+        path = DataFiles(self.dir).tokens(split)
         expected = info["tokens"] * dtype.itemsize
         if not path.is_file() or path.stat().st_size != expected:
             raise SmalltalkError(f"token file is missing or has the wrong size (expected {expected} bytes)",
                                  where=str(path), fix="re-run `smalltalk data prepare`")
         self.tokens = (np.memmap(path, dtype=dtype, mode="r", shape=(self.num_sequences, self.seq_len))
                        if self.num_sequences else np.zeros((0, self.seq_len), dtype))
-        self.seq_domains = np.load(self.dir / f"{split}.seq_domains.npy")
+        self.seq_domains = np.load(DataFiles(self.dir).index(split, "seq_domains"))
         self.domain_names: list[str] = self.manifest["domains"]
 
     def __len__(self) -> int:

@@ -16,6 +16,7 @@ from smalltalk.config import Config
 from smalltalk.data.ingest import iter_documents, split_of
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
+from smalltalk.layout import TokenizerFiles, manifest_of
 
 
 def train_texts(cfg: Config, stats: dict) -> Iterator[str]:
@@ -55,8 +56,14 @@ def train_tokenizer(cfg: Config, out_dir: str | Path) -> dict:
         manifest = _manifest(tmp, tokenizer, tok_cfg.eot_token, source="trained")
         manifest.update(train_chars=stats["chars"], train_seconds=round(seconds, 3),
                         train_mb_per_s=round(stats["chars"] / 1e6 / max(seconds, 1e-9), 3))
-        write_json(tmp / "manifest.json", manifest)
+        write_json(manifest_of(tmp), manifest)
     return manifest
+
+
+def make_tokenizer(cfg: Config, out_dir: str | Path, pretrained: str | Path | None = None) -> dict:
+    """The tokenizer stage: adopt `pretrained` (or tokenizer.pretrained) when given, else fit BPE."""
+    pretrained = pretrained or cfg.tokenizer.pretrained
+    return adopt_pretrained(cfg, pretrained, out_dir) if pretrained else train_tokenizer(cfg, out_dir)
 
 
 def adopt_pretrained(cfg: Config, source: str | Path, out_dir: str | Path) -> dict:
@@ -64,19 +71,20 @@ def adopt_pretrained(cfg: Config, source: str | Path, out_dir: str | Path) -> di
     from transformers import AutoTokenizer
 
     source = Path(source)
-    if not (source / "tokenizer.json").is_file():
-        raise SmalltalkError(f"no tokenizer.json in {source}",
+    source_json = TokenizerFiles(source).tokenizer_json
+    if not source_json.is_file():
+        raise SmalltalkError(f"no {source_json.name} in {source}",
                              fix="point --pretrained at a directory saved by a fast HF tokenizer")
     hf = AutoTokenizer.from_pretrained(str(source))
     eot = hf.eos_token or cfg.tokenizer.eot_token
-    tokenizer = Tokenizer.from_file(str(source / "tokenizer.json"))
+    tokenizer = Tokenizer.from_file(str(source_json))
     if tokenizer.token_to_id(eot) is None:
         raise SmalltalkError(f"tokenizer in {source} has no end-of-text token {eot!r}",
                              fix="set tokenizer.eot_token to a special token it has")
     with atomic_dir(out_dir) as tmp:
         hf.save_pretrained(str(tmp))
         manifest = _manifest(tmp, tokenizer, eot, source=str(source))
-        write_json(tmp / "manifest.json", manifest)
+        write_json(manifest_of(tmp), manifest)
     return manifest
 
 
@@ -105,15 +113,15 @@ def _manifest(directory: Path, tokenizer: Tokenizer, eot: str, source: str) -> d
         "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True),
         "eot_token": eot,
         "eot_id": tokenizer.token_to_id(eot),
-        "sha256": sha256_file(directory / "tokenizer.json"),
+        "sha256": sha256_file(TokenizerFiles(directory).tokenizer_json),
     }
 
 
 def load_tokenizer(tokenizer_dir: str | Path) -> tuple[Tokenizer, dict]:
     """The fast tokenizer plus its manifest; a clear error if the stage has not run."""
     tokenizer_dir = Path(tokenizer_dir)
-    manifest_path = tokenizer_dir / "manifest.json"
+    manifest_path = manifest_of(tokenizer_dir)
     if not manifest_path.is_file():
         raise SmalltalkError(f"no tokenizer at {tokenizer_dir}",
                              fix="run `smalltalk tokenizer train` (or `--pretrained DIR`) first")
-    return Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json")), read_json(manifest_path)
+    return Tokenizer.from_file(str(TokenizerFiles(tokenizer_dir).tokenizer_json)), read_json(manifest_path)

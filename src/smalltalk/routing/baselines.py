@@ -11,6 +11,7 @@ import numpy as np
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.fsutil import atomic_dir, write_json
+from smalltalk.layout import RouterFiles, TokenizerFiles, manifest_of
 from smalltalk.routing.assignment import balanced_assignment
 from smalltalk.routing.em import ChunkStream
 from smalltalk.routing.metrics import split_quality
@@ -28,7 +29,7 @@ def train_random_router(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     data = SplitData(data_dir, "train")
     manifest = _manifest(cfg, "random", data)
     with atomic_dir(out_dir) as tmp:
-        write_json(tmp / "manifest.json", manifest)
+        write_json(manifest_of(tmp), manifest)
     return manifest
 
 
@@ -43,7 +44,7 @@ def train_tfidf_router(cfg: Config, data_dir: Path, out_dir: Path, iterations: i
 
     rc = cfg.routing
     data = SplitData(data_dir, "train")
-    tokenizer_json = Path(data.manifest["tokenizer_dir"]) / "tokenizer.json"
+    tokenizer_json = TokenizerFiles(Path(data.manifest["tokenizer_dir"])).tokenizer_json
     decode = make_decoder(tokenizer_json)
     size = min(len(data), rc.chunk * max(1, rc.rounds))
     ids, _ = ChunkStream(len(data), size, rc.seed).chunk(0)
@@ -64,9 +65,9 @@ def train_tfidf_router(cfg: Config, data_dir: Path, out_dir: Path, iterations: i
     manifest = _manifest(cfg, "tfidf", data, fit_sequences=len(ids), kmeans_iterations=iteration + 1,
                          svd_components=svd.n_components, fit_quality=fit_quality)
     with atomic_dir(out_dir) as tmp:
-        with open(tmp / "tfidf.pkl", "wb") as handle:
+        with open(RouterFiles(tmp).tfidf, "wb") as handle:
             pickle.dump({"vectorizer": vectorizer, "svd": svd, "centroids": centroids.astype(np.float32)}, handle)
-        shutil.copy(tokenizer_json, tmp / "tokenizer.json")
-        write_json(tmp / "manifest.json", manifest)
+        shutil.copy(tokenizer_json, RouterFiles(tmp).tokenizer_json)
+        write_json(manifest_of(tmp), manifest)
     return manifest
 

@@ -9,6 +9,7 @@ import numpy as np
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json
+from smalltalk.layout import manifest_of
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment
 from smalltalk.routing.metrics import split_quality
 from smalltalk.routing.routers import load_routers, score_split
@@ -24,7 +25,7 @@ def compare_routers(routers_dirs: list[Path], data_dir: Path, split: str, prefix
     labels = data.seq_domains[ids]
     rows = []
     for routers_dir in routers_dirs:
-        manifest = read_json(routers_dir / "manifest.json")
+        manifest = read_json(manifest_of(routers_dir))
         router = load_routers(routers_dir)
         for prefix in prefixes:
             scores = score_split(router, data, ids, min(prefix, data.seq_len))

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from smalltalk.config import Config, config_to_dict
+from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json, write_json
+from smalltalk.layout import RouterFiles, manifest_of
 from smalltalk.model import ModelSpec, resolve_spec
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment
 from smalltalk.routing.metrics import split_quality
@@ -65,12 +66,12 @@ def _train_router(args: tuple) -> dict:
 def _settings(cfg: Config, spec: ModelSpec, data: SplitData) -> dict:
     rc = cfg.routing
     return {"experts": rc.experts, "prefix": rc.prefix, "rounds": rc.rounds, "chunk": rc.chunk, "seed": rc.seed,
-            "router": dataclasses.asdict(spec), "train": config_to_dict(rc.train),
+            "router": dataclasses.asdict(spec), "train": dataclasses.asdict(rc.train),
             "data_sha256": data.manifest["splits"]["train"]["sha256"]}
 
 
 def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
-    """Run (or resume) EM; returns the manifest written to out_dir/manifest.json."""
+    """Run (or resume) EM; returns the manifest written to out_dir."""
     rc = cfg.routing
     data, val = SplitData(data_dir, "train"), SplitData(data_dir, "validation")
     if not 2 <= rc.prefix <= data.seq_len:
@@ -79,21 +80,22 @@ def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
         raise SmalltalkError(f"routing.experts={rc.experts}: a mixture needs at least 2 experts")
     spec = resolve_spec(rc.router, data.vocab_size)
     settings = _settings(cfg, spec, data)
-    state_path = out_dir / "em_state.json"
+    files = RouterFiles(out_dir)
+    state_path = files.em_state
     if state_path.exists() and read_json(state_path)["settings"] != settings:
         raise SmalltalkError(f"{out_dir} holds EM routers trained with other settings",
                              fix="use a new --out directory, or delete it to start over")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(state_path, {"settings": settings})
     stream = ChunkStream(len(data), rc.chunk, rc.seed)
-    history_path = out_dir / "em_history.json"
+    history_path = files.em_history
     history = read_json(history_path)["rounds"] if history_path.exists() else []
     heldout = np.arange(min(rc.heldout_sequences, len(val)))
     names = router_names(rc.experts)
     for r in range(len(history), rc.rounds):
         chunk_ids, assignment, epoch = _share(out_dir, stream, r, rc.experts, rc.seed)
         summaries = _run_round(cfg, spec, data_dir, out_dir, chunk_ids, assignment, r, names)
-        routers = LMRouters.from_model_dirs([out_dir / name / "model" for name in names], rc.train.device,
+        routers = LMRouters.from_model_dirs([files.router(name).model for name in names], rc.train.device,
                                             rc.score_batch_size, workers=rc.score_workers)
         row = _round_metrics(r, epoch, routers, data, val, heldout, chunk_ids, assignment, summaries,
                              rc.prefix, out_dir)
@@ -101,7 +103,7 @@ def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
             next_ids, next_epoch = stream.chunk(r + 1)
             scores = score_split(routers, data, next_ids, rc.prefix, rc.score_batch_size)
             next_assignment = balanced_assignment(scores)
-            np.savez(out_dir / "shares" / f"round_{r + 1:03d}.npz", ids=next_ids, assignment=next_assignment)
+            np.savez(files.round_share(r + 1), ids=next_ids, assignment=next_assignment)
             row["next_chunk"] = {"epoch": next_epoch, "argmax_loads": np.bincount(
                 argmax_assignment(scores), minlength=rc.experts).tolist(),
                 **_quality(next_assignment, data.seq_domains[next_ids], "balanced")}
@@ -111,13 +113,13 @@ def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
                 "routers": names, "router_spec": dataclasses.asdict(spec), "rounds": rc.rounds,
                 "chunk": rc.chunk, "seed": rc.seed, "data": str(Path(data_dir).resolve()),
                 "data_sha256": settings["data_sha256"], "tokenizer_dir": data.manifest.get("tokenizer_dir")}
-    write_json(out_dir / "manifest.json", manifest)
+    write_json(manifest_of(out_dir), manifest)
     return manifest
 
 
 def _share(out_dir: Path, stream: ChunkStream, r: int, experts: int, seed: int):
     """The ids and assignment router training uses in round r (round 0: equal random split)."""
-    path = out_dir / "shares" / f"round_{r:03d}.npz"
+    path = RouterFiles(out_dir).round_share(r)
     ids, epoch = stream.chunk(r)
     if path.exists():
         saved = np.load(path)
@@ -136,7 +138,7 @@ def _run_round(cfg: Config, spec: ModelSpec, data_dir: Path, out_dir: Path, chun
     train_cfg = dataclasses.replace(rc.train, seq_len=rc.prefix, steps=(r + 1) * rc.train.steps,
                                     schedule_steps=rc.rounds * rc.train.steps, progress=False)
     threads = max(1, (os.cpu_count() or 1) // rc.parallel) if rc.parallel > 1 else rc.train.num_threads
-    jobs = [(spec, train_cfg, str(data_dir), str(out_dir / name), chunk_ids[assignment == e],
+    jobs = [(spec, train_cfg, str(data_dir), str(RouterFiles(out_dir).router(name).root), chunk_ids[assignment == e],
              f"router {name} round {r}", threads) for e, name in enumerate(names)]
     if rc.parallel <= 1:
         return [_train_router(job) for job in jobs]
@@ -165,8 +167,7 @@ def _round_metrics(r: int, epoch: int, routers: LMRouters, data: SplitData, val:
     if len(heldout):
         scores = score_split(routers, val, heldout, prefix)
         best = argmax_assignment(scores)
-        best_path = out_dir / "shares" / f"heldout_best_{r:03d}.npy"
-        previous = out_dir / "shares" / f"heldout_best_{r - 1:03d}.npy"
+        best_path, previous = RouterFiles(out_dir).heldout_best(r), RouterFiles(out_dir).heldout_best(r - 1)
         np.save(best_path, best)
         row.update({
             "heldout_loss": [float(-scores[:, e].mean() / tokens) for e in range(experts)],

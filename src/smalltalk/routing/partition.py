@@ -14,10 +14,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.distributed import init_distributed
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
+from smalltalk.layout import WEIGHTS, PartitionFiles, RouterFiles, RunLayout, manifest_of, read_manifest
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, capacities
 from smalltalk.routing.metrics import domain_mix, split_quality
 from smalltalk.routing.routers import load_routers, score_split
@@ -55,7 +57,7 @@ def partition(routers_dir: Path, data_dir: Path, out_dir: Path, prefix: int | No
               chunk_size: int | None = None, batch_size: int = 256, device: str = "cpu", compile: bool = False,
               workers: int | None = None) -> dict:
     started = time.perf_counter()
-    routers_manifest = read_json(_need(routers_dir / "manifest.json", "run `smalltalk routers train` first"))
+    routers_manifest = read_manifest(routers_dir, "run `smalltalk routers train` first")
     router = load_routers(routers_dir, device, batch_size, compile, workers)
     data = SplitData(data_dir, "train")
     prefix = prefix or routers_manifest["prefix"]
@@ -82,32 +84,41 @@ def partition(routers_dir: Path, data_dir: Path, out_dir: Path, prefix: int | No
                         "moved_by_balancing": float((argmax_assignment(scores) != assignment).mean())},
         "domain_mix": domain_mix(assignment, labels, experts, data.domain_names) if data.has_domains else None,
         **({"quality": split_quality(assignment, labels)} if data.has_domains else {}),
-        "files": [f"expert_{e:02d}.npy" for e in range(experts)],
+        "files": [PartitionFiles.share_name(e) for e in range(experts)],
     }
     dist = init_distributed("cpu")
     if dist.is_main:
         with atomic_dir(out_dir) as tmp:
             for e, ids in enumerate(shares):
-                np.save(tmp / f"expert_{e:02d}.npy", ids.astype(np.int64))
+                np.save(PartitionFiles(tmp).share(e), ids.astype(np.int64))
             manifest["sha256"] = {f: sha256_file(tmp / f) for f in manifest["files"]}
             manifest["seconds"] = round(time.perf_counter() - started, 3)
-            write_json(tmp / "manifest.json", manifest)
+            write_json(manifest_of(tmp), manifest)
     dist.barrier()
     return manifest
+
+
+def partition_run(cfg: Config, run: RunLayout, prefix: int | None = None, chunk_size: int | None = None,
+                  device: str | None = None) -> dict:
+    """The partition stage of a run: RUN/routers score RUN/data's train split into RUN/partition."""
+    rc = cfg.routing
+    return partition(run.routers, run.data, run.partition, prefix, chunk_size or rc.partition_chunk,
+                     rc.score_batch_size, device or "cpu", rc.compile, rc.score_workers)
 
 
 def routers_checksum(routers_dir: Path) -> str:
     """sha256 over what defines the routers: manifest, final weights, tf-idf state."""
     digest = hashlib.sha256()
-    files = [routers_dir / "manifest.json", *sorted(routers_dir.glob("*/model/model.safetensors")),
-             *sorted(routers_dir.glob("tfidf.pkl"))]
+    layout, names = RouterFiles(routers_dir), read_json(manifest_of(routers_dir)).get("routers", [])
+    files = [manifest_of(routers_dir), *[layout.router(name).model / WEIGHTS for name in sorted(names)],
+             *([layout.tfidf] if layout.tfidf.is_file() else [])]
     for path in files:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()
 
 
 def load_share(partition_dir: Path, expert: int) -> np.ndarray:
-    path = _need(Path(partition_dir) / f"expert_{expert:02d}.npy", "run `smalltalk partition` first")
+    path = _need(PartitionFiles(Path(partition_dir)).share(expert), "run `smalltalk partition` first")
     return np.load(path)
 
 

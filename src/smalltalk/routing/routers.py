@@ -17,6 +17,7 @@ import torch
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json
+from smalltalk.layout import RouterFiles, manifest_of
 from smalltalk.routing.scoring import default_workers, score_batches, scoring_body
 
 
@@ -108,20 +109,20 @@ def make_decoder(tokenizer_json: Path):
 def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int = 256, compile: bool = False,
                  workers: int | None = None) -> Router:
     routers_dir = Path(routers_dir)
-    manifest_path = routers_dir / "manifest.json"
+    manifest_path, files = manifest_of(routers_dir), RouterFiles(routers_dir)
     if not manifest_path.is_file():
         raise SmalltalkError(f"no trained routers at {routers_dir}", fix="run `smalltalk routers train` first")
     manifest = read_json(manifest_path)
     method = manifest["method"]
     if method == "em":
-        return LMRouters.from_model_dirs([routers_dir / name / "model" for name in manifest["routers"]], device,
+        return LMRouters.from_model_dirs([files.router(name).model for name in manifest["routers"]], device,
                                          batch_size, compile, workers)
     if method == "random":
         return RandomRouter(manifest["experts"], manifest["seed"])
     if method == "tfidf":
-        with open(routers_dir / "tfidf.pkl", "rb") as handle:
+        with open(files.tfidf, "rb") as handle:
             state = pickle.load(handle)
-        return TfidfRouter(make_decoder(routers_dir / "tokenizer.json"), state["vectorizer"], state["svd"],
+        return TfidfRouter(make_decoder(files.tokenizer_json), state["vectorizer"], state["svd"],
                            state["centroids"])
     raise SmalltalkError(f"unknown routing method {method!r} in {manifest_path}")
 

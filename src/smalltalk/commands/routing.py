@@ -1,4 +1,4 @@
-"""CLI commands of the routing stages: `routers train`, `routers compare` and `partition`."""
+"""Routing verbs: `routers train`, `routers compare`, `partition`."""
 
 from __future__ import annotations
 
@@ -6,49 +6,42 @@ import argparse
 import json
 from pathlib import Path
 
+from smalltalk.commands.common import add_common, load, path_or
 from smalltalk.config import Config
+from smalltalk.routing.methods import METHODS
+
+# Flags that are shorthands for --set routing.<name>: the command line wins over the config.
+_ROUTING_FLAGS = ("experts", "prefix", "rounds", "chunk", "method", "parallel")
 
 
-def _apply(cfg: Config, args: argparse.Namespace) -> None:
-    """Command-line flags win over the config (they are shorthands for --set routing.*)."""
-    rc = cfg.routing
-    for flag, attr in (("experts", "experts"), ("prefix", "prefix"), ("rounds", "rounds"), ("chunk", "chunk"),
-                       ("method", "method"), ("parallel", "parallel")):
+def _apply_flags(cfg: Config, args: argparse.Namespace) -> None:
+    for flag in _ROUTING_FLAGS:
         value = getattr(args, flag, None)
         if value is not None:
-            setattr(rc, attr, value)
+            setattr(cfg.routing, flag, value)
     if getattr(args, "router", None):
-        rc.router.preset = args.router
+        cfg.routing.router.preset = args.router
 
 
 def cmd_routers_train(args: argparse.Namespace) -> None:
-    from smalltalk.cli import _load
-    from smalltalk.routing.baselines import train_random_router, train_tfidf_router
-    from smalltalk.routing.em import train_em_routers
+    from smalltalk.routing.methods import train_routers
 
-    cfg, run = _load(args)
-    _apply(cfg, args)
-    data = Path(args.data) if args.data else run.data
-    out = Path(args.out) if args.out else run.routers
-    trainers = {"em": train_em_routers, "tfidf": train_tfidf_router, "random": train_random_router}
-    if cfg.routing.method not in trainers:
-        from smalltalk.errors import SmalltalkError
-
-        raise SmalltalkError(f"unknown routing method {cfg.routing.method!r}", fix="use em, tfidf or random")
-    manifest = trainers[cfg.routing.method](cfg, data, out)
+    cfg, run = load(args)
+    _apply_flags(cfg, args)
+    out = path_or(args.out, run.routers)
+    manifest = train_routers(cfg, path_or(args.data, run.data), out)
     print(f"routers: {manifest['method']}, {manifest['experts']} experts, prefix {manifest['prefix']} -> {out}")
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
-    from smalltalk.cli import _load
     from smalltalk.routing.partition import partition
 
-    cfg, run = _load(args)
-    routers = Path(args.routers) if args.routers else run.routers
-    out = Path(args.out) if args.out else run.partition
-    manifest = partition(routers, Path(args.data) if args.data else run.data, out, args.prefix,
-                         args.chunk_size or cfg.routing.partition_chunk, cfg.routing.score_batch_size,
-                         args.device, cfg.routing.compile, cfg.routing.score_workers)
+    cfg, run = load(args)
+    rc = cfg.routing
+    out = path_or(args.out, run.partition)
+    manifest = partition(path_or(args.routers, run.routers), path_or(args.data, run.data), out, args.prefix,
+                         args.chunk_size or rc.partition_chunk, rc.score_batch_size, args.device, rc.compile,
+                         rc.score_workers)
     if manifest:
         quality = manifest.get("quality", {})
         print(f"partition: {manifest['sequences']} sequences -> loads {manifest['counts']}"
@@ -65,13 +58,13 @@ def cmd_routers_compare(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(rows, indent=2) + "\n")
 
 
-def add_commands(sub, common) -> None:
+def register(sub) -> None:
     routers = sub.add_parser("routers", help="router stage").add_subparsers(dest="action", required=True)
     p = routers.add_parser("train", help="train routers: EM router LMs, or the tf-idf / random baselines")
-    common(p)
+    add_common(p)
     p.add_argument("--data", help="prepared data (default RUN/data)")
     p.add_argument("--out", help="output directory (default RUN/routers)")
-    p.add_argument("--method", choices=["em", "tfidf", "random"])
+    p.add_argument("--method", choices=METHODS)
     p.add_argument("--experts", type=int, help="E")
     p.add_argument("--router", help="router model preset")
     p.add_argument("--prefix", type=int, help="M: prefix tokens routers see")
@@ -90,7 +83,7 @@ def add_commands(sub, common) -> None:
     p.set_defaults(func=cmd_routers_compare)
 
     p = sub.add_parser("partition", help="assign every training sequence to an expert")
-    common(p)
+    add_common(p)
     p.add_argument("--routers", help="routers directory (default RUN/routers)")
     p.add_argument("--data", help="prepared data (default RUN/data)")
     p.add_argument("--prefix", type=int, help="M (default: the routers' training prefix)")
@@ -98,4 +91,3 @@ def add_commands(sub, common) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="output directory (default RUN/partition)")
     p.set_defaults(func=cmd_partition)
-

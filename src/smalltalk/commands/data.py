@@ -1,0 +1,66 @@
+"""Data verbs: `tokenizer train`, `data prepare`, `corpus demo`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from smalltalk.commands.common import add_common, load, path_or
+
+
+def cmd_tokenizer_train(args: argparse.Namespace) -> None:
+    from smalltalk.data.tokenizer import make_tokenizer
+
+    cfg, run = load(args)
+    if args.input:
+        cfg.data.inputs = args.input
+    out = path_or(args.out, run.tokenizer)
+    manifest = make_tokenizer(cfg, out, args.pretrained)
+    print(f"tokenizer: vocab {manifest['vocab_size']}, eot id {manifest['eot_id']} -> {out}")
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from smalltalk.data.shards import prepare_data
+
+    cfg, run = load(args)
+    if args.input:
+        cfg.data.inputs = args.input
+    out = path_or(args.out, run.data)
+    manifest = prepare_data(cfg, path_or(args.tokenizer, run.tokenizer), out)
+    splits = ", ".join(f"{k} {v['sequences']} seqs" for k, v in manifest["splits"].items())
+    print(f"data: {manifest['documents']} docs, {manifest['chars'] / 1e6:.1f}M chars at "
+          f"{manifest['mb_per_s']:.2f} MB/s; {splits} of {manifest['seq_len']} tokens -> {out}")
+
+
+def cmd_corpus_demo(args: argparse.Namespace) -> None:
+    from smalltalk.data.corpus import build_demo_corpus
+
+    build_demo_corpus(Path(args.out), max_chars=args.max_chars, install=args.install, seed=args.seed,
+                      min_docs=args.min_docs)
+
+
+def register(sub) -> None:
+    tok = sub.add_parser("tokenizer", help="tokenizer stage").add_subparsers(dest="action", required=True)
+    p = tok.add_parser("train", help="fit byte-level BPE on the train split")
+    add_common(p)
+    p.add_argument("--input", nargs="+", help="documents (overrides data.inputs)")
+    p.add_argument("--pretrained", help="use this local HF tokenizer directory instead")
+    p.add_argument("--out", help="output directory (default RUN/tokenizer)")
+    p.set_defaults(func=cmd_tokenizer_train)
+
+    data = sub.add_parser("data", help="data stage").add_subparsers(dest="action", required=True)
+    p = data.add_parser("prepare", help="encode and pack documents into token shards")
+    add_common(p)
+    p.add_argument("--input", nargs="+", help="documents (overrides data.inputs)")
+    p.add_argument("--tokenizer", help="tokenizer directory (default RUN/tokenizer)")
+    p.add_argument("--out", help="output directory (default RUN/data)")
+    p.set_defaults(func=cmd_data_prepare)
+
+    corpus = sub.add_parser("corpus", help="corpora").add_subparsers(dest="action", required=True)
+    p = corpus.add_parser("demo", help="build the multi-domain demo corpus from local Debian/PyPI sources")
+    p.add_argument("out")
+    p.add_argument("--max-chars", type=float, default=2e6, help="characters per domain")
+    p.add_argument("--install", action="store_true", help="apt-get install extra sources when root")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--min-docs", type=int, default=20, help="a domain with fewer documents is skipped")
+    p.set_defaults(func=cmd_corpus_demo)

@@ -1,0 +1,125 @@
+"""Training verbs: `experts train|add|remove`, `dense train`, `train lm`."""
+
+from __future__ import annotations
+
+import argparse
+
+from smalltalk.commands.common import add_common, is_main_rank, load, path_or
+from smalltalk.errors import SmalltalkError
+from smalltalk.layout import DENSE_KINDS
+
+
+def cmd_experts_train(args: argparse.Namespace) -> None:
+    from smalltalk.experts import train_all_experts, train_expert
+    from smalltalk.mixture import write_mixture_manifest
+
+    cfg, run = load(args)
+    if args.all:
+        train_all_experts(cfg, run, args.parallel or cfg.experts.parallel)
+        print(f"all {run.num_experts()} experts trained -> {run.experts_dir}; mixture -> {run.mixture_file}")
+        return
+    if args.expert is None:
+        raise SmalltalkError("say which expert to train", fix="pass --expert K or --all")
+    summary = train_expert(cfg, run, args.expert)
+    if write_mixture_manifest(run):  # the last expert to finish ties the mixture together
+        print(f"every expert is trained: mixture -> {run.mixture_file}")
+    if is_main_rank():
+        print(f"expert {args.expert:02d}: {summary['steps']} steps, {summary['tokens_per_param']:.0f} "
+              f"tokens/param, final loss {summary['final_loss']:.4f}")
+
+
+def cmd_experts_add(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from smalltalk.data.shards import SplitData
+    from smalltalk.elastic import add_expert, read_mixture, routing_shift
+
+    cfg, run = load(args)  # the run's own config.json: same tokenizer, presets
+    before = read_mixture(run)
+    added = add_expert(cfg, run, args.data, args.steps, args.router_steps)
+    print(f"added pair {added['pair']:02d} as mixture expert {added['index']}: router {added['router']['steps']} "
+          f"steps, expert {added['expert']['steps']} steps ({added['expert']['tokens_per_param']:.0f} tokens/param) "
+          f"on {added['train_sequences']} sequences")
+    for name, data_dir in (("new", run.added(added["pair"])), ("old", run.data)):
+        val = SplitData(data_dir, "validation")
+        if len(val):
+            ids = np.arange(min(len(val), 512))
+            shift = routing_shift(run.root, before, added["manifest"], val, ids, before["prefix"])
+            new_dir = added["manifest"]["expert_dirs"][-1]
+            print(f"{name} validation sequences routed to the new expert: "
+                  f"{(shift['chosen_after'] == new_dir).mean():.1%} (of {len(ids)})")
+
+
+def cmd_experts_remove(args: argparse.Namespace) -> None:
+    from smalltalk.elastic import remove_expert
+
+    _, run = load(args)
+    removed = remove_expert(run, args.expert, args.delete)
+    print(f"removed expert {args.expert} ({removed['expert_dir']}, router {removed['router_dir']}); "
+          f"the mixture now has {removed['manifest']['experts']} experts"
+          + ("" if args.delete else " (files kept on disk)"))
+
+
+def cmd_dense_train(args: argparse.Namespace) -> None:
+    from smalltalk.experts import dense_kinds, train_dense
+
+    cfg, run = load(args)
+    if args.match:
+        cfg.dense.match = args.match
+    for kind in [args.kind] if args.kind else dense_kinds(cfg):
+        summary = train_dense(cfg, run, kind)
+        print(f"dense {kind}: {summary['params'] / 1e6:.3f}M params, {summary['steps']} steps, "
+              f"{summary['tokens_per_param']:.0f} tokens/param, final loss {summary['final_loss']:.4f}")
+
+
+def cmd_train_lm(args: argparse.Namespace) -> None:
+    from smalltalk.data.shards import SplitData
+    from smalltalk.model import resolve_spec
+    from smalltalk.train import TrainJob, train
+
+    cfg, run = load(args)
+    data = SplitData(path_or(args.data, run.data), "train")
+    spec = resolve_spec(cfg.model, data.vocab_size)
+    val = SplitData(data.dir, "validation")
+    out = path_or(args.out, run.lm)
+    summary = train(TrainJob(spec, cfg.train, data, out, val=val if len(val) else None, name="lm"),
+                    resume=args.resume)
+    if is_main_rank():
+        print(f"trained {summary['steps']} steps, {summary['tokens'] / 1e6:.2f}M tokens "
+              f"({summary['tokens_per_param']:.2f}/param), final loss {summary['final_loss']:.4f} -> {out}")
+
+
+def register(sub) -> None:
+    experts = sub.add_parser("experts", help="expert stage").add_subparsers(dest="action", required=True)
+    p = experts.add_parser("train", help="train expert K on its partition share (or --all)")
+    add_common(p)
+    p.add_argument("--expert", type=int)
+    p.add_argument("--all", action="store_true", help="every expert, each as its own process")
+    p.add_argument("--parallel", type=int, help="expert processes at once (with --all)")
+    p.set_defaults(func=cmd_experts_train)
+    p = experts.add_parser("add", help="train a new router + expert on new documents and append the pair")
+    add_common(p)
+    p.add_argument("--data", nargs="+", required=True, help="new documents (jsonl/txt/parquet files or dirs)")
+    p.add_argument("--steps", type=int, help="expert steps (default: train.steps of the run)")
+    p.add_argument("--router-steps", type=int, help="router steps (default: EM rounds x routing.train.steps)")
+    p.set_defaults(func=cmd_experts_add)
+    p = experts.add_parser("remove", help="drop expert K and its router from the mixture")
+    p.add_argument("--run", "--run-dir", dest="run", required=True)
+    p.add_argument("--expert", type=int, required=True, help="index in mixture.json (0-based)")
+    p.add_argument("--delete", action="store_true", help="also delete the pair's files")
+    p.set_defaults(func=cmd_experts_remove, config=None, set=[])
+
+    dense = sub.add_parser("dense", help="dense baselines").add_subparsers(dest="action", required=True)
+    p = dense.add_parser("train", help="compute-matched (and bigger) dense baselines")
+    add_common(p)
+    p.add_argument("--match", choices=["steps", "batch"], help="steps: E x steps (default); batch: E x batch")
+    p.add_argument("--kind", choices=DENSE_KINDS)
+    p.set_defaults(func=cmd_dense_train)
+
+    tr = sub.add_parser("train", help="training").add_subparsers(dest="action", required=True)
+    p = tr.add_parser("lm", help="train one LM on prepared data")
+    add_common(p)
+    p.add_argument("--data", help="prepared data directory (default RUN/data)")
+    p.add_argument("--out", help="output directory (default RUN/lm)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint")
+    p.set_defaults(func=cmd_train_lm)

@@ -1,0 +1,80 @@
+"""Verbs that use a trained mixture: `generate`, `export`, `serve`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from smalltalk.errors import SmalltalkError
+from smalltalk.layout import RunLayout
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from smalltalk.export import export_mixture
+
+    print(f"exported -> {export_mixture(RunLayout(Path(args.run)), Path(args.out))}")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    import torch
+    from transformers import TextStreamer
+
+    from smalltalk.mixture import SmallTalkMixture
+
+    prompt = Path(args.file).read_text() if args.file else args.prompt
+    if not prompt:
+        raise SmalltalkError("no prompt", fix="pass a prompt string or --file FILE")
+    mixture = SmallTalkMixture.from_pretrained(args.run, args.device)
+    sample = args.temperature > 0
+    streamer = TextStreamer(mixture.tokenizer, skip_prompt=True) if args.stream and not args.reroute_at else None
+    torch.manual_seed(args.seed)  # routing draws no random numbers: the seed decides the sampled text alone
+    out = mixture.generate(prompt, args.max_new_tokens, args.prefix, reroute_at=args.reroute_at, do_sample=sample,
+                           temperature=args.temperature if sample else None, top_p=args.top_p if sample else None,
+                           streamer=streamer)
+    if args.reroute_at:
+        print(f"[experts {' -> '.join(f'{k:02d}' for k in out['experts'])} (re-routed at {args.reroute_at} "
+              "tokens)]", file=sys.stderr)
+    else:
+        ranked = sorted(out["scores"], reverse=True)
+        margin = ranked[0] - ranked[1] if len(ranked) > 1 else float("inf")
+        print(f"[expert {out['expert']:02d}, router margin {margin:.2f} nats over the runner-up]", file=sys.stderr)
+    if streamer is None:
+        print(out["text"])
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from smalltalk.serve import serve
+
+    serve(args.run, args.host, args.port, args.api_key, args.max_resident_experts, args.model_name, args.device)
+
+
+def register(sub) -> None:
+    p = sub.add_parser("generate", help="route a prompt and continue it with the chosen expert")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--run", required=True, help="run directory or exported mixture")
+    p.add_argument("--file", help="read the prompt from this file")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
+    p.add_argument("--top-p", type=float, default=0.95)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prefix", type=int, help="route on this many prompt tokens (default: the mixture's)")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--reroute-at", type=int, help="re-score once prompt + output reach this many tokens")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="write a self-contained mixture directory")
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a mixture")
+    p.add_argument("--run", required=True, help="run directory or exported mixture")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--max-resident-experts", type=int, help="LRU bound on experts kept in memory")
+    p.add_argument("--model-name", default="smalltalk")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,47 @@
+"""`smalltalk export` (export.py): a self-contained mixture that loads elsewhere with the same outputs."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from smalltalk.data.shards import SplitData
+from smalltalk.mixture import SmallTalkMixture
+
+from .conftest import cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_export_loads_in_a_fresh_process_with_the_same_logits(pipeline_run, tmp_path):
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = pipeline_run[0]
+    out = tmp_path / "export"
+    assert cli("export", "--run", run, "--out", out) == 0
+    assert "Evaluation" in (out / "README.md").read_text()
+    AutoTokenizer.from_pretrained(str(out / "tokenizer"))
+    tokens = SplitData(run / "data", "test").batch(np.arange(4))
+    np.save(tmp_path / "tokens.npy", tokens)
+    script = (
+        "import sys, numpy as np, torch\n"
+        "from smalltalk.mixture import SmallTalkMixture\n"
+        f"m = SmallTalkMixture.from_pretrained({str(out)!r})\n"
+        f"x = np.load({str(tmp_path / 'tokens.npy')!r})\n"
+        "nll, chosen = m.score(x, 16)\n"
+        f"torch.save({{'nll': nll, 'chosen': chosen}}, {str(tmp_path / 'fresh.pt')!r})\n")
+    shutil_run = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True)
+    assert shutil_run.returncode == 0, shutil_run.stderr
+    fresh = torch.load(tmp_path / "fresh.pt", weights_only=False)
+    nll, chosen = SmallTalkMixture.from_pretrained(run).score(tokens, 16)
+    assert np.array_equal(fresh["chosen"], chosen) and torch.equal(fresh["nll"], nll)
+    for k in range(3):
+        a = AutoModelForCausalLM.from_pretrained(str(out / "experts" / f"{k:02d}" / "model"))
+        b = AutoModelForCausalLM.from_pretrained(str(run / "experts" / f"{k:02d}" / "model"))
+        x = torch.from_numpy(tokens)
+        with torch.no_grad():
+            assert torch.equal(a(x).logits, b(x).logits)

@@ -1,0 +1,55 @@
+"""`smalltalk run` (pipeline.py): the STAGES table, resuming, config digests, RUN/config.json."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smalltalk.config import load_config
+from smalltalk.launch import LAUNCHABLE
+from smalltalk.layout import RunLayout
+from smalltalk.pipeline import STAGE_NAMES, STAGES, digest
+
+from .conftest import TINY_CONFIG, cli
+
+
+def _stage(name: str):
+    return next(s for s in STAGES if s.name == name)
+
+
+def test_stage_table_is_the_pipeline_order():
+    assert STAGE_NAMES == ("tokenizer", "data", "routers", "partition", "experts", "dense", "eval", "report")
+    assert set(LAUNCHABLE) <= set(STAGE_NAMES)
+    for earlier, later in zip(STAGES, STAGES[1:], strict=False):  # later stages depend on all earlier ones do
+        assert set(earlier.sections) <= set(later.sections), (earlier.name, later.name)
+
+
+def test_digest_follows_what_a_stage_depends_on():
+    cfg = load_config(TINY_CONFIG)
+    speed_only = load_config(TINY_CONFIG, ["train.num_threads=7", "routing.parallel=3", "train.progress=false"])
+    lr = load_config(TINY_CONFIG, ["train.lr=0.5"])
+    for stage in STAGES:
+        assert digest(cfg, stage) == digest(speed_only, stage), stage.name
+    assert digest(cfg, _stage("routers")) == digest(lr, _stage("routers"))
+    assert digest(cfg, _stage("experts")) != digest(lr, _stage("experts"))
+
+
+@pytest.mark.slow
+def test_rerun_skips_every_stage_and_refuses_a_changed_config(pipeline_run, capsys):
+    run, args = pipeline_run
+    capsys.readouterr()
+    assert cli(*args) == 0
+    assert capsys.readouterr().out.count("done, skipped") == len(STAGES)
+    assert cli(*args, "--set", "train.lr=0.5") == 2
+    assert "different config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_later_commands_read_the_run_config(pipeline_run, tmp_path, capsys):
+    """Without --config, a verb on a run uses RUN/config.json (what the run was made with), not defaults."""
+    run = RunLayout(pipeline_run[0])
+    saved = json.loads(run.config_file.read_text())
+    assert saved["routing"]["experts"] == 3 and saved["run_dir"] == str(run.root)
+    assert cli("plan", "--run", run.root) == 0
+    assert "x 3 router jobs" in capsys.readouterr().out  # tiny.yaml and the defaults say otherwise

@@ -1,0 +1,35 @@
+"""`smalltalk report` (report.py): every figure, and the mixture's training curve."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from smalltalk.layout import RunLayout
+
+pytestmark = pytest.mark.slow
+
+
+def test_report_has_every_figure(pipeline_run):
+    run = pipeline_run[0]
+    for name in ("report.md", "index.html", "loss_curves.png", "ppl_vs_prefix.png", "em_curve.png",
+                 "expert_loads.png", "domain_expert_heatmap.png", "per_domain_ppl.png"):
+        assert (run / "report" / name).is_file(), name
+    assert "![loss_curves.png](loss_curves.png)" in (run / "report" / "report.md").read_text()
+
+
+def test_report_mixture_curve_weights_experts_by_share(pipeline_run):
+    from smalltalk.report import mixture_curve, training_curves
+
+    run = RunLayout(pipeline_run[0])
+    curves = training_curves(run)
+    counts = json.loads((run.partition / "manifest.json").read_text())["counts"]
+    mixture = mixture_curve(run, curves, routing_flops=1e9)
+    experts = [{r["step"]: r for r in curves[f"expert {k:02d}"]} for k in range(3)]
+    assert mixture and [r["step"] for r in mixture] == sorted(experts[0])
+    for row in mixture:
+        at_step = [e[row["step"]] for e in experts]
+        assert row["flops"] == pytest.approx(1e9 + sum(r["flops"] for r in at_step))
+        expected = sum(c * r["loss"] for c, r in zip(counts, at_step, strict=True)) / sum(counts)
+        assert row["loss"] == pytest.approx(expected)
