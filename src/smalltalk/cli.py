@@ -7,7 +7,7 @@
   smalltalk model info        presets with exact parameter counts and FLOPs
   smalltalk routers train     EM training of the router LMs
   smalltalk partition         route every training sequence to an expert
-  smalltalk experts train     train expert K (or --all) on its share, as independent jobs
+  smalltalk experts train     train expert K (or --all) on its share, as independent jobs (add|remove: elastic)
   smalltalk dense train       compute-matched and bigger dense baselines
   smalltalk eval              the mixture vs the dense baselines, with FLOPs (eval ppl: one model)
   smalltalk report RUN        plots, report.md and index.html
