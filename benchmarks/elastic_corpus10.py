@@ -16,8 +16,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 from smalltalk.cli import main as smalltalk
 from smalltalk.data.shards import SplitData
 from smalltalk.elastic import compare_mixtures, read_mixture
@@ -68,7 +66,7 @@ def main() -> int:
     rows = {}
     for name, data_dir in (("new domain", Path(after["elastic"][-1]["data"])), ("old domains", run.data)):
         data = SplitData(data_dir if data_dir.is_absolute() else run.root / data_dir, "test")
-        ids = np.arange(min(len(data), args.max_sequences))
+        ids = data.sample(args.max_sequences)  # a seeded sample over all domains, not the first n
         rows[name] = compare_mixtures(run.root, before, after, data, ids, prefix)
         rows[name]["to_new_expert"] = rows[name]["after"]["loads"].get(new_dir, 0) / len(ids)
     write_json(run.root / "eval" / "elastic.json", rows)

@@ -34,7 +34,7 @@ def main() -> int:
     run = RunLayout(__import__("pathlib").Path(args.run))
     mixture = SmallTalkMixture.from_pretrained(run.root)
     data = SplitData(run.data, "test")
-    ids = np.arange(min(len(data), args.max_sequences))
+    ids = data.sample(args.max_sequences)  # a seeded sample over all domains, not the first n
     m = args.reroute_at or mixture.prefix
     nll = [_nll_matrix(mixture.expert(k), data, ids, 32, "cpu") for k in range(mixture.num_experts)]
     at_m = argmax_assignment(score_split(mixture.routers, data, ids, m))

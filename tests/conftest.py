@@ -13,6 +13,8 @@ from smalltalk.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_CONFIG = ROOT / "configs" / "tiny.yaml"
+ROUTING = ["--config", str(TINY_CONFIG), "--set", "routing.experts=3", "--set", "routing.chunk=240",
+           "--set", "routing.rounds=3", "--set", "routing.train.steps=30", "--set", "routing.heldout_sequences=60"]
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
 
@@ -46,6 +48,12 @@ def cli(*args: str) -> int:
     return main([str(a) for a in args])
 
 
+def partition_with(run: Path, routers: Path, out: Path, *extra: str) -> dict:
+    """`smalltalk partition` of RUN's data by `routers` into `out`; its manifest."""
+    assert cli("partition", "--config", TINY_CONFIG, "--run", run, "--routers", routers, "--out", out, *extra) == 0
+    return json.loads((out / "manifest.json").read_text())
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("corpus") / "docs.jsonl", make_documents())
@@ -71,3 +79,10 @@ def pipeline_run(tmp_path_factory, corpus_file):
             "--set", "data.max_docs=null", "--set", "routing.chunk=240", "--set", "routing.experts=3"]
     assert cli(*args) == 0
     return run, args
+
+
+@pytest.fixture(scope="session")
+def em_run(prepared_run, tmp_path_factory):
+    out = tmp_path_factory.mktemp("em") / "routers"
+    assert cli("routers", "train", *ROUTING, "--run", prepared_run, "--out", out) == 0
+    return out

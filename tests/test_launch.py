@@ -101,3 +101,24 @@ def test_status_reports_a_failed_expert(pipeline_run, tmp_path, capsys):
     assert status["stages"]["experts"] == "failed"
     assert cli("status", run) == 0
     assert "failed" in capsys.readouterr().out
+
+
+def test_launch_partition_in_parts_gives_the_same_shares(pipeline_run, tmp_path):
+    """Three part processes and a merge write the bytes one process writes; the SLURM form is an array of
+    the same part commands plus a merge job."""
+    run = _fresh_copy(pipeline_run, tmp_path / "parts")
+    shutil.rmtree(run / "partition")
+    ref = _fresh_copy(pipeline_run, tmp_path / "ref")
+    assert cli("partition", "--run", ref, "--out", tmp_path / "one", "--set", "routing.partition_chunk=50") == 0
+    subprocess.run([sys.executable, "-m", "smalltalk.cli", "launch", "--run", str(run), "--stage", "partition",
+                    "--parallel", "3", "--set", "routing.partition_chunk=50"], check=True, cwd=ROOT, timeout=600)
+    one = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    for name in one["files"]:
+        assert (run / "partition" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    assert cli("launch", "--run", run, "--stage", "partition", "--scheduler", "slurm", "--parallel", "3") == 0
+    array = (run / "jobs" / "partition.sbatch").read_text()
+    merge = (run / "jobs" / "partition-merge.sbatch").read_text()
+    for script in ("partition.sbatch", "partition-merge.sbatch"):
+        subprocess.run(["bash", "-n", str(run / "jobs" / script)], check=True)
+    assert "#SBATCH --array=0-2" in array and "--part ${SLURM_ARRAY_TASK_ID}/3" in array
+    assert "--merge" in merge and "--array" not in merge

@@ -1,9 +1,6 @@
-"""Router scoring, EM routers, partition (also under torchrun) and the baselines, on tiny models."""
+"""Router scoring, EM routers and the baselines, on tiny models (partition: test_partition.py)."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +13,7 @@ from smalltalk.routing import scoring
 from smalltalk.routing.routers import LMRouters, load_routers
 from smalltalk.routing.scoring import score_batches
 
-from .conftest import ROOT, TINY_CONFIG, cli
-
-ROUTING = ["--config", str(TINY_CONFIG), "--set", "routing.experts=3", "--set", "routing.chunk=240",
-           "--set", "routing.rounds=3", "--set", "routing.train.steps=30", "--set", "routing.heldout_sequences=60"]
+from .conftest import ROUTING, cli, partition_with
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -41,13 +35,6 @@ def test_scoring_equals_per_sequence_reference(prepared_run, monkeypatch, worker
                 logp = torch.log_softmax(model(input_ids=x).logits[0, :-1].double(), -1)
             reference = logp.gather(1, x[0, 1:, None]).sum().item()  # the first token is not scored
             assert scores[i, e] == pytest.approx(reference, rel=1e-5, abs=1e-4)
-
-
-@pytest.fixture(scope="module")
-def em_run(prepared_run, tmp_path_factory):
-    out = tmp_path_factory.mktemp("em") / "routers"
-    assert cli("routers", "train", *ROUTING, "--run", prepared_run, "--out", out) == 0
-    return out
 
 
 def test_em_history_and_checkpoints(em_run):
@@ -79,43 +66,11 @@ def test_em_routers_see_each_sequence_once_per_epoch(em_run):
     assert len(np.unique(seen)) == len(seen), "fresh chunks must not reuse sequences"
 
 
-def _partition(run: Path, routers: Path, out: Path, *extra: str) -> dict:
-    assert cli("partition", "--config", TINY_CONFIG, "--run", run, "--routers", routers, "--out", out, *extra) == 0
-    return json.loads((out / "manifest.json").read_text())
-
-
-def test_partition_invariants_and_determinism(prepared_run, em_run, tmp_path):
-    a = _partition(prepared_run, em_run, tmp_path / "a")
-    b = _partition(prepared_run, em_run, tmp_path / "b")
-    n = len(SplitData(prepared_run / "data", "train"))
-    shares = [np.load(tmp_path / "a" / f) for f in a["files"]]
-    assert sorted(np.concatenate(shares).tolist()) == list(range(n))
-    assert all(np.array_equal(s, np.sort(s)) for s in shares)
-    assert max(a["counts"]) - min(a["counts"]) <= 1 and a["sha256"] == b["sha256"]
-    assert a["prefix"] == 16 and a["quality"]["nmi"] > 0.15
-    chunked = _partition(prepared_run, em_run, tmp_path / "c", "--chunk-size", "50")
-    assert chunked["chunk_size"] == 50 and sum(chunked["counts"]) == n
-
-
-@pytest.mark.slow
-def test_partition_under_torchrun_is_byte_identical(prepared_run, em_run, tmp_path):
-    single = _partition(prepared_run, em_run, tmp_path / "one", "--set", "routing.score_batch_size=7")
-    torchrun = Path(sys.executable).with_name("torchrun")
-    subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", "-m", "smalltalk.cli", "partition",
-                    "--config", str(TINY_CONFIG), "--run-dir", str(prepared_run), "--routers", str(em_run),
-                    "--out", str(tmp_path / "two"), "--set", "routing.score_batch_size=7"],
-                   check=True, cwd=ROOT, timeout=300, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
-    double = json.loads((tmp_path / "two" / "manifest.json").read_text())
-    for name in single["files"]:
-        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes()
-    assert single["sha256"] == double["sha256"]
-
-
 def test_baselines_partition_balanced(prepared_run, tmp_path):
     for method in ("tfidf", "random"):
         out = tmp_path / method
         assert cli("routers", "train", *ROUTING, "--run", prepared_run, "--method", method, "--out", out) == 0
-        manifest = _partition(prepared_run, out, tmp_path / f"part-{method}")
+        manifest = partition_with(prepared_run, out, tmp_path / f"part-{method}")
         assert max(manifest["counts"]) - min(manifest["counts"]) <= 1
         router = load_routers(out)
         tokens = SplitData(prepared_run / "data", "test").batch(np.arange(10), 16)

@@ -28,6 +28,7 @@ class DataConfig:
     validation_fraction: float = 0.05
     test_fraction: float = 0.05
     split_seed: int = 0
+    order_seed: int = 0  # the seeded order of each split's sequences that every chunk and sample follows
     seq_len: int = 1024
     encode_batch_docs: int = 512  # documents per tokenizers.encode_batch call (parallel in Rust)
     max_docs: int | None = None
@@ -101,7 +102,8 @@ class RoutingConfig:
     )
     score_batch_size: int = 256  # sequences per scoring batch
     score_workers: int | None = None  # routers scored at once; None: one per CPU thread (1 on GPU)
-    partition_chunk: int | None = None  # None: the whole training set at once
+    partition_chunk: int | None = 65536  # sequences per balanced assignment; memory is O(chunk x E)
+    partition_part_chunks: int = 64  # chunks per resumable part when one process partitions everything
     heldout_sequences: int = 256  # validation sequences for the per-round held-out loss
     parallel: int = 1  # router jobs run at once within a round
     seed: int = 0

@@ -50,9 +50,10 @@ def perplexity(model_dir: str | Path, data_dir: str | Path, split: str = "test",
         raise SmalltalkError(
             f"vocab/model mismatch: model vocab {model.config.vocab_size}, data vocab {data.vocab_size}",
             where=str(model_dir), fix="evaluate on data prepared with the model's tokenizer")
-    n = len(data) if max_sequences is None else min(len(data), max_sequences)
+    ids = data.sample(max_sequences)
+    n = len(ids)
     if n == 0:
         raise SmalltalkError(f"split {split!r} holds no sequences", where=str(data.dir))
-    nll, tokens = sequence_nll(model, data, np.arange(n), batch_size, device, first_target=first_target)
+    nll, tokens = sequence_nll(model, data, ids, batch_size, device, first_target=first_target)
     return {"model": str(model_dir), "split": split, "sequences": n, "tokens": tokens, "nll": nll,
             "loss": nll / tokens, "perplexity": math.exp(nll / tokens), "first_target": first_target}

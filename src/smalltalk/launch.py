@@ -28,11 +28,19 @@ STAGE_VERBS = {"routers": ["routers", "train"], "partition": ["partition"], "exp
 LAUNCHABLE = tuple(STAGE_VERBS)
 
 
-def stage_args(run: RunLayout, stage: str, expert: int | str | None = None) -> list[str]:
-    """The `smalltalk` arguments of one job of `stage`: identical for local processes and SLURM tasks.
-    No config travels on the command line: the job reads RUN/config.json."""
+def stage_args(run: RunLayout, stage: str, task: int | str | None = None, tasks: int | None = None) -> list[str]:
+    """The `smalltalk` arguments of one job of `stage` (task K: expert K, or partition part K of `tasks`):
+    identical for local processes and SLURM tasks. No config travels on the command line: the job reads
+    RUN/config.json."""
     args = [*STAGE_VERBS[stage], "--run-dir", str(run.root)]
-    return args + ["--expert", str(expert)] if expert is not None else args
+    if task is None:
+        return args
+    return args + (["--part", f"{task}/{tasks}"] if stage == "partition" else ["--expert", str(task)])
+
+
+def array_size(run: RunLayout, stage: str, parts: int) -> int | None:
+    """Tasks of a stage that runs as an array: one per expert, or `parts` partition parts; None: one job."""
+    return {"experts": run.num_experts, "partition": lambda: parts}.get(stage, lambda: None)()
 
 
 def write_launch_config(cfg: Config, run: RunLayout) -> None:
@@ -106,24 +114,45 @@ def run_stage_local(run: RunLayout, stage: str) -> None:
         raise SmalltalkError(f"stage {stage} failed", fix="read its output above")
 
 
+def partition_local(run: RunLayout, parts: int) -> None:
+    """The partition as `parts` processes at once (part K of P each, threads split evenly), then the merge.
+    A rerun skips finished parts: each is written atomically."""
+    threads = max(1, (os.cpu_count() or 1) // parts)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    procs = [subprocess.Popen([sys.executable, "-m", "smalltalk.cli", *stage_args(run, "partition", k, parts)],
+                              env=env) for k in range(parts)]
+    failed = [k for k, proc in enumerate(procs) if proc.wait() != 0]
+    if failed:
+        raise SmalltalkError(f"partition parts {failed} of {parts} failed", fix="read their output above; "
+                             "relaunch to redo only the missing parts")
+    merge = [sys.executable, "-m", "smalltalk.cli", *STAGE_VERBS["partition"], "--run-dir", str(run.root), "--merge"]
+    if subprocess.run(merge).returncode != 0:
+        raise SmalltalkError("partition merge failed", fix="read its output above")
+
+
 def slurm_script(run: RunLayout, stage: str, gpus: int = 1, partition: str | None = None, hours: int = 48,
-                 cpus_per_gpu: int = 8) -> str:
+                 cpus_per_gpu: int = 8, parts: int = 1, merge: bool = False) -> str:
     """An sbatch script for `stage`. Experts: an array, task i runs expert i (torchrun over the task's
-    GPUs) as an independent job; other stages: one job."""
-    experts = stage == "experts"
-    args = stage_args(run, stage, "__TASK__" if experts else None)
+    GPUs) as an independent job; partition: an array of `parts` parts (`merge`: the merge job that
+    follows it); other stages: one job."""
+    tasks = None if merge else array_size(run, stage, parts)
+    args = [*STAGE_VERBS[stage], "--run-dir", str(run.root), "--merge"] if merge else \
+        stage_args(run, stage, "__TASK__" if tasks else None, tasks)
     command = shlex.join(args).replace("__TASK__", "${SLURM_ARRAY_TASK_ID}")
-    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name=smalltalk-{stage}-{run.root.name}"]
-    if experts:
-        lines.append(f"#SBATCH --array=0-{run.num_experts() - 1}")
+    experts = stage == "experts"
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name=smalltalk-{stage}{'-merge' if merge else ''}-{run.root.name}"]
+    if tasks:
+        lines.append(f"#SBATCH --array=0-{tasks - 1}")
     lines += ["#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus}",
               f"#SBATCH --cpus-per-task={cpus_per_gpu * gpus}", f"#SBATCH --time={hours}:00:00",
-              f"#SBATCH --output={run.sbatch_log(stage)}"]
+              f"#SBATCH --output={run.sbatch_log(stage + ('-merge' if merge else ''), bool(tasks))}"]
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
     lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
-    if experts:
-        lines.append("# every expert is an independent job: no communication with the other array tasks")
+    if tasks:
+        lines.append(f"# every {'expert' if experts else 'part'} is an independent job: no communication with "
+                     "the other array tasks")
+    if tasks or stage == "partition":
         lines.append(f"torchrun --standalone --nproc_per_node {gpus} -m smalltalk.cli {command}")
     else:
         lines.append(f"smalltalk {command}")
@@ -131,9 +160,12 @@ def slurm_script(run: RunLayout, stage: str, gpus: int = 1, partition: str | Non
     return "\n".join(lines)
 
 
-def submit(script: Path) -> str:
+def submit(script: Path, after: str | None = None) -> str:
+    """sbatch `script` (after job `after` succeeded, if given); returns sbatch's answer."""
+    dependency = [f"--dependency=afterok:{after}"] if after else []
     try:
-        out = subprocess.run(["sbatch", str(script)], capture_output=True, text=True, check=True)
+        out = subprocess.run(["sbatch", "--parsable", *dependency, str(script)], capture_output=True, text=True,
+                             check=True)
     except FileNotFoundError:
         raise SmalltalkError("sbatch not found", fix=f"submit {script} from a SLURM login node") from None
     except subprocess.CalledProcessError as exc:

@@ -155,6 +155,9 @@ class RouterFiles:
 
 @dataclass(frozen=True)
 class PartitionFiles:
+    """A partition (OUT/expert_NN.npy + manifest) and its parts (OUT.parts/IIIIIIII-JJJJJJJJ/: chunks [I, J),
+    each with expert_NN.int64 raw ids + manifest), which the merge concatenates in chunk order."""
+
     root: Path
 
     @staticmethod
@@ -163,6 +166,25 @@ class PartitionFiles:
 
     def share(self, expert: int) -> Path:
         return self.root / self.share_name(expert)
+
+    @property
+    def parts(self) -> Path:
+        return self.root.with_name(self.root.name + ".parts")
+
+    def part(self, start: int, stop: int) -> Path:
+        return self.parts / f"{start:08d}-{stop:08d}"
+
+    def part_ranges(self) -> list[tuple[int, int]]:
+        """(first chunk, end chunk) of every finished part, sorted."""
+        if not self.parts.is_dir():
+            return []
+        found = [p.name.split("-") for p in self.parts.iterdir()
+                 if not p.name.startswith(".") and manifest_of(p).is_file()]  # not a temp dir
+        return sorted((int(a), int(b)) for a, b in found)
+
+    @staticmethod
+    def part_ids(part_dir: Path, expert: int) -> Path:
+        return Path(part_dir) / f"expert_{expert:02d}.int64"
 
 
 @dataclass(frozen=True)
@@ -265,8 +287,8 @@ class RunLayout:
     def sbatch(self, stage: str) -> Path:
         return self.jobs / f"{stage}.sbatch"
 
-    def sbatch_log(self, stage: str) -> Path:
-        return self.jobs / (f"{stage}-%a.log" if stage == "experts" else f"{stage}.log")
+    def sbatch_log(self, stage: str, array: bool) -> Path:
+        return self.jobs / (f"{stage}-%a.log" if array else f"{stage}.log")
 
     # -- readers: each decision about the run's state is made here and nowhere else ---------------------
     def config(self) -> dict | None:

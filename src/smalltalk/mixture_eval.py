@@ -79,8 +79,8 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
     mixture = SmallTalkMixture.from_pretrained(run.root, str(device))
     data_dir = _same_tokenizer(run, data_dir) if data_dir is not None else run.data
     data = SplitData(data_dir, ec.split)
-    n = len(data) if ec.max_sequences is None else min(len(data), ec.max_sequences)
-    ids, seq = np.arange(n), data.seq_len
+    ids, seq = data.sample(ec.max_sequences), data.seq_len
+    n = len(ids)
     prefixes = sorted({p for p in ec.prefixes if 2 <= p < seq})
     main_prefix = ec.main_prefix or mixture.prefix
     expert_nll = [_nll_matrix(mixture.expert(k), data, ids, ec.batch_size, device) for k in range(mixture.num_experts)]

@@ -306,8 +306,8 @@ def _progress(cfg: TrainConfig, step: int, dist: DistContext, name: str):
 
 @torch.no_grad()
 def _val_loss(model, job: TrainJob, device: torch.device) -> float:
-    count = min(len(job.val), job.cfg.eval_batches * job.cfg.micro_batch_size)
-    nll, tokens = sequence_nll(model, job.val, np.arange(count), job.cfg.micro_batch_size, device,
+    ids = job.val.sample(job.cfg.eval_batches * job.cfg.micro_batch_size)
+    nll, tokens = sequence_nll(model, job.val, ids, job.cfg.micro_batch_size, device,
                                length=job.cfg.seq_len)
     model.train()
     return nll / max(tokens, 1)

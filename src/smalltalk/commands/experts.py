@@ -29,7 +29,6 @@ def cmd_experts_train(args: argparse.Namespace) -> None:
 
 
 def cmd_experts_add(args: argparse.Namespace) -> None:
-    import numpy as np
 
     from smalltalk.data.shards import SplitData
     from smalltalk.elastic import add_expert, read_mixture, routing_shift
@@ -43,7 +42,7 @@ def cmd_experts_add(args: argparse.Namespace) -> None:
     for name, data_dir in (("new", run.added(added["pair"])), ("old", run.data)):
         val = SplitData(data_dir, "validation")
         if len(val):
-            ids = np.arange(min(len(val), 512))
+            ids = val.sample(512)
             shift = routing_shift(run.root, before, added["manifest"], val, ids, before["prefix"])
             new_dir = added["manifest"]["expert_dirs"][-1]
             print(f"{name} validation sequences routed to the new expert: "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from smalltalk.commands.common import add_common, load, path_or
 from smalltalk.config import Config
+from smalltalk.errors import SmalltalkError
 from smalltalk.routing.methods import METHODS
 
 # Flags that are shorthands for --set routing.<name>: the command line wins over the config.
@@ -34,18 +35,37 @@ def cmd_routers_train(args: argparse.Namespace) -> None:
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
-    from smalltalk.routing.partition import partition
+    from smalltalk.routing.partition import chunk_range, job_for, merge_partition, partition
 
     cfg, run = load(args)
-    rc = cfg.routing
     out = path_or(args.out, run.partition)
-    manifest = partition(path_or(args.routers, run.routers), path_or(args.data, run.data), out, args.prefix,
-                         args.chunk_size or rc.partition_chunk, rc.score_batch_size, args.device, rc.compile,
-                         rc.score_workers)
-    if manifest:
+    job = job_for(cfg, path_or(args.routers, run.routers), path_or(args.data, run.data), out, prefix=args.prefix,
+                  chunk_size=args.chunk_size, device=args.device)
+    chunks = _parse_range(args.chunks) if args.chunks else None
+    if args.part:
+        chunks = chunk_range(job, *_parse_part(args.part))
+    manifest = merge_partition(job) if args.merge else partition(job, chunks)
+    if manifest.get("kind") == "partition":
         quality = manifest.get("quality", {})
         print(f"partition: {manifest['sequences']} sequences -> loads {manifest['counts']}"
               + (f", NMI {quality['nmi']:.3f}, purity {quality['purity']:.3f}" if quality else "") + f" -> {out}")
+    elif manifest:
+        print(f"partition part: chunks {manifest['chunks'][0]}:{manifest['chunks'][1]} done; merge with "
+              f"`smalltalk partition --merge` once every part is done")
+
+
+def _parse_range(text: str) -> tuple[int, int]:
+    start, sep, stop = text.partition(":")
+    if not sep or not start.isdigit() or not stop.isdigit():
+        raise SmalltalkError(f"--chunks {text!r} is not I:J", fix="e.g. --chunks 0:64 (chunk I up to, not incl., J)")
+    return int(start), int(stop)
+
+
+def _parse_part(text: str) -> tuple[int, int]:
+    part, sep, parts = text.partition("/")
+    if not sep or not part.isdigit() or not parts.isdigit() or int(parts) < 1:
+        raise SmalltalkError(f"--part {text!r} is not K/P", fix="e.g. --part 0/8 (part K of P equal parts)")
+    return int(part), int(parts)
 
 
 def cmd_routers_compare(args: argparse.Namespace) -> None:
@@ -87,7 +107,12 @@ def register(sub) -> None:
     p.add_argument("--routers", help="routers directory (default RUN/routers)")
     p.add_argument("--data", help="prepared data (default RUN/data)")
     p.add_argument("--prefix", type=int, help="M (default: the routers' training prefix)")
-    p.add_argument("--chunk-size", type=int, help="balanced assignment per chunk of this many sequences")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--chunk-size", type=int, help="balanced assignment per chunk of this many sequences "
+                   "(default routing.partition_chunk)")
+    p.add_argument("--device", help="where the routers score (default routing.train.device)")
     p.add_argument("--out", help="output directory (default RUN/partition)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--chunks", metavar="I:J", help="only chunks I..J-1, as one resumable part (no merge)")
+    which.add_argument("--part", metavar="K/P", help="only part K of P equal parts of the chunks (no merge)")
+    which.add_argument("--merge", action="store_true", help="only merge the finished parts into the final shares")
     p.set_defaults(func=cmd_partition)

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from smalltalk.config import Config
 from smalltalk.data.ingest import SPLITS, iter_documents, split_of
+from smalltalk.data.order import SequenceOrder
 from smalltalk.data.tokenizer import load_tokenizer
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
@@ -132,6 +133,7 @@ def prepare_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) ->
             "vocab_size": vocab, "eot_id": eot_id, "tokenizer_sha256": tok_manifest["sha256"],
             "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
             "domains": sorted(domains, key=domains.get), "splits": split_info,
+            "order": {"kind": "feistel", "seed": cfg.data.order_seed},
             "documents": stats["documents"], "empty_documents_skipped": stats["empty_documents_skipped"],
             "chars": chars, "seconds": round(seconds, 3), "mb_per_s": round(chars / 1e6 / seconds, 3),
             "data_config": dataclasses.asdict(cfg.data),
@@ -177,6 +179,18 @@ class SplitData:
         """Sequences `ids` (first `length` tokens) as an int64 array, ready for torch.from_numpy."""
         rows = self.tokens[np.asarray(ids)]
         return np.ascontiguousarray(rows[:, :length] if length else rows, dtype=np.int64)
+
+    def order(self, epoch: int = 0) -> SequenceOrder:
+        """The split's seeded sequence order (epoch > 0: a fresh one for another pass over the data).
+        Chunks and samples are ranges of it, never "the first n" of the file."""
+        seed = self.manifest.get("order", {}).get("seed", 0)
+        return SequenceOrder(self.num_sequences, (seed, SPLITS.index(self.split), epoch))
+
+    def sample(self, k: int | None) -> np.ndarray:
+        """Sorted ids of k sequences drawn by the split's order (all of them when k is None or >= n)."""
+        if k is None or k >= self.num_sequences:
+            return np.arange(self.num_sequences)
+        return np.sort(self.order().sample(k))
 
     @property
     def has_domains(self) -> bool:

@@ -1,6 +1,6 @@
 """Balanced assignment (the paper's greedy rule) and plain argmax routing.
 
-Rule: capacity N // E per expert, the first N mod E experts (by index) one more; visit sequences by
+Rule: capacity N // E per expert, N mod E experts (from `first` on, by index) one more; visit sequences by
 descending max_e score (ties: lower sequence index first), give each its highest-scoring expert that
 still has room (ties: lower expert index).
 
@@ -16,9 +16,11 @@ from __future__ import annotations
 import numpy as np
 
 
-def capacities(n: int, experts: int) -> np.ndarray:
+def capacities(n: int, experts: int, first: int = 0) -> np.ndarray:
+    """N // E each; the N mod E extra places go to experts first, first+1, ... (mod E). Partition rotates
+    `first` with the chunk index so that over many chunks no expert is systematically favoured."""
     caps = np.full(experts, n // experts, dtype=np.int64)
-    caps[: n % experts] += 1
+    caps[(first + np.arange(n % experts)) % experts] += 1
     return caps
 
 
@@ -32,11 +34,11 @@ def greedy_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores.max(axis=1), kind="stable")
 
 
-def balanced_assignment(scores: np.ndarray) -> np.ndarray:
-    """[N] expert index per sequence, loads equal to capacities(N, E)."""
+def balanced_assignment(scores: np.ndarray, first: int = 0) -> np.ndarray:
+    """[N] expert index per sequence, loads equal to capacities(N, E, first)."""
     scores = np.asarray(scores, dtype=np.float32)
     n, experts = scores.shape
-    caps = capacities(n, experts)
+    caps = capacities(n, experts, first)
     order = greedy_order(scores)
     ordered = scores[order]  # row k is the k-th visited sequence
     fill = np.full(experts, n, dtype=np.int64)  # an expert is open to positions < fill[e]

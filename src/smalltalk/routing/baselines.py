@@ -47,7 +47,7 @@ def train_tfidf_router(cfg: Config, data_dir: Path, out_dir: Path, iterations: i
     tokenizer_json = TokenizerFiles(Path(data.manifest["tokenizer_dir"])).tokenizer_json
     decode = make_decoder(tokenizer_json)
     size = min(len(data), rc.chunk * max(1, rc.rounds))
-    ids, _ = ChunkStream(len(data), size, rc.seed).chunk(0)
+    ids, _ = ChunkStream(data, size).chunk(0)
     texts = [decode(row) for row in data.batch(ids, rc.prefix)]
     vectorizer = TfidfVectorizer(sublinear_tf=True, max_features=100_000)
     matrix = vectorizer.fit_transform(texts)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json
@@ -20,8 +18,8 @@ def compare_routers(routers_dirs: list[Path], data_dir: Path, split: str, prefix
     data = SplitData(data_dir, split)
     if not data.has_domains:
         raise SmalltalkError(f"split {split!r} of {data_dir} has no domain labels", fix="set data.domain_field")
-    n = len(data) if max_sequences is None else min(max_sequences, len(data))
-    ids = np.arange(n)
+    ids = data.sample(max_sequences)
+    n = len(ids)
     labels = data.seq_domains[ids]
     rows = []
     for routers_dir in routers_dirs:

@@ -30,20 +30,20 @@ from smalltalk.routing.scoring import score_batches
 
 
 class ChunkStream:
-    """Chunk r of N distinct sequences: epoch-wise seeded permutations, never reusing a sequence while
-    unseen ones remain in the epoch; the epoch's leftover (< N) is skipped and counted."""
+    """Chunk r of N distinct sequences: consecutive ranges of the data's seeded order (a fresh order per
+    epoch), never reusing a sequence while unseen ones remain in the epoch; the epoch's leftover (< N) is
+    skipped. O(N) memory whatever the corpus size."""
 
-    def __init__(self, total: int, size: int, seed: int) -> None:
-        if size > total:
-            raise SmalltalkError(f"routing.chunk={size} exceeds the {total} training sequences",
+    def __init__(self, data: SplitData, size: int) -> None:
+        if size > len(data):
+            raise SmalltalkError(f"routing.chunk={size} exceeds the {len(data)} training sequences",
                                  fix="lower routing.chunk")
-        self.total, self.size, self.seed = total, size, seed
-        self.per_epoch = total // size
+        self.data, self.size = data, size
+        self.per_epoch = len(data) // size
 
     def chunk(self, index: int) -> tuple[np.ndarray, int]:
         epoch, k = divmod(index, self.per_epoch)
-        perm = np.random.default_rng([self.seed, epoch]).permutation(self.total)
-        return np.sort(perm[k * self.size:(k + 1) * self.size]), epoch
+        return np.sort(self.data.order(epoch).chunk(k, self.size)), epoch
 
 
 def router_names(experts: int) -> list[str]:
@@ -87,10 +87,10 @@ def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
                              fix="use a new --out directory, or delete it to start over")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(state_path, {"settings": settings})
-    stream = ChunkStream(len(data), rc.chunk, rc.seed)
+    stream = ChunkStream(data, rc.chunk)
     history_path = files.em_history
     history = read_json(history_path)["rounds"] if history_path.exists() else []
-    heldout = np.arange(min(rc.heldout_sequences, len(val)))
+    heldout = val.sample(rc.heldout_sequences)
     names = router_names(rc.experts)
     for r in range(len(history), rc.rounds):
         chunk_ids, assignment, epoch = _share(out_dir, stream, r, rc.experts, rc.seed)

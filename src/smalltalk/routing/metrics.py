@@ -37,3 +37,35 @@ def domain_mix(assignment: np.ndarray, labels: np.ndarray, experts: int, names: 
 
 def split_quality(assignment: np.ndarray, labels: np.ndarray) -> dict:
     return {"nmi": nmi(assignment, labels), "purity": purity(assignment, labels)}
+
+
+def contingency(assignment: np.ndarray, labels: np.ndarray, experts: int, domains: int) -> np.ndarray:
+    """[E, D] counts of labelled sequences per (expert, domain): additive over chunks, so a split's quality
+    can be computed from running sums without holding its assignment."""
+    mask = labels >= 0
+    table = np.zeros((experts, domains), dtype=np.int64)
+    np.add.at(table, (assignment[mask], labels[mask]), 1)
+    return table
+
+
+def quality_from_table(table: np.ndarray) -> dict:
+    """NMI (arithmetic normalisation, as sklearn's default) and purity of a contingency table."""
+    table = np.asarray(table, dtype=np.float64)
+    total = table.sum()
+    if total == 0:
+        return {"nmi": float("nan"), "purity": float("nan")}
+    p = table / total
+    pa, py = p.sum(axis=1), p.sum(axis=0)
+    nz = p > 0
+    mi = float((p[nz] * np.log(p[nz] / np.outer(pa, py)[nz])).sum())
+    entropy = [float(-(q[q > 0] * np.log(q[q > 0])).sum()) for q in (pa, py)]
+    if (pa > 0).sum() == (py > 0).sum() == 1:
+        nmi_value = 1.0
+    else:
+        nmi_value = max(mi, 0.0) / max(float(np.mean(entropy)), np.finfo(np.float64).eps)
+    return {"nmi": nmi_value, "purity": float(table.max(axis=1).sum() / total)}
+
+
+def mix_from_table(table: np.ndarray, names: list[str]) -> list[dict]:
+    """The per-expert domain mix (as `domain_mix`) from a contingency table."""
+    return [{names[d]: int(c) for d, c in enumerate(row) if c} for row in np.asarray(table)]
