@@ -21,6 +21,7 @@ import torch
 
 from smalltalk.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from smalltalk.config import TrainConfig
+from smalltalk.data.order import SequenceOrder
 from smalltalk.data.shards import SplitData
 from smalltalk.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.errors import SmalltalkError
@@ -32,31 +33,40 @@ from smalltalk.model import ModelSpec, build_model, count_params
 
 
 class Sampler:
-    """Deterministic epoch-wise shuffling over a fixed id set; its cursor is part of the checkpoint."""
+    """Deterministic epoch-wise shuffling over a fixed id set. Its state is a cursor (epoch, position) and
+    the order is computed on demand (data/order.py), so neither memory nor checkpoints grow with the data."""
 
-    def __init__(self, ids: np.ndarray, batch_size: int, seed: int) -> None:
-        if len(ids) == 0:
+    def __init__(self, ids: np.ndarray | int, batch_size: int, seed: int) -> None:
+        """`ids`: the sequence ids to draw from, or n for all of range(n) (no id array at all)."""
+        self.ids = None if isinstance(ids, int) else ids
+        self.n = ids if isinstance(ids, int) else len(ids)
+        if self.n == 0:
             raise SmalltalkError("no training sequences to sample from", fix="check the data or the partition")
-        self.ids, self.batch_size, self.seed = np.asarray(ids, dtype=np.int64), batch_size, seed
-        self.fingerprint = hashlib.sha256(self.ids.tobytes()).hexdigest()[:16]
+        self.batch_size, self.seed = batch_size, seed
+        self.fingerprint = _fingerprint(ids) if self.ids is not None else f"range-{self.n}"
         self.epoch, self.pos = 0, 0
-        self._perm = self._permutation(0)
 
-    def _permutation(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.ids))
+    def _order(self, epoch: int) -> SequenceOrder:
+        return SequenceOrder(self.n, (self.seed, epoch))
+
+    def _at(self, positions: np.ndarray) -> np.ndarray:
+        return positions if self.ids is None else np.asarray(self.ids[positions], dtype=np.int64)
 
     def next_batch(self) -> np.ndarray:
         out = []
         need = self.batch_size
         while need:
-            take = self._perm[self.pos:self.pos + need]
+            take = self._order(self.epoch).ids(self.pos, self.pos + need)
             out.append(take)
             need -= len(take)
             self.pos += len(take)
-            if self.pos >= len(self.ids):
+            if self.pos >= self.n:
                 self.epoch, self.pos = self.epoch + 1, 0
-                self._perm = self._permutation(self.epoch)
-        return self.ids[np.concatenate(out)]
+        return self._at(np.concatenate(out))
+
+    def consumed(self) -> np.ndarray:
+        """Sorted ids drawn so far (every id once a whole epoch is done), recomputed from the cursor."""
+        return np.sort(self._at(np.arange(self.n) if self.epoch > 0 else self._order(0).ids(0, self.pos)))
 
     def state_dict(self) -> dict:
         return {"fingerprint": self.fingerprint, "epoch": self.epoch, "pos": self.pos}
@@ -65,7 +75,14 @@ class Sampler:
         """Continue the cursor if the id set is the same; a new share (next EM round) starts fresh."""
         if state.get("fingerprint") == self.fingerprint:
             self.epoch, self.pos = state["epoch"], state["pos"]
-            self._perm = self._permutation(self.epoch)
+
+
+def _fingerprint(ids: np.ndarray, block: int = 1 << 20) -> str:
+    """sha256 of the id set, read block by block (a share may be a memory-mapped file of 10^8 ids)."""
+    digest = hashlib.sha256()
+    for start in range(0, len(ids), block):
+        digest.update(np.ascontiguousarray(ids[start:start + block], dtype=np.int64).tobytes())
+    return digest.hexdigest()[:16]
 
 
 def lr_factor(step: int, cfg: TrainConfig) -> float:
@@ -173,10 +190,8 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     model = build_model(job.spec, max_positions=job.data.seq_len, seed=cfg.seed)
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
-    ids = job.ids if job.ids is not None else np.arange(len(job.data))
-    sampler = Sampler(ids, global_batch, cfg.seed)
+    sampler = Sampler(job.ids if job.ids is not None else len(job.data), global_batch, cfg.seed)
     step, tokens_seen = 0, 0
-    consumed = np.zeros(len(job.data), dtype=bool) if cfg.record_consumed else None
     checkpoint = latest_checkpoint(out_dir) if resume else None
     if checkpoint is not None:
         state = load_checkpoint(checkpoint, model)
@@ -187,8 +202,6 @@ def train(job: TrainJob, resume: bool = False) -> dict:
         step, tokens_seen = state["step"], state["tokens_seen"]
         if dist.is_main:
             print(f"{job.name}: resuming from {checkpoint}", flush=True)
-        if consumed is not None and state.get("consumed") is not None:
-            consumed[state["consumed"]] = True
     elif not resume and TrainFiles(out_dir).checkpoints.exists() and dist.is_main:
         raise SmalltalkError(f"{out_dir} already holds checkpoints", fix="pass --resume, or choose a new --out")
     model.to(device)
@@ -208,16 +221,13 @@ def train(job: TrainJob, resume: bool = False) -> dict:
         if dist.is_main:
             state = {"step": at, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
                      "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                     "rng": _rng_state(), "world_size": dist.world_size, "config": dataclasses.asdict(cfg),
-                     "consumed": None if consumed is None else np.flatnonzero(consumed)}
+                     "rng": _rng_state(), "world_size": dist.world_size, "config": dataclasses.asdict(cfg)}
             save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
         dist.barrier()
 
     window_start, window_steps, last_loss = time.perf_counter(), 0, float("nan")
     while step < cfg.steps:
         batch_ids = sampler.next_batch()
-        if consumed is not None:
-            consumed[batch_ids] = True
         loss_sum = torch.zeros((), device=device)
         for micro in range(cfg.grad_accum):
             offset = (micro * dist.world_size + dist.rank) * cfg.micro_batch_size
@@ -258,8 +268,8 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     metrics.close()
     if checkpoint is None or step > int(checkpoint.name.split("_")[1]):
         save(step)
-    if consumed is not None and dist.is_main:
-        np.save(TrainFiles(out_dir).consumed_ids, np.flatnonzero(consumed))
+    if cfg.record_consumed and dist.is_main:
+        np.save(TrainFiles(out_dir).consumed_ids, sampler.consumed())
     return _finish(job, model, step, tokens_seen, seq, global_batch, last_loss, dist)
 
 
