@@ -19,9 +19,20 @@ import numpy as np
 from smalltalk.data.shards import SplitData
 from smalltalk.layout import RunLayout
 from smalltalk.mixture import SmallTalkMixture
-from smalltalk.mixture_eval import _nll_matrix
+from smalltalk.mixture_tally import batch_nll
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import score_split
+
+
+def nll_matrix(model, data: SplitData, ids: np.ndarray, batch: int = 32) -> np.ndarray:
+    """[N, S-1] per-token NLL of sequences `ids` (a research table over a sample: whole matrices are fine)."""
+    out = np.empty((len(ids), data.seq_len - 1))
+    for start in range(0, len(ids), batch):
+        tokens = data.batch(ids[start:start + batch])
+        part = np.empty((len(tokens), data.seq_len - 1))
+        batch_nll(model, tokens, np.arange(len(tokens)), "cpu", part)
+        out[start:start + len(tokens)] = part
+    return out
 
 
 def main() -> int:
@@ -36,7 +47,7 @@ def main() -> int:
     data = SplitData(run.data, "test")
     ids = data.sample(args.max_sequences)  # a seeded sample over all domains, not the first n
     m = args.reroute_at or mixture.prefix
-    nll = [_nll_matrix(mixture.expert(k), data, ids, 32, "cpu") for k in range(mixture.num_experts)]
+    nll = [nll_matrix(mixture.expert(k), data, ids) for k in range(mixture.num_experts)]
     at_m = argmax_assignment(score_split(mixture.routers, data, ids, m))
     rows = np.arange(len(ids))
     print(f"| route on k tokens | ppl of tokens after k, no re-routing | with re-routing at {m} | "

@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 
 from smalltalk.config import load_config
 from smalltalk.layout import RunLayout
@@ -47,3 +48,30 @@ def test_dense_match_batch_variant(pipeline_run, tmp_path):
     manifest = json.loads((run / "dense" / "matched" / "train_manifest.json").read_text())
     cfg = load_config(TINY_CONFIG)
     assert manifest["steps"] == cfg.train.steps and manifest["global_batch"] == 3 * cfg.train.micro_batch_size
+
+
+def test_expert_trains_the_same_from_its_own_data(pipeline_run, tmp_path):
+    """`experts data` writes expert 0's share as prepared data of its own; on a copy of the run that holds
+    no RUN/data and no RUN/partition, the expert trains to the same losses and weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = RunLayout(pipeline_run[0])
+    run = RunLayout(tmp_path / "copy")
+    shutil.copytree(src.root, run.root, ignore=shutil.ignore_patterns("experts", "dense", "eval", "jobs"))
+    assert cli("experts", "data", "--run", run.root, "--expert", "0") == 0
+    alone = RunLayout(tmp_path / "alone")  # what another machine receives: config + its share's data
+    (alone.root / "experts-data").mkdir(parents=True)
+    shutil.copy(run.config_file, alone.config_file)
+    shutil.copytree(run.expert_data(0), alone.expert_data(0))
+    val = ["--set", "train.eval_every=10"]
+    assert cli("experts", "train", "--run", alone.root, "--expert", "0", *val) == 0
+    shutil.rmtree(run.expert_data(0))
+    assert cli("experts", "train", "--run", run.root, "--expert", "0", *val) == 0  # RUN/data + the share's ids
+    metrics = [[json.loads(x) for x in (r.expert(0) / "metrics.jsonl").read_text().splitlines()] for r in (alone, run)]
+    assert [m.get("loss") for m in metrics[0]] == [m.get("loss") for m in metrics[1]]
+    val_losses = [[m["val_loss"] for m in rows if "val_loss" in m] for rows in metrics]
+    assert val_losses[0] and val_losses[0] == val_losses[1]
+    a, b = (load_file(str(r.expert(0) / "model" / "model.safetensors")) for r in (alone, run))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -113,6 +113,7 @@ class RoutingConfig:
 @dataclass
 class ExpertsConfig:
     parallel: int = 1  # expert jobs at once on this machine (threads are split between them)
+    materialize: bool = False  # write each share as RUN/experts-data/KK first (expert jobs then need only it)
 
 
 @dataclass
@@ -132,6 +133,7 @@ class EvalConfig:
     device: str = "auto"
     top_k: list[int] = field(default_factory=lambda: [1, 2, 4])  # c-BTM-style ensembles of the top-k experts
     top_k_temperatures: list[float] = field(default_factory=lambda: [1.0, 16.0])
+    score_all_experts: bool = False  # also every expert on every sequence: the expert x domain table (E x cost)
 
 
 @dataclass

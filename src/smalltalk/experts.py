@@ -10,29 +10,48 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 from smalltalk.config import Config, ModelConfig, save_config
-from smalltalk.data.shards import SplitData
+from smalltalk.data.shards import SplitData, write_subset
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import training_flops
-from smalltalk.layout import DENSE_KINDS, RunLayout
+from smalltalk.layout import DENSE_KINDS, RunLayout, manifest_of
 from smalltalk.model import ModelSpec, count_params, resolve_spec
 from smalltalk.routing.partition import load_share
 from smalltalk.train import TrainJob, train
 
 
 def train_expert(cfg: Config, run: RunLayout, index: int, resume: bool = True) -> dict:
-    """Train expert `index` on its share (resumes from its checkpoints when present)."""
-    experts = run.num_experts()
-    if not 0 <= index < experts:
-        raise SmalltalkError(f"expert {index} does not exist (the partition has {experts})")
-    data = SplitData(run.data, "train")
-    val = SplitData(run.data, "validation")
+    """Train expert `index` on its share (resumes from its checkpoints when present). Reads RUN/experts-data/KK
+    when `smalltalk experts data` wrote it (then RUN/data and RUN/partition need not be on this machine),
+    else its share's ids of RUN/data: the same tokens in the same order either way."""
+    own = run.expert_data(index)
+    if manifest_of(own).is_file():
+        data, val, ids = SplitData(own, "train"), SplitData(own, "validation"), None
+    else:
+        experts = run.num_experts()
+        if not 0 <= index < experts:
+            raise SmalltalkError(f"expert {index} does not exist (the partition has {experts})")
+        data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
+        ids = load_share(run.partition, index)
     spec = resolve_spec(cfg.model, data.vocab_size)
     train_cfg = dataclasses.replace(cfg.train, record_consumed=True, seed=cfg.train.seed + index)
-    job = TrainJob(spec, train_cfg, data, run.expert(index), ids=load_share(run.partition, index),
-                   val=val if len(val) else None, name=f"expert {index:02d}")
+    job = TrainJob(spec, train_cfg, data, run.expert(index), ids=ids, val=val if len(val) else None,
+                   name=f"expert {index:02d}")
     return train(job, resume=resume)
+
+
+def write_expert_data(cfg: Config, run: RunLayout, experts: list[int] | None = None) -> list[Path]:
+    """Each expert's share of RUN/data, plus the validation sample its trainer scores, as RUN/experts-data/KK:
+    copy that directory (and RUN/config.json) to a machine and the expert trains there without the corpus."""
+    data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
+    val_ids = val.sample(cfg.train.eval_batches * cfg.train.micro_batch_size)  # what train's _val_loss draws
+    written = []
+    for k in range(run.num_experts()) if experts is None else experts:
+        write_subset(data, load_share(run.partition, k), run.expert_data(k), val, val_ids)
+        written.append(run.expert_data(k))
+    return written
 
 
 def train_all_experts(cfg: Config, run: RunLayout, parallel: int) -> dict:
@@ -44,6 +63,9 @@ def train_all_experts(cfg: Config, run: RunLayout, parallel: int) -> dict:
     from smalltalk.mixture import write_mixture_manifest
 
     save_config(cfg, run.config_file)
+    if cfg.experts.materialize:
+        missing = [k for k in range(run.num_experts()) if not manifest_of(run.expert_data(k)).is_file()]
+        write_expert_data(cfg, run, missing)
     records = launch_experts_local(run, cfg.train.steps, parallel)
     failed = [k for k, r in enumerate(records) if r["state"] != "done"]
     if failed:

@@ -8,6 +8,7 @@
                         em_state.json, em_history.json, shares/ (EM resume state); manifest.json
   RUN/partition/        expert_NN.npy (sorted train-sequence ids of expert NN), manifest.json
   RUN/experts/NN/       a training output per expert      RUN/dense/{matched,bigger}/  training outputs
+  RUN/experts-data/NN/  expert NN's share (+ a validation sample) as prepared data: all an expert job needs
   RUN/eval/results.json RUN/report/ (report.md, index.html, PNGs)
   RUN/mixture.json      what the mixture is made of (experts, routers, tokenizer, prefix): generate/serve/export
   RUN/jobs/             experts-NN.json (job record), experts-NN.log, STAGE.sbatch
@@ -214,6 +215,10 @@ class RunLayout:
 
     def expert(self, index: int) -> Path:
         return self.experts_dir / f"{index:02d}"
+
+    def expert_data(self, index: int) -> Path:
+        """Expert `index`'s share as prepared data of its own (`smalltalk experts data`): all its job needs."""
+        return self.root / "experts-data" / f"{index:02d}"
 
     def expert_model_rel(self, index: int) -> str:
         """Expert `index`'s model directory relative to the run (mixture.json stores relative paths)."""

@@ -15,7 +15,7 @@ import torch
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import write_json
-from smalltalk.layout import RunLayout
+from smalltalk.layout import RunLayout, manifest_of
 from smalltalk.model import quiet_transformers
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import LMRouters, load_routers
@@ -26,6 +26,8 @@ def write_mixture_manifest(run: RunLayout) -> dict | None:
     directory (or an export of it) can move. A manifest edited by elastic add/remove is kept as it is."""
     if run.has_mixture() and "elastic" in run.mixture():
         return run.mixture()
+    if not manifest_of(run.partition).is_file():  # an expert job on a machine that holds only its own data
+        return None
     experts = run.num_experts()
     if not all(run.expert_done(k) for k in range(experts)):
         return None

@@ -8,7 +8,6 @@ exactly the same tokens.
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from pathlib import Path
@@ -21,26 +20,13 @@ from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
-from smalltalk.evaluate import token_nll
 from smalltalk.flops import forward_flops
 from smalltalk.flops_report import ACCOUNTINGS, inference_flops, routing_overhead_flops
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import DENSE_KINDS, HF_CONFIG, RunLayout, TrainFiles, manifest_of
 from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture_tally import MixtureTally, batch_nll
 from smalltalk.model import spec_from_hf
-from smalltalk.routing.assignment import argmax_assignment
-from smalltalk.routing.routers import score_split
-
-
-def _nll_matrix(model, data: SplitData, ids: np.ndarray, batch: int, device) -> np.ndarray:
-    rows = [token_nll(model, torch.from_numpy(data.batch(ids[i:i + batch])).to(device)).cpu().numpy()
-            for i in range(0, len(ids), batch)]
-    return np.concatenate(rows).astype(np.float64)
-
-
-def _ppl(nll: np.ndarray, first: int = 1) -> dict:
-    part = nll[:, first - 1:]
-    return {"ppl": math.exp(part.mean()) if part.size else float("nan"), "tokens": int(part.size)}
 
 
 def _dense_models(run: RunLayout, device) -> dict:
@@ -73,41 +59,46 @@ def _timing(mixture: SmallTalkMixture, data: SplitData, prefix: int, repeats: in
 
 def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_dir: Path | None = None) -> dict:
     """The mixture vs the dense baselines on `data_dir` (default RUN/data; e.g. RUN/added/NN/data after
-    `experts add`), written to `out_dir`/results.json (default RUN/eval)."""
+    `experts add`), written to `out_dir`/results.json (default RUN/eval). Streams over the test split in
+    batches (mixture_tally.py): memory does not grow with the split."""
     ec = cfg.eval
     device = resolve_device(ec.device)
     mixture = SmallTalkMixture.from_pretrained(run.root, str(device))
     data_dir = _same_tokenizer(run, data_dir) if data_dir is not None else run.data
     data = SplitData(data_dir, ec.split)
     ids, seq = data.sample(ec.max_sequences), data.seq_len
-    n = len(ids)
-    prefixes = sorted({p for p in ec.prefixes if 2 <= p < seq})
     main_prefix = ec.main_prefix or mixture.prefix
-    expert_nll = [_nll_matrix(mixture.expert(k), data, ids, ec.batch_size, device) for k in range(mixture.num_experts)]
-    dense = {k: _nll_matrix(m, data, ids, ec.batch_size, device) for k, m in _dense_models(run, device).items()}
-    sweep, chosen_at, scores_at = [], {}, {}
-    for prefix in sorted(set(prefixes) | {main_prefix}):
-        scores_at[prefix] = score_split(mixture.routers, data, ids, prefix)
-        chosen = argmax_assignment(scores_at[prefix])
-        chosen_at[prefix] = chosen
-        mix = np.stack([expert_nll[k][i] for i, k in enumerate(chosen)])
-        row = {"prefix": prefix, "loads": np.bincount(chosen, minlength=mixture.num_experts).tolist(),
-               "mixture_all": _ppl(mix), "mixture_after": _ppl(mix, prefix)}
-        for kind, nll in dense.items():
-            row[f"dense_{kind}_all"], row[f"dense_{kind}_after"] = _ppl(nll), _ppl(nll, prefix)
-        sweep.append(row)
-    chosen = chosen_at[main_prefix]
-    mix = np.stack([expert_nll[k][i] for i, k in enumerate(chosen)])
+    prefixes = sorted({p for p in ec.prefixes if 2 <= p < seq} | {main_prefix})
+    dense = _dense_models(run, device)
+    top_k = [(k, t) for k in sorted({k for k in ec.top_k if 1 <= k <= mixture.num_experts})
+             for t in ec.top_k_temperatures]
+    tally = MixtureTally(mixture.num_experts, prefixes, main_prefix, list(dense), top_k,
+                         len(data.domain_names) if data.has_domains else 0, ec.score_all_experts)
+    for start in range(0, len(ids), ec.batch_size):
+        rows = ids[start:start + ec.batch_size]
+        tokens = data.batch(rows)
+        scores = {p: mixture.routers.score(tokens[:, :p]) for p in prefixes}
+        expert_nll = {}
+        for e, need in enumerate(tally.needed(scores)):
+            expert_nll[e] = np.full((len(rows), seq - 1), np.nan)
+            batch_nll(mixture.expert(e), tokens, need, device, expert_nll[e])
+        dense_nll = {}
+        for kind, model in dense.items():
+            dense_nll[kind] = np.empty((len(rows), seq - 1))
+            batch_nll(model, tokens, np.arange(len(rows)), device, dense_nll[kind])
+        tally.add_batch(scores, expert_nll, dense_nll, data.seq_domains[rows] if data.has_domains else None)
     results = {
-        "split": ec.split, "sequences": n, "seq_len": seq, "experts": mixture.num_experts,
+        "split": ec.split, "sequences": len(ids), "seq_len": seq, "experts": mixture.num_experts,
         "method": mixture.manifest["method"], "routing_prefix": mixture.prefix, "main_prefix": main_prefix,
-        "sweep": sweep, "per_expert": _per_group(chosen, chosen, mix, dense, main_prefix, mixture.num_experts),
-        "per_domain": _per_domain(data, ids, chosen, mix, dense, main_prefix),
+        "sweep": tally.sweep(), "per_expert": tally.per_expert(),
+        "per_domain": tally.per_domain(data.domain_names) if data.has_domains else [],
         "flops": _flops(run, mixture, main_prefix), "timing": _timing(mixture, data, main_prefix),
-        "top_k": top_k_table(expert_nll, scores_at[main_prefix], main_prefix, ec.top_k, ec.top_k_temperatures),
+        "top_k": tally.top_k_table(),
         "tokens_per_param": {"experts": [s["tokens_per_param"] for s in run.expert_summaries()],
                              **{k: run.dense_summary(k)["tokens_per_param"] for k in dense}},
     }
+    if ec.score_all_experts:
+        results["expert_x_domain"] = tally.expert_x_domain(data.domain_names)
     if data_dir != run.data:
         results["data"] = str(data_dir)
     write_json(run.results_file(out_dir or run.eval), results)
@@ -127,49 +118,6 @@ def _same_tokenizer(run: RunLayout, data_dir: Path) -> Path:
                              fix="prepare the data with the run's tokenizer: `smalltalk data prepare --run RUN "
                                  "--set data.inputs=[...] --out DIR`")
     return data_dir
-
-
-def top_k_table(expert_nll: list[np.ndarray], scores: np.ndarray, prefix: int, ks: list[int],
-                temperatures: list[float]) -> list[dict]:
-    """c-BTM's inference rule: mix the top-k experts' next-token probabilities with weights from the router
-    posterior softmax(score / T). Uses each expert's probability of the actual next token, so no extra
-    forward passes; inference cost is k expert forwards."""
-    stacked = -np.stack(expert_nll)  # [E, N, S-1] log p of the target
-    rows = np.arange(scores.shape[0])
-    order = np.argsort(-scores, axis=1, kind="stable")
-    out = []
-    for k in sorted({k for k in ks if 1 <= k <= len(expert_nll)}):
-        top = order[:, :k]
-        for t in temperatures:
-            logits = np.take_along_axis(scores, top, axis=1).astype(np.float64) / t
-            log_w = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-            mixed = np.logaddexp.reduce([log_w[:, j, None] + stacked[top[:, j], rows] for j in range(k)], axis=0)
-            out.append({"k": k, "temperature": t, "expert_forwards": k, "after": _ppl(-mixed, prefix),
-                        "all": _ppl(-mixed)})
-    return out
-
-
-def _per_group(groups: np.ndarray, chosen: np.ndarray, mix: np.ndarray, dense: dict, prefix: int,
-               count: int, names: list[str] | None = None) -> list[dict]:
-    rows = []
-    for g in range(count):
-        mask = groups == g
-        if not mask.any():
-            continue
-        row = {"group": names[g] if names else g, "sequences": int(mask.sum()),
-               "mixture_after": _ppl(mix[mask], prefix)["ppl"],
-               "experts_used": np.bincount(chosen[mask]).nonzero()[0].tolist()}
-        for kind, nll in dense.items():
-            row[f"dense_{kind}_after"] = _ppl(nll[mask], prefix)["ppl"]
-        rows.append(row)
-    return rows
-
-
-def _per_domain(data: SplitData, ids: np.ndarray, chosen, mix, dense, prefix: int) -> list[dict]:
-    if not data.has_domains:
-        return []
-    labels = data.seq_domains[ids]
-    return _per_group(labels, chosen, mix, dense, prefix, len(data.domain_names), data.domain_names)
 
 
 def _flops(run: RunLayout, mixture: SmallTalkMixture, prefix: int) -> dict:

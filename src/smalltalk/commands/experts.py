@@ -59,6 +59,15 @@ def cmd_experts_remove(args: argparse.Namespace) -> None:
           + ("" if args.delete else " (files kept on disk)"))
 
 
+def cmd_experts_data(args: argparse.Namespace) -> None:
+    from smalltalk.experts import write_expert_data
+
+    cfg, run = load(args)
+    for path in write_expert_data(cfg, run, args.expert):
+        size = sum(f.stat().st_size for f in path.iterdir())
+        print(f"{path}: {size / 2**20:.1f} MiB")
+
+
 def cmd_dense_train(args: argparse.Namespace) -> None:
     from smalltalk.experts import dense_kinds, train_dense
 
@@ -96,6 +105,10 @@ def register(sub) -> None:
     p.add_argument("--all", action="store_true", help="every expert, each as its own process")
     p.add_argument("--parallel", type=int, help="expert processes at once (with --all)")
     p.set_defaults(func=cmd_experts_train)
+    p = experts.add_parser("data", help="write each expert's share as its own prepared data (RUN/experts-data/KK)")
+    add_common(p)
+    p.add_argument("--expert", type=int, nargs="+", help="only these experts (default: all)")
+    p.set_defaults(func=cmd_experts_data)
     p = experts.add_parser("add", help="train a new router + expert on new documents and append the pair")
     add_common(p)
     p.add_argument("--data", nargs="+", required=True, help="new documents (jsonl/txt/parquet files or dirs)")

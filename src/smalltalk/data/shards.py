@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -142,6 +143,72 @@ def prepare_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) ->
     return manifest
 
 
+def write_pretokenized(out_dir: str | Path, splits: dict[str, np.ndarray], vocab_size: int, eot_id: int,
+                       tokenizer_sha256: str, seq_domains: dict[str, np.ndarray] | None = None,
+                       domain_names: list[str] | None = None, block: int = 1 << 16) -> dict:
+    """Prepared data from token sequences made elsewhere: `splits[name]` is an [n, seq_len] integer array
+    (a np.memmap is read block by block), `seq_domains[name]` optional int16 labels (-1: none). For corpora
+    tokenised by another pipeline, and for synthetic benchmarks; the result reads like `prepare_data`'s."""
+    seq_len = next(iter(splits.values())).shape[1]
+    if not isinstance(vocab_size, int) or vocab_size < 2:
+        raise SmalltalkError(f"vocab_size={vocab_size!r} must be an integer >= 2")
+    dtype = np.dtype(np.uint16 if vocab_size < 65536 else np.uint32)
+    with atomic_dir(out_dir) as tmp:
+        info = {}
+        for split in SPLITS:
+            rows = splits.get(split, np.zeros((0, seq_len), dtype))
+            if len(rows) and rows.shape[1] != seq_len:
+                raise SmalltalkError(f"split {split!r} has sequences of {rows.shape[1]} tokens, not {seq_len}")
+            digest = hashlib.sha256()
+            with open(DataFiles(tmp).tokens(split), "wb") as handle:
+                for start in range(0, len(rows), block):
+                    data = np.ascontiguousarray(rows[start:start + block], dtype=dtype).tobytes()
+                    handle.write(data)
+                    digest.update(data)
+            labels = (seq_domains or {}).get(split)
+            labels = np.full(len(rows), -1, np.int16) if labels is None else np.asarray(labels, np.int16)
+            np.save(DataFiles(tmp).index(split, "seq_domains"), labels)
+            np.save(DataFiles(tmp).index(split, "doc_starts"), np.zeros(0, np.int64))
+            np.save(DataFiles(tmp).index(split, "doc_domains"), np.zeros(0, np.int16))
+            info[split] = {"documents": 0, "tokens": int(rows.size), "sequences": len(rows), "tail_tokens_dropped": 0,
+                           "sha256": digest.hexdigest()}
+        manifest = {"kind": "data", "format_version": FORMAT_VERSION, "seq_len": int(seq_len), "dtype": dtype.name,
+                    "vocab_size": vocab_size, "eot_id": eot_id, "tokenizer_sha256": tokenizer_sha256,
+                    "tokenizer_dir": None, "domains": list(domain_names or []), "splits": info,
+                    "order": {"kind": "feistel", "seed": 0}, "source": "pretokenized"}
+        write_json(manifest_of(tmp), manifest)
+    return manifest
+
+
+class _Rows:
+    """Rows `ids` of a token matrix, read block by block (for write_pretokenized)."""
+
+    def __init__(self, tokens: np.ndarray, ids: np.ndarray) -> None:
+        self.tokens, self.ids = tokens, ids
+        self.shape = (len(ids), tokens.shape[1])
+        self.size = self.shape[0] * self.shape[1]
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> np.ndarray:
+        return self.tokens[np.asarray(self.ids[rows])]
+
+
+def write_subset(data: SplitData, ids: np.ndarray, out_dir: str | Path, validation: SplitData | None = None,
+                 validation_ids: np.ndarray | None = None) -> dict:
+    """Sequences `ids` of `data` (in that order) as a prepared dataset of their own: what one expert job
+    needs on a machine without the corpus. Row p is sequence ids[p], so training over range(len(ids)) here
+    draws exactly the tokens that training over `ids` of the full data draws."""
+    splits, labels = {"train": _Rows(data.tokens, ids)}, {"train": data.seq_domains[np.asarray(ids)]}
+    if validation is not None and validation_ids is not None and len(validation_ids):
+        splits["validation"] = _Rows(validation.tokens, validation_ids)
+        labels["validation"] = validation.seq_domains[validation_ids]
+    manifest = write_pretokenized(out_dir, splits, data.vocab_size, data.manifest["eot_id"],
+                                  data.manifest["tokenizer_sha256"], labels, data.domain_names)
+    return manifest
+
+
 class SplitData:
     """Read-only view of one split: O(1) access to sequence i via np.memmap."""
 
@@ -164,10 +231,26 @@ class SplitData:
         if not path.is_file() or path.stat().st_size != expected:
             raise SmalltalkError(f"token file is missing or has the wrong size (expected {expected} bytes)",
                                  where=str(path), fix="re-run `smalltalk data prepare`")
-        self.tokens = (np.memmap(path, dtype=dtype, mode="r", shape=(self.num_sequences, self.seq_len))
-                       if self.num_sequences else np.zeros((0, self.seq_len), dtype))
-        self.seq_domains = np.load(DataFiles(self.dir).index(split, "seq_domains"))
+        self._dtype = dtype
+        self._map()
         self.domain_names: list[str] = self.manifest["domains"]
+
+    def _map(self) -> None:
+        path = DataFiles(self.dir).tokens(self.split)
+        self.tokens = (np.memmap(path, dtype=self._dtype, mode="r", shape=(self.num_sequences, self.seq_len))
+                       if self.num_sequences else np.zeros((0, self.seq_len), self._dtype))
+        self.seq_domains = np.load(DataFiles(self.dir).index(self.split, "seq_domains"), mmap_mode="r")
+        handle = getattr(self.tokens, "_mmap", None)
+        if handle is not None and hasattr(mmap, "MADV_RANDOM"):  # rows are read at random: no fault-around of
+            handle.madvise(mmap.MADV_RANDOM)  # neighbouring pages (64 kB each) into this process's memory
+
+    def release(self) -> None:
+        """Drop the pages of the token file and labels that this process has read. Pages read through a
+        mapping count as the process's memory until dropped; the OS keeps them cached all the same."""
+        for array in (self.tokens, self.seq_domains):
+            handle = getattr(array, "_mmap", None)
+            if handle is not None and hasattr(handle, "madvise"):
+                handle.madvise(mmap.MADV_DONTNEED)
 
     def __len__(self) -> int:
         return self.num_sequences
@@ -176,9 +259,13 @@ class SplitData:
         return np.asarray(self.tokens[index])
 
     def batch(self, ids: np.ndarray, length: int | None = None) -> np.ndarray:
-        """Sequences `ids` (first `length` tokens) as an int64 array, ready for torch.from_numpy."""
+        """Sequences `ids` (first `length` tokens) as an int64 array, ready for torch.from_numpy. The pages
+        read are dropped from this process afterwards (they stay in the OS page cache): a pass over a token
+        file larger than RAM holds one batch of it, not every page it has touched."""
         rows = self.tokens[np.asarray(ids)]
-        return np.ascontiguousarray(rows[:, :length] if length else rows, dtype=np.int64)
+        out = np.ascontiguousarray(rows[:, :length] if length else rows, dtype=np.int64)
+        self.release()
+        return out
 
     def order(self, epoch: int = 0) -> SequenceOrder:
         """The split's seeded sequence order (epoch > 0: a fresh one for another pass over the data).
@@ -194,4 +281,5 @@ class SplitData:
 
     @property
     def has_domains(self) -> bool:
-        return bool(self.domain_names) and bool((self.seq_domains >= 0).any())
+        """Labels exist (read from the manifest: scanning a 10^9-entry label file would page it all in)."""
+        return bool(self.domain_names)

@@ -35,6 +35,7 @@ from smalltalk.layout import WEIGHTS, PartitionFiles, RouterFiles, RunLayout, ma
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, capacities
 from smalltalk.routing.metrics import contingency, mix_from_table, quality_from_table
 from smalltalk.routing.routers import load_routers, score_split
+from smalltalk.runtime import return_free_memory
 
 _COPY_BLOCK = 1 << 20  # ids copied at once by the merge
 
@@ -190,6 +191,8 @@ def run_part(job: PartitionJob, settings: dict, data: SplitData, router, start: 
             stats.append(_chunk_stats(c, ids, scores, assignment, data.seq_domains[ids], experts, domains))
             for e, handle in enumerate(outputs):
                 ids[assignment == e].astype(np.int64).tofile(handle)
+            data.release()  # the label pages this chunk read (data.batch drops the token pages itself)
+            return_free_memory()
         for handle in outputs:
             if handle:
                 handle.close()

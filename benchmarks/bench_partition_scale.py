@@ -1,0 +1,107 @@
+"""Partition at growing N: peak RSS and seconds per sequence must not grow with the corpus.
+
+Synthetic prepared data (seq_len 16, vocab 256, 4 "domains" = 4 token ranges, written with
+`write_pretokenized`) at N = 100k, 400k, 1.6M training sequences; E routers of the smallest preset trained
+briefly by EM on the smallest set; then `smalltalk partition` (prefix 8, chunk 65,536) in a fresh process
+per N, its peak RSS read from wait4(). Every output is checked: each sequence exactly once.
+Target (issue #12): peak RSS + <= 64 MB from 100k to 1.6M, seconds per sequence within 1.25x.
+
+  python benchmarks/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from smalltalk.data.shards import write_pretokenized
+
+ROOT = Path(__file__).resolve().parents[1]
+SEQ, VOCAB, DOMAINS = 16, 256, 4
+
+
+def synthetic_data(out: Path, n: int, seed: int = 0) -> None:
+    """n sequences; domain d draws its tokens from [64d, 64d + 64) with a per-domain skew, in domain blocks
+    (file order), written through a memmap so this process never holds them either."""
+    rng = np.random.default_rng(seed)
+    tokens = np.lib.format.open_memmap(out.with_suffix(".tmp.npy"), mode="w+", dtype=np.uint16, shape=(n, SEQ))
+    labels = np.repeat(np.arange(DOMAINS, dtype=np.int16), -(-n // DOMAINS))[:n]
+    for start in range(0, n, 1 << 16):
+        part = labels[start:start + (1 << 16)]
+        skew = rng.integers(0, 64, size=(len(part), SEQ)) ** 2 // 64  # low ids more frequent
+        tokens[start:start + len(part)] = (part[:, None].astype(np.int64) * 64 + skew).astype(np.uint16)
+    val = n // 50
+    write_pretokenized(out, {"train": tokens, "validation": tokens[:val]}, VOCAB, 0, "synthetic",
+                       {"train": labels, "validation": labels[:val]}, [f"d{d}" for d in range(DOMAINS)])
+    del tokens
+    out.with_suffix(".tmp.npy").unlink()
+
+
+def run_measured(cmd: list[str]) -> tuple[float, int]:
+    """Wall seconds and peak RSS (bytes) of a child process."""
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(proc.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}")
+    return time.perf_counter() - start, usage.ru_maxrss * 1024
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100_000, 400_000, 1_600_000])
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=65536)
+    ap.add_argument("--router", default="cpu-router-0.03m")
+    args = ap.parse_args()
+    smalltalk = [sys.executable, "-m", "smalltalk.cli"]
+    common = ["--set", f"routing.router.preset={args.router}", "--set", "routing.prefix=8",
+              "--set", f"routing.experts={args.experts}", "--set", "routing.train.num_threads=2",
+              "--set", "routing.score_batch_size=1024"]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for n in args.sizes:
+            synthetic_data(tmp / f"data-{n}", n)
+        routers = tmp / "routers"
+        subprocess.run([*smalltalk, "routers", "train", "--run", str(tmp), "--data", str(tmp / f"data-{args.sizes[0]}"),
+                        "--out", str(routers), "--rounds", "2", "--chunk", "4096", *common,
+                        "--set", "routing.train.steps=50", "--set", "routing.heldout_sequences=256"],
+                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+        rows = []
+        for n in args.sizes:
+            out = tmp / f"partition-{n}"
+            seconds, rss = run_measured([*smalltalk, "partition", "--run", str(tmp), "--data", str(tmp / f"data-{n}"),
+                                         "--routers", str(routers), "--out", str(out), "--chunk-size",
+                                         str(args.chunk), *common])
+            manifest = json.loads((out / "manifest.json").read_text())
+            seen = np.zeros(n, dtype=np.uint8)
+            for name in manifest["files"]:
+                np.add.at(seen, np.load(out / name), 1)
+            assert (seen == 1).all(), f"N={n}: a sequence is missing or repeated"
+            rows.append({"n": n, "seconds": seconds, "rss_mb": rss / 2**20, "nmi": manifest["quality"]["nmi"],
+                         "us_per_seq": manifest["seconds"] / n * 1e6})  # the partition's own time, no startup
+    base = rows[0]
+    print(f"partition, E={args.experts} routers of {args.router}, prefix 8, chunk {args.chunk}, seq_len {SEQ}")
+    print("| N | process wall s | partition us/sequence | peak RSS MB | RSS - RSS(first) | time/seq ÷ first | NMI | "
+          "exactly once |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        ratio = r["us_per_seq"] / base["us_per_seq"]
+        print(f"| {r['n']:,} | {r['seconds']:.1f} | {r['us_per_seq']:.1f} | {r['rss_mb']:.0f} | "
+              f"{r['rss_mb'] - base['rss_mb']:+.0f} | {ratio:.2f} | {r['nmi']:.3f} | yes |")
+    growth, slow = rows[-1]["rss_mb"] - base["rss_mb"], rows[-1]["us_per_seq"] / base["us_per_seq"]
+    print(f"target: RSS growth <= 64 MB ({growth:+.0f}), time/seq ratio <= 1.25 ({slow:.2f}): "
+          + ("met" if growth <= 64 and slow <= 1.25 else "NOT met"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
