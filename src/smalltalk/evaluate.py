@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from smalltalk.data.shards import SplitData
+from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.layout import HF_CONFIG
 
@@ -45,6 +46,7 @@ def perplexity(model_dir: str | Path, data_dir: str | Path, split: str = "test",
     if not (model_dir / HF_CONFIG).is_file():
         raise SmalltalkError(f"no HF model at {model_dir}", fix="pass the model/ directory a training run wrote")
     data = SplitData(data_dir, split)
+    device = resolve_device(device)
     model = AutoModelForCausalLM.from_pretrained(str(model_dir)).to(device)
     if model.config.vocab_size != data.vocab_size:
         raise SmalltalkError(

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import write_json
 from smalltalk.layout import RunLayout, manifest_of
@@ -48,14 +49,14 @@ def _rel(run: RunLayout, path: Path) -> str:
 class SmallTalkMixture:
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", max_resident: int | None = None) -> None:
         quiet_transformers()
-        self.root, self.manifest, self.device = Path(root), manifest, torch.device(device)
+        self.root, self.manifest, self.device = Path(root), manifest, resolve_device(device)
         self.num_experts: int = manifest["experts"]
         self.prefix: int = manifest["prefix"]
         if manifest.get("router_dirs"):  # written by elastic add/remove: the router of each expert, in order
-            self.routers = LMRouters.from_model_dirs([self.root / d for d in manifest["router_dirs"]], device,
+            self.routers = LMRouters.from_model_dirs([self.root / d for d in manifest["router_dirs"]], str(self.device),
                                                      workers=1)
         else:  # workers=1: scoring threads would change the thread count under a concurrent generate
-            self.routers = load_routers(self.root / manifest["routers"], device, workers=1)
+            self.routers = load_routers(self.root / manifest["routers"], str(self.device), workers=1)
         self.max_resident = max_resident  # None: keep every expert once loaded
         self._experts: OrderedDict[int, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()

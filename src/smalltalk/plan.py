@@ -7,7 +7,7 @@ sequences plus scoring, by all E routers on the prefix, of every sequence a rout
 from __future__ import annotations
 
 from smalltalk.config import Config
-from smalltalk.flops import training_flops
+from smalltalk.flops import forward_flops, training_flops
 from smalltalk.flops_report import paper_router_overhead
 from smalltalk.model import count_params, resolve_spec
 
@@ -38,6 +38,38 @@ def plan(cfg: Config, vocab_size: int | None = None) -> dict:
             "router_overhead_flops": overhead, "total_training_flops": experts_flops + overhead}
 
 
+def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = None) -> list[dict]:
+    """Per stage: disk it writes, peak host memory, wall hours on one GPU at `mfu` of `peak`. Assumes the
+    corpus holds exactly what the experts consume (each share read once) plus the validation/test splits."""
+    rc, tc = cfg.routing, cfg.train
+    vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
+    expert, router = resolve_spec(cfg.model, vocab), resolve_spec(rc.router, vocab)
+    seq, batch, experts = cfg.data.seq_len, tc.micro_batch_size * tc.grad_accum, rc.experts
+    n = experts * tc.steps * batch  # training sequences
+    token_bytes = 2 if vocab < 65536 else 4
+    held_out = 1 / max(1e-9, 1 - cfg.data.validation_fraction - cfg.data.test_fraction)
+    chunk = min(rc.partition_chunk or n, n)
+    framework = 2**30  # python + torch + one small model, measured ~0.45 GB on CPU (bench_partition_scale.py)
+    state = count_params(expert) * (4 + 8)  # fp32 weights + AdamW moments
+    rate = peak * mfu * 3600  # FLOPs per GPU-hour
+    router_train = experts * training_flops(router, seq, rc.train.micro_batch_size * rc.train.grad_accum,
+                                            rc.rounds * rc.train.steps, "paper")
+    scoring = n * experts * forward_flops(router, rc.prefix, 1, "paper")
+    expert_flops = training_flops(expert, seq, batch, tc.steps, "paper")
+    return [
+        {"stage": "data", "disk": n * seq * token_bytes * held_out, "memory": framework, "hours": None},
+        {"stage": "routers (EM)", "disk": experts * count_params(router) * 12 * (tc.keep_checkpoints + 1),
+         "memory": framework + rc.chunk * experts * 4 * 3, "hours": router_train / rate},
+        {"stage": "partition", "disk": 2 * n * 8, "memory": framework + chunk * (experts * 4 * 3 + 8 * 6),
+         "hours": scoring / rate},
+        {"stage": "experts data (optional)", "disk": n * seq * token_bytes, "memory": framework, "hours": None},
+        {"stage": "each expert job", "disk": state * tc.keep_checkpoints + count_params(expert) * 4,
+         "memory": framework + state, "hours": expert_flops / rate},
+        {"stage": "dense (matched)", "disk": state * tc.keep_checkpoints + count_params(expert) * 4,
+         "memory": framework + state, "hours": experts * expert_flops / rate},
+    ]
+
+
 def format_plan(result: dict, peak: float, mfu: float) -> str:
     hours = result["total_training_flops"] / (peak * mfu) / 3600
     per_expert = result["experts_training_flops"] / len([j for j in result["jobs"] if j.startswith("expert")])
@@ -48,4 +80,17 @@ def format_plan(result: dict, peak: float, mfu: float) -> str:
              f"{result['router_overhead_flops'] / 1e19:.2f}e19 = {result['total_training_flops'] / 1e19:.2f}e19",
              f"GPU-hours at {mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s: {hours:,.0f} in all, "
              f"{per_expert / (peak * mfu) / 3600:,.0f} per expert job"]
+    if result.get("resources"):
+        lines += ["", "| stage | disk written | peak host memory | GPU-hours (one GPU) |", "|---|---|---|---|"]
+        for row in result["resources"]:
+            hours = "-" if row["hours"] is None else f"{row['hours']:,.1f}"
+            lines.append(f"| {row['stage']} | {_size(row['disk'])} | {_size(row['memory'])} | {hours} |")
+        lines.append("(disk of `partition` counts its parts too; memory is the process's, not the GPU's)")
     return "\n".join(lines)
+
+
+def _size(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6)):
+        if n >= scale:
+            return f"{n / scale:,.1f} {unit}"
+    return f"{n / 1e3:,.1f} kB"

@@ -74,7 +74,7 @@ def register(sub) -> None:
     p.add_argument("--data", required=True, help="prepared data directory")
     p.add_argument("--split", default="test")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.add_argument("--first-target", type=int, default=1, help="score tokens from this position on")
     p.add_argument("--max-sequences", type=int)
     p.set_defaults(func=cmd_eval_ppl)
@@ -85,7 +85,7 @@ def register(sub) -> None:
     p.add_argument("--include-path", help="directory of local task YAML files")
     p.add_argument("--limit", type=int)
     p.add_argument("--num-fewshot", type=int)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.add_argument("--output", help="write the metrics as JSON here")
     p.set_defaults(func=cmd_eval_downstream)
 

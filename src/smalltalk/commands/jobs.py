@@ -18,11 +18,11 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from smalltalk.plan import GPU_PEAKS, format_plan, plan
+    from smalltalk.plan import GPU_PEAKS, format_plan, plan, resources
 
     cfg, _ = load(args)
-    peak = GPU_PEAKS.get(args.gpu.lower()) if args.gpu else None
-    print(format_plan(plan(cfg), peak or args.peak_flops, args.mfu))
+    peak = (GPU_PEAKS.get(args.gpu.lower()) if args.gpu else None) or args.peak_flops
+    print(format_plan({**plan(cfg), "resources": resources(cfg, peak, args.mfu)}, peak, args.mfu))
 
 
 def cmd_launch(args: argparse.Namespace) -> None:

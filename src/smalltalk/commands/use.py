@@ -61,7 +61,7 @@ def register(sub) -> None:
     p.add_argument("--prefix", type=int, help="route on this many prompt tokens (default: the mixture's)")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--reroute-at", type=int, help="re-score once prompt + output reach this many tokens")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("export", help="write a self-contained mixture directory")
@@ -76,5 +76,5 @@ def register(sub) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
     p.add_argument("--max-resident-experts", type=int, help="LRU bound on experts kept in memory")
     p.add_argument("--model-name", default="smalltalk")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.set_defaults(func=cmd_serve)
