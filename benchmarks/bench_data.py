@@ -18,7 +18,7 @@ from pathlib import Path
 
 from smalltalk.config import load_config
 from smalltalk.data.ingest import iter_documents
-from smalltalk.data.shards import prepare_data
+from smalltalk.data.prepare import prepare_data
 from smalltalk.data.tokenizer import load_tokenizer, train_tokenizer
 
 DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus10"

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from smalltalk.config import Config
-from smalltalk.data.shards import SplitData, prepare_data
+from smalltalk.data.prepare import prepare_data
+from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import token_nll
 from smalltalk.fsutil import write_json

@@ -23,8 +23,9 @@ from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout
 
 # The `smalltalk` verbs that run a stage of a run as one job; each reads RUN/config.json.
-STAGE_VERBS = {"routers": ["routers", "train"], "partition": ["partition"], "experts": ["experts", "train"],
-               "dense": ["dense", "train"], "eval": ["eval"]}
+STAGE_VERBS = {"data": ["data", "prepare"], "routers": ["routers", "train"], "partition": ["partition"],
+               "experts": ["experts", "train"], "dense": ["dense", "train"], "eval": ["eval"]}
+IN_PARTS = ("data", "partition")  # stages run as P part jobs + a merge
 LAUNCHABLE = tuple(STAGE_VERBS)
 
 
@@ -35,12 +36,14 @@ def stage_args(run: RunLayout, stage: str, task: int | str | None = None, tasks:
     args = [*STAGE_VERBS[stage], "--run-dir", str(run.root)]
     if task is None:
         return args
-    return args + (["--part", f"{task}/{tasks}"] if stage == "partition" else ["--expert", str(task)])
+    return args + (["--part", f"{task}/{tasks}"] if stage in IN_PARTS else ["--expert", str(task)])
 
 
 def array_size(run: RunLayout, stage: str, parts: int) -> int | None:
     """Tasks of a stage that runs as an array: one per expert, or `parts` partition parts; None: one job."""
-    return {"experts": run.num_experts, "partition": lambda: parts}.get(stage, lambda: None)()
+    if stage == "experts":
+        return run.num_experts()
+    return parts if stage in IN_PARTS else None
 
 
 def write_launch_config(cfg: Config, run: RunLayout) -> None:
@@ -114,20 +117,20 @@ def run_stage_local(run: RunLayout, stage: str) -> None:
         raise SmalltalkError(f"stage {stage} failed", fix="read its output above")
 
 
-def partition_local(run: RunLayout, parts: int) -> None:
-    """The partition as `parts` processes at once (part K of P each, threads split evenly), then the merge.
-    A rerun skips finished parts: each is written atomically."""
+def parts_local(run: RunLayout, stage: str, parts: int) -> None:
+    """A stage of IN_PARTS as `parts` processes at once (part K of P each, threads split evenly), then the
+    merge. A rerun skips finished parts: each is written atomically."""
     threads = max(1, (os.cpu_count() or 1) // parts)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    procs = [subprocess.Popen([sys.executable, "-m", "smalltalk.cli", *stage_args(run, "partition", k, parts)],
+    procs = [subprocess.Popen([sys.executable, "-m", "smalltalk.cli", *stage_args(run, stage, k, parts)],
                               env=env) for k in range(parts)]
     failed = [k for k, proc in enumerate(procs) if proc.wait() != 0]
     if failed:
-        raise SmalltalkError(f"partition parts {failed} of {parts} failed", fix="read their output above; "
+        raise SmalltalkError(f"{stage} parts {failed} of {parts} failed", fix="read their output above; "
                              "relaunch to redo only the missing parts")
-    merge = [sys.executable, "-m", "smalltalk.cli", *STAGE_VERBS["partition"], "--run-dir", str(run.root), "--merge"]
+    merge = [sys.executable, "-m", "smalltalk.cli", *STAGE_VERBS[stage], "--run-dir", str(run.root), "--merge"]
     if subprocess.run(merge).returncode != 0:
-        raise SmalltalkError("partition merge failed", fix="read its output above")
+        raise SmalltalkError(f"{stage} merge failed", fix="read its output above")
 
 
 def slurm_script(run: RunLayout, stage: str, gpus: int = 1, partition: str | None = None, hours: int = 48,
@@ -152,7 +155,7 @@ def slurm_script(run: RunLayout, stage: str, gpus: int = 1, partition: str | Non
     if tasks:
         lines.append(f"# every {'expert' if experts else 'part'} is an independent job: no communication with "
                      "the other array tasks")
-    if tasks or stage == "partition":
+    if (tasks or stage == "partition") and stage != "data":  # data prepare is CPU work: no torchrun
         lines.append(f"torchrun --standalone --nproc_per_node {gpus} -m smalltalk.cli {command}")
     else:
         lines.append(f"smalltalk {command}")

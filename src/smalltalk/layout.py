@@ -155,18 +155,11 @@ class RouterFiles:
 
 
 @dataclass(frozen=True)
-class PartitionFiles:
-    """A partition (OUT/expert_NN.npy + manifest) and its parts (OUT.parts/IIIIIIII-JJJJJJJJ/: chunks [I, J),
-    each with expert_NN.int64 raw ids + manifest), which the merge concatenates in chunk order."""
+class Parts:
+    """The parts of an artifact made by independent jobs: OUT.parts/IIIIIIII-JJJJJJJJ/ holds items [I, J)
+    (chunks of a partition, input files of a dataset) with its own manifest; a merge writes OUT from them."""
 
     root: Path
-
-    @staticmethod
-    def share_name(expert: int) -> str:
-        return f"expert_{expert:02d}.npy"
-
-    def share(self, expert: int) -> Path:
-        return self.root / self.share_name(expert)
 
     @property
     def parts(self) -> Path:
@@ -182,6 +175,28 @@ class PartitionFiles:
         found = [p.name.split("-") for p in self.parts.iterdir()
                  if not p.name.startswith(".") and manifest_of(p).is_file()]  # not a temp dir
         return sorted((int(a), int(b)) for a, b in found)
+
+    def covered(self, total: int) -> bool:
+        """The finished parts tile [0, total) exactly."""
+        pos = 0
+        for start, stop in self.part_ranges():
+            if start != pos:
+                return False
+            pos = stop
+        return pos == total
+
+
+@dataclass(frozen=True)
+class PartitionFiles(Parts):
+    """A partition: OUT/expert_NN.npy (train-sequence ids of expert NN, in chunk order) + manifest; its
+    parts hold expert_NN.int64 raw ids per chunk range."""
+
+    @staticmethod
+    def share_name(expert: int) -> str:
+        return f"expert_{expert:02d}.npy"
+
+    def share(self, expert: int) -> Path:
+        return self.root / self.share_name(expert)
 
     @staticmethod
     def part_ids(part_dir: Path, expert: int) -> Path:

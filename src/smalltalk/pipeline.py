@@ -29,7 +29,7 @@ def _tokenizer(cfg: Config, run: RunLayout) -> None:
 
 
 def _data(cfg: Config, run: RunLayout) -> None:
-    from smalltalk.data.shards import prepare_data
+    from smalltalk.data.prepare import prepare_data
 
     prepare_data(cfg, run.tokenizer, run.data)
 

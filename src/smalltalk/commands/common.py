@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from smalltalk.config import Config, load_config
+from smalltalk.errors import SmalltalkError
 from smalltalk.layout import RunLayout
 
 
@@ -38,3 +39,11 @@ def is_main_rank() -> bool:
 def path_or(value: str | None, default: Path) -> Path:
     """A --data/--out style option, or the run's default location."""
     return Path(value) if value else default
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """`--part K/P`: part K (0-based) of P equal parts."""
+    part, sep, parts = text.partition("/")
+    if not sep or not part.isdigit() or not parts.isdigit() or int(parts) < 1:
+        raise SmalltalkError(f"--part {text!r} is not K/P", fix="e.g. --part 0/8 (part K of P equal parts)")
+    return int(part), int(parts)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from smalltalk.commands.common import add_common, load, path_or
+from smalltalk.commands.common import add_common, load, parse_part, path_or
 
 
 def cmd_tokenizer_train(args: argparse.Namespace) -> None:
@@ -20,13 +20,18 @@ def cmd_tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
-    from smalltalk.data.shards import prepare_data
+    from smalltalk.data.prepare import encode_part, merge_data, part_files, prepare_data
 
     cfg, run = load(args)
     if args.input:
         cfg.data.inputs = args.input
-    out = path_or(args.out, run.data)
-    manifest = prepare_data(cfg, path_or(args.tokenizer, run.tokenizer), out)
+    out, tokenizer = path_or(args.out, run.data), path_or(args.tokenizer, run.tokenizer)
+    if args.part:
+        first, last = part_files(cfg, *parse_part(args.part))
+        part = encode_part(cfg, tokenizer, out, first, last)
+        print(f"data part: input files {first}:{last}, {part['documents']} docs; merge with `data prepare --merge`")
+        return
+    manifest = merge_data(cfg, tokenizer, out) if args.merge else prepare_data(cfg, tokenizer, out)
     splits = ", ".join(f"{k} {v['sequences']} seqs" for k, v in manifest["splits"].items())
     print(f"data: {manifest['documents']} docs, {manifest['chars'] / 1e6:.1f}M chars at "
           f"{manifest['mb_per_s']:.2f} MB/s; {splits} of {manifest['seq_len']} tokens -> {out}")
@@ -54,6 +59,9 @@ def register(sub) -> None:
     p.add_argument("--input", nargs="+", help="documents (overrides data.inputs)")
     p.add_argument("--tokenizer", help="tokenizer directory (default RUN/tokenizer)")
     p.add_argument("--out", help="output directory (default RUN/data)")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--part", metavar="K/P", help="only part K of P equal slices of the input files (no merge)")
+    which.add_argument("--merge", action="store_true", help="only merge the finished parts")
     p.set_defaults(func=cmd_data_prepare)
 
     corpus = sub.add_parser("corpus", help="corpora").add_subparsers(dest="action", required=True)

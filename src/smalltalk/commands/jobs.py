@@ -28,8 +28,9 @@ def cmd_plan(args: argparse.Namespace) -> None:
 def cmd_launch(args: argparse.Namespace) -> None:
     from smalltalk.errors import SmalltalkError
     from smalltalk.launch import (
+        IN_PARTS,
         launch_experts_local,
-        partition_local,
+        parts_local,
         run_stage_local,
         slurm_script,
         submit,
@@ -38,15 +39,15 @@ def cmd_launch(args: argparse.Namespace) -> None:
 
     cfg, run = load(args)
     write_launch_config(cfg, run)  # what every job reads
-    parts = args.parallel or 2  # partition: parts (array tasks / local processes)
+    parts = args.parallel or 2  # data, partition: parts (array tasks / local processes)
     if args.scheduler == "slurm":
         script = run.sbatch(args.stage)
         script.write_text(slurm_script(run, args.stage, args.gpus_per_expert, args.partition, args.hours, parts=parts))
         print(f"wrote {script}")
         merge = None
-        if args.stage == "partition":  # the merge runs once every part has succeeded
-            merge = run.sbatch("partition-merge")
-            merge.write_text(slurm_script(run, "partition", 1, args.partition, args.hours, merge=True))
+        if args.stage in IN_PARTS:  # the merge runs once every part has succeeded
+            merge = run.sbatch(f"{args.stage}-merge")
+            merge.write_text(slurm_script(run, args.stage, 1, args.partition, args.hours, merge=True))
             print(f"wrote {merge}")
         if args.submit:
             job = submit(script)
@@ -59,8 +60,8 @@ def cmd_launch(args: argparse.Namespace) -> None:
         if failed:
             raise SmalltalkError(f"experts {failed} failed", where=str(run.jobs),
                                  fix="see `smalltalk status RUN` and jobs/experts-NN.log; relaunch to retry")
-    elif args.stage == "partition":
-        partition_local(run, parts)
+    elif args.stage in IN_PARTS:
+        parts_local(run, args.stage, parts)
     else:
         run_stage_local(run, args.stage)
 
@@ -96,8 +97,8 @@ def register(sub) -> None:
     add_common(p)
     p.add_argument("--stage", required=True, choices=LAUNCHABLE)
     p.add_argument("--scheduler", choices=["local", "slurm"], default="local")
-    p.add_argument("--parallel", type=int, help="experts: local jobs at once; partition: parts (local processes "
-                   "or array tasks, default 2)")
+    p.add_argument("--parallel", type=int, help="experts: local jobs at once; data, partition: parts (local "
+                   "processes or array tasks, default 2)")
     p.add_argument("--submit", action="store_true", help="slurm: also run sbatch")
     p.add_argument("--gpus-per-expert", type=int, default=1)
     p.add_argument("--partition", help="slurm partition")

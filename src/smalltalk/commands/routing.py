@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from smalltalk.commands.common import add_common, load, path_or
+from smalltalk.commands.common import add_common, load, parse_part, path_or
 from smalltalk.config import Config
 from smalltalk.errors import SmalltalkError
 from smalltalk.routing.methods import METHODS
@@ -43,7 +43,7 @@ def cmd_partition(args: argparse.Namespace) -> None:
                   chunk_size=args.chunk_size, device=args.device)
     chunks = _parse_range(args.chunks) if args.chunks else None
     if args.part:
-        chunks = chunk_range(job, *_parse_part(args.part))
+        chunks = chunk_range(job, *parse_part(args.part))
     manifest = merge_partition(job) if args.merge else partition(job, chunks)
     if manifest.get("kind") == "partition":
         quality = manifest.get("quality", {})
@@ -59,13 +59,6 @@ def _parse_range(text: str) -> tuple[int, int]:
     if not sep or not start.isdigit() or not stop.isdigit():
         raise SmalltalkError(f"--chunks {text!r} is not I:J", fix="e.g. --chunks 0:64 (chunk I up to, not incl., J)")
     return int(start), int(stop)
-
-
-def _parse_part(text: str) -> tuple[int, int]:
-    part, sep, parts = text.partition("/")
-    if not sep or not part.isdigit() or not parts.isdigit() or int(parts) < 1:
-        raise SmalltalkError(f"--part {text!r} is not K/P", fix="e.g. --part 0/8 (part K of P equal parts)")
-    return int(part), int(parts)
 
 
 def cmd_routers_compare(args: argparse.Namespace) -> None:

@@ -59,12 +59,14 @@ def resolve_inputs(patterns: list[str]) -> list[Path]:
     return expanded
 
 
-def iter_documents(cfg: DataConfig, stats: dict[str, int] | None = None) -> Iterator[Document]:
-    """Yield every non-empty document of the configured inputs, in a deterministic order."""
+def iter_documents(cfg: DataConfig, stats: dict[str, int] | None = None,
+                   sources: list[Path] | None = None) -> Iterator[Document]:
+    """Yield every non-empty document of the configured inputs (or of `sources`, a slice of
+    `resolve_inputs(cfg.inputs)`), in a deterministic order."""
     stats = stats if stats is not None else {}
     stats.setdefault("documents", 0)
     stats.setdefault("empty_documents_skipped", 0)
-    for path in resolve_inputs(cfg.inputs):
+    for path in resolve_inputs(cfg.inputs) if sources is None else sources:
         count = 0
         for doc in _read_source(path, cfg):
             count += 1

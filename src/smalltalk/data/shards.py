@@ -10,137 +10,19 @@ Layout of RUN/data/ (one set of files per split):
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import mmap
-import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from smalltalk.config import Config
-from smalltalk.data.ingest import SPLITS, iter_documents, split_of
+from smalltalk.data.ingest import SPLITS
 from smalltalk.data.order import SequenceOrder
-from smalltalk.data.tokenizer import load_tokenizer
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
+from smalltalk.fsutil import atomic_dir, read_json, write_json
 from smalltalk.layout import DataFiles, manifest_of
 
 FORMAT_VERSION = 1
-
-
-class _SplitWriter:
-    """Appends encoded documents of one split to its token file and tracks document offsets."""
-
-    def __init__(self, directory: Path, split: str, dtype: np.dtype, eot_id: int) -> None:
-        self.split, self.dtype = split, dtype
-        self.handle = open(DataFiles(directory).tokens(split), "wb")  # noqa: SIM115 - closed in finish()
-        self.hasher = hashlib.sha256()
-        self.eot = np.array([eot_id], dtype=dtype)
-        self.n_tokens = 0
-        self.doc_lengths: list[np.ndarray] = []
-        self.doc_domains: list[int] = []
-
-    def add(self, encodings: list, domains: list[int]) -> None:
-        pieces = []
-        for enc in encodings:
-            pieces.append(np.asarray(enc.ids, dtype=self.dtype))
-            pieces.append(self.eot)
-        block = np.concatenate(pieces)
-        data = block.tobytes()
-        self.handle.write(data)
-        self.hasher.update(data)
-        self.n_tokens += block.size
-        self.doc_lengths.append(np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings)))
-        self.doc_domains.extend(domains)
-
-    def finish(self, directory: Path, seq_len: int) -> dict:
-        """Truncate to whole sequences (the dropped tail is recorded) and write the index arrays."""
-        self.handle.close()
-        n_seq = self.n_tokens // seq_len
-        kept = n_seq * seq_len
-        path = DataFiles(directory).tokens(self.split)
-        if kept != self.n_tokens:
-            with open(path, "r+b") as handle:
-                handle.truncate(kept * self.dtype.itemsize)
-            digest = sha256_file(path)
-        else:
-            digest = self.hasher.hexdigest()
-        lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, np.int64)
-        starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths.size else lengths
-        doc_domains = np.asarray(self.doc_domains, dtype=np.int16)
-        seq_first = np.arange(n_seq, dtype=np.int64) * seq_len
-        seq_domains = doc_domains[np.searchsorted(starts, seq_first, side="right") - 1] if n_seq else \
-            np.zeros(0, np.int16)
-        np.save(DataFiles(directory).index(self.split, "doc_starts"), starts)
-        np.save(DataFiles(directory).index(self.split, "doc_domains"), doc_domains)
-        np.save(DataFiles(directory).index(self.split, "seq_domains"), seq_domains.astype(np.int16))
-        return {"documents": int(lengths.size), "tokens": int(kept), "sequences": int(n_seq),
-                "tail_tokens_dropped": int(self.n_tokens - kept), "sha256": digest}
-
-
-def prepare_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
-    """Read, split by document, encode in parallel batches, pack and write RUN/data atomically."""
-    tokenizer, tok_manifest = load_tokenizer(tokenizer_dir)
-    vocab, eot_id = tok_manifest["vocab_size"], tok_manifest["eot_id"]
-    dtype = np.dtype(np.uint16 if vocab < 65536 else np.uint32)
-    seq_len, batch_docs = cfg.data.seq_len, cfg.data.encode_batch_docs
-    if seq_len < 2:
-        raise SmalltalkError(f"data.seq_len must be at least 2, got {seq_len}")
-    stats: dict = {}
-    domains: dict[str, int] = {}
-    start = time.perf_counter()
-    chars = 0
-    with atomic_dir(out_dir) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
-        writers = {s: _SplitWriter(tmp, s, dtype, eot_id) for s in SPLITS}
-        buffers: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in SPLITS}
-        pending = None  # encoding runs in a thread (Rust releases the GIL) while we read the next batch
-        bar = tqdm(unit="B", unit_scale=True, desc="prepare", disable=None, mininterval=1.0)
-
-        def flush(split: str) -> None:
-            nonlocal pending
-            texts, doms = buffers[split]
-            buffers[split] = ([], [])
-            if pending is not None:
-                pending.result()
-            future = pool.submit(tokenizer.encode_batch, texts, add_special_tokens=False)
-            pending = pool.submit(lambda f=future, s=split, d=doms: writers[s].add(f.result(), d))
-
-        for doc in iter_documents(cfg.data, stats):
-            split = split_of(doc.text, cfg.data)
-            domain_id = -1 if doc.domain is None else domains.setdefault(doc.domain, len(domains))
-            buffers[split][0].append(doc.text)
-            buffers[split][1].append(domain_id)
-            chars += len(doc.text)
-            bar.update(len(doc.text))
-            if len(buffers[split][0]) >= batch_docs:
-                flush(split)
-        for split in SPLITS:
-            if buffers[split][0]:
-                flush(split)
-        if pending is not None:
-            pending.result()
-        bar.close()
-        split_info = {s: w.finish(tmp, seq_len) for s, w in writers.items()}
-        if split_info["train"]["sequences"] == 0:
-            raise SmalltalkError(
-                f"the train split holds fewer than seq_len={seq_len} tokens",
-                fix="add documents or lower data.seq_len")
-        seconds = time.perf_counter() - start
-        manifest = {
-            "kind": "data", "format_version": FORMAT_VERSION, "seq_len": seq_len, "dtype": dtype.name,
-            "vocab_size": vocab, "eot_id": eot_id, "tokenizer_sha256": tok_manifest["sha256"],
-            "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
-            "domains": sorted(domains, key=domains.get), "splits": split_info,
-            "order": {"kind": "feistel", "seed": cfg.data.order_seed},
-            "documents": stats["documents"], "empty_documents_skipped": stats["empty_documents_skipped"],
-            "chars": chars, "seconds": round(seconds, 3), "mb_per_s": round(chars / 1e6 / seconds, 3),
-            "data_config": dataclasses.asdict(cfg.data),
-        }
-        write_json(manifest_of(tmp), manifest)
-    return manifest
 
 
 def write_pretokenized(out_dir: str | Path, splits: dict[str, np.ndarray], vocab_size: int, eot_id: int,

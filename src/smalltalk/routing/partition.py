@@ -93,7 +93,7 @@ def merge_partition(job: PartitionJob) -> dict:
     data = SplitData(job.data_dir, "train")
     settings = _settings(job, read_manifest(job.routers_dir, "run `smalltalk routers train` first"), data)
     files, total = PartitionFiles(job.out_dir), data.order().num_chunks(settings["chunk_size"])
-    if not _covered(files.part_ranges(), total):
+    if not files.covered(total):
         raise SmalltalkError(f"cannot merge: the finished parts {files.part_ranges()} do not cover chunks 0:{total}",
                              where=str(files.parts), fix="run the missing --chunks ranges first")
     return merge_parts(job, settings, data)
@@ -129,15 +129,6 @@ def _gaps(done: list[tuple[int, int]], total: int, step: int) -> list[tuple[int,
             pos = todo[-1][1]
         pos = max(pos, stop)
     return todo
-
-
-def _covered(done: list[tuple[int, int]], total: int) -> bool:
-    pos = 0
-    for start, stop in done:
-        if start != pos:
-            return False
-        pos = stop
-    return pos == total
 
 
 def score_chunk(router, data: SplitData, ids: np.ndarray, prefix: int, batch_size: int, dist: DistContext,

@@ -1,0 +1,204 @@
+"""`smalltalk data prepare`: documents -> packed token shards, in one process or in parts by input file.
+
+A part encodes input files [I, J) into OUT.parts/IIIIIIII-JJJJJJJJ/: per split the raw token stream
+(documents joined by the end-of-text id, not yet cut into sequences), each document's length and domain.
+The merge concatenates the parts in file order, numbers the domains by first appearance and cuts each
+stream into sequences. One process is one part followed by the same merge, so the bytes are identical
+however the files were divided (`--part K/P` jobs, `smalltalk launch --stage data`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from smalltalk.config import Config
+from smalltalk.data.ingest import SPLITS, iter_documents, resolve_inputs, split_of
+from smalltalk.data.shards import FORMAT_VERSION
+from smalltalk.data.tokenizer import load_tokenizer
+from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
+from smalltalk.layout import DataFiles, Parts, manifest_of
+
+_COPY = 1 << 24  # bytes copied at once by the merge
+
+
+def prepare_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
+    """Read, split by document, encode in parallel batches, pack and write `out_dir` atomically."""
+    sources = resolve_inputs(cfg.data.inputs)
+    encode_part(cfg, tokenizer_dir, out_dir, 0, len(sources), capped=True)
+    return merge_data(cfg, tokenizer_dir, out_dir)
+
+
+def part_files(cfg: Config, part: int, parts: int) -> tuple[int, int]:
+    """Input files [I, J) of part `part` of `parts` (files sorted as `resolve_inputs` lists them)."""
+    count = len(resolve_inputs(cfg.data.inputs))
+    if not 0 <= part < parts:
+        raise SmalltalkError(f"--part {part}/{parts}: K must be in 0..{parts - 1}")
+    return part * count // parts, (part + 1) * count // parts
+
+
+def encode_part(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, first: int, last: int,
+                capped: bool = False) -> dict:
+    """Encode input files [first, last) into a part of `out_dir` (skipped if that part is already done)."""
+    if cfg.data.max_docs is not None and not capped:
+        raise SmalltalkError("data.max_docs caps the documents of all files together; parts cannot honour it",
+                             fix="prepare in one process, or set data.max_docs=null")
+    if cfg.data.seq_len < 2:
+        raise SmalltalkError(f"data.seq_len must be at least 2, got {cfg.data.seq_len}")
+    target = Parts(Path(out_dir)).part(first, last)
+    if manifest_of(target).is_file():
+        return read_json(manifest_of(target))
+    sources = resolve_inputs(cfg.data.inputs)[first:last]
+    tokenizer, tok_manifest = load_tokenizer(tokenizer_dir)
+    dtype = np.dtype(np.uint16 if tok_manifest["vocab_size"] < 65536 else np.uint32)
+    stats: dict = {}
+    domains: dict[str, int] = {}
+    chars, start = 0, time.perf_counter()
+    with atomic_dir(target) as tmp, ThreadPoolExecutor(max_workers=1) as pool:
+        writers = {s: _StreamWriter(tmp, s, dtype, tok_manifest["eot_id"]) for s in SPLITS}
+        buffers: dict[str, tuple[list[str], list[int]]] = {s: ([], []) for s in SPLITS}
+        pending = None  # encoding runs in a thread (Rust releases the GIL) while we read the next batch
+        bar = tqdm(unit="B", unit_scale=True, desc="prepare", disable=None, mininterval=1.0)
+
+        def flush(split: str) -> None:
+            nonlocal pending
+            texts, doms = buffers[split]
+            buffers[split] = ([], [])
+            if pending is not None:
+                pending.result()
+            future = pool.submit(tokenizer.encode_batch, texts, add_special_tokens=False)
+            pending = pool.submit(lambda f=future, s=split, d=doms: writers[s].add(f.result(), d))
+
+        for doc in iter_documents(cfg.data, stats, sources):
+            split = split_of(doc.text, cfg.data)
+            buffers[split][0].append(doc.text)
+            buffers[split][1].append(-1 if doc.domain is None else domains.setdefault(doc.domain, len(domains)))
+            chars += len(doc.text)
+            bar.update(len(doc.text))
+            if len(buffers[split][0]) >= cfg.data.encode_batch_docs:
+                flush(split)
+        for split in SPLITS:
+            if buffers[split][0]:
+                flush(split)
+        if pending is not None:
+            pending.result()
+        bar.close()
+        for writer in writers.values():
+            writer.close()
+        manifest = {"kind": "data-part", "files": [first, last], "dtype": dtype.name,
+                    "tokenizer_sha256": tok_manifest["sha256"], "domains": sorted(domains, key=domains.get),
+                    "documents": stats["documents"], "empty_documents_skipped": stats["empty_documents_skipped"],
+                    "chars": chars, "seconds": round(time.perf_counter() - start, 3)}
+        write_json(manifest_of(tmp), manifest)
+    return manifest
+
+
+class _StreamWriter:
+    """One split of a part: its token stream, document lengths and (part-local) domain ids."""
+
+    def __init__(self, directory: Path, split: str, dtype: np.dtype, eot_id: int) -> None:
+        self.directory, self.split, self.dtype = directory, split, dtype
+        self.handle = open(DataFiles(directory).tokens(split), "wb")  # noqa: SIM115 - closed in close()
+        self.eot = np.array([eot_id], dtype=dtype)
+        self.doc_lengths: list[np.ndarray] = []
+        self.doc_domains: list[int] = []
+
+    def add(self, encodings: list, domains: list[int]) -> None:
+        pieces = []
+        for enc in encodings:
+            pieces.append(np.asarray(enc.ids, dtype=self.dtype))
+            pieces.append(self.eot)
+        self.handle.write(np.concatenate(pieces).tobytes())
+        self.doc_lengths.append(np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings)))
+        self.doc_domains.extend(domains)
+
+    def close(self) -> None:
+        self.handle.close()
+        files = DataFiles(self.directory)
+        lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, np.int64)
+        np.save(files.index(self.split, "doc_lengths"), lengths)
+        np.save(files.index(self.split, "doc_domains"), np.asarray(self.doc_domains, dtype=np.int16))
+
+
+def merge_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
+    """The prepared dataset from the finished parts (which must cover every input file), then drop them."""
+    out_dir = Path(out_dir)
+    files, count = Parts(out_dir), len(resolve_inputs(cfg.data.inputs))
+    ranges = files.part_ranges()
+    if not files.covered(count):
+        raise SmalltalkError(f"cannot merge: the finished parts {ranges} do not cover input files 0:{count}",
+                             where=str(files.parts), fix="run the missing `data prepare --part K/P` jobs first")
+    parts = [files.part(a, b) for a, b in ranges]
+    found = [read_json(manifest_of(p)) for p in parts]
+    _, tok_manifest = load_tokenizer(tokenizer_dir)
+    if {m["tokenizer_sha256"] for m in found} != {tok_manifest["sha256"]}:
+        raise SmalltalkError("the parts were encoded with another tokenizer", where=str(files.parts),
+                             fix=f"delete {files.parts} and prepare again")
+    domains: dict[str, int] = {}
+    remaps = [np.array([domains.setdefault(d, len(domains)) for d in m["domains"]] + [-1], np.int16) for m in found]
+    seq_len, dtype = cfg.data.seq_len, np.dtype(found[0]["dtype"])
+    with atomic_dir(out_dir) as tmp:
+        info = {s: _merge_split(tmp, parts, remaps, s, seq_len, dtype) for s in SPLITS}
+        if info["train"]["sequences"] == 0:
+            raise SmalltalkError(f"the train split holds fewer than seq_len={seq_len} tokens",
+                                 fix="add documents or lower data.seq_len")
+        chars, seconds = sum(m["chars"] for m in found), sum(m["seconds"] for m in found)
+        manifest = {
+            "kind": "data", "format_version": FORMAT_VERSION, "seq_len": seq_len, "dtype": dtype.name,
+            "vocab_size": tok_manifest["vocab_size"], "eot_id": tok_manifest["eot_id"],
+            "tokenizer_sha256": tok_manifest["sha256"], "tokenizer_dir": str(Path(tokenizer_dir).resolve()),
+            "domains": sorted(domains, key=domains.get), "splits": info,
+            "order": {"kind": "feistel", "seed": cfg.data.order_seed},
+            "documents": sum(m["documents"] for m in found),
+            "empty_documents_skipped": sum(m["empty_documents_skipped"] for m in found), "chars": chars,
+            "seconds": round(seconds, 3), "mb_per_s": round(chars / 1e6 / max(seconds, 1e-9), 3),
+            "data_config": dataclasses.asdict(cfg.data),
+        }
+        write_json(manifest_of(tmp), manifest)
+    shutil.rmtree(files.parts, ignore_errors=True)
+    return manifest
+
+
+def _merge_split(out: Path, parts: list[Path], remaps: list[np.ndarray], split: str, seq_len: int,
+                 dtype: np.dtype) -> dict:
+    """Concatenate one split's streams, cut them into whole sequences (the tail is recorded), index them."""
+    streams = [DataFiles(p).tokens(split) for p in parts]
+    total = sum(s.stat().st_size for s in streams) // dtype.itemsize
+    n_seq = total // seq_len
+    keep, digest = n_seq * seq_len * dtype.itemsize, hashlib.sha256()
+    if len(streams) == 1:  # one process: move the stream into place instead of copying it
+        os.replace(streams[0], DataFiles(out).tokens(split))
+        with open(DataFiles(out).tokens(split), "r+b") as handle:
+            handle.truncate(keep)
+        streams = []
+        digest = None
+    with open(DataFiles(out).tokens(split), "ab" if digest is None else "wb") as target:
+        for stream in streams:
+            with open(stream, "rb") as source:
+                while keep > 0 and (block := source.read(min(_COPY, keep))):
+                    target.write(block)
+                    digest.update(block)
+                    keep -= len(block)
+    lengths = np.concatenate([np.load(DataFiles(p).index(split, "doc_lengths")) for p in parts])
+    doc_domains = np.concatenate([remap[np.load(DataFiles(p).index(split, "doc_domains")).astype(np.int64)]
+                                  for p, remap in zip(parts, remaps, strict=True)]).astype(np.int16)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths.size else lengths
+    seq_first = np.arange(n_seq, dtype=np.int64) * seq_len
+    seq_domains = doc_domains[np.searchsorted(starts, seq_first, side="right") - 1] if n_seq else \
+        np.zeros(0, np.int16)
+    files = DataFiles(out)
+    np.save(files.index(split, "doc_starts"), starts)
+    np.save(files.index(split, "doc_domains"), doc_domains)
+    np.save(files.index(split, "seq_domains"), seq_domains.astype(np.int16))
+    sha = sha256_file(DataFiles(out).tokens(split)) if digest is None else digest.hexdigest()
+    return {"documents": int(lengths.size), "tokens": int(n_seq * seq_len), "sequences": int(n_seq),
+            "tail_tokens_dropped": int(total - n_seq * seq_len), "sha256": sha}
