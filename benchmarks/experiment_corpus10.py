@@ -1,7 +1,8 @@
 """The corpus10 experiment grid: does the mixture beat the compute-matched dense model, and when?
 
 Runs `smalltalk run` on ../shared/data/corpus10 (configs/corpus10.yaml) for
-  E = 2, 4, 8 with EM routers; E = 4 with tf-idf and with random routing; E = 4 with a ~5x larger router,
+  E = 2, 4, 8 with EM routers and with the oracle (domain labels grouped into E balanced groups);
+  E = 4 with tf-idf and with random routing; E = 4 with a ~5x larger router,
 then prints one table (post-prefix and all-token perplexity, mixture vs compute-matched dense, training and
 inference FLOPs overhead) and the prefix-length curve for E = 4. Each run is resumable; rerunning skips
 finished stages. The compute-matched dense model is trained once per E and copied to the other runs with
@@ -29,6 +30,10 @@ GRID = {
     "tfidf-4": ["routing.experts=4", "routing.method=tfidf"],
     "random-4": ["routing.experts=4", "routing.method=random"],
     "em-4-router5x": ["routing.experts=4", "routing.router.preset=cpu-router-0.1m"],
+    # the upper bound: experts on groups of the domain labels (routing.method=oracle), at every E
+    "oracle-2": ["routing.experts=2", "routing.method=oracle"],
+    "oracle-4": ["routing.experts=4", "routing.method=oracle"],
+    "oracle-8": ["routing.experts=8", "routing.method=oracle"],
 }
 
 

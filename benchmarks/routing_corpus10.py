@@ -2,7 +2,9 @@
 
 Prepares corpus10 (vocab 1024, seq 256), trains EM routers with prefix 32 and with prefix 256, the
 tf-idf and random baselines, and prints NMI / purity against the 10 domain labels on the test split
-at inference prefixes 32 and 256, plus the EM curve (NMI per round). About 15-25 minutes on 2 cores.
+at inference prefixes 32 and 256, plus the EM curve (NMI per round); then the router-size comparison (EM
+at prefix 256 with each of --sizes). Held-out sets and chunks follow the data's seeded order (never the
+first sequences of a file-ordered split). About 30-40 minutes on 2 cores.
 
   python benchmarks/routing_corpus10.py [--run runs/routing10] [--rounds 6] [--chunk 8192]
 """
@@ -31,6 +33,8 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60, help="router steps per round")
     ap.add_argument("--router", default="cpu-router-0.1m")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--sizes", nargs="*", default=["cpu-router-0.03m", "cpu-router-0.5m"],
+                    help="other router presets to train at prefix 256 (router-size comparison)")
     args = ap.parse_args()
     if not Path(args.corpus).is_dir():
         print(f"corpus not found: {args.corpus} (skipping)")
@@ -52,6 +56,12 @@ def main() -> int:
         if not (out / "manifest.json").exists():
             assert smalltalk(["routers", "train", *routing, "--prefix", str(prefix), "--out", str(out)]) == 0
         dirs.append(out)
+    sized = {args.router: run / "routers-em-256"}
+    for preset in args.sizes:
+        out = sized[preset] = run / f"routers-em-256-{preset}"
+        if not (out / "manifest.json").exists():
+            assert smalltalk(["routers", "train", *routing, "--prefix", "256", "--router", preset,
+                              "--out", str(out)]) == 0
     for method in ("tfidf", "random"):
         out = run / f"routers-{method}"
         if not (out / "manifest.json").exists():
@@ -66,6 +76,14 @@ def main() -> int:
         curve = [f"{r['heldout_nmi']:.3f}" for r in history]
         print(f"EM curve, prefix {prefix}: held-out NMI per round {curve}; "
               f"best-router changes {[r['best_changed_fraction'] for r in history]}")
+    print("\nrouter size (EM, prefix 256): | router | non-embedding params | held-out NMI per round | test NMI "
+          "(argmax, M̂ 256) |")
+    for preset, out in sized.items():
+        history = read_json(out / "em_history.json")["rounds"]
+        spec = read_json(out / "manifest.json")["router_spec"]
+        test = compare_routers([out], run / "data", "test", [256])[0]["argmax"]["nmi"]
+        curve = " ".join(f"{r['heldout_nmi']:.2f}" for r in history)
+        print(f"| {preset} | d={spec['hidden_size']} L={spec['num_layers']} | {curve} | {test:.3f} |")
     return 0
 
 

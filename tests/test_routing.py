@@ -13,7 +13,7 @@ from smalltalk.routing import scoring
 from smalltalk.routing.routers import LMRouters, load_routers
 from smalltalk.routing.scoring import score_batches
 
-from .conftest import ROUTING, cli, partition_with
+from .conftest import ROUTING, TINY_CONFIG, cli, partition_with
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -123,3 +123,30 @@ def test_compiled_router_scoring_matches_eager(prepared_run):
     compiled = LMRouters(models, batch_size=5, compile=True).score(tokens)
     assert np.allclose(eager, compiled, rtol=1e-4, atol=1e-3)
 
+
+
+def test_oracle_groups_balance_domains_largest_first():
+    from smalltalk.routing.baselines import oracle_groups
+
+    counts = {"a": 50, "b": 40, "c": 30, "d": 20, "e": 10, "f": 10}
+    assert oracle_groups(counts, 2) == [["a", "d", "e"], ["b", "c", "f"]]  # 80 vs 80
+    assert oracle_groups(counts, 3) == [["a", "f"], ["b", "e"], ["c", "d"]]  # 60, 50, 50
+    assert oracle_groups({"x": 5}, 2) == [["x"], []]
+
+
+@pytest.mark.slow
+def test_oracle_mixture_routes_by_label(corpus_file, tmp_path, capsys):
+    """routing.method=oracle through the whole pipeline: the partition is the domain grouping, eval routes
+    by label, and a prompt (which has no label) is refused with a clear error."""
+    run = tmp_path / "oracle"
+    assert cli("run", "--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]",
+               "--set", "data.max_docs=null", "--set", "routing.experts=3", "--set", "routing.method=oracle",
+               "--set", "dense.bigger=false") == 0
+    partition = json.loads((run / "partition" / "manifest.json").read_text())
+    assert partition["quality"]["purity"] > 0.95 and partition["quality"]["nmi"] > 0.9
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["method"] == "oracle" and results["timing"] is None
+    assert all(len(row["experts_used"]) == 1 for row in results["per_domain"])  # one expert per domain
+    capsys.readouterr()
+    assert cli("generate", "--run", run, "xyz_ {} = 1", "--max-new-tokens", "2") == 2
+    assert "domain label" in capsys.readouterr().err

@@ -89,7 +89,7 @@ class TrainConfig:
 
 @dataclass
 class RoutingConfig:
-    method: str = "em"  # "em", "tfidf" or "random"
+    method: str = "em"  # "em", "tfidf", "random" or "oracle" (domain labels: an upper bound for studies)
     experts: int = 4
     prefix: int = 256  # M: tokens the routers see when training and partitioning
     rounds: int = 4  # EM rounds T

@@ -27,6 +27,7 @@ from smalltalk.layout import DENSE_KINDS, HF_CONFIG, RunLayout, TrainFiles, mani
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.mixture_tally import MixtureTally, batch_nll
 from smalltalk.model import spec_from_hf
+from smalltalk.routing.routers import score_split
 
 
 def _dense_models(run: RunLayout, device) -> dict:
@@ -72,12 +73,14 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
     dense = _dense_models(run, device)
     top_k = [(k, t) for k in sorted({k for k in ec.top_k if 1 <= k <= mixture.num_experts})
              for t in ec.top_k_temperatures]
+    by_label = getattr(mixture.routers, "needs_labels", False)  # the oracle routes by domain label
     tally = MixtureTally(mixture.num_experts, prefixes, main_prefix, list(dense), top_k,
                          len(data.domain_names) if data.has_domains else 0, ec.score_all_experts)
     for start in range(0, len(ids), ec.batch_size):
         rows = ids[start:start + ec.batch_size]
         tokens = data.batch(rows)
-        scores = {p: mixture.routers.score(tokens[:, :p]) for p in prefixes}
+        scores = {p: score_split(mixture.routers, data, rows, p) if by_label else mixture.routers.score(tokens[:, :p])
+                  for p in prefixes}
         expert_nll = {}
         for e, need in enumerate(tally.needed(scores)):
             expert_nll[e] = np.full((len(rows), seq - 1), np.nan)
@@ -92,7 +95,7 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
         "method": mixture.manifest["method"], "routing_prefix": mixture.prefix, "main_prefix": main_prefix,
         "sweep": tally.sweep(), "per_expert": tally.per_expert(),
         "per_domain": tally.per_domain(data.domain_names) if data.has_domains else [],
-        "flops": _flops(run, mixture, main_prefix), "timing": _timing(mixture, data, main_prefix),
+        "flops": _flops(run, mixture, main_prefix), "timing": None if by_label else _timing(mixture, data, main_prefix),
         "top_k": tally.top_k_table(),
         "tokens_per_param": {"experts": [s["tokens_per_param"] for s in run.expert_summaries()],
                              **{k: run.dense_summary(k)["tokens_per_param"] for k in dense}},
@@ -163,8 +166,9 @@ def format_results(results: dict) -> str:
                  f"{flops['routing_overhead']['total']:.3e} ({flops['training_overhead']:.1%}); dense "
                  + ", ".join(f"{k} {v:.3e}" for k, v in flops["dense_training"].items()))
     inf = flops["inference"]
+    timing = results.get("timing")
     lines.append(f"inference FLOPs/sequence: expert {inf['expert']:.3e} + routing {inf['routing']:.3e} "
-                 f"({inf['overhead']:.1%}); measured routing {results['timing']['routing_ms']:.2f} ms vs expert "
-                 f"forward {results['timing']['expert_forward_ms']:.2f} ms")
+                 f"({inf['overhead']:.1%})" + (f"; measured routing {timing['routing_ms']:.2f} ms vs expert "
+                                              f"forward {timing['expert_forward_ms']:.2f} ms" if timing else ""))
     return "\n".join(lines)
 

@@ -10,6 +10,7 @@ import numpy as np
 
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
+from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, write_json
 from smalltalk.layout import RouterFiles, TokenizerFiles, manifest_of
 from smalltalk.routing.assignment import balanced_assignment
@@ -28,6 +29,39 @@ def train_random_router(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     """Nothing to fit: the manifest (E, seed) is the router."""
     data = SplitData(data_dir, "train")
     manifest = _manifest(cfg, "random", data)
+    with atomic_dir(out_dir) as tmp:
+        write_json(manifest_of(tmp), manifest)
+    return manifest
+
+
+def oracle_groups(counts: dict[str, int], experts: int) -> list[list[str]]:
+    """Domains into E groups of near-equal size: largest domain first, each to the group with the fewest
+    sequences so far (ties: lower group index). With fewer domains than experts, groups stay empty."""
+    groups: list[list[str]] = [[] for _ in range(experts)]
+    sizes = [0] * experts
+    for name in sorted(counts, key=lambda d: (-counts[d], d)):
+        e = min(range(experts), key=lambda g: (sizes[g], g))
+        groups[e].append(name)
+        sizes[e] += counts[name]
+    return groups
+
+
+def train_oracle_router(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
+    """The domain-label upper bound: groups of domains by train-split sequence counts (oracle_groups)."""
+    data = SplitData(data_dir, "train")
+    if not data.has_domains:
+        raise SmalltalkError(f"routing.method=oracle needs domain labels; {data_dir} has none",
+                             fix="prepare labelled data (data.domain_field) or use em/tfidf/random")
+    counts = np.zeros(len(data.domain_names), dtype=np.int64)
+    for start in range(0, len(data), 1 << 20):  # block by block: labels of 10^9 sequences never held at once
+        labels = np.asarray(data.seq_domains[start:start + (1 << 20)], dtype=np.int64)
+        counts += np.bincount(labels[labels >= 0], minlength=len(counts))
+    groups = oracle_groups({n: int(c) for n, c in zip(data.domain_names, counts, strict=True)}, cfg.routing.experts)
+    if any(not g for g in groups):
+        raise SmalltalkError(f"{len(data.domain_names)} domains cannot fill {cfg.routing.experts} oracle groups",
+                             fix="use at most as many experts as domains")
+    manifest = _manifest(cfg, "oracle", data, groups=groups,
+                         group_sequences=[int(sum(counts[data.domain_names.index(n)] for n in g)) for g in groups])
     with atomic_dir(out_dir) as tmp:
         write_json(manifest_of(tmp), manifest)
     return manifest

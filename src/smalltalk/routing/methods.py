@@ -31,7 +31,15 @@ def _random(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     return train_random_router(cfg, data_dir, out_dir)
 
 
-TRAINERS: dict[str, Callable[[Config, Path, Path], dict]] = {"em": _em, "tfidf": _tfidf, "random": _random}
+def _oracle(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
+    from smalltalk.routing.baselines import train_oracle_router
+
+    return train_oracle_router(cfg, data_dir, out_dir)
+
+
+# oracle: routing by domain label, an upper bound for studies (not servable: a prompt has no label)
+TRAINERS: dict[str, Callable[[Config, Path, Path], dict]] = {"em": _em, "tfidf": _tfidf, "random": _random,
+                                                             "oracle": _oracle}
 METHODS = tuple(TRAINERS)
 
 

@@ -75,6 +75,32 @@ class RandomRouter:
         return out
 
 
+class OracleRouter:
+    """Routing by domain label (an upper bound for studies, never a servable router): expert e takes the
+    domains of group e. Scores 0 for the own group, -1 elsewhere (unlabelled sequences: all 0). It needs
+    each sequence's label, so it scores through `score_split`, never from tokens alone."""
+
+    needs_labels = True
+
+    def __init__(self, groups: list[list[str]]) -> None:
+        self.groups, self.num_experts = groups, len(groups)
+        self.group_of = {name: e for e, names in enumerate(groups) for name in names}
+
+    def score(self, tokens: np.ndarray) -> np.ndarray:
+        raise SmalltalkError("oracle routing needs each sequence's domain label; a prompt has none",
+                             fix="use the oracle for `smalltalk eval` and partition only (an upper bound)")
+
+    def score_labels(self, labels: np.ndarray, names: list[str]) -> np.ndarray:
+        """[N] domain ids of a dataset whose domain names are `names` -> [N, E] scores."""
+        lookup = np.array([self.group_of.get(name, -1) for name in names] + [-1], dtype=np.int64)
+        group = lookup[np.asarray(labels, dtype=np.int64)]  # label -1 -> the appended -1
+        out = np.full((len(group), self.num_experts), -1.0, dtype=np.float32)
+        known = group >= 0
+        out[np.flatnonzero(known), group[known]] = 0.0
+        out[~known] = 0.0
+        return out
+
+
 class TfidfRouter:
     """c-BTM style: tf-idf of the prefix text -> TruncatedSVD -> L2 norm; score = -distance to centroids."""
 
@@ -119,6 +145,8 @@ def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int =
                                          batch_size, compile, workers)
     if method == "random":
         return RandomRouter(manifest["experts"], manifest["seed"])
+    if method == "oracle":
+        return OracleRouter(manifest["groups"])
     if method == "tfidf":
         with open(files.tfidf, "rb") as handle:
             state = pickle.load(handle)
@@ -128,7 +156,10 @@ def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int =
 
 
 def score_split(router: Router, data, ids: np.ndarray, prefix: int, batch_size: int = 1024) -> np.ndarray:
-    """Scores [len(ids), E] of the first `prefix` tokens of sequences `ids` of a SplitData."""
+    """Scores [len(ids), E] of the first `prefix` tokens of sequences `ids` of a SplitData (by their labels
+    for the oracle)."""
+    if getattr(router, "needs_labels", False):
+        return router.score_labels(np.asarray(data.seq_domains[np.asarray(ids)]), data.domain_names)
     out = np.empty((len(ids), router.num_experts), dtype=np.float32)
     for start in range(0, len(ids), batch_size):
         out[start:start + batch_size] = router.score(data.batch(ids[start:start + batch_size], prefix))
