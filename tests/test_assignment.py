@@ -60,3 +60,16 @@ def test_agrees_with_plain_greedy_loop_on_random_cases():
 
 def test_argmax_breaks_ties_by_lowest_index():
     assert argmax_assignment(np.array([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0]])).tolist() == [0, 1]
+
+
+def test_non_finite_scores_are_refused_naming_router_and_sequence():
+    from smalltalk.errors import SmalltalkError
+    from smalltalk.routing.assignment import check_finite
+
+    scores = np.zeros((4, 2), dtype=np.float32)
+    scores[2, 1] = np.nan
+    with pytest.raises(SmalltalkError, match="router 1 .* sequence 42"):
+        check_finite(scores, np.array([7, 8, 42, 9]))
+    scores[2, 1] = -np.inf
+    with pytest.raises(SmalltalkError, match="non-finite"):
+        balanced_assignment(scores)

@@ -45,3 +45,23 @@ def test_export_loads_in_a_fresh_process_with_the_same_logits(pipeline_run, tmp_
         x = torch.from_numpy(tokens)
         with torch.no_grad():
             assert torch.equal(a(x).logits, b(x).logits)
+
+
+def test_export_never_overwrites_a_run_and_asks_before_replacing(pipeline_run, tmp_path, capsys):
+    run = pipeline_run[0]
+    before = sorted(p.name for p in run.iterdir())
+    assert cli("export", "--run", run, "--out", run) == 2
+    assert cli("export", "--run", run, "--out", run.parent) == 2  # a directory holding the run
+    other = tmp_path / "other-run"
+    (other / "data").mkdir(parents=True)
+    (other / "data" / "manifest.json").write_text("{}")
+    assert cli("export", "--run", run, "--out", other, "--force") == 2
+    assert "run directory" in capsys.readouterr().err
+    assert sorted(p.name for p in run.iterdir()) == before and (other / "data" / "manifest.json").is_file()
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "notes.txt").write_text("mine")
+    assert cli("export", "--run", run, "--out", taken) == 2
+    assert "not empty" in capsys.readouterr().err and (taken / "notes.txt").read_text() == "mine"
+    assert cli("export", "--run", run, "--out", taken, "--force") == 0
+    assert (taken / "mixture.json").is_file() and not (taken / "notes.txt").exists()

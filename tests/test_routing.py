@@ -150,3 +150,40 @@ def test_oracle_mixture_routes_by_label(corpus_file, tmp_path, capsys):
     capsys.readouterr()
     assert cli("generate", "--run", run, "xyz_ {} = 1", "--max-new-tokens", "2") == 2
     assert "domain label" in capsys.readouterr().err
+
+
+def test_tfidf_router_from_arrays_equals_sklearn():
+    """The stored arrays reproduce TfidfVectorizer(sublinear_tf) + TruncatedSVD + L2 exactly."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+
+    from smalltalk.routing.routers import TfidfRouter
+
+    from .conftest import make_documents
+
+    texts = [d["text"][:300] for d in make_documents(60, seed=4)]
+    vectorizer = TfidfVectorizer(sublinear_tf=True, max_features=100_000)
+    svd = TruncatedSVD(n_components=8, random_state=0).fit(vectorizer.fit_transform(texts))
+    router = TfidfRouter(lambda row: texts[int(row[0])], vectorizer.vocabulary_, vectorizer.idf_, svd.components_,
+                         np.zeros((3, 8), np.float32))
+    expected = normalize(svd.transform(vectorizer.transform(texts))).astype(np.float32)
+    assert np.allclose(router.embed(np.arange(len(texts))[:, None]), expected, atol=1e-6)
+
+
+def test_a_pickle_in_a_run_directory_is_never_loaded(tmp_path):
+    import pickle
+
+    from smalltalk.errors import SmalltalkError
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(tmp_path / "pwned"), "w"))
+
+    routers = tmp_path / "routers"
+    routers.mkdir()
+    (routers / "manifest.json").write_text(json.dumps({"method": "tfidf", "experts": 2, "prefix": 8}))
+    (routers / "tfidf.pkl").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(SmalltalkError, match="pickle"):
+        load_routers(routers)
+    assert not (tmp_path / "pwned").exists()

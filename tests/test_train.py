@@ -191,3 +191,21 @@ def test_sampler_is_a_cursor_over_a_seeded_order():
     assert Sampler(ids, 8, seed=3).next_batch().tolist() != Sampler(ids, 8, seed=4).next_batch().tolist()
     a.next_batch()  # crosses into epoch 1: everything has been drawn
     assert a.state_dict()["epoch"] == 1 and np.array_equal(a.consumed(), ids)
+
+
+def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared_run, tmp_path, capsys):
+    """The newest checkpoint is truncated: resume warns, names both, continues from the older one, and still
+    ends bitwise equal to an uninterrupted run (exact resume)."""
+    every = ["--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=3"]
+    ref, out = tmp_path / "ref", tmp_path / "lm"
+    assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", ref, "--set", "train.steps=10", *every) == 0
+    assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, "--set", "train.steps=6", *every) == 0
+    weights = out / "checkpoints" / "step_00000006" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    capsys.readouterr()
+    assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, "--set", "train.steps=10", *every,
+               "--resume") == 0
+    err = capsys.readouterr().err
+    assert "warning" in err and str(weights) in err and "step_00000004" in err
+    a, b = (load_file(str(d / "model" / "model.safetensors")) for d in (ref, out))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -7,6 +7,7 @@ file) is reported with the path and the way out, instead of a stack trace from d
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,27 @@ def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
 def latest_checkpoint(out_dir: str | Path) -> Path | None:
     dirs = checkpoint_dirs(out_dir)
     return dirs[-1] if dirs else None
+
+
+def load_latest_good(out_dir: str | Path, model: torch.nn.Module,
+                     verbose: bool = True) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint that loads, into `model`; a damaged newer one is skipped with a warning naming
+    both (an older good one still resumes exactly). Only when none loads is the newest one's error raised."""
+    dirs = checkpoint_dirs(out_dir)
+    first_error = None
+    for path in reversed(dirs):
+        try:
+            state = load_checkpoint(path, model)
+        except SmalltalkError as exc:
+            first_error = first_error or exc
+            continue
+        if first_error is not None and verbose:
+            print(f"warning: {first_error.where} is damaged ({first_error.what.split(':')[0]}); resuming from the "
+                  f"older {path}", file=sys.stderr, flush=True)
+        return path, state
+    if first_error is not None:
+        raise first_error
+    return None, None
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, state: dict[str, Any],
@@ -64,7 +86,7 @@ def load_checkpoint(path: Path, model: torch.nn.Module) -> dict[str, Any]:
     if getattr(model.config, "tie_word_embeddings", False):
         model.tie_weights()
     try:
-        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=False)
+        return torch.load(path / TRAINER_STATE, map_location="cpu", weights_only=True)  # no code runs on load
     except Exception as exc:  # noqa: BLE001 - torch.load raises many types on damaged pickles
         raise SmalltalkError(f"trainer state is unreadable (truncated or corrupt): {exc}",
                              where=str(path / TRAINER_STATE), fix=fix) from None

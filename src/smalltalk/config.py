@@ -175,7 +175,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
             if not isinstance(node, dict):
                 raise SmalltalkError(f"override {item!r}: '{part}' is not a section")
         node[parts[-1]] = yaml.safe_load(value)
-    return _build(Config, raw, prefix="", source=source)
+    return _checked(_build(Config, raw, prefix="", source=source), source)
+
+
+ROUTING_METHODS = ("em", "tfidf", "random", "oracle")  # routing/methods.py has a trainer for each
+
+
+def _checked(cfg: Config, source: str) -> Config:
+    """Values that are wrong whatever the data: refused at load, before any stage runs."""
+    if cfg.routing.method not in ROUTING_METHODS:
+        raise SmalltalkError(f"unknown routing.method {cfg.routing.method!r}", where=source,
+                             fix=f"use one of {', '.join(ROUTING_METHODS)}")
+    if cfg.routing.experts < 2:
+        raise SmalltalkError(f"routing.experts={cfg.routing.experts}: a mixture needs at least 2 experts",
+                             where=source)
+    if cfg.routing.prefix < 2 or cfg.routing.prefix > cfg.data.seq_len:
+        raise SmalltalkError(f"routing.prefix={cfg.routing.prefix} must be in [2, data.seq_len={cfg.data.seq_len}]",
+                             where=source)
+    bad = [p for p in cfg.eval.prefixes if not 2 <= p < cfg.data.seq_len]
+    if bad:
+        raise SmalltalkError(f"eval.prefixes {bad} are outside [2, data.seq_len={cfg.data.seq_len}): no token "
+                             "would be left to score after them", where=source, fix="drop them from eval.prefixes")
+    return cfg
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:

@@ -9,11 +9,15 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, write_json
 from smalltalk.layout import MODEL_CARD, RouterFiles, RunLayout, manifest_of
 
 
-def export_mixture(run: RunLayout, out: Path) -> Path:
+def export_mixture(run: RunLayout, out: Path, force: bool = False) -> Path:
+    """Write the mixture of `run` to `out` (replaced atomically). An existing non-empty `out` is refused
+    unless `force`; a run directory, or a directory holding the run, never."""
+    _check_target(run, Path(out), force)
     manifest, routers = run.mixture(), run.routers_manifest()
     with atomic_dir(out) as tmp:
         staged = RunLayout(tmp)  # written under the temp name, renamed to `out` when complete
@@ -32,6 +36,18 @@ def export_mixture(run: RunLayout, out: Path) -> Path:
         write_json(staged.mixture_file, manifest)
         (tmp / MODEL_CARD).write_text(model_card(run, manifest))
     return out
+
+
+def _check_target(run: RunLayout, out: Path, force: bool) -> None:
+    target, source = out.resolve(), run.root.resolve()
+    other = RunLayout(out)
+    if target == source or target in source.parents or other.stages_file.is_file() or other.config_file.is_file() \
+            or manifest_of(other.data).is_file():
+        raise SmalltalkError(f"--out {out} is a run directory or holds the run {run.root}: exporting there would "
+                             "delete it", fix="choose a new directory for the export")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
+        raise SmalltalkError(f"--out {out} exists and is not empty", fix="choose a new directory, or pass --force "
+                             "to replace it")
 
 
 def model_card(run: RunLayout, manifest: dict) -> str:

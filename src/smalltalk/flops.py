@@ -52,8 +52,9 @@ def measure_matmul_peak(device: str = "cpu", dtype: str = "float32", size: int =
     if key in _PEAK_CACHE:
         return _PEAK_CACHE[key]
     torch_dtype = getattr(torch, dtype)
-    a = torch.randn(size, size, device=device, dtype=torch_dtype)
-    b = torch.randn(size, size, device=device, dtype=torch_dtype)
+    generator = torch.Generator(device=device).manual_seed(0)  # never the global RNG: training resumes it
+    a = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
+    b = torch.randn(size, size, device=device, dtype=torch_dtype, generator=generator)
     for _ in range(2):
         a @ b
     best = float("inf")

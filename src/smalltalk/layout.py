@@ -129,6 +129,16 @@ class RouterFiles:
 
     @property
     def tfidf(self) -> Path:
+        """idf, SVD components and centroids (npz: arrays only, nothing that runs code when loaded)."""
+        return self.root / "tfidf.npz"
+
+    @property
+    def tfidf_vocab(self) -> Path:
+        return self.root / "tfidf_vocab.json"
+
+    @property
+    def legacy_pickle(self) -> Path:
+        """What older versions wrote; refused on load (unpickling can run arbitrary code)."""
         return self.root / "tfidf.pkl"
 
     @property
@@ -151,7 +161,7 @@ class RouterFiles:
 
     def extras(self) -> list[str]:
         """Files besides the router models that an export copies."""
-        return [p.name for p in (self.tfidf, self.tokenizer_json, self.em_history)]
+        return [p.name for p in (self.tfidf, self.tfidf_vocab, self.tokenizer_json, self.em_history)]
 
 
 @dataclass(frozen=True)

@@ -69,6 +69,9 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
     data = SplitData(data_dir, ec.split)
     ids, seq = data.sample(ec.max_sequences), data.seq_len
     main_prefix = ec.main_prefix or mixture.prefix
+    if not 2 <= main_prefix < seq:
+        raise SmalltalkError(f"the main routing prefix M̂={main_prefix} leaves no token to score in sequences of {seq}",
+                             fix="set eval.main_prefix below data.seq_len")
     prefixes = sorted({p for p in ec.prefixes if 2 <= p < seq} | {main_prefix})
     dense = _dense_models(run, device)
     top_k = [(k, t) for k in sorted({k for k in ec.top_k if 1 <= k <= mixture.num_experts})

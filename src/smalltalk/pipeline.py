@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 from smalltalk.config import Config, save_config
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import write_json
+from smalltalk.fsutil import remove_stale_temps, write_json
 from smalltalk.layout import RunLayout, manifest_of
 
 
@@ -129,6 +129,8 @@ def digest(cfg: Config, stage: Stage) -> str:
 
 def run_pipeline(cfg: Config, run: RunLayout) -> None:
     run.root.mkdir(parents=True, exist_ok=True)
+    for path in remove_stale_temps(run.root):  # left by a killed earlier run: never a finished artifact
+        print(f"removed {path} (left by a killed run)", flush=True)
     save_config(cfg, run.config_file)
     record = run.stages()
     for stage in STAGES:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from smalltalk.fsutil import read_json
+from smalltalk.fsutil import atomic_dir, read_json
 from smalltalk.layout import DENSE_KINDS, REPORT_PLOTS, RouterFiles, RunLayout, TrainFiles, manifest_of
 
 
@@ -185,8 +185,12 @@ def write_report(run: RunLayout) -> Path:
 
     from smalltalk.mixture_eval import format_results
 
-    out = run.report
-    out.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(run.report) as out:  # report.md is the stage's done-marker: all or nothing
+        _write_report(run, out, plt, format_results)
+    return run.report_md
+
+
+def _write_report(run: RunLayout, out: Path, plt, format_results) -> None:
     results_path = run.results_file(run.eval)
     results = read_json(results_path) if results_path.is_file() else None
     images = _plot_loss(run, out, plt, results) + _plot_em(run, out, plt)
@@ -201,9 +205,9 @@ def write_report(run: RunLayout) -> Path:
                + ", ".join(f"dense {k} {v:.0f}" for k, v in tpp.items() if k != "experts"), "",
                "## FLOPs", "", *_flops_table(results), ""]
     md += ["## Figures", ""] + [f"![{name}]({name})" for name in images]
-    run.report_md.write_text("\n".join(md) + "\n")
+    (out / run.report_md.name).write_text("\n".join(md) + "\n")
     body = "\n".join(f"<h3>{html.escape(n)}</h3><img src='{n}' style='max-width:100%'>" for n in images)
     table = html.escape("\n".join(md[:md.index("## Figures")]))
-    run.report_html.write_text(f"<html><head><meta charset='utf-8'><title>{html.escape(run.root.name)}</title>"
-                                    f"</head><body><pre>{table}</pre>{body}</body></html>\n")
-    return run.report_md
+    title = html.escape(run.root.name)
+    (out / run.report_html.name).write_text(f"<html><head><meta charset='utf-8'><title>{title}</title>"
+                                            f"</head><body><pre>{table}</pre>{body}</body></html>\n")

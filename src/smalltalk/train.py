@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smalltalk.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from smalltalk.checkpoint import load_latest_good, save_checkpoint
 from smalltalk.config import TrainConfig
 from smalltalk.data.order import SequenceOrder
 from smalltalk.data.shards import SplitData
@@ -27,7 +27,7 @@ from smalltalk.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import sequence_nll
 from smalltalk.flops import measure_matmul_peak, training_flops
-from smalltalk.fsutil import atomic_dir, write_json
+from smalltalk.fsutil import atomic_dir, atomic_file, write_json
 from smalltalk.layout import TrainFiles
 from smalltalk.model import ModelSpec, build_model, count_params
 
@@ -191,15 +191,15 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     sampler = Sampler(job.ids if job.ids is not None else len(job.data), global_batch, cfg.seed)
-    step, tokens_seen = 0, 0
-    checkpoint = latest_checkpoint(out_dir) if resume else None
+    step, tokens_seen, last_loss = 0, 0, float("nan")  # last_loss: the summary's final loss, kept across resumes
+    checkpoint, state = load_latest_good(out_dir, model, dist.is_main) if resume else (None, None)
     if checkpoint is not None:
-        state = load_checkpoint(checkpoint, model)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         sampler.load_state_dict(state["sampler"])
         _set_rng_state(state["rng"])
         step, tokens_seen = state["step"], state["tokens_seen"]
+        last_loss = state.get("last_loss", float("nan"))
         if dist.is_main:
             print(f"{job.name}: resuming from {checkpoint}", flush=True)
     elif not resume and TrainFiles(out_dir).checkpoints.exists() and dist.is_main:
@@ -219,13 +219,14 @@ def train(job: TrainJob, resume: bool = False) -> dict:
 
     def save(at: int) -> None:
         if dist.is_main:
-            state = {"step": at, "tokens_seen": tokens_seen, "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "sampler": sampler.state_dict(),
-                     "rng": _rng_state(), "world_size": dist.world_size, "config": dataclasses.asdict(cfg)}
+            state = {"step": at, "tokens_seen": tokens_seen, "last_loss": last_loss,
+                     "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                     "sampler": sampler.state_dict(), "rng": _rng_state(), "world_size": dist.world_size,
+                     "config": dataclasses.asdict(cfg)}
             save_checkpoint(out_dir, at, model, state, keep=cfg.keep_checkpoints)
         dist.barrier()
 
-    window_start, window_steps, last_loss = time.perf_counter(), 0, float("nan")
+    window_start, window_steps = time.perf_counter(), 0
     while step < cfg.steps:
         batch_ids = sampler.next_batch()
         loss_sum = torch.zeros((), device=device)
@@ -269,7 +270,8 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     if checkpoint is None or step > int(checkpoint.name.split("_")[1]):
         save(step)
     if cfg.record_consumed and dist.is_main:
-        np.save(TrainFiles(out_dir).consumed_ids, sampler.consumed())
+        with atomic_file(TrainFiles(out_dir).consumed_ids) as tmp:
+            np.save(tmp, sampler.consumed())
     return _finish(job, model, step, tokens_seen, seq, global_batch, last_loss, dist)
 
 

@@ -13,7 +13,7 @@ from smalltalk.layout import RunLayout
 def cmd_export(args: argparse.Namespace) -> None:
     from smalltalk.export import export_mixture
 
-    print(f"exported -> {export_mixture(RunLayout(Path(args.run)), Path(args.out))}")
+    print(f"exported -> {export_mixture(RunLayout(Path(args.run)), Path(args.out), args.force)}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -67,6 +67,7 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="write a self-contained mixture directory")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--force", action="store_true", help="replace an existing export at --out")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("serve", help="OpenAI-compatible HTTP server for a mixture")

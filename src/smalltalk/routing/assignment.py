@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from smalltalk.errors import SmalltalkError
+
 
 def capacities(n: int, experts: int, first: int = 0) -> np.ndarray:
     """N // E each; the N mod E extra places go to experts first, first+1, ... (mod E). Partition rotates
@@ -34,9 +36,21 @@ def greedy_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-scores.max(axis=1), kind="stable")
 
 
+def check_finite(scores: np.ndarray, ids: np.ndarray | None = None) -> None:
+    """Refuse NaN/inf scores (a diverged router): assignment would silently misplace those sequences."""
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        row, expert = (int(x[0]) for x in np.nonzero(bad))
+        sequence = int(ids[row]) if ids is not None else row
+        raise SmalltalkError(f"router {expert} gave a non-finite score ({scores[row, expert]}) to sequence {sequence}"
+                             f" ({int(bad.any(axis=1).sum())} sequences affected)",
+                             fix=f"router {expert} has diverged: retrain the routers (lower routing.train.lr)")
+
+
 def balanced_assignment(scores: np.ndarray, first: int = 0) -> np.ndarray:
-    """[N] expert index per sequence, loads equal to capacities(N, E, first)."""
+    """[N] expert index per sequence, loads equal to capacities(N, E, first); scores must be finite."""
     scores = np.asarray(scores, dtype=np.float32)
+    check_finite(scores)
     n, experts = scores.shape
     caps = capacities(n, experts, first)
     order = greedy_order(scores)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import shutil
 from pathlib import Path
 
@@ -99,9 +98,10 @@ def train_tfidf_router(cfg: Config, data_dir: Path, out_dir: Path, iterations: i
     manifest = _manifest(cfg, "tfidf", data, fit_sequences=len(ids), kmeans_iterations=iteration + 1,
                          svd_components=svd.n_components, fit_quality=fit_quality)
     with atomic_dir(out_dir) as tmp:
-        with open(RouterFiles(tmp).tfidf, "wb") as handle:
-            pickle.dump({"vectorizer": vectorizer, "svd": svd, "centroids": centroids.astype(np.float32)}, handle)
-        shutil.copy(tokenizer_json, RouterFiles(tmp).tokenizer_json)
+        files = RouterFiles(tmp)
+        np.savez(files.tfidf, idf=vectorizer.idf_, components=svd.components_, centroids=centroids.astype(np.float32))
+        write_json(files.tfidf_vocab, {term: int(i) for term, i in vectorizer.vocabulary_.items()})
+        shutil.copy(tokenizer_json, files.tokenizer_json)
         write_json(manifest_of(tmp), manifest)
     return manifest
 

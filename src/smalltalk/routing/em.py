@@ -20,10 +20,10 @@ import numpy as np
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import read_json, write_json
+from smalltalk.fsutil import atomic_file, read_json, write_json
 from smalltalk.layout import RouterFiles, manifest_of
 from smalltalk.model import ModelSpec, resolve_spec
-from smalltalk.routing.assignment import argmax_assignment, balanced_assignment
+from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, check_finite
 from smalltalk.routing.metrics import split_quality
 from smalltalk.routing.routers import LMRouters, score_split
 from smalltalk.routing.scoring import score_batches
@@ -102,8 +102,10 @@ def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
         if r + 1 < rc.rounds:
             next_ids, next_epoch = stream.chunk(r + 1)
             scores = score_split(routers, data, next_ids, rc.prefix, rc.score_batch_size)
+            check_finite(scores, next_ids)
             next_assignment = balanced_assignment(scores)
-            np.savez(files.round_share(r + 1), ids=next_ids, assignment=next_assignment)
+            with atomic_file(files.round_share(r + 1)) as tmp:
+                np.savez(tmp, ids=next_ids, assignment=next_assignment)
             row["next_chunk"] = {"epoch": next_epoch, "argmax_loads": np.bincount(
                 argmax_assignment(scores), minlength=rc.experts).tolist(),
                 **_quality(next_assignment, data.seq_domains[next_ids], "balanced")}
@@ -128,7 +130,8 @@ def _share(out_dir: Path, stream: ChunkStream, r: int, experts: int, seed: int):
         raise SmalltalkError(f"missing EM state {path}", fix=f"delete {out_dir} and train the routers again")
     assignment = np.random.default_rng([seed, 12345]).permutation(len(ids)) % experts
     path.parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, ids=ids, assignment=assignment)
+    with atomic_file(path) as tmp:
+        np.savez(tmp, ids=ids, assignment=assignment)
     return ids, assignment, epoch
 
 
@@ -168,7 +171,8 @@ def _round_metrics(r: int, epoch: int, routers: LMRouters, data: SplitData, val:
         scores = score_split(routers, val, heldout, prefix)
         best = argmax_assignment(scores)
         best_path, previous = RouterFiles(out_dir).heldout_best(r), RouterFiles(out_dir).heldout_best(r - 1)
-        np.save(best_path, best)
+        with atomic_file(best_path) as tmp:
+            np.save(tmp, best)
         row.update({
             "heldout_loss": [float(-scores[:, e].mean() / tokens) for e in range(experts)],
             "heldout_routed_loss": float(-scores.max(axis=1).mean() / tokens),

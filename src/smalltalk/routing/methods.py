@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from smalltalk.config import Config
+from smalltalk.config import ROUTING_METHODS, Config
 from smalltalk.errors import SmalltalkError
 
 
@@ -40,7 +40,8 @@ def _oracle(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
 # oracle: routing by domain label, an upper bound for studies (not servable: a prompt has no label)
 TRAINERS: dict[str, Callable[[Config, Path, Path], dict]] = {"em": _em, "tfidf": _tfidf, "random": _random,
                                                              "oracle": _oracle}
-METHODS = tuple(TRAINERS)
+METHODS = ROUTING_METHODS
+assert set(TRAINERS) == set(METHODS), "every routing method in config.ROUTING_METHODS needs a trainer here"
 
 
 def train_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import shutil
 import time
@@ -32,7 +33,7 @@ from smalltalk.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
 from smalltalk.layout import WEIGHTS, PartitionFiles, RouterFiles, RunLayout, manifest_of, read_manifest
-from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, capacities
+from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, capacities, check_finite
 from smalltalk.routing.metrics import contingency, mix_from_table, quality_from_table
 from smalltalk.routing.routers import load_routers, score_split
 from smalltalk.runtime import return_free_memory
@@ -178,6 +179,7 @@ def run_part(job: PartitionJob, settings: dict, data: SplitData, router, start: 
             scores = score_chunk(router, data, ids, settings["prefix"], job.batch_size, dist, device)
             if not dist.is_main:
                 continue
+            check_finite(scores, ids)  # names the router and the sequence id
             assignment = balanced_assignment(scores, first=c % experts)
             stats.append(_chunk_stats(c, ids, scores, assignment, data.seq_domains[ids], experts, domains))
             for e, handle in enumerate(outputs):
@@ -294,9 +296,11 @@ def _final_manifest(settings: dict, stats: list[dict], counts: np.ndarray, data:
 def routers_checksum(routers_dir: Path) -> str:
     """sha256 over what defines the routers: manifest, final weights, tf-idf state."""
     digest = hashlib.sha256()
-    layout, names = RouterFiles(routers_dir), read_json(manifest_of(routers_dir)).get("routers", [])
-    files = [manifest_of(routers_dir), *[layout.router(name).model / WEIGHTS for name in sorted(names)],
-             *([layout.tfidf] if layout.tfidf.is_file() else [])]
+    layout, manifest = RouterFiles(routers_dir), read_json(manifest_of(routers_dir))
+    where = ("data", "tokenizer_dir")  # where the routers were made, not what they are: a moved run keeps its sum
+    digest.update(json.dumps({k: v for k, v in manifest.items() if k not in where}, sort_keys=True).encode())
+    files = [*[layout.router(name).model / WEIGHTS for name in sorted(manifest.get("routers", []))],
+             *[p for p in (layout.tfidf, layout.tfidf_vocab) if p.is_file()]]
     for path in files:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()

@@ -8,7 +8,6 @@ says which kind is stored there.
 from __future__ import annotations
 
 import hashlib
-import pickle
 from pathlib import Path
 from typing import Protocol
 
@@ -102,18 +101,26 @@ class OracleRouter:
 
 
 class TfidfRouter:
-    """c-BTM style: tf-idf of the prefix text -> TruncatedSVD -> L2 norm; score = -distance to centroids."""
+    """c-BTM style: tf-idf of the prefix text -> TruncatedSVD -> L2 norm; score = -distance to centroids.
+    Stored as arrays (vocabulary, idf, SVD components, centroids) and recomputed here exactly as sklearn's
+    TfidfVectorizer(sublinear_tf=True) + TruncatedSVD.transform do."""
 
-    def __init__(self, decode, vectorizer, svd, centroids: np.ndarray) -> None:
-        self.decode, self.vectorizer, self.svd = decode, vectorizer, svd
+    def __init__(self, decode, vocabulary: dict[str, int], idf: np.ndarray, components: np.ndarray,
+                 centroids: np.ndarray) -> None:
+        from sklearn.feature_extraction.text import CountVectorizer
+
+        self.decode, self.idf, self.components = decode, np.asarray(idf), np.asarray(components)
+        self.counter = CountVectorizer(vocabulary=vocabulary)  # TfidfVectorizer's own tokenisation
         self.centroids = centroids.astype(np.float32)
         self.num_experts = len(centroids)
 
     def embed(self, tokens: np.ndarray) -> np.ndarray:
         from sklearn.preprocessing import normalize
 
-        texts = [self.decode(row) for row in np.asarray(tokens)]
-        return normalize(self.svd.transform(self.vectorizer.transform(texts))).astype(np.float32)
+        counts = self.counter.transform([self.decode(row) for row in np.asarray(tokens)]).astype(np.float64)
+        counts.data = np.log(counts.data) + 1.0  # sublinear tf
+        tfidf = normalize(counts.multiply(self.idf).tocsr())
+        return normalize(np.asarray(tfidf @ self.components.T)).astype(np.float32)
 
     def score(self, tokens: np.ndarray) -> np.ndarray:
         return neg_distance(self.embed(tokens), self.centroids)
@@ -148,10 +155,14 @@ def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int =
     if method == "oracle":
         return OracleRouter(manifest["groups"])
     if method == "tfidf":
-        with open(files.tfidf, "rb") as handle:
-            state = pickle.load(handle)
-        return TfidfRouter(make_decoder(files.tokenizer_json), state["vectorizer"], state["svd"],
-                           state["centroids"])
+        if not files.tfidf.is_file() and files.legacy_pickle.is_file():
+            raise SmalltalkError("a pickled tf-idf router is not loaded: unpickling a file can run any code",
+                                 where=str(files.legacy_pickle),
+                                 fix="retrain it with `smalltalk routers train --method tfidf` (arrays + JSON)")
+        with np.load(files.tfidf, allow_pickle=False) as state:
+            arrays = {k: state[k] for k in ("idf", "components", "centroids")}
+        vocabulary = read_json(files.tfidf_vocab)
+        return TfidfRouter(make_decoder(files.tokenizer_json), vocabulary, **arrays)
     raise SmalltalkError(f"unknown routing method {method!r} in {manifest_path}")
 
 
