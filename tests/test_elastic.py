@@ -44,6 +44,11 @@ def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
     assert after["experts"] == 4 and after["expert_dirs"][:3] == before["expert_dirs"]
     assert after["router_dirs"][-1] == "routers/03/model" and "pending_add" not in after
     assert {rel: _weights(run, rel) for rel in before["expert_dirs"]} == old_weights  # others untouched
+    assert not list((run / "added").glob("*/pending.json"))
+    # the same documents again: recognised by their checksum, not added twice
+    assert cli("experts", "add", "--run", run, "--data", new_docs, "--router-steps", "40") == 2
+    assert "already added as pair 03" in capsys.readouterr().err
+    assert json.loads((run / "mixture.json").read_text()) == after
 
     # The new expert trained only on the new documents, and the new domain is routed to it.
     new_data = SplitData(run / "added" / "03" / "data", "train")
@@ -62,7 +67,11 @@ def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
     chosen, scores = mixture.route(new_val.batch(np.arange(4)), before["prefix"])
     assert scores.shape == (4, 4) and np.array_equal(chosen, scores.argmax(axis=1))
     assert cli("eval", "--config", run / "config.json", "--run", run) == 0
-    assert json.loads((run / "eval" / "results.json").read_text())["experts"] == 4
+    results = json.loads((run / "eval" / "results.json").read_text())
+    assert results["experts"] == 4 and len(results["tokens_per_param"]["experts"]) == 4
+    trained = sum(json.loads((run / "experts" / f"{k:02d}" / "train_manifest.json").read_text())["training_flops"]
+                  ["exact"] for k in range(4))
+    assert results["flops"]["exact"]["experts_training"] == pytest.approx(trained)  # the added expert counts
     # ... and on the new domain's own test split, written beside, not over, RUN/eval
     new_dir = run / "added" / "03" / "data"
     assert cli("eval", "--config", run / "config.json", "--run", run, "--data", new_dir,
@@ -101,3 +110,39 @@ def test_add_refuses_non_em_mixture(pipeline_run, tmp_path, capsys):
     assert cli("experts", "add", "--run", run, "--data", docs) == 2
     assert "needs EM routers" in capsys.readouterr().err
     assert not (run / "added").exists()
+
+
+@pytest.mark.slow
+def test_killed_add_resumes_and_mixture_changes_only_when_done(pipeline_run, tmp_path):
+    """SIGKILL `experts add` once the new router has a checkpoint: mixture.json is untouched, and the same
+    command finishes the pair from its checkpoints, with the weights of an uninterrupted add."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from .conftest import ROOT
+
+    docs = write_jsonl(tmp_path / "new.jsonl", new_domain_docs())
+    runs = {name: tmp_path / name for name in ("whole", "killed")}
+    for run in runs.values():
+        shutil.copytree(pipeline_run[0], run)
+    cmd = [sys.executable, "-m", "smalltalk.cli", "experts", "add", "--data", str(docs), "--router-steps", "40",
+           "--set", "routing.train.checkpoint_every=10"]
+    subprocess.run([*cmd, "--run", str(runs["whole"])], check=True, cwd=ROOT, timeout=600)
+    before = (runs["killed"] / "mixture.json").read_text()
+    proc = subprocess.Popen([*cmd, "--run", str(runs["killed"])], cwd=ROOT, start_new_session=True)
+    deadline = time.time() + 300
+    while not list((runs["killed"] / "routers" / "03" / "checkpoints").glob("step_*")):
+        assert proc.poll() is None and time.time() < deadline
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (runs["killed"] / "mixture.json").read_text() == before
+    subprocess.run([*cmd, "--run", str(runs["killed"])], check=True, cwd=ROOT, timeout=600)
+    done = json.loads((runs["killed"] / "mixture.json").read_text())
+    assert done["experts"] == 4 and done == {**json.loads((runs["whole"] / "mixture.json").read_text()),
+                                             "elastic": done["elastic"]}
+    for rel in ("routers/03/model", "experts/03/model"):
+        assert _weights(runs["killed"], rel) == _weights(runs["whole"], rel), rel

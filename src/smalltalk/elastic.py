@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
 import math
 import shutil
 import time
@@ -22,11 +23,12 @@ import numpy as np
 import torch
 
 from smalltalk.config import Config
+from smalltalk.data.ingest import resolve_inputs
 from smalltalk.data.prepare import prepare_data
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import token_nll
-from smalltalk.fsutil import write_json
+from smalltalk.fsutil import sha256_file, write_json
 from smalltalk.layout import RouterFiles, RunLayout, manifest_of
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.model import ModelSpec, resolve_spec
@@ -43,10 +45,19 @@ def read_mixture(run: RunLayout) -> dict:
     return manifest
 
 
+def inputs_checksum(inputs: list[str]) -> str:
+    """sha256 over the input files' contents (sorted by path): the identity of an `experts add`."""
+    digest = hashlib.sha256()
+    for path in resolve_inputs(list(inputs)):
+        digest.update(sha256_file(path).encode() if path.is_file() else str(path).encode())
+    return digest.hexdigest()
+
+
 def _free_index(run: RunLayout) -> int:
     """The next pair number with neither experts/NN nor routers/NN on disk (removed pairs keep theirs)."""
     k = 0
-    while run.expert(k).exists() or RouterFiles(run.routers).router(f"{k:02d}").root.exists():
+    while run.expert(k).exists() or RouterFiles(run.routers).router(f"{k:02d}").root.exists() \
+            or run.added(k).parent.exists():
         k += 1
     return k
 
@@ -59,12 +70,19 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
         raise SmalltalkError(f"`experts add` needs EM routers; this mixture routes by {manifest['method']!r}",
                              fix="elastic experts rely on one router LM per expert (routing.method: em)")
     routers_manifest = run.routers_manifest()
-    pending = manifest.get("pending_add")
-    if pending and pending["inputs"] != list(inputs):
-        raise SmalltalkError(f"an unfinished `experts add` of {pending['inputs']} is pending",
-                             where=str(run.mixture_file),
-                             fix="rerun it with the same --data to finish it, or delete the pending_add entry")
-    k = pending["index"] if pending else _free_index(run)
+    checksum = inputs_checksum(inputs)
+    current = set(manifest["expert_dirs"])
+    for op in manifest.get("elastic", []):
+        if op["op"] == "add" and op.get("inputs_sha256") == checksum and run.expert_model_rel(op["pair"]) in current:
+            raise SmalltalkError(f"these documents were already added as pair {op['pair']:02d}",
+                                 fix="nothing to do; to retrain it, `smalltalk experts remove` it first")
+    pending = run.pending_adds()
+    if pending and pending[0]["inputs_sha256"] != checksum:
+        raise SmalltalkError(f"an unfinished `experts add` of {pending[0]['inputs']} is under way",
+                             where=str(run.pending_add(pending[0]["index"])),
+                             fix="rerun it with the same --data to finish it, or delete that pair's added/NN directory")
+    k = pending[0]["index"] if pending else _free_index(run)
+    write_json(run.pending_add(k), {"index": k, "inputs": [str(i) for i in inputs], "inputs_sha256": checksum})
     pair_data = run.added(k)
     if not manifest_of(pair_data).is_file():
         data_cfg = copy.deepcopy(cfg)
@@ -73,7 +91,6 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
     data, val = SplitData(pair_data, "train"), SplitData(pair_data, "validation")
     if len(data) == 0:
         raise SmalltalkError(f"no training sequences in {inputs}", fix="add more documents")
-    write_json(run.mixture_file, {**manifest, "pending_add": {"index": k, "inputs": list(inputs)}})
 
     rc, prefix = cfg.routing, manifest["prefix"]
     steps = router_steps or routers_manifest["rounds"] * rc.train.steps
@@ -81,20 +98,21 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
                                      seed=rc.seed + k, progress=False)
     router_spec = ModelSpec(**routers_manifest["router_spec"])
     router_dir = RouterFiles(run.routers).router(f"{k:02d}").root
-    router = train(TrainJob(router_spec, router_cfg, data, router_dir, name=f"router {k:02d}"))
+    router = train(TrainJob(router_spec, router_cfg, data, router_dir, name=f"router {k:02d}"), resume=True)
     expert_cfg = dataclasses.replace(cfg.train, record_consumed=True, seed=cfg.train.seed + k,
                                      steps=expert_steps or cfg.train.steps)
     expert = train(TrainJob(resolve_spec(cfg.model, data.vocab_size), expert_cfg, data, run.expert(k),
-                            val=val if len(val) else None, name=f"expert {k:02d}"))
+                            val=val if len(val) else None, name=f"expert {k:02d}"), resume=True)
 
-    manifest = {key: value for key, value in manifest.items() if key != "pending_add"}
     manifest["router_dirs"] = [*manifest["router_dirs"], run.router_model_rel(f"{k:02d}")]
     manifest["expert_dirs"] = [*manifest["expert_dirs"], run.expert_model_rel(k)]
     manifest["experts"] = len(manifest["expert_dirs"])
     manifest.setdefault("elastic", []).append({
         "op": "add", "pair": k, "data": str(pair_data.relative_to(run.root)), "inputs": [str(Path(i)) for i in inputs],
+        "inputs_sha256": checksum,
         "router_steps": router["steps"], "expert_steps": expert["steps"], "time": time.time()})
-    write_json(run.mixture_file, manifest)
+    write_json(run.mixture_file, manifest)  # the one edit, once both models are trained
+    run.pending_add(k).unlink()
     return {"pair": k, "index": manifest["experts"] - 1, "router": router, "expert": expert,
             "train_sequences": len(data), "manifest": manifest}
 

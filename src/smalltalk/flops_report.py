@@ -29,6 +29,7 @@ def routing_overhead_flops(run: RunLayout, accounting: str = "exact") -> dict:
     experts, prefix = manifest["experts"], manifest["prefix"]
     files = RouterFiles(run.routers)
     training = sum(read_json(files.router(name).manifest)["training_flops"][accounting] for name in manifest["routers"])
+    training += sum(s["training_flops"][accounting] for s in run.added_router_summaries())  # elastic pairs
     per_prefix = forward_flops(spec, prefix, 1, accounting)
     em_scoring = (manifest["rounds"] - 1) * manifest["chunk"] * experts * per_prefix
     partition = run.partition_manifest()
@@ -51,7 +52,7 @@ def inference_flops(run: RunLayout, expert_spec: ModelSpec, routing_prefix: int,
     """Per test sequence: routers on the prefix + one expert on the full sequence."""
     data = SplitData(run.data, "train")
     spec = router_spec(run)
-    experts = run.routers_manifest()["experts"]
-    routing = 0.0 if spec is None else experts * forward_flops(spec, routing_prefix, 1, accounting)
+    routers = run.mixture()["experts"] if run.has_mixture() else run.routers_manifest()["experts"]  # one per expert
+    routing = 0.0 if spec is None else routers * forward_flops(spec, routing_prefix, 1, accounting)
     expert = forward_flops(expert_spec, data.seq_len, 1, accounting)
     return {"routing": routing, "expert": expert, "total": routing + expert, "overhead": routing / expert}

@@ -12,7 +12,8 @@
   RUN/eval/results.json RUN/report/ (report.md, index.html, PNGs)
   RUN/mixture.json      what the mixture is made of (experts, routers, tokenizer, prefix): generate/serve/export
   RUN/jobs/             experts-NN.json (job record), experts-NN.log, STAGE.sbatch
-  RUN/added/NN/data/    the prepared documents of an elastic pair (`experts add`)
+  RUN/added/NN/         data/: the prepared documents of an elastic pair (`experts add`); pending.json while
+                        it trains (mixture.json changes only once the pair is done)
 
 A training output (train.py): model/ (HF), checkpoints/step_NNNNNNNN/, metrics.jsonl, train_manifest.json.
 An artifact directory is complete when its manifest exists: it is written last, atomically.
@@ -291,6 +292,14 @@ class RunLayout:
         """Prepared data of elastic pair `pair`."""
         return self.root / "added" / f"{pair:02d}" / "data"
 
+    def pending_add(self, pair: int) -> Path:
+        """An `experts add` under way (its inputs and their checksum); removed once mixture.json has the pair."""
+        return self.root / "added" / f"{pair:02d}" / "pending.json"
+
+    def pending_adds(self) -> list[dict]:
+        found = sorted((self.root / "added").glob("*/pending.json")) if (self.root / "added").is_dir() else []
+        return [read_json(path) for path in found]
+
     # -- run-level files -------------------------------------------------------------------------------
     @property
     def config_file(self) -> Path:
@@ -341,7 +350,18 @@ class RunLayout:
         return TrainFiles(self.expert(index)).done(steps)
 
     def expert_summaries(self) -> list[dict]:
+        """The training summaries of the mixture's current experts (after any `experts add/remove`), or of
+        the partition's experts before mixture.json exists."""
+        if self.has_mixture():
+            return [read_json(TrainFiles((self.root / rel).parent).manifest) for rel in self.mixture()["expert_dirs"]]
         return [read_json(TrainFiles(self.expert(k)).manifest) for k in range(self.num_experts())]
+
+    def added_router_summaries(self) -> list[dict]:
+        """Training summaries of routers that `experts add` trained (still in the mixture or not: their
+        training was spent either way)."""
+        mixture = self.mixture() if self.has_mixture() else {}
+        pairs = [op["pair"] for op in mixture.get("elastic", []) if op["op"] == "add"]
+        return [read_json(RouterFiles(self.routers).router(f"{k:02d}").manifest) for k in pairs]
 
     def dense_summary(self, kind: str) -> dict | None:
         return TrainFiles(self.dense_kind(kind)).summary()

@@ -58,9 +58,8 @@ def run_status(run: RunLayout) -> dict:
     out["experts"] = [expert_status(run, k, target) for k in range(experts)]
     mixture = run.mixture() if run.has_mixture() else {}
     out["mixture"] = mixture.get("expert_dirs", [])
-    pending = mixture.get("pending_add")
     added = [(op["pair"], op["expert_steps"]) for op in mixture.get("elastic", []) if op["op"] == "add"]
-    for pair, steps in added + ([(pending["index"], None)] if pending else []):  # elastic pairs
+    for pair, steps in added + [(p["index"], None) for p in run.pending_adds()]:  # elastic pairs
         out["experts"].append({**expert_status(run, pair, steps), "added": True})
     states = {e["state"] for e in out["experts"]}
     out["stages"]["experts"] = ("failed" if "failed" in states else "done" if states == {"done"}
