@@ -44,9 +44,20 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
     from smalltalk.serve import serve
 
-    serve(args.run, args.host, args.port, args.api_key, args.max_resident_experts, args.model_name, args.device)
+    key = args.api_key or os.environ.get("SMALLTALK_API_KEY")
+    if args.api_key_file:
+        key = Path(args.api_key_file).read_text().strip()
+        if not key:
+            raise SmalltalkError("the API key file is empty", where=args.api_key_file)
+    elif args.api_key:
+        print("warning: --api-key is visible to every user in `ps`; prefer SMALLTALK_API_KEY or --api-key-file",
+              file=sys.stderr)
+    serve(args.run, args.host, args.port, key, args.max_resident_experts, args.model_name, args.device,
+          args.max_body_bytes, args.max_queue)
 
 
 def register(sub) -> None:
@@ -74,7 +85,10 @@ def register(sub) -> None:
     p.add_argument("--run", required=True, help="run directory or exported mixture")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY'")
+    p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set SMALLTALK_API_KEY)")
+    p.add_argument("--api-key-file", help="read the key from this file (not visible in `ps`)")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
+    p.add_argument("--max-queue", type=int, default=64, help="requests in flight before 503 + Retry-After")
     p.add_argument("--max-resident-experts", type=int, help="LRU bound on experts kept in memory")
     p.add_argument("--model-name", default="smalltalk")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
