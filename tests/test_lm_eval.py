@@ -52,3 +52,15 @@ def test_lm_eval_local_task_matches_direct_expert_scoring(pipeline_run, tmp_path
                 logits = model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0, -len(cont):]
             direct = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
             assert response[0][0] == pytest.approx(direct, abs=1e-4)
+
+
+def test_generate_until_with_more_new_tokens_than_the_context(pipeline_run):
+    """lm-eval may ask for max_gen_toks >= the model's length: the context is cut to leave room, no error."""
+    from types import SimpleNamespace
+
+    from smalltalk.lm_eval_model import SmallTalkLM
+
+    lm = SmallTalkLM(str(pipeline_run[0]))
+    request = SimpleNamespace(args=("xyz_ {} = 1 " * 40, {"until": ["\n\n"], "max_gen_toks": 10 * lm.max_length}))
+    (text,) = lm.generate_until([request])
+    assert isinstance(text, str)

@@ -86,7 +86,7 @@ class SmallTalkLM(LM):
             context, kwargs = request.args
             until = kwargs.get("until", []) or []
             until = [until] if isinstance(until, str) else until
-            max_new = int(kwargs.get("max_gen_toks", 64))
+            max_new = max(1, min(int(kwargs.get("max_gen_toks", 64)), self.max_length - 1))  # leave room for context
             ids = self._encode(context) or [self.tok.eos_token_id]
             ids = ids[-(self.max_length - max_new):]
             expert = self.mixture.expert(self.route_request(context))
