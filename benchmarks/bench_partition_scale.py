@@ -5,6 +5,7 @@ Synthetic prepared data (seq_len 16, vocab 256, 4 "domains" = 4 token ranges, wr
 briefly by EM on the smallest set; then `smalltalk partition` (prefix 8, chunk 65,536) in a fresh process
 per N, its peak RSS read from wait4(). Every output is checked: each sequence exactly once.
 Target (issue #12): peak RSS + <= 64 MB from 100k to 1.6M, seconds per sequence within 1.25x.
+With --eval, the same for `smalltalk eval` of one small mixture on 100k..1.6M test sequences.
 
   python benchmarks/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4]
 """
@@ -28,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SEQ, VOCAB, DOMAINS = 16, 256, 4
 
 
-def synthetic_data(out: Path, n: int, seed: int = 0) -> None:
+def synthetic_data(out: Path, n: int, seed: int = 0, test: bool = False) -> None:
     """n sequences; domain d draws its tokens from [64d, 64d + 64) with a per-domain skew, in domain blocks
     (file order), written through a memmap so this process never holds them either."""
     rng = np.random.default_rng(seed)
@@ -39,8 +40,10 @@ def synthetic_data(out: Path, n: int, seed: int = 0) -> None:
         skew = rng.integers(0, 64, size=(len(part), SEQ)) ** 2 // 64  # low ids more frequent
         tokens[start:start + len(part)] = (part[:, None].astype(np.int64) * 64 + skew).astype(np.uint16)
     val = n // 50
-    write_pretokenized(out, {"train": tokens, "validation": tokens[:val]}, VOCAB, 0, "synthetic",
-                       {"train": labels, "validation": labels[:val]}, [f"d{d}" for d in range(DOMAINS)])
+    splits, domains = {"train": tokens, "validation": tokens[:val]}, {"train": labels, "validation": labels[:val]}
+    if test:  # the same rows as a test split, for the evaluation scaling
+        splits["test"], domains["test"] = tokens, labels
+    write_pretokenized(out, splits, VOCAB, 0, "synthetic", domains, [f"d{d}" for d in range(DOMAINS)])
     del tokens
     out.with_suffix(".tmp.npy").unlink()
 
@@ -61,6 +64,7 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--router", default="cpu-router-0.03m")
+    ap.add_argument("--eval", action="store_true", help="also measure `smalltalk eval` at the same sizes")
     args = ap.parse_args()
     smalltalk = [sys.executable, "-m", "smalltalk.cli"]
     common = ["--set", f"routing.router.preset={args.router}", "--set", "routing.prefix=8",
@@ -100,7 +104,42 @@ def main() -> int:
     growth, slow = rows[-1]["rss_mb"] - base["rss_mb"], rows[-1]["us_per_seq"] / base["us_per_seq"]
     print(f"target: RSS growth <= 64 MB ({growth:+.0f}), time/seq ratio <= 1.25 ({slow:.2f}): "
           + ("met" if growth <= 64 and slow <= 1.25 else "NOT met"))
+    if args.eval:
+        eval_scale(args, smalltalk, common)
     return 0
+
+
+def eval_scale(args, smalltalk: list[str], common: list[str]) -> None:
+    """`smalltalk eval` on N = sizes test sequences of one mixture (experts of test-tiny, 30 steps each):
+    streaming evaluation must not grow with N either."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "run"
+        run.mkdir()
+        synthetic_data(run / "data", max(args.sizes), test=True)
+        tiny = [*common, *[x for o in ("model.preset=test-tiny", "train.steps=30", "train.num_threads=2",
+                                       "train.micro_batch_size=16", "train.progress=false", "train.tensorboard=false")
+                           for x in ("--set", o)]]
+        steps = [["routers", "train", "--rounds", "2", "--chunk", "4096", "--set", "routing.train.steps=50",
+                  "--set", "routing.heldout_sequences=256"], ["partition"],
+                 *[["experts", "train", "--expert", str(k)] for k in range(args.experts)]]
+        for step in steps:
+            subprocess.run([*smalltalk, *step, "--run", str(run), *tiny], check=True, cwd=ROOT,
+                           stdout=subprocess.DEVNULL)
+        rows = []
+        for n in args.sizes:
+            seconds, rss = run_measured([*smalltalk, "eval", "--run", str(run), "--out", str(run / f"eval-{n}"), *tiny,
+                                         "--set", f"eval.max_sequences={n}", "--set", "eval.batch_size=512",
+                                         "--set", "eval.prefixes=[4,8]", "--set", "eval.top_k=[1,2]"])
+            results = json.loads((run / f"eval-{n}" / "results.json").read_text())
+            assert results["sequences"] == n
+            rows.append({"n": n, "seconds": seconds, "rss_mb": rss / 2**20, "us_per_seq": seconds / n * 1e6})
+    base = rows[0]
+    print(f"\neval of a {args.experts}-expert mixture (test-tiny experts, routers on M̂ 4 and 8, top-1/2)")
+    print("| N test sequences | wall s | us/sequence | peak RSS MB | RSS - RSS(first) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['seconds']:.1f} | {r['us_per_seq']:.1f} | {r['rss_mb']:.0f} | "
+              f"{r['rss_mb'] - base['rss_mb']:+.0f} |")
 
 
 if __name__ == "__main__":

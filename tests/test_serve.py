@@ -24,23 +24,27 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(pipeline_run):
+def _start(run, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, str]:
+    """`smalltalk serve` on a free loopback port, once /health answers."""
     port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "smalltalk.cli", "serve", "--run", str(pipeline_run[0]),
-                             "--port", str(port), "--max-resident-experts", "1", "--api-key", "sk-test"],
-                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "smalltalk.cli", "serve", "--run", str(run), "--port", str(port),
+                             *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
     while True:
         try:
             if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
+                return proc, base
         except httpx.HTTPError:
             pass
         assert proc.poll() is None, proc.stdout.read()
         assert time.time() < deadline, "server did not start"
         time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def server(pipeline_run):
+    proc, base = _start(pipeline_run[0], "--max-resident-experts", "1", "--api-key", "sk-test")
     yield base, pipeline_run[0]
     proc.terminate()
     assert proc.wait(timeout=20) is not None
@@ -187,24 +191,11 @@ def test_any_json_body_gets_an_answer_never_a_server_error(server):
 
 
 @pytest.fixture(scope="module")
-def small_queue_server(pipeline_run, tmp_path_factory):
+def small_queue_server(pipeline_run):
     """A second server: key from SMALLTALK_API_KEY, at most one request in flight."""
     import os
 
-    port = _free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "smalltalk.cli", "serve", "--run", str(pipeline_run[0]),
-                             "--port", str(port), "--max-queue", "1"], cwd=ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env={**os.environ, "SMALLTALK_API_KEY": "sk-env"})
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert proc.poll() is None and time.time() < deadline
-        time.sleep(0.2)
+    proc, base = _start(pipeline_run[0], "--max-queue", "1", env={**os.environ, "SMALLTALK_API_KEY": "sk-env"})
     yield base
     proc.terminate()
     proc.wait(timeout=20)
