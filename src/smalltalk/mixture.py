@@ -48,7 +48,7 @@ def _rel(run: RunLayout, path: Path) -> str:
 
 class SmallTalkMixture:
     def __init__(self, root: Path, manifest: dict, device: str = "cpu", max_resident: int | None = None,
-                 routing_workers: int | None = 1) -> None:
+                 routing_workers: int | None = 1, routing_batch: int = 256) -> None:
         """routing_workers: routers scored side by side (None: one per CPU thread). The default 1 is for
         generate/serve: scoring threads would change the thread count under a concurrent generation; a
         batch job alone in its process (eval) passes None."""
@@ -58,9 +58,10 @@ class SmallTalkMixture:
         self.prefix: int = manifest["prefix"]
         if manifest.get("router_dirs"):  # written by elastic add/remove: the router of each expert, in order
             self.routers = LMRouters.from_model_dirs([self.root / d for d in manifest["router_dirs"]], str(self.device),
-                                                     workers=routing_workers)
+                                                     routing_batch, workers=routing_workers)
         else:
-            self.routers = load_routers(self.root / manifest["routers"], str(self.device), workers=routing_workers)
+            self.routers = load_routers(self.root / manifest["routers"], str(self.device), routing_batch,
+                                        workers=routing_workers)
         self.max_resident = max_resident  # None: keep every expert once loaded
         self._experts: OrderedDict[int, torch.nn.Module] = OrderedDict()
         self._lock = threading.Lock()
@@ -69,9 +70,9 @@ class SmallTalkMixture:
 
     @classmethod
     def from_pretrained(cls, path: str | Path, device: str = "cpu", max_resident: int | None = None,
-                        routing_workers: int | None = 1) -> SmallTalkMixture:
+                        routing_workers: int | None = 1, routing_batch: int = 256) -> SmallTalkMixture:
         path = Path(path)
-        return cls(path, RunLayout(path).mixture(), device, max_resident, routing_workers)
+        return cls(path, RunLayout(path).mixture(), device, max_resident, routing_workers, routing_batch)
 
     @property
     def tokenizer(self):

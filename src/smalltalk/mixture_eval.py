@@ -64,7 +64,8 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
     batches (mixture_tally.py): memory does not grow with the split."""
     ec = cfg.eval
     device = resolve_device(ec.device)
-    mixture = SmallTalkMixture.from_pretrained(run.root, str(device), routing_workers=cfg.routing.score_workers)
+    mixture = SmallTalkMixture.from_pretrained(run.root, str(device), routing_workers=cfg.routing.score_workers,
+                                               routing_batch=cfg.routing.score_batch_size)
     data_dir = _same_tokenizer(run, data_dir) if data_dir is not None else run.data
     data = SplitData(data_dir, ec.split)
     ids, seq = data.sample(ec.max_sequences), data.seq_len
