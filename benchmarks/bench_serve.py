@@ -5,13 +5,18 @@ various prompt lengths and max_tokens all at once (httpx, asyncio), and prints: 
 p50 / p95 latency, routing time p50 (from each response's "smalltalk.routing_ms") and its share of the
 total, and the server's resident memory with --max-resident-experts 1 and with every expert resident.
 
-  python benchmarks/bench_serve.py --run runs/demo [--requests 200] [--timeout 300]
+With --hostile, 20% of the requests are malformed (each must get a 4xx) and 5% are streams that hang up
+after their first chunk (their generation must be cancelled); every well-formed request must be answered
+200 with its text, and afterwards nothing may be left in flight (no leaked lock).
+
+  python benchmarks/bench_serve.py --run runs/demo [--requests 200] [--timeout 300] [--hostile]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import random
 import socket
@@ -58,7 +63,31 @@ def start(run: str, resident: int | None) -> tuple[subprocess.Popen, str]:
     raise SystemExit("server did not start")
 
 
-async def one(client: httpx.AsyncClient, base: str, i: int) -> dict:
+MALFORMED = [b"{not json", b'["a list"]', b'{"prompt": ""}', b'{"prompt": "abc def", "max_tokens": 0}',
+             b'{"prompt": "abc def", "seed": "abc"}', b'{"prompt": "abc def", "temperature": "hot"}',
+             b'{"messages": [{"role": "assistant|>\\n<|system", "content": "x"}]}', b'{"prompt": "abc", "stream": 1}']
+
+
+async def hostile(client: httpx.AsyncClient, base: str, i: int) -> dict | None:
+    """Request i of a hostile mix: malformed (20%), hanging up mid-stream (5%), else None (a normal one)."""
+    start = time.perf_counter()
+    if i % 5 == 1:
+        body = MALFORMED[i % len(MALFORMED)]
+        endpoint = "chat/completions" if b"messages" in body else "completions"
+        r = await client.post(f"{base}/v1/{endpoint}", content=body, headers={"Content-Type": "application/json"})
+        return {"status": r.status_code, "seconds": time.perf_counter() - start, "kind": "malformed"}
+    if i % 20 == 3:
+        body = {"model": "smalltalk", "prompt": PROMPTS[i % len(PROMPTS)], "max_tokens": 32, "stream": True}
+        async with client.stream("POST", f"{base}/v1/completions", json=body) as r:
+            async for _ in r.aiter_lines():
+                break  # hang up after the first line
+        return {"status": r.status_code, "seconds": time.perf_counter() - start, "kind": "hangup"}
+    return None
+
+
+async def one(client: httpx.AsyncClient, base: str, i: int, mix: bool = False) -> dict:
+    if mix and (result := await hostile(client, base, i)) is not None:
+        return result
     rng = random.Random(i)
     prompt = rng.choice(PROMPTS) * rng.randint(1, 3)
     body = {"model": "smalltalk", "max_tokens": rng.choice([1, 4, 16, 32]), "temperature": 0}
@@ -76,18 +105,18 @@ async def one(client: httpx.AsyncClient, base: str, i: int) -> dict:
                 if line.startswith("data: {") and routing is None:
                     routing = json.loads(line[6:])["smalltalk"]["routing_ms"]
         status = r.status_code
-        return {"status": status, "seconds": time.perf_counter() - start, "routing_ms": routing}
+        return {"status": status, "seconds": time.perf_counter() - start, "routing_ms": routing, "kind": "ok"}
     else:
         body["prompt"] = prompt
         r = await client.post(f"{base}/v1/completions", json=body)
         routing = r.json().get("smalltalk", {}).get("routing_ms") if r.status_code == 200 else None
-    return {"status": r.status_code, "seconds": time.perf_counter() - start, "routing_ms": routing}
+    return {"status": r.status_code, "seconds": time.perf_counter() - start, "routing_ms": routing, "kind": "ok"}
 
 
-async def fire(base: str, n: int, timeout: float) -> list[dict]:
+async def fire(base: str, n: int, timeout: float, mix: bool = False) -> list[dict]:
     limits = httpx.Limits(max_connections=n)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
-        results = await asyncio.gather(*(one(client, base, i) for i in range(n)), return_exceptions=True)
+        results = await asyncio.gather(*(one(client, base, i, mix) for i in range(n)), return_exceptions=True)
     return [r if isinstance(r, dict) else {"status": None, "error": repr(r)} for r in results]
 
 
@@ -96,7 +125,10 @@ def main() -> int:
     ap.add_argument("--run", required=True)
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--timeout", type=float, default=300)
+    ap.add_argument("--hostile", action="store_true", help="20%% malformed requests, 5%% hang up mid-stream")
     args = ap.parse_args()
+    if args.hostile:
+        return hostile_load(args)
     for resident in (1, None):
         proc, base = start(args.run, resident)
         try:
@@ -124,6 +156,41 @@ def main() -> int:
             proc.terminate()
             proc.wait(timeout=30)
     return 0
+
+
+def hostile_load(args) -> int:
+    proc, base = start(args.run, None)
+    try:
+        wall = time.perf_counter()
+        results = asyncio.run(fire(base, args.requests, args.timeout, mix=True))
+        wall = time.perf_counter() - wall
+        by = {k: [r for r in results if r.get("kind") == k] for k in ("ok", "malformed", "hangup")}
+        lost = [r for r in results if "kind" not in r]
+        good = sum(r["status"] == 200 for r in by["ok"])
+        refused = sum(400 <= (r["status"] or 0) < 500 for r in by["malformed"])
+        lat = sorted(r["seconds"] for r in by["ok"] if r["status"] == 200)
+        time.sleep(1.0)
+        in_flight = httpx.get(f"{base}/health").json()["in_flight"]
+        after = time.perf_counter()
+        final = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[0], "max_tokens": 4}, timeout=60)
+        after = time.perf_counter() - after
+        statuses = sorted(collections.Counter(r["status"] for r in by["ok"]).items())
+        print(f"[hostile mix, {args.requests} concurrent] well-formed {good}/{len(by['ok'])} answered 200 "
+              f"(statuses {statuses}); "
+              f"malformed {refused}/{len(by['malformed'])} got 4xx; {len(by['hangup'])} hung up mid-stream; "
+              f"lost {len(lost)}; wall {wall:.1f} s")
+        if lat:
+            print(f"  latency of the well-formed: p50 {lat[len(lat) // 2] * 1e3:.0f} ms, "
+                  f"p99 {lat[max(0, int(len(lat) * 0.99) - 1)] * 1e3:.0f} ms")
+        print(f"  afterwards: {in_flight} in flight, a new request answered {final.status_code} "
+              f"in {after * 1e3:.0f} ms")
+        ok = good == len(by["ok"]) and refused == len(by["malformed"]) and not lost and in_flight == 0 \
+            and final.status_code == 200
+        print("  " + ("all checks met" if ok else "CHECKS FAILED"))
+        return 0 if ok else 1
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

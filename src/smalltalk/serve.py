@@ -114,7 +114,7 @@ class Engine:
     """Validation, routing and generation; one generation at a time (CPU cores are the bottleneck)."""
 
     def __init__(self, mixture: SmallTalkMixture, model_name: str, max_tokens_limit: int,
-                 max_queue: int = 64) -> None:
+                 max_queue: int = 256) -> None:
         self.mixture, self.model_name, self.max_tokens_limit = mixture, model_name, max_tokens_limit
         self.context = mixture.expert(0).config.max_position_embeddings
         longest = max((len(t) for t in mixture.tokenizer.get_vocab()), default=1)
@@ -210,7 +210,7 @@ class Engine:
 
 
 def create_app(mixture: SmallTalkMixture, model_name: str = "smalltalk", api_key: str | None = None,
-               max_tokens_limit: int = 512, max_body_bytes: int = 1 << 20, max_queue: int = 64):
+               max_tokens_limit: int = 512, max_body_bytes: int = 1 << 20, max_queue: int = 256):
     app = FastAPI(title="smalltalk-lm", version="0.1.0")
     engine = Engine(mixture, model_name, max_tokens_limit, max_queue)
     app.state.engine = engine
@@ -379,7 +379,7 @@ async def _stream(engine: Engine, req: dict, routing: dict, rid: str, chat: bool
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_resident: int | None = None, model_name: str = "smalltalk", device: str = "cpu",
-          max_body_bytes: int = 1 << 20, max_queue: int = 64) -> None:
+          max_body_bytes: int = 1 << 20, max_queue: int = 256) -> None:
     import uvicorn
 
     mixture = SmallTalkMixture.from_pretrained(run, device, max_resident)

@@ -88,7 +88,7 @@ def register(sub) -> None:
     p.add_argument("--api-key", help="require 'Authorization: Bearer KEY' (or set SMALLTALK_API_KEY)")
     p.add_argument("--api-key-file", help="read the key from this file (not visible in `ps`)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
-    p.add_argument("--max-queue", type=int, default=64, help="requests in flight before 503 + Retry-After")
+    p.add_argument("--max-queue", type=int, default=256, help="requests in flight before 503 + Retry-After")
     p.add_argument("--max-resident-experts", type=int, help="LRU bound on experts kept in memory")
     p.add_argument("--model-name", default="smalltalk")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
