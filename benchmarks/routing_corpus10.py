@@ -33,7 +33,7 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60, help="router steps per round")
     ap.add_argument("--router", default="cpu-router-0.1m")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--sizes", nargs="*", default=["cpu-router-0.03m", "cpu-router-0.5m"],
+    ap.add_argument("--sizes", nargs="*", default=["cpu-router-0.03m"],
                     help="other router presets to train at prefix 256 (router-size comparison)")
     args = ap.parse_args()
     if not Path(args.corpus).is_dir():

@@ -192,10 +192,10 @@ def _checked(cfg: Config, source: str) -> Config:
     if cfg.routing.prefix < 2 or cfg.routing.prefix > cfg.data.seq_len:
         raise SmalltalkError(f"routing.prefix={cfg.routing.prefix} must be in [2, data.seq_len={cfg.data.seq_len}]",
                              where=source)
-    bad = [p for p in cfg.eval.prefixes if not 2 <= p < cfg.data.seq_len]
+    bad = [p for p in cfg.eval.prefixes if not 2 <= p <= cfg.data.seq_len]
     if bad:
-        raise SmalltalkError(f"eval.prefixes {bad} are outside [2, data.seq_len={cfg.data.seq_len}): no token "
-                             "would be left to score after them", where=source, fix="drop them from eval.prefixes")
+        raise SmalltalkError(f"eval.prefixes {bad} are outside [2, data.seq_len={cfg.data.seq_len}]", where=source,
+                             fix="drop them from eval.prefixes")
     return cfg
 
 

@@ -74,6 +74,9 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
         raise SmalltalkError(f"the main routing prefix M̂={main_prefix} leaves no token to score in sequences of {seq}",
                              fix="set eval.main_prefix below data.seq_len")
     prefixes = sorted({p for p in ec.prefixes if 2 <= p < seq} | {main_prefix})
+    skipped = sorted(p for p in ec.prefixes if p >= seq)
+    if skipped:  # e.g. the default sweep on short sequences: said, not silently dropped
+        print(f"note: eval.prefixes {skipped} leave no token to score in sequences of {seq}: skipped", flush=True)
     dense = _dense_models(run, device)
     top_k = [(k, t) for k in sorted({k for k in ec.top_k if 1 <= k <= mixture.num_experts})
              for t in ec.top_k_temperatures]
