@@ -37,3 +37,12 @@ def test_cli_unknown_key_exits_nonzero(capsys, tmp_path):
     err = capsys.readouterr().err
     assert "unknown config key 'train.bogus'" in err and "valid keys" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_values_wrong_whatever_the_data_are_refused_at_load():
+    for override, words in (("routing.method=magic", "unknown routing.method"),
+                            ("routing.experts=1", "at least 2 experts"),
+                            ("routing.prefix=5000", "routing.prefix"),
+                            ("eval.prefixes=[1,8]", "eval.prefixes")):
+        with pytest.raises(SmalltalkError, match=words):
+            load_config(None, [override])
