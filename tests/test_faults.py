@@ -99,9 +99,11 @@ def _strip(obj):
 
 
 def _artifacts(run: Path) -> dict[str, object]:
-    skip = ("jobs/", "report/")  # job logs and pids; figures embed matplotlib metadata
+    def kept(rel: str) -> bool:  # job records hold pids and times; report.md/html print measured timings
+        return not rel.startswith("jobs/") and not rel.endswith((".log", "report/report.md", "report/index.html"))
+
     return {p.relative_to(run).as_posix(): _normalised(p, run) for p in sorted(run.rglob("*"))
-            if p.is_file() and not p.relative_to(run).as_posix().startswith(skip) and p.suffix != ".log"}
+            if p.is_file() and kept(p.relative_to(run).as_posix())}
 
 
 def test_sigkill_in_every_stage_then_rerun_gives_the_uninterrupted_artifacts(corpus_file, tmp_path):
