@@ -1,13 +1,14 @@
 """The `smalltalk` command: one subcommand per pipeline stage (litgpt style).
 
   smalltalk tokenizer train   fit byte-level BPE on the train split (or adopt --pretrained DIR)
-  smalltalk data prepare      ingest, split by document, encode, pack into token shards
+  smalltalk data prepare      ingest, split by document, encode, pack into token shards (--part K/P, --merge)
   smalltalk train lm          plain LM training on prepared data (the shared trainer)
   smalltalk eval ppl          token-level perplexity of a saved model on a split
   smalltalk model info        presets with exact parameter counts and FLOPs
   smalltalk routers train     EM training of the router LMs
-  smalltalk partition         route every training sequence to an expert
+  smalltalk partition         route every training sequence to an expert, chunk by chunk (--chunks, --merge)
   smalltalk experts train     train expert K (or --all) on its share, as independent jobs (add|remove: elastic)
+  smalltalk experts data      each expert's share as prepared data of its own, for jobs without the corpus
   smalltalk dense train       compute-matched and bigger dense baselines
   smalltalk eval              the mixture vs the dense baselines, with FLOPs (eval ppl: one model)
   smalltalk report RUN        plots, report.md and index.html
