@@ -15,6 +15,7 @@ bitwise equal) and all-gather score tensors; rank 0 assigns and writes.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -172,7 +173,7 @@ def run_part(job: PartitionJob, settings: dict, data: SplitData, router, start: 
         return read_json(manifest_of(target))
     started, order, stats = time.perf_counter(), data.order(), []
     domains = len(data.domain_names) if data.has_domains else 0
-    with atomic_dir(target) if dist.is_main else _nowhere() as tmp:
+    with atomic_dir(target) if dist.is_main else contextlib.nullcontext() as tmp:  # other ranks write nothing
         outputs = [open(PartitionFiles.part_ids(tmp, e), "wb") if tmp else None for e in range(experts)]  # noqa: SIM115
         for c in range(start, stop):
             ids = order.chunk(c, size)
@@ -194,16 +195,6 @@ def run_part(job: PartitionJob, settings: dict, data: SplitData, router, start: 
                                           "chunk_stats": stats, "seconds": round(time.perf_counter() - started, 3)})
     dist.barrier()
     return read_json(manifest_of(target))
-
-
-class _nowhere:
-    """Non-zero ranks write nothing."""
-
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 def _chunk_stats(index: int, ids: np.ndarray, scores: np.ndarray, assignment: np.ndarray, labels: np.ndarray,
