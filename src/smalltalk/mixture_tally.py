@@ -75,9 +75,10 @@ class MixtureTally:
                   dense_nll: dict[str, np.ndarray], labels: np.ndarray | None) -> None:
         """`expert_nll[e]`: [rows, S-1] float64 with the rows `needed` filled (others are never read)."""
         rows = np.arange(len(scores[self.main_prefix]))
+        stacked = np.stack([expert_nll[e] for e in range(self.experts)])  # [E, rows, S-1], one copy per batch
         for prefix in self.prefixes:
             chosen = argmax_assignment(scores[prefix])
-            mix = np.stack([expert_nll[int(e)][r] for r, e in zip(rows, chosen, strict=True)])
+            mix = stacked[chosen, rows]
             self._add_pair("mixture", prefix, mix)
             for kind, nll in dense_nll.items():
                 self._add_pair(f"dense_{kind}", prefix, nll)
@@ -85,7 +86,7 @@ class MixtureTally:
             if prefix == self.main_prefix:
                 self._add_groups(chosen, mix, dense_nll, labels)
         for k, temperature in self.top_k:
-            mixed = _ensemble(scores[self.main_prefix], expert_nll, k, temperature)
+            mixed = _ensemble(scores[self.main_prefix], stacked, k, temperature)
             self._add_pair(f"top{k}@{temperature}", self.main_prefix, -mixed)
         if self.score_all:
             group = labels if labels is not None and self.groups else np.zeros(len(rows), int)
@@ -167,15 +168,14 @@ class MixtureTally:
                 for e in range(self.experts)]
 
 
-def _ensemble(scores: np.ndarray, expert_nll: dict[int, np.ndarray], k: int, temperature: float) -> np.ndarray:
+def _ensemble(scores: np.ndarray, stacked: np.ndarray, k: int, temperature: float) -> np.ndarray:
     """c-BTM's rule: log of the top-k experts' next-token probabilities mixed with softmax(score / T) weights;
     each expert's probability of the actual next token, so no extra forward passes."""
     rows = np.arange(scores.shape[0])
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     logits = np.take_along_axis(scores, top, axis=1).astype(np.float64) / temperature
     log_w = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
-    parts = [log_w[:, j, None] - np.stack([expert_nll[int(e)][r] for r, e in zip(rows, top[:, j], strict=True)])
-             for j in range(k)]
+    parts = [log_w[:, j, None] - stacked[top[:, j], rows] for j in range(k)]  # stacked: [E, rows, S-1] NLL
     return np.logaddexp.reduce(parts, axis=0)
 
 

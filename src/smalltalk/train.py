@@ -45,6 +45,7 @@ class Sampler:
         self.batch_size, self.seed = batch_size, seed
         self.fingerprint = _fingerprint(ids) if self.ids is not None else f"range-{self.n}"
         self.epoch, self.pos = 0, 0
+        self._current = self._order(0)  # built once per epoch, not per step
 
     def _order(self, epoch: int) -> SequenceOrder:
         return SequenceOrder(self.n, (self.seed, epoch))
@@ -56,12 +57,13 @@ class Sampler:
         out = []
         need = self.batch_size
         while need:
-            take = self._order(self.epoch).ids(self.pos, self.pos + need)
+            take = self._current.ids(self.pos, self.pos + need)
             out.append(take)
             need -= len(take)
             self.pos += len(take)
             if self.pos >= self.n:
                 self.epoch, self.pos = self.epoch + 1, 0
+                self._current = self._order(self.epoch)
         return self._at(np.concatenate(out))
 
     def consumed(self) -> np.ndarray:
@@ -75,6 +77,7 @@ class Sampler:
         """Continue the cursor if the id set is the same; a new share (next EM round) starts fresh."""
         if state.get("fingerprint") == self.fingerprint:
             self.epoch, self.pos = state["epoch"], state["pos"]
+            self._current = self._order(self.epoch)
 
 
 def _fingerprint(ids: np.ndarray, block: int = 1 << 20) -> str:
