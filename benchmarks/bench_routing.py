@@ -41,10 +41,12 @@ def median_time(fn, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def bench_scoring(peak: float, vocab: int, compile: bool, presets: list[str]) -> None:
+def bench_scoring(peak: float, vocab: int, compile: bool, presets: list[str], device: str = "cpu",
+                  dtype: str = "float32", expert_counts: tuple[int, ...] = (4, 10), batch_tokens: int = 16384) -> None:
     """Our scoring path (HF body, blocked cross-entropy LM head): routers one after another (1 worker),
     side by side (the default on CPU: one worker per thread), and optionally compiled."""
-    paths = {"1 worker": (False, 1), "default workers": (False, None)}
+    paths = {"1 worker": (False, 1), "default workers": (False, None)} if device == "cpu" else {
+        "default workers": (False, None)}  # one worker on GPU
     if compile:
         paths["compiled"] = (True, None)
     print("| router | E | prefix | batch | workers | prefixes/s (default) | "
@@ -52,12 +54,12 @@ def bench_scoring(peak: float, vocab: int, compile: bool, presets: list[str]) ->
     print("|---|---|---|---|---|---|" + "---|" * len(paths))
     for preset in presets:
         spec = resolve_spec(ModelConfig(preset=preset), vocab)
-        for experts in (4, 10):
+        for experts in expert_counts:
             models = [build_model(spec, 256, seed=e).eval() for e in range(experts)]
-            routers = {name: LMRouters(models, "cpu", compile=use_compiled, workers=workers)  # the CLI's path
-                       for name, (use_compiled, workers) in paths.items()}
+            routers = {name: LMRouters(models, device, compile=use_compiled, workers=workers,  # the CLI's path
+                                       dtype=dtype) for name, (use_compiled, workers) in paths.items()}
             for prefix in (32, 256):
-                batch = max(8, 16384 // prefix)
+                batch = max(8, batch_tokens // prefix)
                 n = batch * 4
                 tokens = np.random.default_rng(0).integers(0, vocab, size=(n, prefix))
                 flops = experts * forward_flops(spec, prefix, n)
@@ -69,7 +71,7 @@ def bench_scoring(peak: float, vocab: int, compile: bool, presets: list[str]) ->
                     if name == "default workers":
                         rate = n / seconds
                     cells.append(f"{flops / seconds / 1e9:.1f} ({flops / seconds / peak:.0%})")
-                print(f"| {preset} | {experts} | {prefix} | {batch} | {default_workers('cpu', experts)} | "
+                print(f"| {preset} | {experts} | {prefix} | {batch} | {default_workers(device, experts)} | "
                       f"{rate:,.0f} | " + " | ".join(cells) + " |")
 
 
@@ -138,12 +140,18 @@ def main() -> int:
     ap.add_argument("--head", action="store_true", help="also time LM-head block sizes (1 thread)")
     ap.add_argument("--skip-partition", action="store_true")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile'd router bodies")
+    ap.add_argument("--device", default="cpu", help="e.g. cuda (scoring only: head/assignment/partition stay CPU)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
+    ap.add_argument("--experts", nargs="+", type=int, default=[4, 10])
+    ap.add_argument("--batch-tokens", type=int, default=16384, help="prefix tokens per scoring batch")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the smalltalk command does
-    peak = measure_matmul_peak("cpu", "float32", size=2048)
-    print(f"fp32 matmul peak (2048², {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
-    bench_scoring(peak, args.vocab, args.compile, args.presets)
+    size = 2048 if args.device == "cpu" else 8192
+    peak = measure_matmul_peak(args.device, args.dtype, size=size)
+    print(f"{args.dtype} matmul peak ({size}², {args.device}, {args.threads} threads): {peak / 1e9:.1f} GFLOP/s")
+    bench_scoring(peak, args.vocab, args.compile, args.presets, args.device, args.dtype, tuple(args.experts),
+                  args.batch_tokens)
     if args.head:
         bench_head(args.vocab)
     bench_assignment()

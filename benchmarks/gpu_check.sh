@@ -1,32 +1,107 @@
 #!/usr/bin/env bash
-# GPU readiness check (<= 8 minutes on one H100/H200): trains the paper-335m preset for a few dozen steps
-# through the real trainer with bf16 autocast and torch.compile on random tokens (vocab 32k, seq 1024), and
-# prints tokens/s and MFU against the card's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
-# Usage: bash benchmarks/gpu_check.sh [PEAK_FLOPS]
-set -euo pipefail
+# GPU check (~6 minutes on one H100/H200), in sections that each report ok/FAILED so one failure does not
+# hide the rest:
+#   1. train:    the paper-335m preset through the real trainer, bf16 autocast + torch.compile, random tokens
+#                (vocab 32k, seq 1024): tokens/s and MFU against the card's dense bf16 peak.
+#   2. scoring:  the paper's 4.4M routers (E = 4 and 32, prefix 32 and 256) scoring prefixes on the GPU,
+#                fp32 and bf16 autocast: prefixes/s and achieved FLOP/s (benchmarks/bench_routing.py).
+#   3. pipeline: the tiny pipeline end to end on the GPU in bf16 (EM routers, partition, experts, dense,
+#                streaming eval, report), then generate; nvidia-smi lists every process that held the GPU.
+#   4. parts:    partition again as 3 separate part jobs + a merge on the GPU: same bytes as in 3.
+#   5. torchrun: partition under torchrun with 2 ranks (nccl) when there are >= 2 GPUs: same bytes.
+# Usage: bash benchmarks/gpu_check.sh [PEAK_FLOPS]      (logs also under $OUT when that is set)
+# Dry run on a CPU machine: DEVICE=cpu DTYPE=float32 SKIP=train,scoring bash benchmarks/gpu_check.sh
+set -uo pipefail
 cd "$(dirname "$0")/.."
 PEAK=${1:-989e12}
+DEVICE=${DEVICE:-cuda}
+DTYPE=${DTYPE:-bfloat16}
+SKIP=${SKIP:-}
 PY=${PY:-.venv/bin/python}
 [ -x "$PY" ] || PY=python3
-"$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.cuda.get_device_name(0))"
-"$PY" benchmarks/bench_train.py --presets paper-335m --vocab 32000 --seq-len 1024 --batch 8 --steps 36 \
-  --device cuda --dtype bfloat16 --compile --peak "$PEAK"
-
-# The tiny pipeline end to end on CUDA: every stage on the GPU (routers' EM and scoring, partition, experts,
-# dense, streaming eval), then generate; partition again under torchrun when there are >= 2 GPUs.
+"$PY" -c "import smalltalk" 2>/dev/null || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONUNBUFFERED=1
+LOGS=${OUT:-$(mktemp -d)}
 TMP=$(mktemp -d)
-"$PY" -c "
+declare -a RESULTS=()
+
+section() {  # section NAME COMMAND...: run unless skipped, time it, record ok/FAILED
+  local name=$1; shift
+  if [[ ",$SKIP," == *",$name,"* ]]; then RESULTS+=("$name: skipped"); return; fi
+  echo; echo "=== $name ==="
+  local start=$SECONDS
+  if "$@" 2>&1 | tee "$LOGS/$name.log"; then RESULTS+=("$name: ok ($((SECONDS - start)) s)")
+  else RESULTS+=("$name: FAILED ($((SECONDS - start)) s, see $name.log)"); fi
+}
+
+train() {
+  "$PY" benchmarks/bench_train.py --presets paper-335m --vocab 32000 --seq-len 1024 --batch 8 --steps 36 \
+    --device "$DEVICE" --dtype "$DTYPE" --compile --peak "$PEAK"
+}
+
+scoring() {
+  for dtype in float32 bfloat16; do
+    "$PY" benchmarks/bench_routing.py --device "$DEVICE" --dtype "$dtype" --presets paper-router-4.4m \
+      --vocab 32000 --experts 4 32 --batch-tokens 262144 --skip-partition || return 1
+  done
+}
+
+pipeline() {
+  "$PY" -c "
 import sys; sys.path.insert(0, '.')
 from pathlib import Path
 from tests.conftest import make_documents, write_jsonl
-write_jsonl(Path('$TMP/docs.jsonl'), make_documents(240))"
-CUDA=(--set train.device=cuda --set routing.train.device=cuda --set eval.device=cuda --set train.dtype=bfloat16)
-"$PY" -m smalltalk.cli run --config configs/tiny.yaml --run "$TMP/run" --set "data.inputs=[$TMP/docs.jsonl]" \
-  --set data.max_docs=null --set routing.experts=3 --set routing.chunk=240 "${CUDA[@]}"
-"$PY" -m smalltalk.cli generate --run "$TMP/run" "xyz_ {} = 1" --max-new-tokens 16 --device cuda
-if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
-  "$(dirname "$PY")/torchrun" --standalone --nproc_per_node 2 -m smalltalk.cli partition --run-dir "$TMP/run" \
-    --out "$TMP/partition-2gpu"
-  cmp "$TMP/partition-2gpu/expert_00.npy" "$TMP/run/partition/expert_00.npy" || echo "2-GPU partition differs"
+write_jsonl(Path('$TMP/docs.jsonl'), make_documents(240))" || return 1
+  local on=(--set "train.device=$DEVICE" --set "routing.train.device=$DEVICE" --set "eval.device=$DEVICE"
+            --set "train.dtype=$DTYPE" --set "routing.train.dtype=$DTYPE")
+  "$PY" -m smalltalk.cli run --config configs/tiny.yaml --run "$TMP/run" --set "data.inputs=[$TMP/docs.jsonl]" \
+    --set data.max_docs=null --set routing.experts=3 --set routing.chunk=240 --set routing.partition_chunk=32 \
+    "${on[@]}" || return 1
+  "$PY" -m smalltalk.cli generate --run "$TMP/run" "xyz_ {} = 1" --max-new-tokens 16 --device "$DEVICE" || return 1
+  "$PY" -c "
+import json; m = json.load(open('$TMP/run/partition/manifest.json')); print('partition:', m.get('dtype'), m['counts'])"
+}
+
+parts() {
+  for k in 0 1 2; do
+    "$PY" -m smalltalk.cli partition --run-dir "$TMP/run" --out "$TMP/partition-parts" --part "$k/3" || return 1
+  done
+  "$PY" -m smalltalk.cli partition --run-dir "$TMP/run" --out "$TMP/partition-parts" --merge || return 1
+  same_partition "$TMP/partition-parts"
+}
+
+torchrun_partition() {
+  if [ "$("$PY" -c 'import torch; print(torch.cuda.device_count())')" -lt 2 ]; then
+    echo "fewer than 2 GPUs: torchrun partition not run"; return 0
+  fi
+  "$PY" -m torch.distributed.run --standalone --nproc_per_node 2 -m smalltalk.cli partition --run-dir "$TMP/run" \
+    --out "$TMP/partition-2gpu" || return 1
+  same_partition "$TMP/partition-2gpu"
+}
+
+same_partition() {  # every expert's share file byte-identical to the pipeline's partition
+  local status=0
+  for f in "$TMP"/run/partition/expert_*.npy; do
+    cmp "$f" "$1/$(basename "$f")" || status=1
+  done
+  [ $status -eq 0 ] && echo "$1: byte-identical to RUN/partition"
+  return $status
+}
+
+echo "device $DEVICE, dtype $DTYPE; $("$PY" -c "import torch; print('torch', torch.__version__,
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')")"
+if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
+  nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader -lms 500 > "$LOGS/gpu_apps.csv" 2>&1 &
+  SMI=$!
 fi
-echo "tiny pipeline on CUDA: ok"
+section train train
+section scoring scoring
+section pipeline pipeline
+section parts parts
+section torchrun torchrun_partition
+if [ -n "${SMI:-}" ]; then
+  kill "$SMI" 2>/dev/null
+  echo; echo "processes that held the GPU: $(cut -d, -f1 "$LOGS/gpu_apps.csv" | sort -u | grep -c '^[0-9]')"
+fi
+echo; printf '%s\n' "${RESULTS[@]}" | tee "$LOGS/summary.txt"
+! grep -q FAILED "$LOGS/summary.txt"

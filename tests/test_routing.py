@@ -109,6 +109,17 @@ def test_em_refuses_a_directory_with_other_settings(prepared_run, em_run, capsys
     assert "other settings" in capsys.readouterr().err
 
 
+def test_bf16_router_scoring_runs_under_autocast(prepared_run):
+    """routing.train.dtype=bfloat16 scores under bf16 autocast (as on GPU): close to fp32, not equal."""
+    spec = resolve_spec(ModelConfig(preset="test-tiny"), 384)
+    models = [build_model(spec, 64, seed=s) for s in (1, 2)]
+    tokens = SplitData(prepared_run / "data", "train").batch(np.arange(12), 16)
+    fp32 = LMRouters(models, batch_size=5).score(tokens)
+    bf16 = LMRouters(models, batch_size=5, dtype="bfloat16").score(tokens)
+    assert bf16.dtype == np.float32 and not np.array_equal(fp32, bf16)
+    assert np.allclose(fp32, bf16, rtol=0.02, atol=0.5)
+
+
 def test_lm_routers_score_api(em_run, prepared_run):
     router = load_routers(em_run)
     assert isinstance(router, LMRouters) and router.num_experts == 3

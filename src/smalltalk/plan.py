@@ -38,8 +38,15 @@ def plan(cfg: Config, vocab_size: int | None = None) -> dict:
             "router_overhead_flops": overhead, "total_training_flops": experts_flops + overhead}
 
 
-def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = None) -> list[dict]:
-    """Per stage: disk it writes, peak host memory, wall hours on one GPU at `mfu` of `peak`. Assumes the
+# Fraction of the bf16 peak that the paper's 4.4M routers reach on one H200 (d 96, head dim 8: memory- and
+# launch-bound): 26 TFLOP/s scoring prefixes of 256 tokens under bf16 autocast (benchmarks/gpu_check.sh).
+ROUTER_MFU = 0.027
+
+
+def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = None,
+              router_mfu: float = ROUTER_MFU) -> list[dict]:
+    """Per stage: disk it writes, peak host memory, wall hours on one GPU at `mfu` of `peak` (routers at
+    `router_mfu`: tiny models reach a far smaller share of the peak than the experts). Assumes the
     corpus holds exactly what the experts consume (each share read once) plus the validation/test splits."""
     rc, tc = cfg.routing, cfg.train
     vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
@@ -51,7 +58,7 @@ def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = Non
     chunk = min(rc.partition_chunk or n, n)
     framework = 2**30  # python + torch + one small model, measured ~0.45 GB on CPU (bench_partition_scale.py)
     state = count_params(expert) * (4 + 8)  # fp32 weights + AdamW moments
-    rate = peak * mfu * 3600  # FLOPs per GPU-hour
+    rate, router_rate = peak * mfu * 3600, peak * router_mfu * 3600  # FLOPs per GPU-hour
     router_train = experts * training_flops(router, seq, rc.train.micro_batch_size * rc.train.grad_accum,
                                             rc.rounds * rc.train.steps, "paper")
     scoring = n * experts * forward_flops(router, rc.prefix, 1, "paper")
@@ -59,9 +66,9 @@ def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = Non
     return [
         {"stage": "data", "disk": n * seq * token_bytes * held_out, "memory": framework, "hours": None},
         {"stage": "routers (EM)", "disk": experts * count_params(router) * 12 * (tc.keep_checkpoints + 1),
-         "memory": framework + rc.chunk * experts * 4 * 3, "hours": router_train / rate},
+         "memory": framework + rc.chunk * experts * 4 * 3, "hours": router_train / router_rate},
         {"stage": "partition", "disk": 2 * n * 8, "memory": framework + chunk * (experts * 4 * 3 + 8 * 6),
-         "hours": scoring / rate},
+         "hours": scoring / router_rate},
         {"stage": "experts data (optional)", "disk": n * seq * token_bytes, "memory": framework, "hours": None},
         {"stage": "each expert job", "disk": state * tc.keep_checkpoints + count_params(expert) * 4,
          "memory": framework + state, "hours": expert_flops / rate},

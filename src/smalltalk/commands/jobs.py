@@ -18,11 +18,12 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from smalltalk.plan import GPU_PEAKS, format_plan, plan, resources
+    from smalltalk.plan import GPU_PEAKS, ROUTER_MFU, format_plan, plan, resources
 
     cfg, _ = load(args)
     peak = (GPU_PEAKS.get(args.gpu.lower()) if args.gpu else None) or args.peak_flops
-    print(format_plan({**plan(cfg), "resources": resources(cfg, peak, args.mfu)}, peak, args.mfu))
+    rows = resources(cfg, peak, args.mfu, router_mfu=args.router_mfu or ROUTER_MFU)
+    print(format_plan({**plan(cfg), "resources": rows}, peak, args.mfu))
 
 
 def cmd_launch(args: argparse.Namespace) -> None:
@@ -88,7 +89,9 @@ def register(sub) -> None:
 
     p = sub.add_parser("plan", help="job list, token budgets, FLOPs and GPU-hours of a config")
     add_common(p)
-    p.add_argument("--mfu", type=float, default=0.4)
+    p.add_argument("--mfu", type=float, default=0.4, help="experts' and dense models' fraction of the peak")
+    p.add_argument("--router-mfu", type=float, help="routers' fraction of the peak (default: plan.ROUTER_MFU, "
+                   "measured on an H200)")
     p.add_argument("--gpu", choices=["h100", "h200", "a100", "v100"], default="h100")
     p.add_argument("--peak-flops", type=float, default=989e12, help="used when --gpu is not given")
     p.set_defaults(func=cmd_plan)

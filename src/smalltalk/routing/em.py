@@ -96,7 +96,7 @@ def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
         chunk_ids, assignment, epoch = _share(out_dir, stream, r, rc.experts, rc.seed)
         summaries = _run_round(cfg, spec, data_dir, out_dir, chunk_ids, assignment, r, names)
         routers = LMRouters.from_model_dirs([files.router(name).model for name in names], rc.train.device,
-                                            rc.score_batch_size, workers=rc.score_workers)
+                                            rc.score_batch_size, workers=rc.score_workers, dtype=rc.train.dtype)
         row = _round_metrics(r, epoch, routers, data, val, heldout, chunk_ids, assignment, summaries,
                              rc.prefix, out_dir)
         if r + 1 < rc.rounds:

@@ -54,6 +54,7 @@ class PartitionJob:
     compile: bool = False
     workers: int | None = None
     part_chunks: int = 64  # chunks per part when this process fills the gaps itself
+    dtype: str = "float32"  # "bfloat16": score under bf16 autocast (GPU)
 
 
 def partition_run(cfg: Config, run: RunLayout) -> dict:
@@ -64,7 +65,8 @@ def partition_run(cfg: Config, run: RunLayout) -> dict:
 def job_for(cfg: Config, routers_dir: Path, data_dir: Path, out_dir: Path, **overrides) -> PartitionJob:
     rc = cfg.routing
     job = PartitionJob(Path(routers_dir), Path(data_dir), Path(out_dir), None, rc.partition_chunk,
-                       rc.score_batch_size, rc.train.device, rc.compile, rc.score_workers, rc.partition_part_chunks)
+                       rc.score_batch_size, rc.train.device, rc.compile, rc.score_workers, rc.partition_part_chunks,
+                       rc.train.dtype)
     return dataclasses.replace(job, **{k: v for k, v in overrides.items() if v is not None})
 
 
@@ -82,7 +84,7 @@ def partition(job: PartitionJob, chunks: tuple[int, int] | None = None, merge: b
     dist = init_distributed(resolve_device(job.device).type)
     if todo:
         device = resolve_device(job.device, dist.local_rank)
-        router = load_routers(job.routers_dir, str(device), job.batch_size, job.compile, job.workers)
+        router = load_routers(job.routers_dir, str(device), job.batch_size, job.compile, job.workers, job.dtype)
         for start, stop in todo:
             result = run_part(job, settings, data, router, start, stop, dist, device)
     if merge and dist.is_main:
@@ -118,7 +120,8 @@ def _settings(job: PartitionJob, routers_manifest: dict, data: SplitData) -> dic
         raise SmalltalkError(f"prefix={prefix} must be in [2, seq_len={data.seq_len}]")
     return {"method": routers_manifest["method"], "experts": routers_manifest["experts"], "prefix": prefix,
             "sequences": len(data), "chunk_size": min(job.chunk_size or len(data), len(data)),
-            "order": data.manifest.get("order"), "routers_sha256": routers_checksum(Path(job.routers_dir)),
+            "order": data.manifest.get("order"), "dtype": job.dtype,
+            "routers_sha256": routers_checksum(Path(job.routers_dir)),
             "data_sha256": data.manifest["splits"]["train"]["sha256"]}
 
 

@@ -36,27 +36,30 @@ class LMRouters:
     """
 
     def __init__(self, models: list[torch.nn.Module], device: str | torch.device = "cpu",
-                 batch_size: int = 256, compile: bool = False, workers: int | None = None) -> None:
+                 batch_size: int = 256, compile: bool = False, workers: int | None = None,
+                 dtype: str = "float32") -> None:
         self.models = [m.to(device).eval() for m in models]
         self.device, self.batch_size, self.workers = torch.device(device), batch_size, workers
+        # "bfloat16": the bodies run under bf16 autocast (as the routers trained); log-probs stay fp32
+        self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         self.num_experts = len(models)
         self.bodies = [scoring_body(m, compile) for m in self.models]
 
     @classmethod
     def from_model_dirs(cls, model_dirs: list[Path], device: str = "cpu", batch_size: int = 256,
-                        compile: bool = False, workers: int | None = None) -> LMRouters:
+                        compile: bool = False, workers: int | None = None, dtype: str = "float32") -> LMRouters:
         from transformers import AutoModelForCausalLM
 
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         models = [AutoModelForCausalLM.from_pretrained(str(path)) for path in model_dirs]
-        return cls(models, device, batch_size, compile, workers)
+        return cls(models, device, batch_size, compile, workers, dtype)
 
     def score(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64)
         workers = self.workers or default_workers(self.device, self.num_experts)
         return score_batches(self.models, lambda rows: tokens[rows], np.arange(len(tokens)), self.batch_size,
-                             self.device, bodies=self.bodies, workers=workers)
+                             self.device, self.autocast_dtype, bodies=self.bodies, workers=workers)
 
 
 class RandomRouter:
@@ -140,7 +143,7 @@ def make_decoder(tokenizer_json: Path):
 
 
 def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int = 256, compile: bool = False,
-                 workers: int | None = None) -> Router:
+                 workers: int | None = None, dtype: str = "float32") -> Router:
     routers_dir = Path(routers_dir)
     manifest_path, files = manifest_of(routers_dir), RouterFiles(routers_dir)
     if not manifest_path.is_file():
@@ -149,7 +152,7 @@ def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int =
     method = manifest["method"]
     if method == "em":
         return LMRouters.from_model_dirs([files.router(name).model for name in manifest["routers"]], device,
-                                         batch_size, compile, workers)
+                                         batch_size, compile, workers, dtype)
     if method == "random":
         return RandomRouter(manifest["experts"], manifest["seed"])
     if method == "oracle":
