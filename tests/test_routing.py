@@ -198,3 +198,39 @@ def test_a_pickle_in_a_run_directory_is_never_loaded(tmp_path):
     with pytest.raises(SmalltalkError, match="pickle"):
         load_routers(routers)
     assert not (tmp_path / "pwned").exists()
+
+
+def test_em_levers_warm_start_distinct_init_and_share_passes(prepared_run, tmp_path):
+    """routing.init_split=tfidf starts EM from the tf-idf clustering (round 0 already follows the domains,
+    where a random split does not); router_init=distinct seeds router e with seed + e; share_passes sets
+    the M-step length from the share size."""
+    out = tmp_path / "routers"
+    levers = ["--set", "routing.init_split=tfidf", "--set", "routing.router_init=distinct",
+              "--set", "routing.share_passes=2", "--set", "routing.rounds=2"]
+    assert cli("routers", "train", *ROUTING, *levers, "--run", prepared_run, "--out", out) == 0
+    history = json.loads((out / "em_history.json").read_text())["rounds"]
+    assert history[0]["share_nmi"] > 0.3  # a random round 0 scores < 0.2 (test_em_history_and_checkpoints)
+    assert (out / "warm-start" / "tfidf.npz").is_file()
+    seeds, steps = [], set()
+    for name in ("00", "01", "02"):
+        state = torch.load(sorted((out / name / "checkpoints").iterdir())[-1] / "trainer_state.pt",
+                           weights_only=False)
+        seeds.append(state["config"]["seed"])
+        steps.add(state["step"])
+    assert seeds == [seeds[0], seeds[0] + 1, seeds[0] + 2]
+    assert steps == {2 * 20}  # 2 passes over 240 / 3 = 80 sequences at batch 8: 20 steps per round
+
+
+def test_new_routing_levers_keep_old_digests():
+    """A run made before the EM levers existed resumes: at their old behaviour they are not in the digest."""
+    from smalltalk.config import load_config
+    from smalltalk.pipeline import STAGES, digest, stage_config
+
+    routers = next(s for s in STAGES if s.name == "routers")
+    cfg = load_config(TINY_CONFIG)
+    assert "router_init" not in stage_config(cfg, routers)["routing"]
+    base = digest(cfg, routers)
+    cfg.routing.router_init = "distinct"
+    assert digest(cfg, routers) != base
+    cfg.routing.router_init = "shared"
+    assert digest(cfg, routers) == base

@@ -7,6 +7,7 @@ falls back to a default.
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,22 @@ class RoutingConfig:
     parallel: int = 1  # router jobs run at once within a round
     seed: int = 0
     compile: bool = False  # torch.compile the routers for `partition` (~20 s per router; 0-10% on CPU)
+    # EM levers (docs/routing.md, benchmarks/routing_study.py)
+    router_init: str = "shared"  # "shared": every router from routing.train.seed; "distinct": router e from seed + e
+    init_split: str = "random"  # round 0's split: "random" (the paper) or "tfidf" (balanced k-means, as c-BTM)
+    share_passes: float | None = None  # M-step length in passes over a router's share; None: train.steps
+
+    def steps_per_round(self) -> int:
+        """Optimizer steps of each router in each EM round (the M-step)."""
+        if self.share_passes is None:
+            return self.train.steps
+        batch = self.train.micro_batch_size * self.train.grad_accum
+        return max(1, math.ceil(self.share_passes * self.chunk / self.experts / batch))
+
+
+# Settings added after runs existed, left out of stage digests and EM state while at the value that
+# reproduces the old behaviour: a run made before they existed still resumes.
+ADDED_LATER = {"routing": {"router_init": "shared", "init_split": "random", "share_passes": None}}
 
 
 @dataclass
@@ -192,6 +209,10 @@ def _checked(cfg: Config, source: str) -> Config:
     if cfg.routing.prefix < 2 or cfg.routing.prefix > cfg.data.seq_len:
         raise SmalltalkError(f"routing.prefix={cfg.routing.prefix} must be in [2, data.seq_len={cfg.data.seq_len}]",
                              where=source)
+    for key, allowed in (("router_init", ("shared", "distinct")), ("init_split", ("random", "tfidf"))):
+        if getattr(cfg.routing, key) not in allowed:
+            raise SmalltalkError(f"routing.{key}={getattr(cfg.routing, key)!r}", where=source,
+                                 fix=f"use one of {', '.join(allowed)}")
     bad = [p for p in cfg.eval.prefixes if not 2 <= p <= cfg.data.seq_len]
     if bad:
         raise SmalltalkError(f"eval.prefixes {bad} are outside [2, data.seq_len={cfg.data.seq_len}]", where=source,

@@ -147,6 +147,11 @@ class RouterFiles:
         return self.root / "tokenizer.json"
 
     @property
+    def warm_start(self) -> Path:
+        """The tf-idf clustering EM's round 0 starts from (routing.init_split: tfidf)."""
+        return self.root / "warm-start"
+
+    @property
     def em_state(self) -> Path:
         return self.root / "em_state.json"
 

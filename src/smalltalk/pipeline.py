@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from smalltalk.config import Config, save_config
+from smalltalk.config import ADDED_LATER, Config, save_config
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import remove_stale_temps, write_json
 from smalltalk.layout import RunLayout, manifest_of
@@ -111,9 +111,14 @@ _VOLATILE = {"train": ("num_threads", "progress", "device", "tensorboard"),
              "routing.train": ("num_threads", "progress", "device", "tensorboard"), "routing": ("parallel",)}
 
 
-def _stage_config(cfg: Config, stage: Stage) -> dict:
+def stage_config(cfg: Config, stage: Stage) -> dict:
+    """The part of the config a stage's output depends on: what its digest hashes."""
     full = dataclasses.asdict(cfg)
     picked = {k: full[k] for k in stage.sections}
+    for section in picked:
+        for key in ADDED_LATER.get(section, ()):
+            if picked[section][key] == ADDED_LATER[section][key]:
+                picked[section].pop(key)
     for dotted, keys in _VOLATILE.items():
         section = picked
         for part in dotted.split("."):
@@ -124,7 +129,7 @@ def _stage_config(cfg: Config, stage: Stage) -> dict:
 
 
 def digest(cfg: Config, stage: Stage) -> str:
-    return hashlib.sha256(json.dumps(_stage_config(cfg, stage), sort_keys=True).encode()).hexdigest()[:16]
+    return hashlib.sha256(json.dumps(stage_config(cfg, stage), sort_keys=True).encode()).hexdigest()[:16]
 
 
 def run_pipeline(cfg: Config, run: RunLayout) -> None:

@@ -21,12 +21,12 @@ def plan(cfg: Config, vocab_size: int | None = None) -> dict:
     router = resolve_spec(rc.router, vocab)
     seq = cfg.data.seq_len
     batch = tc.micro_batch_size * tc.grad_accum
-    router_steps = rc.rounds * rc.train.steps
+    router_steps = rc.rounds * rc.steps_per_round()
     router_batch = rc.train.micro_batch_size * rc.train.grad_accum
     experts_flops = rc.experts * training_flops(expert, seq, batch, tc.steps, "paper")
     overhead = paper_router_overhead(rc.experts, router_steps, router_batch, seq, rc.prefix, tc.steps, batch) \
         if rc.method == "em" else 0.0
-    jobs = [f"routers: {rc.rounds} EM rounds x {rc.experts} router jobs of {rc.train.steps} steps "
+    jobs = [f"routers: {rc.rounds} EM rounds x {rc.experts} router jobs of {rc.steps_per_round()} steps "
             f"(batch {router_batch}, prefix {rc.prefix}), chunk {rc.chunk} sequences per round",
             "partition: score every training sequence with all routers (torchrun-parallel)",
             *[f"expert {k:02d}: {tc.steps} steps x batch {batch} x {seq} tokens = "
@@ -60,7 +60,7 @@ def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = Non
     state = count_params(expert) * (4 + 8)  # fp32 weights + AdamW moments
     rate, router_rate = peak * mfu * 3600, peak * router_mfu * 3600  # FLOPs per GPU-hour
     router_train = experts * training_flops(router, seq, rc.train.micro_batch_size * rc.train.grad_accum,
-                                            rc.rounds * rc.train.steps, "paper")
+                                            rc.rounds * rc.steps_per_round(), "paper")
     scoring = n * experts * forward_flops(router, rc.prefix, 1, "paper")
     expert_flops = training_flops(expert, seq, batch, tc.steps, "paper")
     return [

@@ -72,3 +72,22 @@ class SequenceOrder:
 
     def chunk(self, index: int, size: int) -> np.ndarray:
         return self.ids(index * size, (index + 1) * size)
+
+
+class ChunkStream:
+    """Chunk r of N distinct sequences of a split (a SplitData): consecutive ranges of its seeded order (a
+    fresh order per epoch), never reusing a sequence while unseen ones remain in the epoch; the epoch's
+    leftover (< N) is skipped. O(N) memory whatever the corpus size."""
+
+    def __init__(self, data, size: int) -> None:
+        from smalltalk.errors import SmalltalkError
+
+        if size > len(data):
+            raise SmalltalkError(f"routing.chunk={size} exceeds the {len(data)} training sequences",
+                                 fix="lower routing.chunk")
+        self.data, self.size = data, size
+        self.per_epoch = len(data) // size
+
+    def chunk(self, index: int) -> tuple[np.ndarray, int]:
+        epoch, k = divmod(index, self.per_epoch)
+        return np.sort(self.data.order(epoch).chunk(k, self.size)), epoch

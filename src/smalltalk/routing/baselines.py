@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 
 from smalltalk.config import Config
+from smalltalk.data.order import ChunkStream
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, write_json
 from smalltalk.layout import RouterFiles, TokenizerFiles, manifest_of
 from smalltalk.routing.assignment import balanced_assignment
-from smalltalk.routing.em import ChunkStream
 from smalltalk.routing.metrics import split_quality
 from smalltalk.routing.routers import make_decoder, neg_distance
 

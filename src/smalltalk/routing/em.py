@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from smalltalk.config import Config
+from smalltalk.config import ADDED_LATER, Config
+from smalltalk.data.order import ChunkStream
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_file, read_json, write_json
@@ -27,23 +28,6 @@ from smalltalk.routing.assignment import argmax_assignment, balanced_assignment,
 from smalltalk.routing.metrics import split_quality
 from smalltalk.routing.routers import LMRouters, score_split
 from smalltalk.routing.scoring import score_batches
-
-
-class ChunkStream:
-    """Chunk r of N distinct sequences: consecutive ranges of the data's seeded order (a fresh order per
-    epoch), never reusing a sequence while unseen ones remain in the epoch; the epoch's leftover (< N) is
-    skipped. O(N) memory whatever the corpus size."""
-
-    def __init__(self, data: SplitData, size: int) -> None:
-        if size > len(data):
-            raise SmalltalkError(f"routing.chunk={size} exceeds the {len(data)} training sequences",
-                                 fix="lower routing.chunk")
-        self.data, self.size = data, size
-        self.per_epoch = len(data) // size
-
-    def chunk(self, index: int) -> tuple[np.ndarray, int]:
-        epoch, k = divmod(index, self.per_epoch)
-        return np.sort(self.data.order(epoch).chunk(k, self.size)), epoch
 
 
 def router_names(experts: int) -> list[str]:
@@ -65,8 +49,9 @@ def _train_router(args: tuple) -> dict:
 
 def _settings(cfg: Config, spec: ModelSpec, data: SplitData) -> dict:
     rc = cfg.routing
+    levers = {k: getattr(rc, k) for k, old in ADDED_LATER["routing"].items() if getattr(rc, k) != old}
     return {"experts": rc.experts, "prefix": rc.prefix, "rounds": rc.rounds, "chunk": rc.chunk, "seed": rc.seed,
-            "router": dataclasses.asdict(spec), "train": dataclasses.asdict(rc.train),
+            "router": dataclasses.asdict(spec), "train": dataclasses.asdict(rc.train), **levers,
             "data_sha256": data.manifest["splits"]["train"]["sha256"]}
 
 
@@ -93,7 +78,7 @@ def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     heldout = val.sample(rc.heldout_sequences)
     names = router_names(rc.experts)
     for r in range(len(history), rc.rounds):
-        chunk_ids, assignment, epoch = _share(out_dir, stream, r, rc.experts, rc.seed)
+        chunk_ids, assignment, epoch = _share(cfg, data_dir, out_dir, stream, r)
         summaries = _run_round(cfg, spec, data_dir, out_dir, chunk_ids, assignment, r, names)
         routers = LMRouters.from_model_dirs([files.router(name).model for name in names], rc.train.device,
                                             rc.score_batch_size, workers=rc.score_workers, dtype=rc.train.dtype)
@@ -119,8 +104,9 @@ def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     return manifest
 
 
-def _share(out_dir: Path, stream: ChunkStream, r: int, experts: int, seed: int):
-    """The ids and assignment router training uses in round r (round 0: equal random split)."""
+def _share(cfg: Config, data_dir: Path, out_dir: Path, stream: ChunkStream, r: int):
+    """The ids and assignment router training uses in round r (round 0: an equal random split, or the
+    tf-idf warm start)."""
     path = RouterFiles(out_dir).round_share(r)
     ids, epoch = stream.chunk(r)
     if path.exists():
@@ -128,21 +114,40 @@ def _share(out_dir: Path, stream: ChunkStream, r: int, experts: int, seed: int):
         return saved["ids"], saved["assignment"], epoch
     if r != 0:
         raise SmalltalkError(f"missing EM state {path}", fix=f"delete {out_dir} and train the routers again")
-    assignment = np.random.default_rng([seed, 12345]).permutation(len(ids)) % experts
+    rc = cfg.routing
+    if rc.init_split == "tfidf":
+        assignment = _tfidf_split(cfg, data_dir, out_dir, stream.data, ids)
+    else:
+        assignment = np.random.default_rng([rc.seed, 12345]).permutation(len(ids)) % rc.experts
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_file(path) as tmp:
         np.savez(tmp, ids=ids, assignment=assignment)
     return ids, assignment, epoch
 
 
+def _tfidf_split(cfg: Config, data_dir: Path, out_dir: Path, data: SplitData, ids: np.ndarray) -> np.ndarray:
+    """Round 0 from balanced k-means over tf-idf of the prefixes (c-BTM's clustering), kept beside the routers."""
+    from smalltalk.routing.baselines import train_tfidf_router
+    from smalltalk.routing.routers import load_routers
+
+    warm = RouterFiles(out_dir).warm_start
+    if not manifest_of(warm).is_file():
+        train_tfidf_router(cfg, data_dir, warm)
+    scores = score_split(load_routers(warm), data, ids, cfg.routing.prefix)
+    return balanced_assignment(scores)
+
+
 def _run_round(cfg: Config, spec: ModelSpec, data_dir: Path, out_dir: Path, chunk_ids: np.ndarray,
                assignment: np.ndarray, r: int, names: list[str]) -> list[dict]:
     rc = cfg.routing
-    train_cfg = dataclasses.replace(rc.train, seq_len=rc.prefix, steps=(r + 1) * rc.train.steps,
-                                    schedule_steps=rc.rounds * rc.train.steps, progress=False)
+    steps = rc.steps_per_round()
+    train_cfg = dataclasses.replace(rc.train, seq_len=rc.prefix, steps=(r + 1) * steps,
+                                    schedule_steps=rc.rounds * steps, progress=False)
+    distinct = rc.router_init == "distinct"  # else every router starts from the same weights
     threads = max(1, (os.cpu_count() or 1) // rc.parallel) if rc.parallel > 1 else rc.train.num_threads
-    jobs = [(spec, train_cfg, str(data_dir), str(RouterFiles(out_dir).router(name).root), chunk_ids[assignment == e],
-             f"router {name} round {r}", threads) for e, name in enumerate(names)]
+    jobs = [(spec, dataclasses.replace(train_cfg, seed=train_cfg.seed + e) if distinct else train_cfg, str(data_dir),
+             str(RouterFiles(out_dir).router(name).root), chunk_ids[assignment == e], f"router {name} round {r}",
+             threads) for e, name in enumerate(names)]
     if rc.parallel <= 1:
         return [_train_router(job) for job in jobs]
     with ProcessPoolExecutor(rc.parallel, mp_context=get_context("spawn")) as pool:
