@@ -1,0 +1,154 @@
+"""The routing study: which EM lever brings the mixture to the oracle? (docs/routing.md)
+
+Each lever is one `smalltalk run` of configs/corpus10.yaml at E = 4, changed only in that lever, for each
+seed (routing.seed and routing.train.seed: the random split and the routers' initialisation). The experts'
+budget is cut to --expert-steps (default 400, a quarter of the grid's 1,600) so that the study fits in an
+hour on 2 cores; the compute-matched dense model is trained once and copied to every run. The oracle (domain
+labels grouped into 4 balanced groups) is the bound. Seed 0 of every lever runs first, so a partial study
+still covers every lever. Prints, per lever: the routers' training budget (prefixes seen), router training
+FLOPs / experts', held-out NMI of the last EM round, partition NMI, and mixture ÷ dense after M̂ = 64
+(mean and spread over seeds); writes --json and a plot.
+
+  python benchmarks/routing_study.py [--root runs/routing-study] [--seeds 0 1] [--only baseline lr-1e-2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from smalltalk.cli import main as smalltalk
+from smalltalk.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = ROOT.parent / "shared" / "data" / "corpus10"
+LEVERS = {
+    "baseline": [],  # configs/corpus10.yaml: 12 rounds x 100 steps x 32, shared init, random round 0
+    "distinct-init": ["routing.router_init=distinct"],
+    "tfidf-warm-start": ["routing.init_split=tfidf"],
+    "rounds-6 (0.5x)": ["routing.rounds=6"],
+    "rounds-24 (2x)": ["routing.rounds=24"],
+    "m-step-2x": ["routing.train.steps=200"],
+    "lr-1e-2": ["routing.train.lr=1e-2"],
+    "train-prefix-32": ["routing.prefix=32"],
+}
+ORACLE = ["routing.method=oracle"]
+MAIN_PREFIX = 64
+
+
+def run_one(root: Path, name: str, overrides: list[str], dense: Path | None) -> dict | None:
+    run = root / name
+    if dense is not None and not (run / "dense").exists():
+        run.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(dense, run / "dense")  # the dense model depends on data, model, train and E only
+    code = smalltalk(["run", "--config", str(ROOT / "configs" / "corpus10.yaml"), "--run", str(run),
+                      *[x for o in overrides for x in ("--set", o)]])
+    if code != 0:
+        print(f"{name}: failed ({code})", flush=True)
+        return None
+    results = json.loads((run / "eval" / "results.json").read_text())
+    main = next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
+    rc = load_config(run / "config.json").routing
+    quality = json.loads((run / "partition" / "manifest.json").read_text()).get("quality", {})
+    row = {"run": name, "ratio": main["mixture_after"]["ppl"] / main["dense_matched_after"]["ppl"],
+           "training_overhead": results["flops"]["exact"]["training_overhead"], "partition_nmi": quality.get("nmi")}
+    history = run / "routers" / "em_history.json"
+    if history.exists():  # EM: prefixes each router trained on, and the last round's held-out NMI
+        row["prefixes_seen"] = rc.rounds * rc.steps_per_round() * rc.train.micro_batch_size * rc.train.grad_accum
+        row["heldout_nmi"] = json.loads(history.read_text())["rounds"][-1].get("heldout_nmi")
+    return row
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    by_lever: dict[str, list[dict]] = {}
+    for row in rows:
+        by_lever.setdefault(row["lever"], []).append(row)
+    table = []
+    for lever, group in by_lever.items():
+        ratios = [r["ratio"] for r in group]
+        table.append({"lever": lever, "seeds": len(group), "ratio_mean": statistics.mean(ratios),
+                      "ratio_spread": max(ratios) - min(ratios), "ratios": ratios,
+                      "prefixes_seen": group[0].get("prefixes_seen"),
+                      "training_overhead": statistics.mean(r["training_overhead"] for r in group),
+                      "heldout_nmi": _mean([r.get("heldout_nmi") for r in group]),
+                      "partition_nmi": _mean([r.get("partition_nmi") for r in group])})
+    return table
+
+
+def _mean(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.mean(values) if values else None
+
+
+def print_table(table: list[dict]) -> None:
+    print("| lever | seeds | prefixes seen | router FLOPs / experts' | held-out NMI | partition NMI | "
+          "mixture ÷ dense (M̂ 64) | spread |\n|---|---|---|---|---|---|---|---|")
+    for t in table:
+        nmi = "-" if t["heldout_nmi"] is None else f"{t['heldout_nmi']:.3f}"
+        seen = "-" if t["prefixes_seen"] is None else f"{t['prefixes_seen']:,}"
+        print(f"| {t['lever']} | {t['seeds']} | {seen} | {t['training_overhead']:.1%} | {nmi} | "
+              f"{t['partition_nmi'] or 0:.3f} | {t['ratio_mean']:.3f} | {t['ratio_spread']:.3f} |")
+
+
+def plot(table: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    names = [t["lever"] for t in table]
+    means = [t["ratio_mean"] for t in table]
+    ax.barh(names, means, xerr=[t["ratio_spread"] / 2 for t in table], color="tab:blue")
+    oracle = next((t["ratio_mean"] for t in table if t["lever"] == "oracle"), None)
+    if oracle is not None:
+        ax.axvline(oracle, color="tab:red", ls="--", label="oracle")
+        ax.legend()
+    ax.set_xlim(min(means) - 0.02, max(means) + 0.02)
+    ax.set_xlabel("mixture ppl ÷ compute-matched dense ppl (after M̂ = 64; lower is better)")
+    ax.invert_yaxis()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="runs/routing-study")
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--only", nargs="+", choices=[*LEVERS, "oracle"])
+    ap.add_argument("--expert-steps", type=int, default=400)
+    ap.add_argument("--json", default="runs/routing-study/study.json")
+    ap.add_argument("--plot", default="docs/routing_study.png")
+    args = ap.parse_args()
+    if not CORPUS.is_dir():
+        print(f"corpus10 not found at {CORPUS} (skipping)")
+        return 0
+    root = Path(args.root)
+    common = [f"data.inputs=[{CORPUS}]", "routing.experts=4", f"train.steps={args.expert_steps}",
+              f"train.eval_every={args.expert_steps}", f"train.checkpoint_every={args.expert_steps}",
+              f"eval.prefixes=[32,{MAIN_PREFIX}]", f"eval.main_prefix={MAIN_PREFIX}", "eval.top_k=[1]"]
+    names = args.only or [*LEVERS, "oracle"]
+    plan = [(lever, seed) for seed in args.seeds for lever in names if lever != "oracle" or seed == args.seeds[0]]
+    rows, dense = [], None
+    for lever, seed in plan:
+        overrides = [*common, *(ORACLE if lever == "oracle" else LEVERS[lever]),
+                     f"routing.seed={seed}", f"routing.train.seed={seed}"]
+        row = run_one(root, f"{lever.split(' ')[0]}-s{seed}", overrides, dense)
+        if row is None:
+            continue
+        dense = dense or root / row["run"] / "dense"
+        rows.append({"lever": lever, "seed": seed, **row})
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"rows": rows, "table": summarise(rows)}, indent=1))
+    table = summarise(rows)
+    print_table(table)
+    plot(table, Path(args.plot))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
