@@ -1,6 +1,7 @@
 """lm-evaluation-harness through the `smalltalk` model, on a local task whose data the test writes."""
 
 import json
+import os
 
 import pytest
 import torch
@@ -22,11 +23,7 @@ metric_list:
 """
 
 
-def test_lm_eval_local_task_matches_direct_expert_scoring(pipeline_run, tmp_path, monkeypatch):
-    pytest.importorskip("lm_eval")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    from smalltalk.lm_eval_model import SmallTalkLM, evaluate_downstream
-
+def _local_task(tmp_path):
     docs = [{"query": "xyz_ {} = 1 +", "choices": [" 2 ;", " etaoin", " äöü"], "gold": 0},
             {"query": "etaoin shrdlu tahoe", "choices": [" xyz_", " shrdlu", " ßkw"], "gold": 1},
             {"query": "äöüß kwjv bpfgm", "choices": [" 0123", " etao", " äöü"], "gold": 2}]
@@ -35,6 +32,50 @@ def test_lm_eval_local_task_matches_direct_expert_scoring(pipeline_run, tmp_path
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "local.yaml").write_text(TASK.format(data=data))
+    return tasks
+
+
+def test_dense_baseline_through_lm_evals_own_hf_model(pipeline_run, tmp_path):
+    """What docs/serving.md tells users to run for the dense side: `python -m lm_eval --model hf` on
+    RUN/dense/matched/model with RUN/tokenizer (needs accelerate: in the lm-eval and dev extras)."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run, tasks, out = pipeline_run[0], _local_task(tmp_path), tmp_path / "out"
+    model_dir, tokenizer_dir = run / "dense" / "matched" / "model", run / "tokenizer"
+    done = subprocess.run(
+        [sys.executable, "-m", "lm_eval", "--model", "hf", "--model_args",
+         f"pretrained={model_dir},tokenizer={tokenizer_dir},dtype=float32", "--device", "cpu",
+         "--tasks", "smalltalk_local_mc", "--include_path", str(tasks), "--output_path", str(out),
+         "--log_samples"], capture_output=True, text=True, env={**os.environ, "HF_DATASETS_OFFLINE": "1"},
+        timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    (samples_file,) = out.rglob("samples_smalltalk_local_mc_*.jsonl")
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert len(samples) == 3
+    model, tok = AutoModelForCausalLM.from_pretrained(model_dir).eval(), AutoTokenizer.from_pretrained(tokenizer_dir)
+    for sample in samples:  # each choice's log-likelihood is the dense model's own, on the same tokens
+        arguments = sample["arguments"]  # saved as {"gen_args_0": {"arg_0": context, "arg_1": cont}, ...}
+        pairs = [(a["arg_0"], a["arg_1"]) for a in arguments.values()] if isinstance(arguments, dict) else arguments
+        for (context, continuation), response in zip(pairs, sample["resps"], strict=True):
+            whole, ctx = tok(context + continuation)["input_ids"], tok(context)["input_ids"]
+            cont = whole[len(ctx):]
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0, -len(cont):]
+            direct = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()
+            assert float(response[0][0]) == pytest.approx(direct, abs=1e-3)
+
+
+def test_lm_eval_local_task_matches_direct_expert_scoring(pipeline_run, tmp_path, monkeypatch):
+    pytest.importorskip("lm_eval")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    from smalltalk.lm_eval_model import SmallTalkLM, evaluate_downstream
+
+    tasks = _local_task(tmp_path)
     run = str(pipeline_run[0])
     results = evaluate_downstream(run, ["smalltalk_local_mc"], str(tasks))
     assert 0.0 <= results["results"]["smalltalk_local_mc"]["acc,none"] <= 1.0
