@@ -30,8 +30,8 @@ LEVERS = {
     "baseline": [],  # configs/corpus10.yaml: 12 rounds x 100 steps x 32, shared init, random round 0
     "distinct-init": ["routing.router_init=distinct"],
     "tfidf-warm-start": ["routing.init_split=tfidf"],
-    "rounds-6 (0.5x)": ["routing.rounds=6"],
-    "rounds-24 (2x)": ["routing.rounds=24"],
+    "rounds-6": ["routing.rounds=6"],
+    "rounds-24": ["routing.rounds=24"],
     "m-step-2x": ["routing.train.steps=200"],
     "lr-1e-2": ["routing.train.lr=1e-2"],
     "train-prefix-32": ["routing.prefix=32"],
@@ -137,7 +137,7 @@ def main() -> int:
     for lever, seed in plan:
         overrides = [*common, *(ORACLE if lever == "oracle" else LEVERS[lever]),
                      f"routing.seed={seed}", f"routing.train.seed={seed}"]
-        row = run_one(root, f"{lever.split(' ')[0]}-s{seed}", overrides, dense)
+        row = run_one(root, f"{lever}-s{seed}", overrides, dense)
         if row is None:
             continue
         dense = dense or root / row["run"] / "dense"

@@ -109,6 +109,10 @@ class DataFiles:
         """Per-split arrays: doc_starts, doc_domains, seq_domains."""
         return self.root / f"{split}.{name}.npy"
 
+    def raw_index(self, split: str, name: str) -> Path:
+        """An index being appended to while a part is encoded (converted to .npy when the part closes)."""
+        return self.root / f"{split}.{name}.raw"
+
 
 @dataclass(frozen=True)
 class TokenizerFiles:

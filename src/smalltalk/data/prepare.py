@@ -28,6 +28,8 @@ from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
 from smalltalk.layout import DataFiles, Parts, manifest_of
 
+_INDEX_BLOCK = 1 << 20  # document / sequence index entries handled at once
+
 _COPY = 1 << 24  # bytes copied at once by the merge
 
 
@@ -103,14 +105,16 @@ def encode_part(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, fir
 
 
 class _StreamWriter:
-    """One split of a part: its token stream, document lengths and (part-local) domain ids."""
+    """One split of a part: its token stream, document lengths and (part-local) domain ids, all appended
+    to files as documents arrive (memory O(batch), not O(documents))."""
 
     def __init__(self, directory: Path, split: str, dtype: np.dtype, eot_id: int) -> None:
-        self.directory, self.split, self.dtype = directory, split, dtype
-        self.handle = open(DataFiles(directory).tokens(split), "wb")  # noqa: SIM115 - closed in close()
+        self.files, self.split, self.dtype = DataFiles(directory), split, dtype
+        # closed in close()
+        self.handle = open(self.files.tokens(split), "wb")  # noqa: SIM115
+        self.lengths = open(self.files.raw_index(split, "doc_lengths"), "wb")  # noqa: SIM115
+        self.domains = open(self.files.raw_index(split, "doc_domains"), "wb")  # noqa: SIM115
         self.eot = np.array([eot_id], dtype=dtype)
-        self.doc_lengths: list[np.ndarray] = []
-        self.doc_domains: list[int] = []
 
     def add(self, encodings: list, domains: list[int]) -> None:
         pieces = []
@@ -118,15 +122,27 @@ class _StreamWriter:
             pieces.append(np.asarray(enc.ids, dtype=self.dtype))
             pieces.append(self.eot)
         self.handle.write(np.concatenate(pieces).tobytes())
-        self.doc_lengths.append(np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings)))
-        self.doc_domains.extend(domains)
+        self.lengths.write(np.fromiter((len(e.ids) + 1 for e in encodings), np.int64, len(encodings)).tobytes())
+        self.domains.write(np.asarray(domains, dtype=np.int16).tobytes())
 
     def close(self) -> None:
-        self.handle.close()
-        files = DataFiles(self.directory)
-        lengths = np.concatenate(self.doc_lengths) if self.doc_lengths else np.zeros(0, np.int64)
-        np.save(files.index(self.split, "doc_lengths"), lengths)
-        np.save(files.index(self.split, "doc_domains"), np.asarray(self.doc_domains, dtype=np.int16))
+        for handle in (self.handle, self.lengths, self.domains):
+            handle.close()
+        for name, dtype in (("doc_lengths", np.int64), ("doc_domains", np.int16)):
+            raw = self.files.raw_index(self.split, name)
+            _to_npy(np.memmap(raw, dtype=dtype, mode="r") if raw.stat().st_size else np.zeros(0, dtype),
+                    self.files.index(self.split, name))
+            raw.unlink()
+
+
+def _to_npy(array: np.ndarray, path: Path, transform=None) -> None:
+    """Write `array` (e.g. a memmap) as .npy block by block, optionally transformed per block."""
+    out = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
+    for start in range(0, len(array), _INDEX_BLOCK):
+        block = np.asarray(array[start:start + _INDEX_BLOCK])
+        out[start:start + len(block)] = block if transform is None else transform(block)
+    out.flush()
+    del out
 
 
 def merge_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) -> dict:
@@ -188,17 +204,45 @@ def _merge_split(out: Path, parts: list[Path], remaps: list[np.ndarray], split: 
                     target.write(block)
                     digest.update(block)
                     keep -= len(block)
-    lengths = np.concatenate([np.load(DataFiles(p).index(split, "doc_lengths")) for p in parts])
-    doc_domains = np.concatenate([remap[np.load(DataFiles(p).index(split, "doc_domains")).astype(np.int64)]
-                                  for p, remap in zip(parts, remaps, strict=True)]).astype(np.int16)
-    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64) if lengths.size else lengths
-    seq_first = np.arange(n_seq, dtype=np.int64) * seq_len
-    seq_domains = doc_domains[np.searchsorted(starts, seq_first, side="right") - 1] if n_seq else \
-        np.zeros(0, np.int16)
-    files = DataFiles(out)
-    np.save(files.index(split, "doc_starts"), starts)
-    np.save(files.index(split, "doc_domains"), doc_domains)
-    np.save(files.index(split, "seq_domains"), seq_domains.astype(np.int16))
+    documents = _merge_indexes(out, parts, remaps, split)
+    _seq_domains(DataFiles(out), split, n_seq, seq_len)
     sha = sha256_file(DataFiles(out).tokens(split)) if digest is None else digest.hexdigest()
-    return {"documents": int(lengths.size), "tokens": int(n_seq * seq_len), "sequences": int(n_seq),
+    return {"documents": documents, "tokens": int(n_seq * seq_len), "sequences": int(n_seq),
             "tail_tokens_dropped": int(total - n_seq * seq_len), "sha256": sha}
+
+
+def _merge_indexes(out: Path, parts: list[Path], remaps: list[np.ndarray], split: str) -> int:
+    """doc_starts (running sum of the parts' lengths) and doc_domains (remapped to the merged domain ids),
+    streamed block by block from the parts' files."""
+    files = DataFiles(out)
+    lengths = [np.load(DataFiles(p).index(split, "doc_lengths"), mmap_mode="r") for p in parts]
+    total = sum(len(x) for x in lengths)
+    starts = np.lib.format.open_memmap(files.index(split, "doc_starts"), mode="w+", dtype=np.int64, shape=(total,))
+    domains = np.lib.format.open_memmap(files.index(split, "doc_domains"), mode="w+", dtype=np.int16,
+                                        shape=(total,))
+    position, offset = 0, 0
+    for part, part_lengths, remap in zip(parts, lengths, remaps, strict=True):
+        part_domains = np.load(DataFiles(part).index(split, "doc_domains"), mmap_mode="r")
+        for start in range(0, len(part_lengths), _INDEX_BLOCK):
+            block = np.asarray(part_lengths[start:start + _INDEX_BLOCK])
+            sums = np.cumsum(block)
+            starts[position:position + len(block)] = offset + sums - block
+            domains[position:position + len(block)] = remap[np.asarray(
+                part_domains[start:start + len(block)]).astype(np.int64)]
+            position, offset = position + len(block), offset + int(sums[-1])
+    starts.flush()
+    domains.flush()
+    del starts, domains
+    return total
+
+
+def _seq_domains(files: DataFiles, split: str, n_seq: int, seq_len: int) -> None:
+    """The domain of the document each sequence starts in, looked up block by block."""
+    starts = np.load(files.index(split, "doc_starts"), mmap_mode="r")
+    domains = np.load(files.index(split, "doc_domains"), mmap_mode="r")
+    out = np.lib.format.open_memmap(files.index(split, "seq_domains"), mode="w+", dtype=np.int16, shape=(n_seq,))
+    for first in range(0, n_seq, _INDEX_BLOCK):
+        positions = np.arange(first, min(n_seq, first + _INDEX_BLOCK), dtype=np.int64) * seq_len
+        out[first:first + len(positions)] = domains[np.searchsorted(starts, positions, side="right") - 1]
+    out.flush()
+    del out
