@@ -5,9 +5,11 @@ Synthetic prepared data (seq_len 16, vocab 256, 4 "domains" = 4 token ranges, wr
 briefly by EM on the smallest set; then `smalltalk partition` (prefix 8, chunk 65,536) in a fresh process
 per N, its peak RSS read from wait4(). Every output is checked: each sequence exactly once.
 Target (issue #12): peak RSS + <= 64 MB from 100k to 1.6M, seconds per sequence within 1.25x.
-With --eval, the same for `smalltalk eval` of one small mixture on 100k..1.6M test sequences.
+With --eval, the same for `smalltalk eval` of one small mixture on 100k..1.6M test sequences; with
+--prepare, the same for `smalltalk data prepare` on 100k..1.6M JSONL documents (4 input files, one
+process that encodes and merges; its document indexes are streamed, so RSS must stay flat).
 
-  python benchmarks/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4]
+  python benchmarks/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4] [--eval] [--prepare]
 """
 
 from __future__ import annotations
@@ -65,7 +67,11 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--router", default="cpu-router-0.03m")
     ap.add_argument("--eval", action="store_true", help="also measure `smalltalk eval` at the same sizes")
+    ap.add_argument("--prepare", action="store_true", help="only measure `smalltalk data prepare` (documents)")
     args = ap.parse_args()
+    if args.prepare:
+        prepare_scale(args.sizes)
+        return 0
     smalltalk = [sys.executable, "-m", "smalltalk.cli"]
     common = ["--set", f"routing.router.preset={args.router}", "--set", "routing.prefix=8",
               "--set", f"routing.experts={args.experts}", "--set", "routing.train.num_threads=2",
@@ -139,6 +145,51 @@ def eval_scale(args, smalltalk: list[str], common: list[str]) -> None:
     print("|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['n']:,} | {r['seconds']:.1f} | {r['us_per_seq']:.1f} | {r['rss_mb']:.0f} | "
+              f"{r['rss_mb'] - base['rss_mb']:+.0f} |")
+
+
+WORDS = [["int", "void", "return", "struct", "{", "}", ";"], ["der", "die", "und", "nicht", "ist"],
+         ["the", "of", "and", "to", "was"], ["le", "la", "et", "les", "des"]]
+
+
+def write_documents(directory: Path, n: int) -> list[Path]:
+    """n short documents (5-40 words of one of 4 vocabularies) in 4 JSONL files, written in blocks."""
+    rng, paths = np.random.default_rng(0), []
+    directory.mkdir(parents=True)
+    for f in range(4):
+        path = directory / f"docs-{f}.jsonl"
+        with open(path, "w") as handle:
+            for start in range(f * n // 4, (f + 1) * n // 4, 10_000):
+                count = min(10_000, (f + 1) * n // 4 - start)
+                lengths, domains = rng.integers(5, 40, count), rng.integers(0, 4, count)
+                handle.writelines(json.dumps({"text": " ".join(rng.choice(WORDS[d], k)), "domain": f"d{d}"}) + "\n"
+                                  for k, d in zip(lengths, domains, strict=True))
+        paths.append(path)
+    return paths
+
+
+def prepare_scale(sizes: list[int]) -> None:
+    smalltalk = [sys.executable, "-m", "smalltalk.cli"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            run, inputs = Path(tmp) / f"run-{n}", write_documents(Path(tmp) / f"docs-{n}", n)
+            common = ["--run", str(run), "--set", f"data.inputs=[{inputs[0].parent}]", "--set", "data.seq_len=16",
+                      "--set", "routing.prefix=8", "--set", "eval.prefixes=[8]", "--set", "tokenizer.vocab_size=320"]
+            subprocess.run([*smalltalk, "tokenizer", "train", *common], check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+            seconds, rss = run_measured([*smalltalk, "data", "prepare", *common])
+            manifest = json.loads((run / "data" / "manifest.json").read_text())
+            assert manifest["documents"] == n, manifest["documents"]
+            rows.append({"n": n, "seconds": seconds, "rss_mb": rss / 2**20,
+                         "us_per_doc": manifest["seconds"] / n * 1e6})
+            for path in inputs:
+                path.unlink()
+    base = rows[0]
+    print("data prepare (4 JSONL files, one process: encode + merge)")
+    print("| N documents | process wall s | encode us/document | peak RSS MB | RSS - RSS(first) |")
+    print("|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['seconds']:.1f} | {r['us_per_doc']:.1f} | {r['rss_mb']:.0f} | "
               f"{r['rss_mb'] - base['rss_mb']:+.0f} |")
 
 
