@@ -47,6 +47,7 @@ def bench_scoring(peak: float, vocab: int, compile: bool, presets: list[str], de
     side by side (the default on CPU: one worker per thread), and optionally compiled."""
     paths = {"1 worker": (False, 1), "default workers": (False, None)} if device == "cpu" else {
         "default workers": (False, None)}  # one worker on GPU
+    paths["grouped"] = (False, "grouped")  # routing/grouped.py, forced for every batch size
     if compile:
         paths["compiled"] = (True, None)
     print("| router | E | prefix | batch | workers | prefixes/s (default) | "
@@ -56,8 +57,10 @@ def bench_scoring(peak: float, vocab: int, compile: bool, presets: list[str], de
         spec = resolve_spec(ModelConfig(preset=preset), vocab)
         for experts in expert_counts:
             models = [build_model(spec, 256, seed=e).eval() for e in range(experts)]
-            routers = {name: LMRouters(models, device, compile=use_compiled, workers=workers,  # the CLI's path
-                                       dtype=dtype) for name, (use_compiled, workers) in paths.items()}
+            routers = {name: LMRouters(models, device, compile=use_compiled, workers=None if workers == "grouped"
+                                       else workers, dtype=dtype, grouped=workers == "grouped")  # the CLI's path
+                       for name, (use_compiled, workers) in paths.items()}
+            routers["grouped"].GROUPED_CPU_TOKENS = 1 << 62
             for prefix in (32, 256):
                 batch = max(8, batch_tokens // prefix)
                 n = batch * 4
@@ -95,6 +98,33 @@ def bench_head(vocab: int) -> None:
             cells.append(f"{2 * 16384 * d * vocab / median_time(head, 5) / peak:.0%}")
         print(f"| {d} | " + " | ".join(cells) + " |")
     torch.set_num_threads(threads)
+
+
+def bench_prompt(run: Path, repeats: int = 41) -> None:
+    """Routing one prompt (M tokens, all E routers) vs one expert forward over a whole test sequence, on a
+    trained mixture: the per-router loop and the grouped forward (routing/grouped.py), interleaved."""
+    from smalltalk.data.shards import SplitData
+    from smalltalk.mixture import SmallTalkMixture
+
+    mixture = SmallTalkMixture.from_pretrained(run, device="cpu")
+    x = SplitData(run / "data", "test").batch(np.arange(1))
+    expert, grouped = mixture.expert(0), mixture.routers.grouped
+    times: dict[str, list[float]] = {"loop": [], "grouped": [], "expert": []}
+    for _ in range(repeats):
+        for name in ("loop", "grouped"):
+            mixture.routers.grouped = grouped if name == "grouped" else None
+            start = time.perf_counter()
+            mixture.route(x)
+            times[name].append(time.perf_counter() - start)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            expert(input_ids=torch.from_numpy(x))
+        times["expert"].append(time.perf_counter() - start)
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(f"routing one prompt ({mixture.num_experts} routers, M = {mixture.prefix}) vs the expert's forward on "
+          f"{x.shape[1]} tokens, {run}: loop {med['loop']:.2f} ms ({med['loop'] / med['expert']:.2f}x), grouped "
+          f"{med['grouped']:.2f} ms ({med['grouped'] / med['expert']:.2f}x), expert {med['expert']:.2f} ms "
+          f"(target grouped <= 0.6x: {'met' if med['grouped'] <= 0.6 * med['expert'] else 'MISSED'})")
 
 
 def bench_assignment() -> None:
@@ -144,7 +174,12 @@ def main() -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="bfloat16: autocast")
     ap.add_argument("--experts", nargs="+", type=int, default=[4, 10])
     ap.add_argument("--batch-tokens", type=int, default=16384, help="prefix tokens per scoring batch")
+    ap.add_argument("--prompt", help="only time routing one prompt on this trained run (e.g. runs/demo)")
     args = ap.parse_args()
+    if args.prompt:
+        torch.set_num_threads(args.threads)
+        bench_prompt(Path(args.prompt))
+        return 0
     torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the smalltalk command does
     size = 2048 if args.device == "cpu" else 8192

@@ -1,5 +1,6 @@
 """Router scoring, EM routers and the baselines, on tiny models (partition: test_partition.py)."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -234,3 +235,28 @@ def test_new_routing_levers_keep_old_digests():
     assert digest(cfg, routers) != base
     cfg.routing.router_init = "shared"
     assert digest(cfg, routers) == base
+
+
+@pytest.mark.parametrize("preset", ["test-tiny", "cpu-router-0.1m"])
+def test_grouped_scoring_equals_the_per_router_loop(prepared_run, preset):
+    """routing/grouped.py (stacked weights, one batched forward) gives each router's own scores, in
+    router order, for a served prompt (batch 1) and a partition batch; GQA routers too."""
+    from smalltalk.routing.grouped import GroupedRouters
+
+    spec = resolve_spec(ModelConfig(preset=preset), 384)
+    models = [build_model(spec, 64, seed=s).eval() for s in (1, 2, 3)]
+    data = SplitData(prepared_run / "data", "train")
+    for rows, length in ((1, 16), (7, 32)):
+        tokens = data.batch(np.arange(rows), length)
+        loop = LMRouters(models, batch_size=4, grouped=False).score(tokens)
+        grouped = GroupedRouters(models).prefix_loglik(torch.from_numpy(tokens.astype(np.int64))).numpy()
+        assert np.allclose(grouped, loop, rtol=1e-5, atol=1e-4)
+    gqa = dataclasses.replace(spec, num_heads=4, num_kv_heads=2) if spec.num_heads % 2 == 0 else spec
+    models = [build_model(gqa, 64, seed=s).eval() for s in (1, 2)]
+    tokens = data.batch(np.arange(3), 16)
+    assert np.allclose(GroupedRouters(models).prefix_loglik(torch.from_numpy(tokens.astype(np.int64))).numpy(),
+                       LMRouters(models, grouped=False).score(tokens), rtol=1e-5, atol=1e-4)
+    # LMRouters takes the grouped path for a small batch on CPU
+    router = LMRouters(models)
+    assert router.grouped is not None and tokens.size <= router.GROUPED_CPU_TOKENS
+    assert np.allclose(router.score(tokens), LMRouters(models, grouped=False).score(tokens), rtol=1e-5, atol=1e-4)

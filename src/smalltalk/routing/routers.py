@@ -17,6 +17,7 @@ import torch
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json
 from smalltalk.layout import RouterFiles, manifest_of
+from smalltalk.routing.grouped import GroupedRouters, groupable
 from smalltalk.routing.scoring import default_workers, score_batches, scoring_body
 
 
@@ -33,17 +34,24 @@ class LMRouters:
     workers: routers scored side by side (None: one per CPU thread, see scoring.default_workers). It
     changes the process-wide intra-op thread count while scoring, so a server that generates in other
     threads keeps workers=1.
+    grouped: score all E routers as one batched forward (routing/grouped.py) on GPU, and on CPU for
+    batches of at most GROUPED_CPU_TOKENS prefix tokens (a served prompt), where launches, not FLOPs, cost.
+    Larger CPU batches run the per-router loop: there a router's own full-size matmuls keep BLAS busier.
     """
+
+    GROUPED_CPU_TOKENS = 512
 
     def __init__(self, models: list[torch.nn.Module], device: str | torch.device = "cpu",
                  batch_size: int = 256, compile: bool = False, workers: int | None = None,
-                 dtype: str = "float32") -> None:
+                 dtype: str = "float32", grouped: bool = True) -> None:
         self.models = [m.to(device).eval() for m in models]
         self.device, self.batch_size, self.workers = torch.device(device), batch_size, workers
         # "bfloat16": the bodies run under bf16 autocast (as the routers trained); log-probs stay fp32
         self.autocast_dtype = torch.bfloat16 if dtype == "bfloat16" else None
         self.num_experts = len(models)
         self.bodies = [scoring_body(m, compile) for m in self.models]
+        self.grouped = GroupedRouters(self.models, self.device) if grouped and not compile and groupable(
+            self.models) else None
 
     @classmethod
     def from_model_dirs(cls, model_dirs: list[Path], device: str = "cpu", batch_size: int = 256,
@@ -57,9 +65,20 @@ class LMRouters:
 
     def score(self, tokens: np.ndarray) -> np.ndarray:
         tokens = np.asarray(tokens, dtype=np.int64)
+        if self.grouped is not None and (self.device.type != "cpu" or tokens.size <= self.GROUPED_CPU_TOKENS):
+            return self._score_grouped(tokens)
         workers = self.workers or default_workers(self.device, self.num_experts)
         return score_batches(self.models, lambda rows: tokens[rows], np.arange(len(tokens)), self.batch_size,
                              self.device, self.autocast_dtype, bodies=self.bodies, workers=workers)
+
+    def _score_grouped(self, tokens: np.ndarray) -> np.ndarray:
+        out = np.empty((len(tokens), self.num_experts), dtype=np.float32)
+        with torch.inference_mode(), torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32,
+                                                    enabled=self.autocast_dtype is not None):
+            for start in range(0, len(tokens), self.batch_size):
+                x = torch.from_numpy(tokens[start:start + self.batch_size]).to(self.device)
+                out[start:start + len(x)] = self.grouped.prefix_loglik(x).cpu().numpy()
+        return out
 
 
 class RandomRouter:
