@@ -22,13 +22,13 @@ from tqdm.auto import tqdm
 
 from smalltalk.config import Config
 from smalltalk.data.ingest import SPLITS, iter_documents, resolve_inputs, split_of
-from smalltalk.data.shards import FORMAT_VERSION
+from smalltalk.data.shards import FORMAT_VERSION, release_pages
 from smalltalk.data.tokenizer import load_tokenizer
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
 from smalltalk.layout import DataFiles, Parts, manifest_of
 
-_INDEX_BLOCK = 1 << 20  # document / sequence index entries handled at once
+_INDEX_BLOCK = 1 << 16  # document / sequence index entries handled at once (~3 MB of temporaries)
 
 _COPY = 1 << 24  # bytes copied at once by the merge
 
@@ -139,8 +139,9 @@ def _to_npy(array: np.ndarray, path: Path, transform=None) -> None:
     """Write `array` (e.g. a memmap) as .npy block by block, optionally transformed per block."""
     out = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
     for start in range(0, len(array), _INDEX_BLOCK):
-        block = np.asarray(array[start:start + _INDEX_BLOCK])
+        block = np.array(array[start:start + _INDEX_BLOCK])
         out[start:start + len(block)] = block if transform is None else transform(block)
+        release_pages(array, out)  # memory O(block), not O(documents)
     out.flush()
     del out
 
@@ -224,12 +225,13 @@ def _merge_indexes(out: Path, parts: list[Path], remaps: list[np.ndarray], split
     for part, part_lengths, remap in zip(parts, lengths, remaps, strict=True):
         part_domains = np.load(DataFiles(part).index(split, "doc_domains"), mmap_mode="r")
         for start in range(0, len(part_lengths), _INDEX_BLOCK):
-            block = np.asarray(part_lengths[start:start + _INDEX_BLOCK])
+            block = np.array(part_lengths[start:start + _INDEX_BLOCK])
             sums = np.cumsum(block)
             starts[position:position + len(block)] = offset + sums - block
             domains[position:position + len(block)] = remap[np.asarray(
                 part_domains[start:start + len(block)]).astype(np.int64)]
             position, offset = position + len(block), offset + int(sums[-1])
+            release_pages(part_lengths, part_domains, starts, domains)
     starts.flush()
     domains.flush()
     del starts, domains
@@ -244,5 +246,6 @@ def _seq_domains(files: DataFiles, split: str, n_seq: int, seq_len: int) -> None
     for first in range(0, n_seq, _INDEX_BLOCK):
         positions = np.arange(first, min(n_seq, first + _INDEX_BLOCK), dtype=np.int64) * seq_len
         out[first:first + len(positions)] = domains[np.searchsorted(starts, positions, side="right") - 1]
+        release_pages(starts, domains, out)
     out.flush()
     del out

@@ -91,6 +91,16 @@ def write_subset(data: SplitData, ids: np.ndarray, out_dir: str | Path, validati
     return manifest
 
 
+def release_pages(*arrays: np.ndarray) -> None:
+    """Drop the pages of memory-mapped arrays from this process. Pages read or written through a mapping
+    count as the process's memory until dropped; the OS keeps them cached (and writes back dirty pages of
+    a shared mapping) all the same. Arrays that are not mappings are skipped."""
+    for array in arrays:
+        handle = getattr(array, "_mmap", None)
+        if handle is not None and hasattr(handle, "madvise"):
+            handle.madvise(mmap.MADV_DONTNEED)
+
+
 class SplitData:
     """Read-only view of one split: O(1) access to sequence i via np.memmap."""
 
@@ -127,12 +137,8 @@ class SplitData:
             handle.madvise(mmap.MADV_RANDOM)  # neighbouring pages (64 kB each) into this process's memory
 
     def release(self) -> None:
-        """Drop the pages of the token file and labels that this process has read. Pages read through a
-        mapping count as the process's memory until dropped; the OS keeps them cached all the same."""
-        for array in (self.tokens, self.seq_domains):
-            handle = getattr(array, "_mmap", None)
-            if handle is not None and hasattr(handle, "madvise"):
-                handle.madvise(mmap.MADV_DONTNEED)
+        """Drop the pages of the token file and labels that this process has read."""
+        release_pages(self.tokens, self.seq_domains)
 
     def __len__(self) -> int:
         return self.num_sequences
