@@ -252,3 +252,31 @@ def test_a_cancelled_request_never_generates_and_frees_the_lock(pipeline_run):
     fresh = engine.validate({"prompt": "xyz_ {} = 1", "max_tokens": 8, "temperature": 0}, chat=False)
     text, finish, n = engine.generate(fresh, routing)
     assert n >= 1 and finish in ("stop", "length")
+
+
+def test_workers_serve_concurrently_and_metrics_sum_over_them(pipeline_run):
+    """`serve --workers 2`: two processes on one port answer the openai client; /metrics, whichever worker
+    answers it, sums both workers' counters; SIGTERM to the parent ends every worker."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import psutil
+
+    proc, base = _start(pipeline_run[0], "--workers", "2")
+    try:
+        client = _client(base)
+        prompts = [f"xyz_ {{}} = {i} +" for i in range(12)]
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(lambda p: client.completions.create(model="smalltalk", prompt=p, max_tokens=4,
+                                                                         temperature=0), prompts))
+        assert all(a.choices[0].text is not None for a in answers)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        assert len([c for c in children if "python" in c.name()]) >= 2
+        time.sleep(1.5)  # every worker has published its counters
+        for _ in range(6):  # /metrics from whichever worker the kernel picks: the same total
+            text = httpx.get(f"{base}/metrics", timeout=5).text
+            assert "smalltalk_workers 2" in text
+            assert 'smalltalk_requests_total{endpoint="completions",status="200"} 12' in text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert all(not c.is_running() or c.status() == psutil.STATUS_ZOMBIE for c in children)

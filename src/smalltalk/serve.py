@@ -52,21 +52,35 @@ class Metrics:
     routing_sum: float = 0.0
     completed: int = 0
 
-    def render(self, mixture: SmallTalkMixture) -> str:
-        lines = ["# TYPE smalltalk_requests_total counter"]
-        lines += [f'smalltalk_requests_total{{endpoint="{e}",status="{s}"}} {n}'
-                  for (e, s), n in sorted(self.requests.items())]
-        lines += ["# TYPE smalltalk_expert_requests_total counter"]
-        lines += [f'smalltalk_expert_requests_total{{expert="{k}"}} {n}'
-                  for k, n in sorted(self.expert_requests.items())]
-        lines += [f"smalltalk_prompt_tokens_total {self.prompt_tokens}",
-                  f"smalltalk_completion_tokens_total {self.completion_tokens}",
-                  f"smalltalk_request_latency_seconds_sum {self.latency_sum:.6f}",
-                  f"smalltalk_request_latency_seconds_count {self.completed}",
-                  f"smalltalk_routing_seconds_sum {self.routing_sum:.6f}",
-                  f"smalltalk_resident_experts {len(mixture.resident_experts)}",
-                  f"smalltalk_expert_loads_total {mixture.loads}"]
-        return "\n".join(lines) + "\n"
+    def snapshot(self, mixture: SmallTalkMixture) -> dict:
+        """This process's counters as JSON (what `--workers` sums across processes)."""
+        return {"requests": [[e, s, n] for (e, s), n in sorted(self.requests.items())],
+                "expert_requests": {str(k): n for k, n in self.expert_requests.items()},
+                "prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens,
+                "latency_sum": self.latency_sum, "routing_sum": self.routing_sum, "completed": self.completed,
+                "resident_experts": len(mixture.resident_experts), "expert_loads": mixture.loads}
+
+
+def render_metrics(snapshots: list[dict]) -> str:
+    """Prometheus text of the sum of one or more processes' snapshots."""
+    requests, experts, totals = Counter(), Counter(), Counter()
+    for snap in snapshots:
+        requests.update({(e, int(s)): n for e, s, n in snap["requests"]})
+        experts.update({int(k): n for k, n in snap["expert_requests"].items()})
+        totals.update({k: v for k, v in snap.items() if k not in ("requests", "expert_requests")})
+    lines = ["# TYPE smalltalk_requests_total counter"]
+    lines += [f'smalltalk_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(requests.items())]
+    lines += ["# TYPE smalltalk_expert_requests_total counter"]
+    lines += [f'smalltalk_expert_requests_total{{expert="{k}"}} {n}' for k, n in sorted(experts.items())]
+    lines += [f"smalltalk_prompt_tokens_total {totals['prompt_tokens']}",
+              f"smalltalk_completion_tokens_total {totals['completion_tokens']}",
+              f"smalltalk_request_latency_seconds_sum {totals['latency_sum']:.6f}",
+              f"smalltalk_request_latency_seconds_count {totals['completed']}",
+              f"smalltalk_routing_seconds_sum {totals['routing_sum']:.6f}",
+              f"smalltalk_resident_experts {totals['resident_experts']}",
+              f"smalltalk_expert_loads_total {totals['expert_loads']}",
+              f"smalltalk_workers {len(snapshots)}"]
+    return "\n".join(lines) + "\n"
 
 
 ROLES = ("system", "user", "assistant")
@@ -210,10 +224,14 @@ class Engine:
 
 
 def create_app(mixture: SmallTalkMixture, model_name: str = "smalltalk", api_key: str | None = None,
-               max_tokens_limit: int = 512, max_body_bytes: int = 1 << 20, max_queue: int = 256):
+               max_tokens_limit: int = 512, max_body_bytes: int = 1 << 20, max_queue: int = 256,
+               shared_metrics=None):
+    """shared_metrics: a serve_workers.SharedMetrics when this app is one of several worker processes."""
     app = FastAPI(title="smalltalk-lm", version="0.1.0")
     engine = Engine(mixture, model_name, max_tokens_limit, max_queue)
     app.state.engine = engine
+    if shared_metrics is not None:
+        shared_metrics.start(lambda: engine.metrics.snapshot(mixture))
 
     def error(exc: RequestError, endpoint: str) -> JSONResponse:
         engine.metrics.requests[(endpoint, exc.status)] += 1
@@ -253,7 +271,8 @@ def create_app(mixture: SmallTalkMixture, model_name: str = "smalltalk", api_key
             check_key(request)
         except RequestError as exc:
             return error(exc, "metrics")
-        return PlainTextResponse(engine.metrics.render(mixture))
+        own = engine.metrics.snapshot(mixture)
+        return PlainTextResponse(render_metrics(shared_metrics.gather(own) if shared_metrics else [own]))
 
     @app.get("/v1/models")
     async def models(request: Request):
@@ -379,9 +398,20 @@ async def _stream(engine: Engine, req: dict, routing: dict, rid: str, chat: bool
 
 def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           max_resident: int | None = None, model_name: str = "smalltalk", device: str = "cpu",
-          max_body_bytes: int = 1 << 20, max_queue: int = 256) -> None:
+          max_body_bytes: int = 1 << 20, max_queue: int = 256, workers: int = 1) -> None:
     import uvicorn
 
-    mixture = SmallTalkMixture.from_pretrained(run, device, max_resident)
-    app = create_app(mixture, model_name, api_key, max_body_bytes=max_body_bytes, max_queue=max_queue)
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    settings = {"run": run, "api_key": api_key, "max_resident": max_resident, "model_name": model_name,
+                "device": device, "max_body_bytes": max_body_bytes, "max_queue": max_queue}
+    if workers > 1:
+        from smalltalk.serve_workers import run_workers
+
+        run_workers(settings, workers, host, port)
+        return
+    uvicorn.run(app_from_settings(settings), host=host, port=port, log_level="warning")
+
+
+def app_from_settings(settings: dict, shared_metrics=None):
+    mixture = SmallTalkMixture.from_pretrained(settings["run"], settings["device"], settings["max_resident"])
+    return create_app(mixture, settings["model_name"], settings["api_key"], max_body_bytes=settings["max_body_bytes"],
+                      max_queue=settings["max_queue"], shared_metrics=shared_metrics)

@@ -57,7 +57,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         print("warning: --api-key is visible to every user in `ps`; prefer SMALLTALK_API_KEY or --api-key-file",
               file=sys.stderr)
     serve(args.run, args.host, args.port, key, args.max_resident_experts, args.model_name, args.device,
-          args.max_body_bytes, args.max_queue)
+          args.max_body_bytes, args.max_queue, args.workers)
 
 
 def register(sub) -> None:
@@ -92,4 +92,6 @@ def register(sub) -> None:
     p.add_argument("--max-resident-experts", type=int, help="LRU bound on experts kept in memory")
     p.add_argument("--model-name", default="smalltalk")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on the port, each with its own copy "
+                   "of the mixture; /metrics sums them (docs/serving.md)")
     p.set_defaults(func=cmd_serve)
