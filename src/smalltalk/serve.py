@@ -396,18 +396,18 @@ async def _stream(engine: Engine, req: dict, routing: dict, rid: str, chat: bool
             task.add_done_callback(lambda t: t.exception())  # a Cancelled generation: nothing to report
 
 
-def serve(run: str, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
-          max_resident: int | None = None, model_name: str = "smalltalk", device: str = "cpu",
-          max_body_bytes: int = 1 << 20, max_queue: int = 256, workers: int = 1) -> None:
+def server_settings(run: str, api_key: str | None = None, max_resident: int | None = None,
+                    model_name: str = "smalltalk", device: str = "cpu", max_body_bytes: int = 1 << 20,
+                    max_queue: int = 256) -> dict:
+    """Everything a server process needs to build its app (JSON: it travels to `--workers` processes)."""
+    return {"run": run, "api_key": api_key, "max_resident": max_resident, "model_name": model_name,
+            "device": device, "max_body_bytes": max_body_bytes, "max_queue": max_queue}
+
+
+def serve(settings: dict, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """One process (`--workers N`: serve_workers.run_workers)."""
     import uvicorn
 
-    settings = {"run": run, "api_key": api_key, "max_resident": max_resident, "model_name": model_name,
-                "device": device, "max_body_bytes": max_body_bytes, "max_queue": max_queue}
-    if workers > 1:
-        from smalltalk.serve_workers import run_workers
-
-        run_workers(settings, workers, host, port)
-        return
     uvicorn.run(app_from_settings(settings), host=host, port=port, log_level="warning")
 
 

@@ -46,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
-    from smalltalk.serve import serve
+    from smalltalk.serve import serve, server_settings
 
     key = args.api_key or os.environ.get("SMALLTALK_API_KEY")
     if args.api_key_file:
@@ -56,8 +56,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
     elif args.api_key:
         print("warning: --api-key is visible to every user in `ps`; prefer SMALLTALK_API_KEY or --api-key-file",
               file=sys.stderr)
-    serve(args.run, args.host, args.port, key, args.max_resident_experts, args.model_name, args.device,
-          args.max_body_bytes, args.max_queue, args.workers)
+    settings = server_settings(args.run, key, args.max_resident_experts, args.model_name, args.device,
+                               args.max_body_bytes, args.max_queue)
+    if args.workers > 1:
+        from smalltalk.serve_workers import run_workers
+
+        run_workers(settings, args.workers, args.host, args.port)
+    else:
+        serve(settings, args.host, args.port)
 
 
 def register(sub) -> None:
