@@ -2,7 +2,8 @@
 
 Runs `smalltalk run` on ../shared/data/corpus10 (configs/corpus10.yaml) for
   E = 2, 4, 8 with EM routers and with the oracle (domain labels grouped into E balanced groups);
-  E = 4 with tf-idf and with random routing; E = 4 with a ~5x larger router,
+  E = 4 with tf-idf and with random routing; E = 4 with a ~5x larger router; E = 8 with EM started from the
+  tf-idf clustering and with distinct router initialisations (the EM levers, docs/routing.md),
 then prints one table (post-prefix and all-token perplexity, mixture vs compute-matched dense, training and
 inference FLOPs overhead) and the prefix-length curve for E = 4. Each run is resumable; rerunning skips
 finished stages. The compute-matched dense model is trained once per E and copied to the other runs with
@@ -34,6 +35,9 @@ GRID = {
     "oracle-2": ["routing.experts=2", "routing.method=oracle"],
     "oracle-4": ["routing.experts=4", "routing.method=oracle"],
     "oracle-8": ["routing.experts=8", "routing.method=oracle"],
+    # EM levers at E = 8, where EM trails the oracle most (docs/routing.md, benchmarks/routing_study.py)
+    "em-8-tfidf-init": ["routing.experts=8", "routing.init_split=tfidf"],
+    "em-8-distinct-init": ["routing.experts=8", "routing.router_init=distinct"],
 }
 
 
