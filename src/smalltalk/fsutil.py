@@ -119,7 +119,7 @@ def remove_stale_temps(root: str | Path) -> list[Path]:
     removed = []
     for path in sorted(Path(root).rglob(".*.tmp-*"), key=lambda p: len(p.parts)):
         match = _TEMP.match(path.name)
-        if not match or not path.exists() or _alive(int(match.group(1))):
+        if not match or not path.exists() or pid_alive(int(match.group(1))):
             continue
         if path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
@@ -129,7 +129,8 @@ def remove_stale_temps(root: str | Path) -> list[Path]:
     return removed
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (one of another user counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

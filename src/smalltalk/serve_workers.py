@@ -18,7 +18,7 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from smalltalk.fsutil import write_json
+from smalltalk.fsutil import pid_alive, write_json
 
 SETTINGS_ENV = "SMALLTALK_SERVE_SETTINGS"  # how the parent hands its settings to the worker processes
 PUBLISH_SECONDS = 1.0
@@ -49,23 +49,13 @@ class SharedMetrics:
         found = [own]
         for path in sorted(self.directory.glob("worker-*.json")):
             pid = int(path.stem.split("-")[1])
-            if pid == os.getpid() or not _alive(pid):
+            if pid == os.getpid() or not pid_alive(pid):
                 continue
             try:
                 found.append(json.loads(path.read_text()))
             except (OSError, ValueError):  # replaced or removed while we read: skip this scrape
                 continue
         return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def run_workers(settings: dict, workers: int, host: str, port: int) -> None:
