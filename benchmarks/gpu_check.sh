@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# GPU check (~5 minutes on one H200, measured: train 2.5, scoring 1.5, pipeline 1.2, parts 0.8), in sections that each report ok/FAILED so one failure does not
-# hide the rest:
+# GPU check (~5 minutes on one H200: train ~2.5, scoring ~1.5, pipeline 1.2, parts 0.8), in sections that
+# each report ok/FAILED so one failure does not hide the rest:
 #   1. train:    the paper-335m preset through the real trainer, bf16 autocast + torch.compile, random tokens
 #                (vocab 32k, seq 1024): tokens/s and MFU against the card's dense bf16 peak.
 #   2. scoring:  the paper's 4.4M routers (E = 4 and 32, prefix 32 and 256) scoring prefixes on the GPU
