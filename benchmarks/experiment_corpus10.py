@@ -24,20 +24,23 @@ from pathlib import Path
 from smalltalk.cli import main as smalltalk
 
 ROOT = Path(__file__).resolve().parents[1]
+PAPER_EM = ["routing.init_split=random", "routing.router_init=shared"]  # the paper's EM, whatever the config says
 GRID = {
-    "em-2": ["routing.experts=2"],
-    "em-4": ["routing.experts=4"],
-    "em-8": ["routing.experts=8"],
+    "em-2": ["routing.experts=2", *PAPER_EM],
+    "em-4": ["routing.experts=4", *PAPER_EM],
+    "em-8": ["routing.experts=8", *PAPER_EM],
     "tfidf-4": ["routing.experts=4", "routing.method=tfidf"],
     "random-4": ["routing.experts=4", "routing.method=random"],
-    "em-4-router5x": ["routing.experts=4", "routing.router.preset=cpu-router-0.1m"],
+    "em-4-router5x": ["routing.experts=4", "routing.router.preset=cpu-router-0.1m", *PAPER_EM],
     # the upper bound: experts on groups of the domain labels (routing.method=oracle), at every E
     "oracle-2": ["routing.experts=2", "routing.method=oracle"],
     "oracle-4": ["routing.experts=4", "routing.method=oracle"],
     "oracle-8": ["routing.experts=8", "routing.method=oracle"],
     # EM levers at E = 8, where EM trails the oracle most (docs/routing.md, benchmarks/routing_study.py)
     "em-8-tfidf-init": ["routing.experts=8", "routing.init_split=tfidf"],
-    "em-8-distinct-init": ["routing.experts=8", "routing.router_init=distinct"],
+    "em-8-distinct-init": ["routing.experts=8", "routing.router_init=distinct", "routing.init_split=random"],
+    "em-2-tfidf-init": ["routing.experts=2", "routing.init_split=tfidf"],
+    "em-4-tfidf-init": ["routing.experts=4", "routing.init_split=tfidf"],
 }
 
 

@@ -33,7 +33,8 @@ from smalltalk.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus10"
 LEVERS = {
-    "baseline": [],  # configs/corpus10.yaml: 12 rounds x 100 steps x 32, shared init, random round 0
+    # the paper's EM as in configs/corpus10.yaml: 12 rounds x 100 steps x 32, shared init, random round 0
+    "baseline": ["routing.init_split=random", "routing.router_init=shared"],
     "distinct-init": ["routing.router_init=distinct"],
     "tfidf-warm-start": ["routing.init_split=tfidf"],
     "rounds-6": ["routing.rounds=6"],
