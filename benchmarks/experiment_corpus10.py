@@ -24,18 +24,20 @@ from pathlib import Path
 from smalltalk.cli import main as smalltalk
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_EM = ["routing.init_split=random", "routing.router_init=shared"]  # the paper's EM, whatever the config says
+# The paper's EM (random round 0, shared init), whatever the config's default; pinned on the other methods
+# too so that every row keeps the stage digests it was measured with.
+PAPER_EM = ["routing.init_split=random", "routing.router_init=shared"]
 GRID = {
     "em-2": ["routing.experts=2", *PAPER_EM],
     "em-4": ["routing.experts=4", *PAPER_EM],
     "em-8": ["routing.experts=8", *PAPER_EM],
-    "tfidf-4": ["routing.experts=4", "routing.method=tfidf"],
-    "random-4": ["routing.experts=4", "routing.method=random"],
+    "tfidf-4": ["routing.experts=4", "routing.method=tfidf", *PAPER_EM],
+    "random-4": ["routing.experts=4", "routing.method=random", *PAPER_EM],
     "em-4-router5x": ["routing.experts=4", "routing.router.preset=cpu-router-0.1m", *PAPER_EM],
     # the upper bound: experts on groups of the domain labels (routing.method=oracle), at every E
-    "oracle-2": ["routing.experts=2", "routing.method=oracle"],
-    "oracle-4": ["routing.experts=4", "routing.method=oracle"],
-    "oracle-8": ["routing.experts=8", "routing.method=oracle"],
+    "oracle-2": ["routing.experts=2", "routing.method=oracle", *PAPER_EM],
+    "oracle-4": ["routing.experts=4", "routing.method=oracle", *PAPER_EM],
+    "oracle-8": ["routing.experts=8", "routing.method=oracle", *PAPER_EM],
     # EM levers at E = 8, where EM trails the oracle most (docs/routing.md, benchmarks/routing_study.py)
     "em-8-tfidf-init": ["routing.experts=8", "routing.init_split=tfidf"],
     "em-8-distinct-init": ["routing.experts=8", "routing.router_init=distinct", "routing.init_split=random"],
