@@ -135,12 +135,12 @@ class _StreamWriter:
             raw.unlink()
 
 
-def _to_npy(array: np.ndarray, path: Path, transform=None) -> None:
-    """Write `array` (e.g. a memmap) as .npy block by block, optionally transformed per block."""
+def _to_npy(array: np.ndarray, path: Path) -> None:
+    """Write `array` (e.g. a memmap) as .npy block by block."""
     out = np.lib.format.open_memmap(path, mode="w+", dtype=array.dtype, shape=array.shape)
     for start in range(0, len(array), _INDEX_BLOCK):
         block = np.array(array[start:start + _INDEX_BLOCK])
-        out[start:start + len(block)] = block if transform is None else transform(block)
+        out[start:start + len(block)] = block
         release_pages(array, out)  # memory O(block), not O(documents)
     out.flush()
     del out
