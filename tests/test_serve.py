@@ -50,6 +50,19 @@ def server(pipeline_run):
     assert proc.wait(timeout=20) is not None
 
 
+def prompts_per_expert(run, mixture: SmallTalkMixture, tokens: int = 24) -> dict[int, str]:
+    """One test-split prompt routed to each expert, found locally."""
+    data, found = SplitData(run / "data", "test"), {}
+    for i in range(len(data)):
+        text = mixture.tokenizer.decode(data[i][:tokens].tolist(), skip_special_tokens=True)
+        ids = mixture.tokenizer(text).input_ids
+        if len(ids) >= 2:
+            found.setdefault(int(mixture.route(ids)[0][0]), text)
+        if len(found) == mixture.num_experts:
+            break
+    return found
+
+
 def _client(base):
     from openai import OpenAI
 
@@ -85,16 +98,7 @@ def test_lru_serves_every_expert_with_one_resident(server):
     base, run = server
     client = _client(base)
     mixture = SmallTalkMixture.from_pretrained(run)
-    tokenizer = mixture.tokenizer
-    data = SplitData(run / "data", "test")
-    prompt_for = {}  # one test prompt routed to each expert, found locally
-    for i in range(len(data)):
-        text = tokenizer.decode(data[i][:24].tolist(), skip_special_tokens=True)
-        ids = tokenizer(text).input_ids
-        if len(ids) >= 2:
-            prompt_for.setdefault(int(mixture.route(ids)[0][0]), text)
-        if len(prompt_for) == mixture.num_experts:
-            break
+    prompt_for = prompts_per_expert(run, mixture)
     assert len(prompt_for) == mixture.num_experts, "every expert should get some test prompt"
     for _ in range(2):  # twice round the experts: each request evicts the previous expert
         for expert, prompt in sorted(prompt_for.items()):
@@ -237,13 +241,14 @@ def test_full_queue_answers_503_and_a_vanished_client_frees_its_slot(small_queue
 
 
 def test_a_cancelled_request_never_generates_and_frees_the_lock(pipeline_run):
-    """The engine's side of a vanished client: once its cancel event is set, a queued generation does not
-    start and a running one stops at the next token; the lock is free afterwards."""
-    from smalltalk.serve import Cancelled, Engine
+    """The serial engine's side of a vanished client: once its cancel event is set, a queued generation
+    does not start and a running one stops at the next token; the lock is free afterwards."""
+    from smalltalk.serving.protocol import Cancelled
+    from smalltalk.serving.serial import SerialEngine
 
-    engine = Engine(SmallTalkMixture.from_pretrained(pipeline_run[0]), "smalltalk", 16)
+    engine = SerialEngine(SmallTalkMixture.from_pretrained(pipeline_run[0]), "smalltalk", 16)
     req = engine.validate({"prompt": "xyz_ {} = 1", "max_tokens": 8, "temperature": 0}, chat=False)
-    routing = engine.route(req["ids"])
+    routing = engine.route(req)
     req["cancel"].set()
     with pytest.raises(Cancelled):
         engine.generate(req, routing)

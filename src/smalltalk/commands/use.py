@@ -46,7 +46,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 def cmd_serve(args: argparse.Namespace) -> None:
     import os
 
-    from smalltalk.serve import serve, server_settings
+    from smalltalk.serving.server import serve, server_settings
 
     key = args.api_key or os.environ.get("SMALLTALK_API_KEY")
     if args.api_key_file:
@@ -56,10 +56,26 @@ def cmd_serve(args: argparse.Namespace) -> None:
     elif args.api_key:
         print("warning: --api-key is visible to every user in `ps`; prefer SMALLTALK_API_KEY or --api-key-file",
               file=sys.stderr)
+    engine, urls = args.engine, None
+    if args.backend == "openai":
+        from smalltalk.serving.remote import parse_expert_urls
+
+        if args.expert is not None:
+            raise SmalltalkError("--expert serves one expert locally; it cannot be combined with --backend openai")
+        experts = RunLayout(Path(args.run)).mixture()["experts"]
+        urls, engine = parse_expert_urls(args.expert_url or [], experts), "openai"
+    elif args.expert_url:
+        raise SmalltalkError("--expert-url needs --backend openai")
+    if args.expert is not None:
+        experts = RunLayout(Path(args.run)).mixture()["experts"]
+        if not 0 <= args.expert < experts or args.engine == "serial":
+            raise SmalltalkError(f"--expert {args.expert}: the mixture has experts 0..{experts - 1}, and --expert "
+                                 "needs the batched engine")
     settings = server_settings(args.run, key, args.max_resident_experts, args.model_name, args.device,
-                               args.max_body_bytes, args.max_queue)
+                               args.max_body_bytes, args.max_queue, engine, args.max_batch, args.expert, urls,
+                               os.environ.get("SMALLTALK_BACKEND_API_KEY"))
     if args.workers > 1:
-        from smalltalk.serve_workers import run_workers
+        from smalltalk.serving.workers import run_workers
 
         run_workers(settings, args.workers, args.host, args.port)
     else:
@@ -100,4 +116,14 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on the port, each with its own copy "
                    "of the mixture; /metrics sums them (docs/serving.md)")
+    p.add_argument("--engine", choices=("batched", "serial"), default="batched",
+                   help="batched: continuous batching per expert (default); serial: one HF generate at a time")
+    p.add_argument("--max-batch", type=int, default=64, help="rows generated together per expert (batched engine)")
+    p.add_argument("--expert", type=int, help="serve only this expert, as a plain model without routing (a backend "
+                   "for --backend openai)")
+    p.add_argument("--backend", choices=("local", "openai"), default="local",
+                   help="openai: route here, generate on the OpenAI-compatible servers given by --expert-url "
+                   "(key for them: SMALLTALK_BACKEND_API_KEY)")
+    p.add_argument("--expert-url", action="append", metavar="K=URL",
+                   help="expert K's server, e.g. 0=http://10.0.0.5:8000/v1 (once per expert)")
     p.set_defaults(func=cmd_serve)

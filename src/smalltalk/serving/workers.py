@@ -65,7 +65,7 @@ def run_workers(settings: dict, workers: int, host: str, port: int) -> None:
     directory = tempfile.mkdtemp(prefix="smalltalk-metrics-")
     os.environ[SETTINGS_ENV] = json.dumps({**settings, "metrics_dir": directory})
     try:
-        uvicorn.run("smalltalk.serve_workers:worker_app", factory=True, host=host, port=port, workers=workers,
+        uvicorn.run("smalltalk.serving.workers:worker_app", factory=True, host=host, port=port, workers=workers,
                     log_level="warning")
     finally:
         shutil.rmtree(directory, ignore_errors=True)
@@ -73,7 +73,7 @@ def run_workers(settings: dict, workers: int, host: str, port: int) -> None:
 
 def worker_app():
     """uvicorn's factory in each worker process."""
-    from smalltalk.serve import app_from_settings
+    from smalltalk.serving.server import app_from_settings
 
     settings = json.loads(os.environ[SETTINGS_ENV])
     return app_from_settings(settings, SharedMetrics(settings.pop("metrics_dir")))

@@ -1,0 +1,42 @@
+"""What the HTTP app asks of an engine: validate a body, route a request, generate its completion.
+
+Every engine offers the same three calls, each blocking (the app runs them off the event loop):
+`validate(body, chat)` -> request dict, `route(req)` -> {"expert", "scores", "routing_ms"} and
+`generate(req, routing, on_text)` -> (text, finish_reason, completion tokens), calling `on_text(piece)`
+as text arrives (streaming) and raising Cancelled once req["cancel"] is set (the client left).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from smalltalk.serving.metrics import Metrics
+from smalltalk.serving.protocol import Validator
+
+OnText = Callable[[str], None] | None
+
+
+class Engine:
+    def __init__(self, validator: Validator, max_queue: int = 256) -> None:
+        self.validator, self.model_name = validator, validator.model_name
+        self.metrics = Metrics()
+        self.max_queue, self.in_flight = max_queue, 0
+
+    def validate(self, body: object, chat: bool) -> dict:
+        return self.validator(body, chat)
+
+    def route(self, req: dict) -> dict:
+        raise NotImplementedError
+
+    def generate(self, req: dict, routing: dict, on_text: OnText = None) -> tuple[str, str, int]:
+        raise NotImplementedError
+
+    def gauges(self) -> dict:
+        """Point-in-time values for /metrics (summed over `--workers` processes)."""
+        return {"resident_experts": 0, "expert_loads": 0, "batched_rows": 0}
+
+    def health(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        """Stop background work (the batching loop, HTTP clients)."""

@@ -1,0 +1,129 @@
+"""What a request may be: the OpenAI fields we accept, the chat template, and the errors we answer.
+
+Chat template (documented, deliberately simple): each message becomes "<|role|>\\ncontent\\n" and the
+prompt ends with "<|assistant|>\\n"; generation stops at the end-of-text token. Roles are system, user
+or assistant, and a content holding a role marker is refused (it would forge a turn).
+"""
+
+from __future__ import annotations
+
+import threading
+
+
+class RequestError(Exception):
+    """A 4xx/5xx answer in the OpenAI shape {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code = status, message, param, code
+
+
+class Cancelled(Exception):
+    """The client went away: its generation stops (or never starts)."""
+
+
+ROLES = ("system", "user", "assistant")
+_MARKERS = tuple(f"<|{role}|>" for role in ROLES)
+
+
+def chat_prompt(messages: object) -> str:
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "'messages' must be a non-empty list", "messages")
+    parts = []
+    for m in messages:
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
+            raise RequestError(400, "each message needs string 'role' and 'content'", "messages")
+        if m["role"] not in ROLES:
+            raise RequestError(400, f"role {m['role'][:40]!r} is not one of {', '.join(ROLES)}", "messages")
+        if any(marker in m["content"] for marker in _MARKERS):
+            raise RequestError(400, "message content may not contain a role marker such as <|user|>", "messages")
+        parts.append(f"<|{m['role']}|>\n{m['content']}\n")
+    return "".join(parts) + "<|assistant|>\n"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class Validator:
+    """Turns a JSON body into a request dict, or raises RequestError (never anything else)."""
+
+    def __init__(self, tokenizer, model_name: str, context: int, max_tokens_limit: int) -> None:
+        self.tokenizer, self.model_name, self.context = tokenizer, model_name, context
+        self.max_tokens_limit = max_tokens_limit
+        longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = context * max(1, longest)  # longer prompts cannot fit: refused untokenised
+
+    def __call__(self, body: object, chat: bool) -> dict:
+        if not isinstance(body, dict):
+            raise RequestError(400, "request body must be a JSON object")
+        if body.get("model") not in (self.model_name, None):
+            raise RequestError(404, f"model {body.get('model')!r} does not exist; this server has "
+                               f"{self.model_name!r}", "model", "model_not_found")
+        prompt = chat_prompt(body.get("messages")) if chat else _completion_prompt(body.get("prompt"))
+        req = {"prompt": prompt, **self._sampling(body)}
+        if len(prompt) > self.max_prompt_chars:
+            raise RequestError(400, f"the prompt ({len(prompt)} characters) cannot fit the context of {self.context} "
+                               "tokens", "prompt", "context_length_exceeded")
+        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        if ids.shape[1] < 2:
+            raise RequestError(400, "the prompt must be at least 2 tokens long to be routed", "prompt")
+        if ids.shape[1] + req["max_tokens"] > self.context:
+            raise RequestError(400, f"prompt ({ids.shape[1]} tokens) + max_tokens ({req['max_tokens']}) exceeds the "
+                               f"context of {self.context} tokens", "max_tokens", "context_length_exceeded")
+        return {**req, "ids": ids, "cancel": threading.Event()}
+
+    def _sampling(self, body: dict) -> dict:
+        max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
+        max_tokens = 16 if max_tokens is None else max_tokens
+        limit = self.max_tokens_limit
+        if not _is_int(max_tokens) or not 1 <= max_tokens <= limit:
+            raise RequestError(400, f"'max_tokens' must be an integer in [1, {limit}]", "max_tokens")
+        temperature = 1.0 if body.get("temperature") is None else body["temperature"]
+        top_p = 1.0 if body.get("top_p") is None else body["top_p"]
+        if not _is_number(temperature) or not 0 <= temperature <= 2:
+            raise RequestError(400, "'temperature' must be a number in [0, 2]", "temperature")
+        if not _is_number(top_p) or not 0 < top_p <= 1:
+            raise RequestError(400, "'top_p' must be a number in (0, 1]", "top_p")
+        seed, stream = body.get("seed"), body.get("stream", False)
+        if seed is not None and (not _is_int(seed) or not 0 <= seed < 2**63):
+            raise RequestError(400, "'seed' must be a non-negative integer", "seed")
+        if not isinstance(stream, bool):
+            raise RequestError(400, "'stream' must be true or false", "stream")
+        options = body.get("stream_options") or {}
+        if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+            raise RequestError(400, "'stream_options' must be an object like {\"include_usage\": true}",
+                               "stream_options")
+        return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "seed": seed,
+                "stream": stream, "include_usage": options.get("include_usage", False)}
+
+
+def _completion_prompt(prompt: object) -> str:
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise RequestError(400, "'prompt' must be a non-empty string", "prompt")
+    return prompt
+
+
+class TextDecoder:
+    """Token ids in, text pieces out: decodes the whole completion so far and emits what is new, holding
+    back a piece that ends inside a multi-byte character (U+FFFD) until the next token completes it."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer, self.ids, self.sent = tokenizer, [], 0
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+    def text(self) -> str:
+        return self.tokenizer.decode(self.ids, skip_special_tokens=True)

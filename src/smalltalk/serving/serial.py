@@ -1,0 +1,97 @@
+"""The reference engine: one HF `generate` at a time behind a lock (`serve --engine serial`).
+
+Kept as the baseline `benchmarks/bench_serve.py` measures the batching engine against, and as the
+simplest correct thing: the sampled text is exactly HF `generate`'s with `torch.manual_seed(seed)`.
+Routing shares the lock: on a few CPU cores, running it beside a generation only oversubscribes the
+cores (measured: 37 ms p50 instead of ~3 ms).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
+
+from smalltalk.mixture import SmallTalkMixture
+from smalltalk.serving.engine import Engine, OnText
+from smalltalk.serving.protocol import Cancelled, TextDecoder, Validator
+
+
+class _StopWhen(StoppingCriteria):
+    """A transformers stopping criterion: stop every row once `event` is set."""
+
+    def __init__(self, event: threading.Event) -> None:
+        self.event = event
+
+    def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+
+
+class _TextSink:
+    """An HF streamer (put/end) that turns each new token into text for `on_text`."""
+
+    def __init__(self, decoder: TextDecoder, on_text: OnText) -> None:
+        self.decoder, self.on_text, self.prompt_seen = decoder, on_text, False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # generate() hands over the prompt first
+            self.prompt_seen = True
+            return
+        for token in value.reshape(-1).tolist():
+            piece = self.decoder.push(int(token))
+            if piece and self.on_text is not None:
+                self.on_text(piece)
+
+    def end(self) -> None:
+        pass
+
+
+class SerialEngine(Engine):
+    def __init__(self, mixture: SmallTalkMixture, model_name: str, max_tokens_limit: int,
+                 max_queue: int = 256) -> None:
+        context = mixture.expert(0).config.max_position_embeddings
+        super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit), max_queue)
+        self.mixture = mixture
+        self.lock = threading.Lock()
+
+    def route(self, req: dict) -> dict:
+        with self.lock:
+            start = time.perf_counter()
+            chosen, scores = self.mixture.route(req["ids"])
+            seconds = time.perf_counter() - start
+        self.metrics.routing_sum += seconds
+        return {"expert": int(chosen[0]), "scores": [float(s) for s in scores[0]], "routing_ms": seconds * 1e3}
+
+    def generate(self, req: dict, routing: dict, on_text: OnText = None) -> tuple[str, str, int]:
+        cancel = req["cancel"]
+        while not self.lock.acquire(timeout=0.05):
+            if cancel.is_set():
+                raise Cancelled()
+        try:
+            sink = _TextSink(TextDecoder(self.mixture.tokenizer), on_text)
+            model = self.mixture.expert(routing["expert"])
+            if req["seed"] is not None:
+                torch.manual_seed(req["seed"])
+            sample = req["temperature"] > 0
+            eos = self.mixture.tokenizer.eos_token_id
+            out = model.generate(req["ids"].to(self.mixture.device), max_new_tokens=req["max_tokens"],
+                                 do_sample=sample, temperature=req["temperature"] if sample else None,
+                                 top_p=req["top_p"] if sample else None, streamer=sink,
+                                 stopping_criteria=StoppingCriteriaList([_StopWhen(cancel)]),
+                                 pad_token_id=eos, eos_token_id=eos)
+        finally:
+            self.lock.release()
+        if cancel.is_set():
+            raise Cancelled()
+        new = out[0, req["ids"].shape[1]:]
+        finish = "stop" if len(new) < req["max_tokens"] else "length"
+        return self.mixture.tokenizer.decode(new, skip_special_tokens=True), finish, len(new)
+
+    def gauges(self) -> dict:
+        return {"resident_experts": len(self.mixture.resident_experts), "expert_loads": self.mixture.loads,
+                "batched_rows": 0}
+
+    def health(self) -> dict:
+        return {"experts": self.mixture.num_experts, "resident": self.mixture.resident_experts}

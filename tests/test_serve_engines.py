@@ -1,0 +1,122 @@
+"""The batching engine against the reference one, and routing in front of remote expert servers."""
+
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+
+from smalltalk.mixture import SmallTalkMixture
+from smalltalk.serving.batching import BatchedEngine
+from smalltalk.serving.protocol import Cancelled
+from smalltalk.serving.serial import SerialEngine
+
+from .test_serve import _start, prompts_per_expert
+
+pytestmark = pytest.mark.slow
+
+
+def _prompts(run, mixture, n: int = 9) -> list[str]:
+    """Test-split prompts of different lengths, over every expert."""
+    per_expert = [prompts_per_expert(run, mixture, tokens) for tokens in (5, 10, 16)]
+    return [p for found in per_expert for p in found.values()][:n]
+
+
+def _complete(engine, prompt: str, **fields) -> tuple[int, tuple]:
+    req = engine.validate({"prompt": prompt, **fields}, chat=False)
+    routing = engine.route(req)
+    return routing["expert"], engine.generate(req, routing)
+
+
+def test_batched_engine_gives_each_request_the_text_it_gets_alone(pipeline_run):
+    """Seeded sampling and greedy decoding: the same text alone, in a batch of mixed experts and lengths,
+    and (greedy) as HF `generate` in the serial engine; rows really were batched."""
+    run = pipeline_run[0]
+    mixture = SmallTalkMixture.from_pretrained(run)
+    batched, serial = BatchedEngine(mixture, "smalltalk", 64), SerialEngine(mixture, "smalltalk", 64)
+    prompts = _prompts(run, mixture)
+    assert len({_complete(serial, p, max_tokens=1, temperature=0)[0] for p in prompts}) == mixture.num_experts
+    jobs = [dict(prompt=p, max_tokens=4 + 4 * i, temperature=0.9 if i % 2 else 0, top_p=0.8, seed=100 + i)
+            for i, p in enumerate(prompts)]
+    alone = [_complete(batched, **job) for job in jobs]
+    together: list = [None] * len(jobs)
+    threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, _complete(batched, **jobs[i])))
+               for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert together == alone
+    assert batched.peak_rows >= 2, "the concurrent requests were never batched"
+    for job, (expert, result) in zip(jobs, alone, strict=True):
+        if job["temperature"] == 0:
+            assert _complete(serial, **job) == (expert, result)  # HF generate, greedy
+    assert {r[1][1] for r in alone} <= {"stop", "length"}
+    batched.close()
+
+
+def test_batched_engine_drops_a_cancelled_row_and_keeps_serving(pipeline_run):
+    run = pipeline_run[0]
+    mixture = SmallTalkMixture.from_pretrained(run)
+    engine = BatchedEngine(mixture, "smalltalk", 40)
+    prompt = _prompts(run, mixture, 1)[0]
+    req = engine.validate({"prompt": prompt, "max_tokens": 40, "temperature": 1.0, "seed": 1}, chat=False)
+    pieces = []
+
+    def on_text(piece: str) -> None:  # the client goes away after its second piece of text
+        pieces.append(piece)
+        if len(pieces) == 2:
+            req["cancel"].set()
+
+    with pytest.raises(Cancelled):
+        engine.generate(req, engine.route(req), on_text)
+    assert 2 <= len(pieces) < 10
+    assert engine.gauges()["batched_rows"] == 0
+    _, (text, finish, n) = _complete(engine, prompt, max_tokens=5, temperature=0)
+    assert n >= 1 and finish in ("stop", "length")
+    engine.close()
+
+
+def test_routing_front_forwards_to_expert_servers_and_survives_a_dead_one(pipeline_run):
+    """`serve --expert K` per expert as the backends, `serve --backend openai` in front: each answer is the
+    routed expert's own (greedy, streamed or not), and a SIGKILLed backend gives 503 for its expert only."""
+    from openai import APIStatusError, OpenAI
+
+    run = pipeline_run[0]
+    mixture = SmallTalkMixture.from_pretrained(run)
+    prompt_for = prompts_per_expert(run, mixture)
+    backends = {k: _start(run, "--expert", str(k), "--model-name", f"expert-{k}") for k in range(mixture.num_experts)}
+    urls = [x for k, (_, base) in backends.items() for x in ("--expert-url", f"{k}={base}/v1")]
+    front, front_base = _start(run, "--backend", "openai", *urls)
+    try:
+        client = OpenAI(base_url=f"{front_base}/v1", api_key="none", max_retries=0)
+        for k, prompt in sorted(prompt_for.items()):
+            direct = OpenAI(base_url=f"{backends[k][1]}/v1", api_key="none", max_retries=0)
+            own = direct.completions.create(model=f"expert-{k}", prompt=prompt, max_tokens=8, temperature=0)
+            routed = client.completions.create(model="smalltalk", prompt=prompt, max_tokens=8, temperature=0)
+            assert routed.model_extra["smalltalk"]["expert"] == k
+            assert routed.choices[0].text == own.choices[0].text
+            assert routed.usage.completion_tokens == own.usage.completion_tokens
+            streamed = client.completions.create(model="smalltalk", prompt=prompt, max_tokens=8, temperature=0,
+                                                 stream=True)
+            assert "".join(c.choices[0].text for c in streamed) == own.choices[0].text
+        chat = client.chat.completions.create(model="smalltalk", max_tokens=4, temperature=0,
+                                              messages=[{"role": "user", "content": prompt_for[0]}])
+        assert chat.choices[0].message.role == "assistant"
+        dead = mixture.num_experts - 1
+        backends[dead][0].send_signal(signal.SIGKILL)
+        backends[dead][0].wait(timeout=10)
+        with pytest.raises(APIStatusError) as err:
+            client.completions.create(model="smalltalk", prompt=prompt_for[dead], max_tokens=4, temperature=0)
+        assert err.value.status_code == 503 and "expert_unavailable" in str(err.value.body)
+        for k in range(dead):
+            assert client.completions.create(model="smalltalk", prompt=prompt_for[k], max_tokens=4,
+                                             temperature=0).choices[0].text is not None
+        assert httpx.get(f"{front_base}/health").json()["status"] == "ok"
+    finally:
+        for proc in [front, *(p for p, _ in backends.values())]:
+            proc.terminate()
+        deadline = time.time() + 20
+        for proc in [front, *(p for p, _ in backends.values())]:
+            proc.wait(timeout=max(1, deadline - time.time()))
