@@ -9,7 +9,14 @@ With --hostile, 20% of the requests are malformed (each must get a 4xx) and 5% a
 after their first chunk (their generation must be cancelled); every well-formed request must be answered
 200 with its text, and afterwards nothing may be left in flight (no leaked lock).
 
+With --compare, the serial engine (one HF generate at a time) and the batching engine (the default) are
+started side by side and loaded in alternation at 1, 8, 32 and 128 concurrent clients, each client
+sending its next request when the last is answered (closed loop; the same seeded requests for both:
+mixed prompts, so mixed experts, max_tokens 8-64, sampled with a seed): output tokens/s (completion
+tokens answered / wall time) and p50 / p99 latency, the median of --repeats rounds.
+
   python benchmarks/bench_serve.py --run runs/demo [--requests 200] [--timeout 300] [--hostile]
+  python benchmarks/bench_serve.py --run runs/demo --compare [--clients 1 8 32 128] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -46,9 +53,9 @@ def rss_mb(pid: int) -> float:
     return float("nan")
 
 
-def start(run: str, resident: int | None) -> tuple[subprocess.Popen, str]:
+def start(run: str, resident: int | None, *extra: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "smalltalk.cli", "serve", "--run", run, "--port", str(port)]
+    cmd = [sys.executable, "-m", "smalltalk.cli", "serve", "--run", run, "--port", str(port), *extra]
     if resident:
         cmd += ["--max-resident-experts", str(resident)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -126,9 +133,14 @@ def main() -> int:
     ap.add_argument("--requests", type=int, default=200)
     ap.add_argument("--timeout", type=float, default=300)
     ap.add_argument("--hostile", action="store_true", help="20%% malformed requests, 5%% hang up mid-stream")
+    ap.add_argument("--compare", action="store_true", help="serial vs batching engine at --clients")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
+    ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
     if args.hostile:
         return hostile_load(args)
+    if args.compare:
+        return compare_engines(args)
     for resident in (1, None):
         proc, base = start(args.run, resident)
         try:
@@ -153,6 +165,61 @@ def main() -> int:
             print(f"  requests per expert {' '.join(per_expert)}; expert loads from disk {loads}")
             print(f"  server RSS after the load: {rss_mb(proc.pid):.0f} MB")
         finally:
+            proc.terminate()
+            proc.wait(timeout=30)
+    return 0
+
+
+def closed_loop_jobs(clients: int) -> list[dict]:
+    """The same seeded requests for both engines: 2 per client (at least 16), mixed prompts and lengths."""
+    rng = random.Random(clients)
+    return [{"model": "smalltalk", "prompt": rng.choice(PROMPTS) * rng.randint(1, 3),
+             "max_tokens": rng.choice([8, 16, 32, 64]), "temperature": 0.8, "top_p": 0.95, "seed": i}
+            for i in range(max(16, 2 * clients))]
+
+
+async def closed_loop(base: str, clients: int, timeout: float) -> dict:
+    jobs, results = closed_loop_jobs(clients), []
+
+    async def client_loop(client: httpx.AsyncClient, queue: asyncio.Queue) -> None:
+        while not queue.empty():
+            body = queue.get_nowait()
+            start = time.perf_counter()
+            r = await client.post(f"{base}/v1/completions", json=body)
+            results.append((r.status_code, time.perf_counter() - start,
+                            r.json()["usage"]["completion_tokens"] if r.status_code == 200 else 0))
+
+    queue: asyncio.Queue = asyncio.Queue()
+    for job in jobs:
+        queue.put_nowait(job)
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=clients)) as client:
+        wall = time.perf_counter()
+        await asyncio.gather(*(client_loop(client, queue) for _ in range(clients)))
+        wall = time.perf_counter() - wall
+    lat = sorted(seconds for status, seconds, _ in results if status == 200)
+    return {"ok": len(lat), "n": len(jobs), "tokens_per_s": sum(t for *_, t in results) / wall,
+            "p50": lat[len(lat) // 2], "p99": lat[max(0, int(len(lat) * 0.99) - 1)]}
+
+
+def compare_engines(args) -> int:
+    servers = {engine: start(args.run, None, "--engine", engine) for engine in ("serial", "batched")}
+    try:
+        print("| clients | engine | output tokens/s | p50 latency | p99 latency | answered |")
+        print("|---|---|---|---|---|---|")
+        for clients in args.clients:
+            rounds: dict[str, list[dict]] = {engine: [] for engine in servers}
+            for r in range(args.repeats):  # alternate which engine goes first
+                for engine in (list(servers) if r % 2 == 0 else list(servers)[::-1]):
+                    rounds[engine].append(asyncio.run(closed_loop(servers[engine][1], clients, args.timeout)))
+            med = {e: {k: statistics.median(x[k] for x in rs) for k in rs[0]} for e, rs in rounds.items()}
+            for engine, m in med.items():
+                print(f"| {clients} | {engine} | {m['tokens_per_s']:.0f} | {m['p50'] * 1e3:.0f} ms | "
+                      f"{m['p99'] * 1e3:.0f} ms | {m['ok']:.0f}/{m['n']:.0f} |", flush=True)
+            ratio = med["batched"]["tokens_per_s"] / med["serial"]["tokens_per_s"]
+            print(f"|  | batched ÷ serial | **{ratio:.2f}×** | {med['batched']['p50'] / med['serial']['p50']:.2f}× | "
+                  f"{med['batched']['p99'] / med['serial']['p99']:.2f}× | |", flush=True)
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
     return 0

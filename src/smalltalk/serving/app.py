@@ -20,6 +20,7 @@ import hmac
 import json
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
@@ -34,6 +35,9 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     """shared_metrics: a workers.SharedMetrics when this app is one of several worker processes."""
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
+        # every request in flight may park a thread in engine.route / engine.generate (waiting, not working):
+        # asyncio's default pool (cores + 4 threads) would cap concurrent generations at that, not the batch
+        asyncio.get_running_loop().set_default_executor(ThreadPoolExecutor(engine.max_queue + 8, "smalltalk-request"))
         yield
         engine.close()  # the batching loop's thread, the backends' HTTP client
 

@@ -58,16 +58,22 @@ class _Batch:
     last: torch.Tensor
 
 
-def sample_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> int:
-    """Greedy at temperature 0, else nucleus sampling from the row's own generator (CPU, fp32)."""
-    if temperature == 0:
-        return int(logits.argmax())
-    probs = torch.softmax(logits.float() / temperature, dim=-1)
-    if top_p < 1:
-        ordered, order = probs.sort(descending=True)
-        outside = ordered.cumsum(-1) - ordered >= top_p  # keep the smallest prefix holding top_p of the mass
-        probs = torch.zeros_like(probs).scatter(0, order, ordered.masked_fill(outside, 0))
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
+    """The next token of each row: greedy at temperature 0, else nucleus sampling by inverse CDF with one
+    uniform draw from the row's own generator (so a row's token does not depend on its batch)."""
+    logits = logits.float()
+    tokens = logits.argmax(-1)
+    hot = [i for i, row in enumerate(rows) if row.req["temperature"] > 0]
+    if hot:
+        temperature = torch.tensor([rows[i].req["temperature"] for i in hot])[:, None]
+        top_p = torch.tensor([rows[i].req["top_p"] for i in hot])[:, None]
+        ordered, order = torch.softmax(logits[hot] / temperature, dim=-1).sort(dim=-1, descending=True)
+        ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered >= top_p, 0)  # outside the nucleus
+        cdf = ordered.cumsum(-1)
+        draws = torch.cat([torch.rand(1, generator=rows[i].generator) for i in hot])[:, None] * cdf[:, -1:]
+        pick = torch.searchsorted(cdf, draws).clamp(max=cdf.shape[1] - 1)
+        tokens[hot] = order.gather(1, pick).squeeze(1)
+    return tokens.tolist()
 
 
 def _cache_argument(model: torch.nn.Module) -> str:
@@ -124,7 +130,7 @@ class BatchedEngine(Engine):
             raise RequestError(500, row.error, None, "generation_failed")
         if row.finish == "cancelled":
             raise Cancelled()
-        return row.decoder.text(), row.finish, len(row.tokens)
+        return self.mixture.tokenizer.decode(row.tokens, skip_special_tokens=True), row.finish, len(row.tokens)
 
     def _submit(self, queue: list, item) -> None:
         with self._wake:
@@ -266,18 +272,18 @@ class BatchedEngine(Engine):
     def _emit(self, expert: int, logits: torch.Tensor, first: int) -> None:
         """Sample the next token of rows first.. of the batch, stream it, and drop the rows that ended."""
         batch = self._batches[expert]
-        logits = logits.float().cpu()
-        for i, row in enumerate(batch.rows[first:], start=first):
-            req = row.req
-            token = sample_token(logits[i - first], req["temperature"], req["top_p"], row.generator)
+        rows = batch.rows[first:]
+        tokens = sample_tokens(logits.cpu(), rows)
+        batch.last[first:] = torch.tensor(tokens, device=batch.last.device)
+        for row, token in zip(rows, tokens, strict=True):
             row.tokens.append(token)
-            batch.last[i] = token
-            piece = row.decoder.push(token)
-            if piece and row.on_text is not None:
-                row.on_text(piece)
+            if row.on_text is not None:  # streaming: decode as we go; otherwise once at the end
+                piece = row.decoder.push(token)
+                if piece:
+                    row.on_text(piece)
             if token == self.eos:
                 row.finish = "stop"
-            elif len(row.tokens) >= req["max_tokens"]:
+            elif len(row.tokens) >= row.req["max_tokens"]:
                 row.finish = "length"
         for row in batch.rows:
             if row.finish is None and row.req["cancel"].is_set():

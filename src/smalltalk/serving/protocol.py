@@ -124,6 +124,3 @@ class TextDecoder:
             return ""
         piece, self.sent = text[self.sent:], len(text)
         return piece
-
-    def text(self) -> str:
-        return self.tokenizer.decode(self.ids, skip_special_tokens=True)
