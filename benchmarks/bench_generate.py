@@ -1,5 +1,6 @@
 """Generation speed: the mixture's `generate` (route the prompt, then HF generate with a KV cache on the
-one chosen expert) against plain HF `generate` of that same expert, interleaved prompt by prompt.
+one chosen expert) against plain HF `generate` of that same expert, interleaved prompt by prompt; also the
+routing step alone, and one request through the serving engine's own decode loop (serving/batching.py).
 
 Prompts are the first --prompt-tokens tokens of a seeded sample of test sequences; greedy decoding of
 exactly --new-tokens tokens (min_new_tokens = max_new_tokens) on both sides, so both produce the same
@@ -42,10 +43,19 @@ def main() -> int:
     for k in range(mixture.num_experts):
         mixture.expert(k)  # load every expert before timing
     mixture.generate(prompts[0], **options)  # warm-up
-    mixed, plain, same = [], [], 0
+    from smalltalk.serving.batching import BatchedEngine
+
+    engine = BatchedEngine(mixture, "bench", args.new_tokens)
+    mixed, plain, served, routing, same = [], [], [], [], 0
     for i, prompt in enumerate(prompts):  # alternate which side goes first: no order effect
         ids = tok(prompt, return_tensors="pt").input_ids
+        start = time.perf_counter()
         expert = int(mixture.route(ids)[0][0])
+        routing.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        req = engine.validate({"prompt": prompt, "max_tokens": args.new_tokens, "temperature": 0}, chat=False)
+        _, _, n_served = engine.generate(req, engine.route(req))
+        served.append((time.perf_counter() - start) * args.new_tokens / n_served)  # per 64 tokens if it stopped
         for side in ((0, 1) if i % 2 == 0 else (1, 0)):
             start = time.perf_counter()
             if side == 0:
@@ -61,7 +71,11 @@ def main() -> int:
     print("| path | s per request | new tokens/s |\n|---|---|---|")
     print(f"| mixture.generate (route + expert) | {m:.3f} | {args.new_tokens / m:,.0f} |")
     print(f"| HF generate, same expert | {p:.3f} | {args.new_tokens / p:,.0f} |")
+    b = statistics.median(served)
+    print(f"| serving engine (`serve`'s batching loop), one request alone | {b:.3f} | {args.new_tokens / b:,.0f} |")
     overhead = m / p - 1
+    r = statistics.median(routing)
+    print(f"routing step alone: {r * 1e3:.2f} ms = {r / p:.1%} of the request")
     print(f"routing + wrapper overhead: {overhead:+.1%} (target < 5%: {'met' if overhead < 0.05 else 'MISSED'}); "
           f"same text on {same}/{len(prompts)} prompts")
     start = time.perf_counter()
