@@ -13,7 +13,8 @@
   smalltalk eval              the mixture vs the dense baselines, with FLOPs (eval ppl: one model)
   smalltalk report RUN        plots, report.md and index.html
   smalltalk run               every stage of a config in order, skipping finished ones
-  smalltalk corpus demo OUT   build the multi-domain demo corpus from local sources
+  smalltalk corpus demo OUT   build the multi-domain demo corpus from local sources (sft-demo: instructions)
+  smalltalk sft               instruction-tune each expert on what routes to it, + a dense baseline
   smalltalk generate          route a prompt and continue it with the chosen expert
   smalltalk export            a self-contained mixture directory (HF experts + routers + tokenizer)
   smalltalk serve             OpenAI-compatible server (completions, chat, SSE streaming, metrics)
@@ -27,7 +28,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from smalltalk.commands import data, evaluate, experts, jobs, routing, use
+from smalltalk.commands import data, evaluate, experts, jobs, routing, sft, use
 from smalltalk.errors import SmalltalkError
 
 
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smalltalk", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    for module in (data, routing, experts, evaluate, use, jobs):  # the order --help lists them
+    for module in (data, routing, experts, evaluate, sft, use, jobs):  # the order --help lists them
         module.register(sub)
     return parser
 

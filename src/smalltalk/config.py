@@ -154,6 +154,20 @@ class EvalConfig:
 
 
 @dataclass
+class SFTConfig:
+    """Routed post-training (`smalltalk sft`, or the `sft` stage of `smalltalk run` when enabled)."""
+
+    enabled: bool = False  # `smalltalk run` runs the sft stage (then sft.data is required)
+    data: str | None = None  # instruction file, or a directory of train/validation/test files
+    route_on: str = "prompt"  # "prompt": the chat-formatted prompt; "user_text": the first user message alone
+    replay: float = 0.0  # pre-training sequences mixed into each job, as a share of its instruction examples
+    epochs: float = 3.0  # passes over each expert's routed examples (the dense baseline: the same total steps)
+    lr: float = 3e-4
+    micro_batch_size: int = 16
+    warmup_steps: int = 10
+
+
+@dataclass
 class Config:
     run_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
@@ -164,6 +178,7 @@ class Config:
     experts: ExpertsConfig = field(default_factory=ExpertsConfig)
     dense: DenseConfig = field(default_factory=DenseConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    sft: SFTConfig = field(default_factory=SFTConfig)
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
@@ -213,6 +228,10 @@ def _checked(cfg: Config, source: str) -> Config:
         if getattr(cfg.routing, key) not in allowed:
             raise SmalltalkError(f"routing.{key}={getattr(cfg.routing, key)!r}", where=source,
                                  fix=f"use one of {', '.join(allowed)}")
+    if cfg.sft.route_on not in ("prompt", "user_text") or not 0 <= cfg.sft.replay <= 10 or cfg.sft.epochs <= 0:
+        raise SmalltalkError(f"sft.route_on={cfg.sft.route_on!r}, sft.replay={cfg.sft.replay}, sft.epochs="
+                             f"{cfg.sft.epochs}", where=source,
+                             fix="route_on: prompt or user_text; replay in [0, 10]; epochs > 0")
     bad = [p for p in cfg.eval.prefixes if not 2 <= p <= cfg.data.seq_len]
     if bad:
         raise SmalltalkError(f"eval.prefixes {bad} are outside [2, data.seq_len={cfg.data.seq_len}]", where=source,

@@ -18,24 +18,31 @@ def export_mixture(run: RunLayout, out: Path, force: bool = False) -> Path:
     """Write the mixture of `run` to `out` (replaced atomically). An existing non-empty `out` is refused
     unless `force`; a run directory, or a directory holding the run, never."""
     _check_target(run, Path(out), force)
-    manifest, routers = run.mixture(), run.routers_manifest()
+    manifest = run.mixture()
     with atomic_dir(out) as tmp:
         staged = RunLayout(tmp)  # written under the temp name, renamed to `out` when complete
         shutil.copytree(run.tokenizer, staged.tokenizer)
-        staged.routers.mkdir()
-        source, target = RouterFiles(run.routers), RouterFiles(staged.routers)
-        for name in routers.get("routers", []):
-            shutil.copytree(source.router(name).model, target.router(name).model)
-        for extra in source.extras():
-            if (run.routers / extra).is_file():
-                shutil.copy(run.routers / extra, staged.routers / extra)
-        write_json(manifest_of(staged.routers), routers)
+        copy_routers(run, staged)
         for rel in manifest["expert_dirs"] + manifest.get("router_dirs", []):  # router_dirs: elastic pairs
             if not (tmp / rel).exists():
                 shutil.copytree(run.root / rel, tmp / rel)
         write_json(staged.mixture_file, manifest)
         (tmp / MODEL_CARD).write_text(model_card(run, manifest))
     return out
+
+
+def copy_routers(run: RunLayout, target_run: RunLayout, copy=shutil.copy2) -> None:
+    """The routers a mixture needs (models, extras, manifest), not their training checkpoints; `copy`:
+    os.link to share the files on one file system."""
+    routers = run.routers_manifest()
+    target_run.routers.mkdir()
+    source, target = RouterFiles(run.routers), RouterFiles(target_run.routers)
+    for name in routers.get("routers", []):
+        shutil.copytree(source.router(name).model, target.router(name).model, copy_function=copy)
+    for extra in source.extras():
+        if (run.routers / extra).is_file():
+            copy(run.routers / extra, target_run.routers / extra)
+    write_json(manifest_of(target_run.routers), routers)
 
 
 def _check_target(run: RunLayout, out: Path, force: bool) -> None:

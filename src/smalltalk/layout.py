@@ -224,6 +224,34 @@ class PartitionFiles(Parts):
 
 
 @dataclass(frozen=True)
+class SFTFiles:
+    """RUN/sft: routed post-training. A mixture directory of its own (mixture.json, tokenizer/ with the chat
+    template, routers/ linked from the run's, experts/KK/model), so generate / serve / export take it."""
+
+    root: Path
+
+    def job(self, name: str) -> Path:
+        """A fine-tuning job's directory (TrainFiles): experts/KK or dense."""
+        return self.root / name
+
+    def job_data(self, name: str) -> Path:
+        """Its training rows: tokens.npy [N, L] and labels.npy (-100 where no loss), + manifest.json."""
+        return self.root / "data" / name
+
+    @staticmethod
+    def rows(data_dir: Path, kind: str) -> Path:
+        return Path(data_dir) / {"tokens": "tokens.npy", "labels": "labels.npy"}[kind]
+
+    @property
+    def examples(self) -> Path:
+        return self.root / "examples.json"  # the routed examples: expert, domain, split, routing scores
+
+    @property
+    def results(self) -> Path:
+        return self.root / "results.json"
+
+
+@dataclass(frozen=True)
 class RunLayout:
     root: Path
 
@@ -276,6 +304,10 @@ class RunLayout:
     @property
     def eval(self) -> Path:
         return self.root / "eval"
+
+    @property
+    def sft(self) -> SFTFiles:
+        return SFTFiles(self.root / "sft")
 
     @staticmethod
     def results_file(eval_dir: Path) -> Path:

@@ -71,6 +71,21 @@ def _report(cfg: Config, run: RunLayout) -> None:
     print(write_report(run))
 
 
+def _sft(cfg: Config, run: RunLayout) -> None:
+    """Off unless sft.enabled (then sft.data names the instruction set): a no-op that records the digest."""
+    if not cfg.sft.enabled:
+        return
+    from pathlib import Path
+
+    from smalltalk.sft.job import run_sft
+    from smalltalk.sft.measure import format_results, measure_sft
+
+    if not cfg.sft.data:
+        raise SmalltalkError("sft.enabled needs sft.data", fix="set sft.data to an instruction file or directory")
+    run_sft(cfg, run, Path(cfg.sft.data))
+    print(format_results(measure_sft(run, run.sft, Path(cfg.sft.data), cfg.sft.route_on)))
+
+
 def _experts_done(cfg: Config, run: RunLayout) -> bool:
     return run.has_mixture() and all(run.expert_done(k) for k in range(run.num_experts()))
 
@@ -103,6 +118,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("dense", _dense, _dense_done, (*_EXPERTS, "dense")),
     Stage("eval", _eval, lambda cfg, run: run.results_file(run.eval).is_file(), _EVAL),
     Stage("report", _report, lambda cfg, run: run.report_md.is_file(), _EVAL),
+    Stage("sft", _sft, lambda cfg, run: not cfg.sft.enabled or run.sft.results.is_file(), (*_EVAL, "sft")),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 

@@ -28,7 +28,7 @@ from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import sequence_nll
 from smalltalk.flops import measure_matmul_peak, training_flops
 from smalltalk.fsutil import atomic_dir, atomic_file, write_json
-from smalltalk.layout import TrainFiles
+from smalltalk.layout import WEIGHTS, TrainFiles
 from smalltalk.model import ModelSpec, build_model, count_params
 
 
@@ -110,6 +110,7 @@ class TrainJob:
     ids: np.ndarray | None = None
     val: SplitData | None = None
     name: str = "lm"
+    init_from: Path | None = None  # an HF model directory to start from (fine-tuning) instead of a fresh init
 
 
 def _validate(job: TrainJob) -> None:
@@ -191,6 +192,8 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     seq = cfg.seq_len or job.data.seq_len
     global_batch = cfg.micro_batch_size * cfg.grad_accum * dist.world_size
     model = build_model(job.spec, max_positions=job.data.seq_len, seed=cfg.seed)
+    if job.init_from is not None:
+        _load_weights(model, Path(job.init_from))
     optimizer = _optimizer(model, cfg)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg))
     sampler = Sampler(job.ids if job.ids is not None else len(job.data), global_batch, cfg.seed)
@@ -237,9 +240,11 @@ def train(job: TrainJob, resume: bool = False) -> dict:
             offset = (micro * dist.world_size + dist.rank) * cfg.micro_batch_size
             rows = batch_ids[offset:offset + cfg.micro_batch_size]
             x = torch.from_numpy(job.data.batch(rows, seq)).to(device, non_blocking=True)
+            labels = x if not hasattr(job.data, "labels") else \
+                torch.from_numpy(job.data.labels(rows, seq)).to(device, non_blocking=True)  # -100: no loss
             sync = micro == cfg.grad_accum - 1 or not dist.enabled
             with (runner.no_sync() if not sync else contextlib.nullcontext()), autocast:
-                loss = runner(input_ids=x, labels=x).loss / cfg.grad_accum
+                loss = runner(input_ids=x, labels=labels).loss / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 \
@@ -299,6 +304,18 @@ def _finish(job: TrainJob, model, step: int, tokens: int, seq: int, global_batch
         write_json(files.manifest, summary)
     dist.barrier()
     return summary
+
+
+def _load_weights(model: torch.nn.Module, model_dir: Path) -> None:
+    """Start from a trained HF model of the same shape (its positions may be fewer than the data's)."""
+    from safetensors.torch import load_file
+
+    state = load_file(str(model_dir / WEIGHTS))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or [k for k in missing if k != "lm_head.weight"]:  # a tied head is saved once
+        raise SmalltalkError(f"{model_dir} does not fit the model: missing {missing[:3]}, unexpected "
+                             f"{unexpected[:3]}", where=str(model_dir), fix="fine-tune with the model's own spec")
+    model.tie_weights()
 
 
 def _wrap(model, cfg: TrainConfig, dist: DistContext, device: torch.device):

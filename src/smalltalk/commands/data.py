@@ -1,4 +1,4 @@
-"""Data verbs: `tokenizer train`, `data prepare`, `corpus demo`."""
+"""Data verbs: `tokenizer train`, `data prepare`, `corpus demo`, `corpus sft-demo`."""
 
 from __future__ import annotations
 
@@ -37,6 +37,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
           f"{manifest['mb_per_s']:.2f} MB/s; {splits} of {manifest['seq_len']} tokens -> {out}")
 
 
+def cmd_corpus_sft_demo(args: argparse.Namespace) -> None:
+    from smalltalk.sft.demo import build_sft_demo
+
+    stats = build_sft_demo(Path(args.corpus), Path(args.out), args.max_per_domain, args.seed)
+    print(f"instruction set -> {args.out}: {stats['splits']}")
+
+
 def cmd_corpus_demo(args: argparse.Namespace) -> None:
     from smalltalk.data.corpus import build_demo_corpus
 
@@ -72,3 +79,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-docs", type=int, default=20, help="a domain with fewer documents is skipped")
     p.set_defaults(func=cmd_corpus_demo)
+    p = corpus.add_parser("sft-demo", help="an instruction set (train/validation/test) made from a local corpus")
+    p.add_argument("out")
+    p.add_argument("--from", dest="corpus", required=True, help="directory of {domain}.jsonl.gz documents")
+    p.add_argument("--max-per-domain", type=int, default=600)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_corpus_sft_demo)

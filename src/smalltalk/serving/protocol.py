@@ -64,7 +64,7 @@ class Validator:
         if body.get("model") not in (self.model_name, None):
             raise RequestError(404, f"model {body.get('model')!r} does not exist; this server has "
                                f"{self.model_name!r}", "model", "model_not_found")
-        prompt = chat_prompt(body.get("messages")) if chat else _completion_prompt(body.get("prompt"))
+        prompt = self._chat(body.get("messages")) if chat else _completion_prompt(body.get("prompt"))
         req = {"prompt": prompt, **self._sampling(body)}
         if len(prompt) > self.max_prompt_chars:
             raise RequestError(400, f"the prompt ({len(prompt)} characters) cannot fit the context of {self.context} "
@@ -76,6 +76,14 @@ class Validator:
             raise RequestError(400, f"prompt ({ids.shape[1]} tokens) + max_tokens ({req['max_tokens']}) exceeds the "
                                f"context of {self.context} tokens", "max_tokens", "context_length_exceeded")
         return {**req, "ids": ids, "cancel": threading.Event()}
+
+    def _chat(self, messages: object) -> str:
+        """The checks of chat_prompt; the text of the tokenizer's own chat template when it has one (an SFT
+        mixture's: sft/template.py), so the server formats a conversation as the experts were tuned on."""
+        prompt = chat_prompt(messages)
+        if getattr(self.tokenizer, "chat_template", None):
+            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return prompt
 
     def _sampling(self, body: dict) -> dict:
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))

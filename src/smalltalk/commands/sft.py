@@ -1,0 +1,35 @@
+"""Post-training: `sft` (routed instruction tuning; its data builder, `corpus sft-demo`, is in data.py)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from smalltalk.commands.common import add_common, load
+from smalltalk.errors import SmalltalkError
+
+
+def cmd_sft(args: argparse.Namespace) -> None:
+    from smalltalk.sft.job import run_sft
+    from smalltalk.sft.measure import format_results, measure_sft
+
+    cfg, run = load(args)
+    data = args.data or cfg.sft.data
+    if not data:
+        raise SmalltalkError("no instruction data", fix="pass --data FILE|DIR (or set sft.data)")
+    out = Path(args.out) if args.out else run.sft.root
+    run_sft(cfg, run, Path(data), out)
+    if not args.no_measure:
+        from smalltalk.layout import SFTFiles
+
+        print(format_results(measure_sft(run, SFTFiles(out), Path(data), cfg.sft.route_on)))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sft", help="instruction-tune each expert on the examples routed to it (+ a dense baseline)")
+    add_common(p)
+    p.add_argument("--data", help="instruction file (.jsonl, .jsonl.gz, .parquet) or a directory of "
+                   "train/validation/test files (default: sft.data)")
+    p.add_argument("--out", help="output mixture directory (default RUN/sft)")
+    p.add_argument("--no-measure", action="store_true", help="skip the held-out perplexity table")
+    p.set_defaults(func=cmd_sft)

@@ -1,0 +1,194 @@
+"""`smalltalk sft`: route every instruction example once, fine-tune each expert on its own, and a dense baseline.
+
+Each example is routed by the mixture's routers on its first M tokens: of the chat-formatted prompt
+(`sft.route_on: prompt`, what the server routes on at inference) or of the first user message alone
+(`user_text`). Expert k then fine-tunes from its pre-trained weights on the training examples routed to
+it (+ `sft.replay` x as many of its own pre-training sequences, against forgetting) for `sft.epochs`
+passes, as an independent, resumable job of the same trainer; an expert that receives no example keeps
+its weights. The dense baseline (one expert's size, `RUN/dense/matched`) fine-tunes on every example (+
+replay from the whole train split) for as many steps as all experts together. The output directory
+(default RUN/sft) is a mixture of its own: generate, serve, export and lm-eval take it as --run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from smalltalk.config import Config
+from smalltalk.data.shards import SplitData
+from smalltalk.errors import SmalltalkError
+from smalltalk.export import copy_routers
+from smalltalk.fsutil import write_json
+from smalltalk.layout import RunLayout, SFTFiles, TrainFiles, manifest_of
+from smalltalk.mixture import SmallTalkMixture
+from smalltalk.model import spec_from_hf
+from smalltalk.routing.assignment import argmax_assignment
+from smalltalk.sft.data import SFTData, pack_rows, write_rows
+from smalltalk.sft.examples import read_examples, split_files
+from smalltalk.sft.template import CHAT_TEMPLATE, encode
+from smalltalk.train import TrainJob, train
+
+
+def encode_split(tokenizer, examples: list[dict], seq_len: int) -> tuple[list, int]:
+    """Encoded examples, each cut to seq_len tokens (counted, never silently: the manifest says how many)."""
+    encoded, cut = [], 0
+    for example in examples:
+        ids, mask = encode(tokenizer, example["messages"])
+        if len(ids) > seq_len:
+            ids, mask, cut = ids[:seq_len], mask[:seq_len], cut + 1
+        encoded.append((ids, mask))
+    return encoded, cut
+
+
+def routing_ids(tokenizer, example: dict, encoded: tuple[list, list], route_on: str) -> list[int]:
+    """What the routers score: the prompt up to the last answer, or the first user message's text."""
+    if route_on == "user_text":
+        return tokenizer(next(m["content"] for m in example["messages"] if m["role"] == "user")).input_ids
+    ids, mask = encoded
+    last_answer = len(mask) - next(i for i, m in enumerate(reversed(mask)) if not m)  # after the last prompt token
+    return ids[:last_answer]
+
+
+def route(mixture: SmallTalkMixture, sequences: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """(expert, scores) of each token list from its first M tokens (fewer when it is shorter)."""
+    scores = np.zeros((len(sequences), mixture.num_experts))
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(sequences):
+        by_length.setdefault(min(mixture.prefix, len(ids)), []).append(i)
+    for length, rows in by_length.items():
+        if length < 2:
+            raise SmalltalkError(f"{len(rows)} example(s) have fewer than 2 tokens to route on")
+        scores[rows] = mixture.routers.score(np.array([sequences[i][:length] for i in rows]))
+    return argmax_assignment(scores), scores
+
+
+def run_sft(cfg: Config, run: RunLayout, data: Path, out: Path | None = None) -> dict:
+    sft = SFTFiles(Path(out) if out else run.sft.root)
+    if "elastic" in run.mixture():
+        raise SmalltalkError("sft of a mixture edited by `experts add/remove` is not supported yet")
+    mixture = SmallTalkMixture.from_pretrained(run.root)
+    tokenizer = mixture.tokenizer
+    tokenizer.chat_template = CHAT_TEMPLATE
+    seq_len = mixture.expert(0).config.max_position_embeddings
+    splits = {split: read_examples(path) for split, path in split_files(Path(data)).items()}
+    encoded, cut = {}, {}
+    for split, examples in splits.items():
+        encoded[split], cut[split] = encode_split(tokenizer, examples, seq_len)
+    chosen = {split: route(mixture, [routing_ids(tokenizer, ex, enc, cfg.sft.route_on)
+                                     for ex, enc in zip(splits[split], encoded[split], strict=True)])[0]
+              for split in splits}
+    sft.root.mkdir(parents=True, exist_ok=True)
+    write_json(sft.examples, {"route_on": cfg.sft.route_on, "cut_to_context": cut, "splits": {
+        split: [{"expert": int(k), "domain": ex["domain"]} for ex, k in zip(splits[split], chosen[split], strict=True)]
+        for split in splits}})
+    steps = _train_experts(cfg, run, mixture, sft, encoded["train"], chosen["train"], seq_len, tokenizer)
+    dense = _train_dense(cfg, run, sft, encoded["train"], sum(steps), seq_len, tokenizer)
+    _write_mixture(run, sft, tokenizer, mixture.num_experts)
+    summary = {"examples": {s: len(e) for s, e in splits.items()}, "cut_to_context": cut, "expert_steps": steps,
+               "dense_steps": dense, "route_on": cfg.sft.route_on, "replay": cfg.sft.replay}
+    print(f"sft: {summary}", flush=True)
+    return summary
+
+
+def _job_config(cfg: Config, steps: int, seed: int):
+    s = cfg.sft
+    return dataclasses.replace(cfg.train, steps=steps, lr=s.lr, micro_batch_size=s.micro_batch_size, grad_accum=1,
+                               warmup_steps=min(s.warmup_steps, max(steps // 2, 1)), seq_len=None, seed=seed,
+                               eval_every=0, record_consumed=False, schedule_steps=None,
+                               log_every=max(1, min(cfg.train.log_every, steps)))
+
+
+def _replay(data: SplitData, ids: np.ndarray, n: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """n pre-training sequences of `ids`, drawn by a seeded permutation; loss on every token."""
+    if n == 0 or len(ids) == 0:
+        return []
+    picked = np.sort(np.random.default_rng(seed).permutation(ids)[:n])
+    rows = data.batch(picked)
+    return [(row.tolist(), [1] * len(row)) for row in rows]
+
+
+def _fine_tune(cfg: Config, name: str, sft: SFTFiles, rows: list, seq_len: int, tokenizer, init_from: Path,
+               seed: int) -> int:
+    """One fine-tuning job (resumable): returns its steps."""
+    steps = max(1, math.ceil(cfg.sft.epochs * len(rows) / cfg.sft.micro_batch_size))
+    data_dir, spec = sft.job_data(name), spec_from_hf(_hf_config(init_from))
+    if not manifest_of(data_dir).is_file():
+        tokens, labels = pack_rows(rows, seq_len, tokenizer.eos_token_id)
+        write_rows(data_dir, tokens, labels, spec.vocab_size, {"init_from": str(init_from)})
+    data = SFTData(data_dir)
+    if not TrainFiles(sft.job(name)).done(steps):
+        train(TrainJob(spec, _job_config(cfg, steps, seed), data, sft.job(name), name=f"sft {name}",
+                       init_from=init_from), resume=TrainFiles(sft.job(name)).checkpoints.exists())
+    return steps
+
+
+def _hf_config(model_dir: Path):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(model_dir))
+
+
+def _train_experts(cfg: Config, run: RunLayout, mixture: SmallTalkMixture, sft: SFTFiles, encoded: list,
+                   chosen: np.ndarray, seq_len: int, tokenizer) -> list[int]:
+    from smalltalk.routing.partition import load_share
+
+    pretrain = SplitData(run.data, "train") if cfg.sft.replay else None
+    steps = []
+    for k in range(mixture.num_experts):
+        own = [encoded[i] for i in np.flatnonzero(chosen == k)]
+        expert_model = run.root / mixture.manifest["expert_dirs"][k]
+        if not own:  # nothing routed here: the expert keeps its pre-trained weights
+            target = TrainFiles(sft.job(f"experts/{k:02d}")).model
+            if not target.exists():
+                shutil.copytree(expert_model, target, copy_function=_link)
+            steps.append(0)
+            continue
+        replay = _replay(pretrain, load_share(run.partition, k), round(cfg.sft.replay * len(own)), cfg.train.seed + k) \
+            if pretrain is not None else []
+        steps.append(_fine_tune(cfg, f"experts/{k:02d}", sft, own + replay, seq_len, tokenizer, expert_model,
+                                cfg.train.seed + k))
+    return steps
+
+
+def _train_dense(cfg: Config, run: RunLayout, sft: SFTFiles, encoded: list, total_steps: int, seq_len: int,
+                 tokenizer) -> int | None:
+    dense_model = TrainFiles(run.dense_kind("matched")).model
+    if not dense_model.is_dir():
+        print("sft: no RUN/dense/matched model, so no dense baseline", flush=True)
+        return None
+    pretrain = SplitData(run.data, "train") if cfg.sft.replay else None
+    replay = _replay(pretrain, np.arange(len(pretrain)), round(cfg.sft.replay * len(encoded)), cfg.train.seed) \
+        if pretrain is not None else []
+    rows = encoded + replay
+    epochs = total_steps * cfg.sft.micro_batch_size / len(rows)  # as many steps as all experts together
+    dense_cfg = dataclasses.replace(cfg, sft=dataclasses.replace(cfg.sft, epochs=epochs))
+    return _fine_tune(dense_cfg, "dense", sft, rows, seq_len, tokenizer, dense_model, cfg.train.seed)
+
+
+def _link(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:  # another file system
+        shutil.copy2(source, target)
+
+
+def _write_mixture(run: RunLayout, sft: SFTFiles, tokenizer, experts: int) -> None:
+    """RUN/sft as a mixture directory: tokenizer with the chat template, the run's routers, SFT experts."""
+    target = RunLayout(sft.root)
+    if target.tokenizer.exists():
+        shutil.rmtree(target.tokenizer)
+    tokenizer.save_pretrained(str(target.tokenizer))
+    if not target.routers.exists():
+        copy_routers(run, target, copy=_link)
+    manifest = {**run.mixture(), "tokenizer": str(target.tokenizer.relative_to(sft.root)),
+                "routers": str(target.routers.relative_to(sft.root)),
+                "expert_dirs": [str(TrainFiles(sft.job(f"experts/{k:02d}")).model.relative_to(sft.root))
+                                for k in range(experts)],
+                "sft": {"from": str(run.root)}}
+    write_json(target.mixture_file, manifest)
