@@ -81,12 +81,35 @@ def measure_sft(run: RunLayout, sft: SFTFiles, data: Path, route_on: str) -> dic
         table[domain] = {"examples": int(rows.sum()), **{name: math.exp(s[rows].sum() / max(c[rows].sum(), 1))
                                                          for name, (s, c) in scored.items()}}
     results = {"split": split, "route_on": route_on, "perplexity": table,
+               "pretraining_perplexity": forgetting(run, sft, before, after),
                "routing_stability": float(np.mean(chosen == by_answer)),
                "confusion": {f"{k:02d}": dict(Counter(d for d, c in zip(domains, chosen, strict=True) if c == k))
                              for k in range(after.num_experts)},
                "sft": read_json(sft.examples)}
     write_json(sft.results, results)
     return results
+
+
+def forgetting(run: RunLayout, sft: SFTFiles, before: SmallTalkMixture, after: SmallTalkMixture,
+               sequences: int = 256) -> dict:
+    """Perplexity on a seeded sample of the pre-training test split, before and after SFT (what replay is
+    for): the mixtures routed on their first M tokens as in pre-training eval, the dense models alone."""
+    from smalltalk.data.shards import SplitData
+
+    data = SplitData(run.data, "test")
+    ids = torch.from_numpy(data.batch(data.sample(sequences)))
+    out = {"sequences": len(ids)}
+    for name, mixture in (("mixture", before), ("mixture_sft", after)):
+        out[name] = math.exp(float(torch.cat([mixture.score(ids[i:i + 32])[0] for i in range(0, len(ids), 32)])
+                                   .mean()))
+    for name, model_dir in (("dense", TrainFiles(run.dense_kind("matched")).model),
+                            ("dense_sft", TrainFiles(sft.job("dense")).model)):
+        if model_dir.is_dir():
+            model = _load(model_dir)
+            with torch.inference_mode():
+                out[name] = math.exp(float(torch.cat([token_nll(model, ids[i:i + 32]) for i in range(0, len(ids), 32)])
+                                           .mean()))
+    return out
 
 
 def format_results(results: dict) -> str:
@@ -96,5 +119,9 @@ def format_results(results: dict) -> str:
              "| domain | examples | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(names)]
     for domain, row in table.items():
         lines.append(f"| {domain} | {row['examples']} | " + " | ".join(f"{row[n]:.2f}" for n in names) + " |")
-    lines.append(f"routing stability (prompt routed like its answer alone): {results['routing_stability']:.1%}")
+    lines.append(f"routing stability (routed on {results['route_on']} like on the answer alone): "
+                 f"{results['routing_stability']:.1%}")
+    pre = results["pretraining_perplexity"]
+    lines.append("pre-training test perplexity (forgetting): " + ", ".join(
+        f"{n} {pre[n]:.2f}" for n in names if n in pre))
     return "\n".join(lines)
