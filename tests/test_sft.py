@@ -145,13 +145,22 @@ def test_run_with_sft_stage_tunes_each_expert_on_its_examples(pipeline_run, inst
     assert cli("generate", "--run", sft, "etaoin shrdlu", "--max-new-tokens", "4") == 0
     assert cli("export", "--run", sft, "--out", tmp_path / "export") == 0
     assert SmallTalkMixture.from_pretrained(tmp_path / "export").tokenizer.chat_template == CHAT_TEMPLATE
-    # a rerun finds everything done; route_on=user_text into another directory routes differently or not,
-    # but always on the first user message alone
+    # the server routes a chat request as the SFT routed its examples: on the first user message alone
+    from smalltalk.serving.batching import BatchedEngine
+
+    engine = BatchedEngine(mixture, "smalltalk", 8)
+    messages = [{"role": "system", "content": "xyz_ ;"}, {"role": "user", "content": "äöü kwjv"}]
+    req = engine.validate({"messages": messages, "max_tokens": 4}, chat=True)
+    assert req["route_ids"].tolist() == [mixture.tokenizer("äöü kwjv").input_ids]
+    assert engine.route(req)["expert"] == int(mixture.route(req["route_ids"])[0][0])
+    engine.close()
+    # a rerun finds everything done; route_on=prompt into another directory routes on the chat prompt
     assert cli(*args, *settings) == 0
     assert json.loads((sft / "results.json").read_text()) == results
-    assert cli("sft", "--run", run, "--data", instructions, "--out", tmp_path / "by-user",
-               "--set", "sft.route_on=user_text", "--set", "sft.micro_batch_size=8", "--no-measure") == 0
-    assert json.loads((tmp_path / "by-user" / "examples.json").read_text())["route_on"] == "user_text"
+    assert cli("sft", "--run", run, "--data", instructions, "--out", tmp_path / "by-prompt",
+               "--set", "sft.route_on=prompt", "--set", "sft.micro_batch_size=8", "--no-measure") == 0
+    assert json.loads((tmp_path / "by-prompt" / "examples.json").read_text())["route_on"] == "prompt"
+    assert json.loads((tmp_path / "by-prompt" / "mixture.json").read_text())["sft"]["route_on"] == "prompt"
 
 
 def ppl_examples(results: dict) -> int:

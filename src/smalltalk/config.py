@@ -159,7 +159,8 @@ class SFTConfig:
 
     enabled: bool = False  # `smalltalk run` runs the sft stage (then sft.data is required)
     data: str | None = None  # instruction file, or a directory of train/validation/test files
-    route_on: str = "prompt"  # "prompt": the chat-formatted prompt; "user_text": the first user message alone
+    route_on: str = "user_text"  # the first user message alone (measured better: docs/post-training.md), or
+    # "prompt": the chat-formatted prompt (its template tokens then fill part of the routing prefix)
     replay: float = 0.0  # pre-training sequences mixed into each job, as a share of its instruction examples
     epochs: float = 3.0  # passes over each expert's routed examples (the dense baseline: the same total steps)
     lr: float = 3e-4

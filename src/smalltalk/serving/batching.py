@@ -27,7 +27,7 @@ from transformers import DynamicCache
 
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText
-from smalltalk.serving.protocol import Cancelled, RequestError, TextDecoder, Validator
+from smalltalk.serving.protocol import Cancelled, RequestError, TextDecoder, Validator, route_on
 
 
 @dataclass
@@ -95,7 +95,8 @@ class BatchedEngine(Engine):
                  max_batch: int = 64, fixed_expert: int | None = None) -> None:
         """fixed_expert: serve that one expert as a plain model, no routing (`serve --expert K`)."""
         context = mixture.expert(fixed_expert or 0).config.max_position_embeddings
-        super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit), max_queue)
+        super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit,
+                                   route_on(mixture)), max_queue)
         self.mixture, self.max_batch, self.fixed_expert = mixture, max_batch, fixed_expert
         self.eos = mixture.tokenizer.eos_token_id
         self._to_route: list[dict] = []
@@ -177,11 +178,11 @@ class BatchedEngine(Engine):
         routed on the tokens it has)."""
         by_length: dict[int, list[dict]] = {}
         for req in reqs:
-            by_length.setdefault(min(self.mixture.prefix, req["ids"].shape[1]), []).append(req)
+            by_length.setdefault(min(self.mixture.prefix, req["route_ids"].shape[1]), []).append(req)
         for length, group in by_length.items():
             start = time.perf_counter()
             try:
-                ids = np.stack([req["ids"][0, :length].numpy() for req in group])
+                ids = np.stack([req["route_ids"][0, :length].numpy() for req in group])
                 chosen, scores = self.mixture.route(ids, length)
             except Exception as exc:  # noqa: BLE001 - answered as a 500 to these requests, the loop goes on
                 for req in group:

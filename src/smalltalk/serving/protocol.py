@@ -52,8 +52,11 @@ def _is_number(value: object) -> bool:
 class Validator:
     """Turns a JSON body into a request dict, or raises RequestError (never anything else)."""
 
-    def __init__(self, tokenizer, model_name: str, context: int, max_tokens_limit: int) -> None:
-        self.tokenizer, self.model_name, self.context = tokenizer, model_name, context
+    def __init__(self, tokenizer, model_name: str, context: int, max_tokens_limit: int,
+                 route_on: str = "prompt") -> None:
+        """route_on: "user_text" routes a chat request on its first user message alone, as an SFT mixture
+        tuned with sft.route_on=user_text was routed in training (mixture.json records it)."""
+        self.tokenizer, self.model_name, self.context, self.route_on = tokenizer, model_name, context, route_on
         self.max_tokens_limit = max_tokens_limit
         longest = max((len(t) for t in tokenizer.get_vocab()), default=1)
         self.max_prompt_chars = context * max(1, longest)  # longer prompts cannot fit: refused untokenised
@@ -75,7 +78,12 @@ class Validator:
         if ids.shape[1] + req["max_tokens"] > self.context:
             raise RequestError(400, f"prompt ({ids.shape[1]} tokens) + max_tokens ({req['max_tokens']}) exceeds the "
                                f"context of {self.context} tokens", "max_tokens", "context_length_exceeded")
-        return {**req, "ids": ids, "cancel": threading.Event()}
+        route_ids = ids
+        if chat and self.route_on == "user_text":
+            user = next((m["content"] for m in body["messages"] if m["role"] == "user"), "")
+            user_ids = self.tokenizer(user, return_tensors="pt").input_ids
+            route_ids = user_ids if user_ids.shape[1] >= 2 else ids  # a 1-token message: the whole prompt
+        return {**req, "ids": ids, "route_ids": route_ids, "cancel": threading.Event()}
 
     def _chat(self, messages: object) -> str:
         """The checks of chat_prompt; the text of the tokenizer's own chat template when it has one (an SFT
@@ -108,6 +116,11 @@ class Validator:
                                "stream_options")
         return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "seed": seed,
                 "stream": stream, "include_usage": options.get("include_usage", False)}
+
+
+def route_on(mixture) -> str:
+    """How the mixture's SFT routed its examples ("prompt" for a pre-trained mixture)."""
+    return mixture.manifest.get("sft", {}).get("route_on", "prompt")
 
 
 def _completion_prompt(prompt: object) -> str:

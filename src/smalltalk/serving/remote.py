@@ -19,7 +19,7 @@ import httpx
 from smalltalk.errors import SmalltalkError
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText
-from smalltalk.serving.protocol import Cancelled, RequestError, Validator
+from smalltalk.serving.protocol import Cancelled, RequestError, Validator, route_on
 
 
 def parse_expert_urls(pairs: list[str], experts: int) -> dict[int, str]:
@@ -48,7 +48,8 @@ class RemoteEngine(Engine):
         if context is None:  # the expert's config alone (no weights are loaded here)
             context = AutoConfig.from_pretrained(str(mixture.root / mixture.manifest["expert_dirs"][0])) \
                 .max_position_embeddings
-        super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit), max_queue)
+        super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit,
+                                   route_on(mixture)), max_queue)
         self.mixture, self.urls = mixture, urls
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(600.0, connect=5.0))
@@ -58,7 +59,7 @@ class RemoteEngine(Engine):
     def route(self, req: dict) -> dict:
         with self._route_lock:
             start = time.perf_counter()
-            chosen, scores = self.mixture.route(req["ids"])
+            chosen, scores = self.mixture.route(req["route_ids"])
             seconds = time.perf_counter() - start
         self.metrics.routing_sum += seconds
         return {"expert": int(chosen[0]), "scores": [float(s) for s in scores[0]], "routing_ms": seconds * 1e3}

@@ -16,7 +16,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText
-from smalltalk.serving.protocol import Cancelled, TextDecoder, Validator
+from smalltalk.serving.protocol import Cancelled, TextDecoder, Validator, route_on
 
 
 class _StopWhen(StoppingCriteria):
@@ -52,14 +52,15 @@ class SerialEngine(Engine):
     def __init__(self, mixture: SmallTalkMixture, model_name: str, max_tokens_limit: int,
                  max_queue: int = 256) -> None:
         context = mixture.expert(0).config.max_position_embeddings
-        super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit), max_queue)
+        super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit,
+                                   route_on(mixture)), max_queue)
         self.mixture = mixture
         self.lock = threading.Lock()
 
     def route(self, req: dict) -> dict:
         with self.lock:
             start = time.perf_counter()
-            chosen, scores = self.mixture.route(req["ids"])
+            chosen, scores = self.mixture.route(req["route_ids"])
             seconds = time.perf_counter() - start
         self.metrics.routing_sum += seconds
         return {"expert": int(chosen[0]), "scores": [float(s) for s in scores[0]], "routing_ms": seconds * 1e3}

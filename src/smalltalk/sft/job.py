@@ -89,7 +89,7 @@ def run_sft(cfg: Config, run: RunLayout, data: Path, out: Path | None = None) ->
         for split in splits}})
     steps = _train_experts(cfg, run, mixture, sft, encoded["train"], chosen["train"], seq_len, tokenizer)
     dense = _train_dense(cfg, run, sft, encoded["train"], sum(steps), seq_len, tokenizer)
-    _write_mixture(run, sft, tokenizer, mixture.num_experts)
+    _write_mixture(run, sft, tokenizer, mixture.num_experts, cfg.sft.route_on)
     summary = {"examples": {s: len(e) for s, e in splits.items()}, "cut_to_context": cut, "expert_steps": steps,
                "dense_steps": dense, "route_on": cfg.sft.route_on, "replay": cfg.sft.replay}
     print(f"sft: {summary}", flush=True)
@@ -178,7 +178,7 @@ def _link(source: str, target: str) -> None:
         shutil.copy2(source, target)
 
 
-def _write_mixture(run: RunLayout, sft: SFTFiles, tokenizer, experts: int) -> None:
+def _write_mixture(run: RunLayout, sft: SFTFiles, tokenizer, experts: int, route_on: str) -> None:
     """RUN/sft as a mixture directory: tokenizer with the chat template, the run's routers, SFT experts."""
     target = RunLayout(sft.root)
     if target.tokenizer.exists():
@@ -190,5 +190,5 @@ def _write_mixture(run: RunLayout, sft: SFTFiles, tokenizer, experts: int) -> No
                 "routers": str(target.routers.relative_to(sft.root)),
                 "expert_dirs": [str(TrainFiles(sft.job(f"experts/{k:02d}")).model.relative_to(sft.root))
                                 for k in range(experts)],
-                "sft": {"from": str(run.root)}}
+                "sft": {"from": str(run.root), "route_on": route_on}}
     write_json(target.mixture_file, manifest)
