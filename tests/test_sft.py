@@ -157,8 +157,12 @@ def test_run_with_sft_stage_tunes_each_expert_on_its_examples(pipeline_run, inst
     # a rerun finds everything done; route_on=prompt into another directory routes on the chat prompt
     assert cli(*args, *settings) == 0
     assert json.loads((sft / "results.json").read_text()) == results
-    assert cli("sft", "--run", run, "--data", instructions, "--out", tmp_path / "by-prompt",
-               "--set", "sft.route_on=prompt", "--set", "sft.micro_batch_size=8", "--no-measure") == 0
+    by_prompt = ["sft", "--run", run, "--data", instructions, "--out", tmp_path / "by-prompt",
+                 "--set", "sft.route_on=prompt", "--set", "sft.micro_batch_size=8", "--no-measure"]
+    assert cli(*by_prompt, "--only", "dense", "0") == 0  # jobs split over machines: the mixture waits for all
+    assert not (tmp_path / "by-prompt" / "mixture.json").exists()
+    assert TrainFiles(tmp_path / "by-prompt" / "dense").done()
+    assert cli(*by_prompt) == 0
     assert json.loads((tmp_path / "by-prompt" / "examples.json").read_text())["route_on"] == "prompt"
     assert json.loads((tmp_path / "by-prompt" / "mixture.json").read_text())["sft"]["route_on"] == "prompt"
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from smalltalk.commands.common import add_common, load
 from smalltalk.errors import SmalltalkError
+from smalltalk.layout import RunLayout, SFTFiles
 
 
 def cmd_sft(args: argparse.Namespace) -> None:
@@ -18,10 +19,8 @@ def cmd_sft(args: argparse.Namespace) -> None:
     if not data:
         raise SmalltalkError("no instruction data", fix="pass --data FILE|DIR (or set sft.data)")
     out = Path(args.out) if args.out else run.sft.root
-    run_sft(cfg, run, Path(data), out)
-    if not args.no_measure:
-        from smalltalk.layout import SFTFiles
-
+    run_sft(cfg, run, Path(data), out, args.only)
+    if not args.no_measure and RunLayout(out).has_mixture():
         print(format_results(measure_sft(run, SFTFiles(out), Path(data), cfg.sft.route_on)))
 
 
@@ -32,4 +31,6 @@ def register(sub) -> None:
                    "train/validation/test files (default: sft.data)")
     p.add_argument("--out", help="output mixture directory (default RUN/sft)")
     p.add_argument("--no-measure", action="store_true", help="skip the held-out perplexity table")
+    p.add_argument("--only", nargs="+", metavar="JOB", help="run only these jobs: expert numbers and/or 'dense' "
+                   "(one machine each); the call that finds all done writes the mixture and measures")
     p.set_defaults(func=cmd_sft)

@@ -68,7 +68,9 @@ def route(mixture: SmallTalkMixture, sequences: list[list[int]]) -> tuple[np.nda
     return argmax_assignment(scores), scores
 
 
-def run_sft(cfg: Config, run: RunLayout, data: Path, out: Path | None = None) -> dict:
+def run_sft(cfg: Config, run: RunLayout, data: Path, out: Path | None = None, only: list[str] | None = None) -> dict:
+    """only: the jobs to run here ("0", "1", ..., "dense"), e.g. one per machine; the mixture directory is
+    written by the call that finds every job done (routing is deterministic, so each call agrees on it)."""
     sft = SFTFiles(Path(out) if out else run.sft.root)
     if "elastic" in run.mixture():
         raise SmalltalkError("sft of a mixture edited by `experts add/remove` is not supported yet")
@@ -87,9 +89,11 @@ def run_sft(cfg: Config, run: RunLayout, data: Path, out: Path | None = None) ->
     write_json(sft.examples, {"route_on": cfg.sft.route_on, "cut_to_context": cut, "splits": {
         split: [{"expert": int(k), "domain": ex["domain"]} for ex, k in zip(splits[split], chosen[split], strict=True)]
         for split in splits}})
-    steps = _train_experts(cfg, run, mixture, sft, encoded["train"], chosen["train"], seq_len, tokenizer)
-    dense = _train_dense(cfg, run, sft, encoded["train"], sum(steps), seq_len, tokenizer)
-    _write_mixture(run, sft, tokenizer, mixture.num_experts, cfg.sft.route_on)
+    steps = _train_experts(cfg, run, mixture, sft, encoded["train"], chosen["train"], seq_len, tokenizer, only)
+    dense = _train_dense(cfg, run, sft, encoded["train"], sum(steps), seq_len, tokenizer) \
+        if only is None or "dense" in only else None
+    if all(TrainFiles(sft.job(f"experts/{k:02d}")).model.is_dir() for k in range(mixture.num_experts)):
+        _write_mixture(run, sft, tokenizer, mixture.num_experts, cfg.sft.route_on)
     summary = {"examples": {s: len(e) for s, e in splits.items()}, "cut_to_context": cut, "expert_steps": steps,
                "dense_steps": dense, "route_on": cfg.sft.route_on, "replay": cfg.sft.replay}
     print(f"sft: {summary}", flush=True)
@@ -135,7 +139,8 @@ def _hf_config(model_dir: Path):
 
 
 def _train_experts(cfg: Config, run: RunLayout, mixture: SmallTalkMixture, sft: SFTFiles, encoded: list,
-                   chosen: np.ndarray, seq_len: int, tokenizer) -> list[int]:
+                   chosen: np.ndarray, seq_len: int, tokenizer, only: list[str] | None) -> list[int]:
+    """Each expert's steps (computed for all, so the dense baseline's total is the same wherever it runs)."""
     from smalltalk.routing.partition import load_share
 
     pretrain = SplitData(run.data, "train") if cfg.sft.replay else None
@@ -143,11 +148,16 @@ def _train_experts(cfg: Config, run: RunLayout, mixture: SmallTalkMixture, sft: 
     for k in range(mixture.num_experts):
         own = [encoded[i] for i in np.flatnonzero(chosen == k)]
         expert_model = run.root / mixture.manifest["expert_dirs"][k]
+        mine = only is None or str(k) in only
         if not own:  # nothing routed here: the expert keeps its pre-trained weights
             target = TrainFiles(sft.job(f"experts/{k:02d}")).model
-            if not target.exists():
+            if mine and not target.exists():
                 shutil.copytree(expert_model, target, copy_function=_link)
             steps.append(0)
+            continue
+        if not mine:
+            steps.append(max(1, math.ceil(cfg.sft.epochs * (len(own) + round(cfg.sft.replay * len(own)))
+                                          / cfg.sft.micro_batch_size)))
             continue
         replay = _replay(pretrain, load_share(run.partition, k), round(cfg.sft.replay * len(own)), cfg.train.seed + k) \
             if pretrain is not None else []
