@@ -6,6 +6,7 @@ PIP := $(PY) -m pip --disable-pip-version-check -q
 TORCH_VERSION ?= 2.13.0
 RUN ?= runs/demo
 CORPUS ?= runs/demo-corpus
+SFT_DATA ?= runs/demo-sft
 
 .PHONY: setup test test-fast lint demo bench clean
 
@@ -32,7 +33,9 @@ lint: setup
 # The main job: build a corpus from this machine's text, then every stage of configs/demo.yaml.
 demo: setup
 	test -f $(CORPUS)/stats.json || $(VENV)/bin/smalltalk corpus demo $(CORPUS) --max-chars 4e6
-	$(VENV)/bin/smalltalk run --config configs/demo.yaml --run $(RUN) --set "data.inputs=[$(CORPUS)]"
+	test -f $(SFT_DATA)/stats.json || $(VENV)/bin/smalltalk corpus sft-demo $(SFT_DATA) --from $(CORPUS)
+	$(VENV)/bin/smalltalk run --config configs/demo.yaml --run $(RUN) --set "data.inputs=[$(CORPUS)]" \
+		--set "sft.data=$(SFT_DATA)"
 
 bench: setup
 	$(PY) benchmarks/bench_data.py
