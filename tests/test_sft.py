@@ -64,8 +64,8 @@ def test_instruction_files_in_every_format_and_bad_lines(tmp_path):
         examples = read_examples(tmp_path / name)
         assert [e["messages"][-1]["content"] for e in examples] == ["a1", "a2"]
         assert [e["domain"] for e in examples] == ["x", None]
-    pq = pytest.importorskip("pyarrow.parquet")
     import pyarrow
+    import pyarrow.parquet as pq
 
     pq.write_table(pyarrow.Table.from_pylist([{"prompt": "q3", "completion": "a3", "domain": "y"}]),
                    tmp_path / "c.parquet")
