@@ -143,6 +143,12 @@ def test_run_with_sft_stage_tunes_each_expert_on_its_examples(pipeline_run, inst
     # the SFT mixture is a mixture directory: generate and export take it, its tokenizer has the template
     assert mixture.tokenizer.chat_template == CHAT_TEMPLATE
     assert cli("generate", "--run", sft, "etaoin shrdlu", "--max-new-tokens", "4") == 0
+    from types import SimpleNamespace
+
+    from smalltalk.lm_eval_model import SmallTalkLM  # `smalltalk eval downstream --run RUN/sft`'s model
+
+    (logprob, _), = SmallTalkLM(str(sft)).loglikelihood([SimpleNamespace(args=("etaoin shrdlu", " xyz"))])
+    assert logprob < 0
     assert cli("export", "--run", sft, "--out", tmp_path / "export") == 0
     assert SmallTalkMixture.from_pretrained(tmp_path / "export").tokenizer.chat_template == CHAT_TEMPLATE
     # the server routes a chat request as the SFT routed its examples: on the first user message alone
