@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "smalltalk"
 RUN_FILE = re.compile(r"""["'][\w./-]*\.(json|jsonl|npy|npz|pkl|pt|safetensors|bin|md|html|png|log|sbatch)["']""")
-INPUT_FORMATS = {"data/ingest.py"}  # names the formats of users' documents, not files of a run
+INPUT_FORMATS = {"data/ingest.py", "sft/examples.py"}  # the formats of users' documents and instruction files
 
 
 def _modules() -> dict[str, Path]:
@@ -76,7 +76,7 @@ def test_every_verb_module_registers_its_commands():
 
     verbs = set(build_parser()._subparsers._group_actions[0].choices)  # argparse keeps them only here
     assert {"tokenizer", "data", "corpus", "routers", "partition", "experts", "dense", "train", "eval", "report",
-            "model", "generate", "export", "serve", "run", "plan", "launch", "status"} == verbs
+            "model", "sft", "generate", "export", "serve", "run", "plan", "launch", "status"} == verbs
     for path in (PACKAGE / "commands").glob("*.py"):
         if path.stem not in ("__init__", "common"):
             assert "def register(sub" in path.read_text(), path.name

@@ -19,7 +19,7 @@ def _stage(name: str):
 
 
 def test_stage_table_is_the_pipeline_order():
-    assert STAGE_NAMES == ("tokenizer", "data", "routers", "partition", "experts", "dense", "eval", "report")
+    assert STAGE_NAMES == ("tokenizer", "data", "routers", "partition", "experts", "dense", "eval", "report", "sft")
     assert set(LAUNCHABLE) <= set(STAGE_NAMES)
     for earlier, later in zip(STAGES, STAGES[1:], strict=False):  # later stages depend on all earlier ones do
         assert set(earlier.sections) <= set(later.sections), (earlier.name, later.name)

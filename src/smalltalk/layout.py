@@ -230,12 +230,10 @@ class SFTFiles:
 
     root: Path
 
-    def job(self, name: str) -> Path:
-        """A fine-tuning job's directory (TrainFiles): experts/KK or dense."""
+    def job(self, name: str) -> Path:  # a fine-tuning job's directory (TrainFiles): experts/KK or dense
         return self.root / name
 
-    def job_data(self, name: str) -> Path:
-        """Its training rows: tokens.npy [N, L] and labels.npy (-100 where no loss), + manifest.json."""
+    def job_data(self, name: str) -> Path:  # its rows: tokens.npy [N, L], labels.npy (-100: no loss), manifest
         return self.root / "data" / name
 
     @staticmethod
