@@ -9,6 +9,10 @@
 #                streaming eval, report), then generate; nvidia-smi lists every process that held the GPU.
 #   4. parts:    partition again as 3 separate part jobs + a merge on the GPU: same bytes as in 3.
 #   5. torchrun: partition under torchrun with 2 ranks (nccl) when there are >= 2 GPUs: same bytes.
+#   6. serving:  the batching engine on the GPU (tiny run of 3): 24 concurrent seeded/greedy requests give
+#                the texts they give alone (GPU kernels may round differently per batch size: counted),
+#                greedy texts equal HF generate's.
+#   7. sft:      `smalltalk sft` on the tiny run with the trainer on the GPU: jobs, dense baseline, results.
 # Usage: bash benchmarks/gpu_check.sh [PEAK_FLOPS]      (logs also under $OUT when that is set)
 # Dry run on a CPU machine: DEVICE=cpu DTYPE=float32 SKIP=train,scoring bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -77,6 +81,43 @@ torchrun_partition() {
   same_partition "$TMP/partition-2gpu"
 }
 
+serving() {
+  "$PY" -c "
+import threading
+from smalltalk.mixture import SmallTalkMixture
+from smalltalk.serving.batching import BatchedEngine
+from smalltalk.serving.serial import SerialEngine
+mixture = SmallTalkMixture.from_pretrained('$TMP/run', '$DEVICE')
+batched, serial = BatchedEngine(mixture, 'x', 32), SerialEngine(mixture, 'x', 32)
+prompts = ['xyz_ {} = %d' % i for i in range(12)] + ['etaoin shrdlu %d' % i for i in range(12)]
+def go(engine, i):
+    req = engine.validate({'prompt': prompts[i], 'max_tokens': 8 + i % 9, 'temperature': 0.8 if i % 2 else 0,
+                           'seed': i}, False)
+    routing = engine.route(req)
+    return routing['expert'], engine.generate(req, routing)
+alone, together = [go(batched, i) for i in range(24)], [None] * 24
+threads = [threading.Thread(target=lambda i=i: together.__setitem__(i, go(batched, i))) for i in range(24)]
+[t.start() for t in threads]; [t.join() for t in threads]
+same = sum(a == b for a, b in zip(alone, together))
+hf = sum(go(serial, i) == alone[i] for i in range(0, 24, 2))
+print(f'batched == alone: {same}/24 (peak rows {batched.peak_rows}); greedy == HF generate: {hf}/12')
+assert same >= 20 and hf >= 10 and batched.peak_rows >= 2"
+}
+
+sft() {
+  "$PY" -c "
+import json, sys; sys.path.insert(0, '.')
+from pathlib import Path
+from tests.conftest import make_documents
+out = Path('$TMP/sft-data'); out.mkdir()
+rows = [{'prompt': ' '.join(d['text'].split()[:3]), 'completion': ' '.join(d['text'].split()[3:6]),
+         'domain': d['domain']} for d in make_documents(150, seed=7)]
+for split, part in (('train', rows[:120]), ('test', rows[120:])):
+    (out / f'{split}.jsonl').write_text(''.join(json.dumps(r) + '\\n' for r in part))" || return 1
+  "$PY" -m smalltalk.cli sft --run "$TMP/run" --data "$TMP/sft-data" --set "train.device=$DEVICE" \
+    --set "train.dtype=$DTYPE" --set sft.micro_batch_size=8 --set sft.lr=3e-3
+}
+
 same_partition() {  # every expert's share file byte-identical to the pipeline's partition
   local status=0
   for f in "$TMP"/run/partition/expert_*.npy; do
@@ -97,6 +138,8 @@ section scoring scoring
 section pipeline pipeline
 section parts parts
 section torchrun torchrun_partition
+section serving serving
+section sft sft
 if [ -n "${SMI:-}" ]; then
   kill "$SMI" 2>/dev/null
   echo; echo "processes that held the GPU: $(cut -d, -f1 "$LOGS/gpu_apps.csv" | sort -u | grep -c '^[0-9]')"

@@ -10,7 +10,8 @@ next step instead of after the batch (vLLM's and TGI's continuous batching, on H
 Why one thread and not a lock per request: on a few CPU cores two concurrent forwards only oversubscribe
 the cores, and routing, done between two decode steps, waits at most one step, never a generation.
 Sampling is per row with the row's own `torch.Generator` (seeded by the request's seed), so a seeded
-request gives the same text alone or in any batch (up to float rounding of batched matmuls).
+request gives the same text alone or in a batch, up to float rounding: padded batches run other kernels,
+and a draw that falls within rounding of a token boundary can flip (docs/serving.md measures how often).
 """
 
 from __future__ import annotations
