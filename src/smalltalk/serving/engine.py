@@ -8,6 +8,7 @@ as text arrives (streaming) and raising Cancelled once req["cancel"] is set (the
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from smalltalk.serving.metrics import Metrics
@@ -40,3 +41,11 @@ class Engine:
 
     def close(self) -> None:
         """Stop background work (the batching loop, HTTP clients)."""
+
+
+def timed_route(mixture, route_ids) -> dict:
+    """One prompt's routing decision, as every response reports it."""
+    start = time.perf_counter()
+    chosen, scores = mixture.route(route_ids)
+    seconds = time.perf_counter() - start
+    return {"expert": int(chosen[0]), "scores": [float(s) for s in scores[0]], "routing_ms": seconds * 1e3}

@@ -12,13 +12,12 @@ from __future__ import annotations
 
 import json
 import threading
-import time
 
 import httpx
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.mixture import SmallTalkMixture
-from smalltalk.serving.engine import Engine, OnText
+from smalltalk.serving.engine import Engine, OnText, timed_route
 from smalltalk.serving.protocol import Cancelled, RequestError, Validator, route_on
 
 
@@ -58,11 +57,9 @@ class RemoteEngine(Engine):
 
     def route(self, req: dict) -> dict:
         with self._route_lock:
-            start = time.perf_counter()
-            chosen, scores = self.mixture.route(req["route_ids"])
-            seconds = time.perf_counter() - start
-        self.metrics.routing_sum += seconds
-        return {"expert": int(chosen[0]), "scores": [float(s) for s in scores[0]], "routing_ms": seconds * 1e3}
+            routing = timed_route(self.mixture, req["route_ids"])
+        self.metrics.routing_sum += routing["routing_ms"] / 1e3
+        return routing
 
     def _model_name(self, expert: int) -> str:
         """The id the backend serves (vLLM names a model after its path unless told otherwise)."""
