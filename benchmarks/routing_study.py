@@ -14,7 +14,7 @@ was worse than dense (1.07 and 1.10): too few tokens per parameter for specialis
 (../shared/notes/scale-regime.md), so the levers must be compared at the full budget.
 
   python benchmarks/routing_study.py [--root runs/routing-study] [--seeds 0 1] [--only distinct-init]
-      [--reuse-grid runs/corpus10]
+      [--reuse-grid runs/corpus10] [--table-only]
 """
 
 from __future__ import annotations
@@ -129,7 +129,13 @@ def main() -> int:
     ap.add_argument("--reuse-grid", help="the experiment_corpus10 root whose em-4 / oracle-4 are seed 0")
     ap.add_argument("--json", default="runs/routing-study/study.json")
     ap.add_argument("--plot", default="docs/routing_study.png")
+    ap.add_argument("--table-only", action="store_true", help="print the table and plot of --json, run nothing")
     args = ap.parse_args()
+    if args.table_only:  # e.g. after a study stopped part-way
+        table = summarise(json.loads(Path(args.json).read_text())["rows"])
+        print_table(table)
+        plot(table, Path(args.plot))
+        return 0
     if not CORPUS.is_dir():
         print(f"corpus10 not found at {CORPUS} (skipping)")
         return 0
