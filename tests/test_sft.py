@@ -171,6 +171,11 @@ def test_run_with_sft_stage_tunes_each_expert_on_its_examples(pipeline_run, inst
     assert cli(*by_prompt) == 0
     assert json.loads((tmp_path / "by-prompt" / "examples.json").read_text())["route_on"] == "prompt"
     assert json.loads((tmp_path / "by-prompt" / "mixture.json").read_text())["sft"]["route_on"] == "prompt"
+    # other settings into the same directory would mix two SFTs: refused; an empty train file too
+    assert cli(*by_prompt[:-5], "--set", "sft.route_on=user_text", "--no-measure") == 2
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert cli("sft", "--run", run, "--data", empty, "--out", tmp_path / "none", "--no-measure") == 2
 
 
 def ppl_examples(results: dict) -> int:

@@ -13,6 +13,7 @@ replay from the whole train split) for as many steps as all experts together. Th
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
 import shutil
@@ -24,7 +25,7 @@ from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.export import copy_routers
-from smalltalk.fsutil import write_json
+from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout, SFTFiles, TrainFiles, manifest_of
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.model import spec_from_hf
@@ -78,7 +79,14 @@ def run_sft(cfg: Config, run: RunLayout, data: Path, out: Path | None = None, on
     tokenizer = mixture.tokenizer
     tokenizer.chat_template = CHAT_TEMPLATE
     seq_len = mixture.expert(0).config.max_position_embeddings
-    splits = {split: read_examples(path) for split, path in split_files(Path(data)).items()}
+    files = split_files(Path(data))
+    splits = {split: read_examples(path) for split, path in files.items()}
+    if not splits["train"]:
+        raise SmalltalkError("no training examples", where=str(files["train"]), fix="give at least one example")
+    settings = _settings(cfg, files)
+    if sft.examples.is_file() and read_json(sft.examples).get("settings") != settings:
+        raise SmalltalkError(f"{sft.root} was made from other instruction data or sft settings",
+                             fix="pass --out NEW_DIR for the new settings (or delete the old directory)")
     encoded, cut = {}, {}
     for split, examples in splits.items():
         encoded[split], cut[split] = encode_split(tokenizer, examples, seq_len)
@@ -86,7 +94,7 @@ def run_sft(cfg: Config, run: RunLayout, data: Path, out: Path | None = None, on
                                      for ex, enc in zip(splits[split], encoded[split], strict=True)])[0]
               for split in splits}
     sft.root.mkdir(parents=True, exist_ok=True)
-    write_json(sft.examples, {"route_on": cfg.sft.route_on, "cut_to_context": cut, "splits": {
+    write_json(sft.examples, {"settings": settings, "route_on": cfg.sft.route_on, "cut_to_context": cut, "splits": {
         split: [{"expert": int(k), "domain": ex["domain"]} for ex, k in zip(splits[split], chosen[split], strict=True)]
         for split in splits}})
     steps = _train_experts(cfg, run, mixture, sft, encoded["train"], chosen["train"], seq_len, tokenizer, only)
@@ -98,6 +106,13 @@ def run_sft(cfg: Config, run: RunLayout, data: Path, out: Path | None = None, on
                "dense_steps": dense, "route_on": cfg.sft.route_on, "replay": cfg.sft.replay}
     print(f"sft: {summary}", flush=True)
     return summary
+
+
+def _settings(cfg: Config, files: dict[str, Path]) -> dict:
+    """What the jobs' outputs depend on: a rerun into the same directory must match it (else it would mix)."""
+    sha = {split: hashlib.sha256(path.read_bytes()).hexdigest()[:16] for split, path in files.items()}
+    return {"sft": {k: v for k, v in dataclasses.asdict(cfg.sft).items() if k not in ("enabled", "data")},
+            "data_sha256": sha, "train_seed": cfg.train.seed}
 
 
 def _job_config(cfg: Config, steps: int, seed: int):
