@@ -31,8 +31,12 @@ GRID = {
     "em-2": ["routing.experts=2", *PAPER_EM],
     "em-4": ["routing.experts=4", *PAPER_EM],
     "em-8": ["routing.experts=8", *PAPER_EM],
+    "tfidf-2": ["routing.experts=2", "routing.method=tfidf", *PAPER_EM],
     "tfidf-4": ["routing.experts=4", "routing.method=tfidf", *PAPER_EM],
+    "tfidf-8": ["routing.experts=8", "routing.method=tfidf", *PAPER_EM],
+    "random-2": ["routing.experts=2", "routing.method=random", *PAPER_EM],
     "random-4": ["routing.experts=4", "routing.method=random", *PAPER_EM],
+    "random-8": ["routing.experts=8", "routing.method=random", *PAPER_EM],
     "em-4-router5x": ["routing.experts=4", "routing.router.preset=cpu-router-0.1m", *PAPER_EM],
     # the upper bound: experts on groups of the domain labels (routing.method=oracle), at every E
     "oracle-2": ["routing.experts=2", "routing.method=oracle", *PAPER_EM],
