@@ -57,7 +57,7 @@ class _Batch:
     mask: torch.Tensor
     positions: torch.Tensor
     last: torch.Tensor
-
+    cache_kw: str = "past_key_values"  # the model's name for the cache argument, looked up once
 
 def sample_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     """The next token of each row: greedy at temperature 0, else nucleus sampling by inverse CDF with one
@@ -237,11 +237,11 @@ class BatchedEngine(Engine):
             ids[i, width - lengths[i]:] = row.req["ids"][0]
             mask[i, width - lengths[i]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache, cache_kw = DynamicCache(), _cache_argument(model)
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    **{_cache_argument(model): cache}, use_cache=True, logits_to_keep=1)
+                    **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
         new = _Batch(model, rows, cache, mask.to(device), torch.tensor(lengths, device=device),
-                     torch.zeros(len(rows), dtype=torch.long, device=device))
+                     torch.zeros(len(rows), dtype=torch.long, device=device), cache_kw)
         self._merge(expert, new)
         self._emit(expert, out.logits[:, -1], first=len(self._batches[expert].rows) - len(rows))
 
@@ -266,7 +266,7 @@ class BatchedEngine(Engine):
         self.peak_rows = max(self.peak_rows, len(batch.rows))
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         out = batch.model(input_ids=batch.last[:, None], attention_mask=batch.mask,
-                          position_ids=batch.positions[:, None], **{_cache_argument(batch.model): batch.cache},
+                          position_ids=batch.positions[:, None], **{batch.cache_kw: batch.cache},
                           use_cache=True)
         batch.positions = batch.positions + 1
         self._emit(expert, out.logits[:, -1], first=0)
