@@ -51,25 +51,29 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         if api_key and not hmac.compare_digest(given, f"Bearer {api_key}".encode()):
             raise RequestError(401, "invalid or missing API key", None, "invalid_api_key")
 
+    def refused(request: Request, endpoint: str) -> JSONResponse | None:
+        """The 401 answer of a GET endpoint behind the key, or None when the key is right."""
+        try:
+            check_key(request)
+        except RequestError as exc:
+            return _error(engine, exc, endpoint)
+        return None
+
     @app.get("/health")
     async def health() -> dict:
         return {"status": "ok", **engine.health(), "in_flight": engine.in_flight}
 
     @app.get("/metrics")
     async def metrics(request: Request):
-        try:
-            check_key(request)
-        except RequestError as exc:
-            return _error(engine, exc, "metrics")
+        if (denied := refused(request, "metrics")) is not None:
+            return denied
         own = engine.metrics.snapshot(engine.gauges())
         return PlainTextResponse(render_metrics(shared_metrics.gather(own) if shared_metrics else [own]))
 
     @app.get("/v1/models")
     async def models(request: Request):
-        try:
-            check_key(request)
-        except RequestError as exc:
-            return _error(engine, exc, "models")
+        if (denied := refused(request, "models")) is not None:
+            return denied
         return {"object": "list", "data": [{"id": engine.model_name, "object": "model", "created": 0,
                                             "owned_by": "smalltalk-lm"}]}
 

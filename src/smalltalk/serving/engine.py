@@ -8,6 +8,7 @@ as text arrives (streaming) and raising Cancelled once req["cancel"] is set (the
 
 from __future__ import annotations
 
+import abc
 import time
 from collections.abc import Callable
 
@@ -17,7 +18,9 @@ from smalltalk.serving.protocol import Validator
 OnText = Callable[[str], None] | None
 
 
-class Engine:
+class Engine(abc.ABC):
+    """The interface; SerialEngine, BatchedEngine and RemoteEngine implement route and generate."""
+
     def __init__(self, validator: Validator, max_queue: int = 256) -> None:
         self.validator, self.model_name = validator, validator.model_name
         self.metrics = Metrics()
@@ -26,11 +29,11 @@ class Engine:
     def validate(self, body: object, chat: bool) -> dict:
         return self.validator(body, chat)
 
-    def route(self, req: dict) -> dict:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def route(self, req: dict) -> dict: ...
 
-    def generate(self, req: dict, routing: dict, on_text: OnText = None) -> tuple[str, str, int]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def generate(self, req: dict, routing: dict, on_text: OnText = None) -> tuple[str, str, int]: ...
 
     def gauges(self) -> dict:
         """Point-in-time values for /metrics (summed over `--workers` processes)."""
@@ -39,7 +42,7 @@ class Engine:
     def health(self) -> dict:
         return {}
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook: engines without background work keep this
         """Stop background work (the batching loop, HTTP clients)."""
 
 
