@@ -8,12 +8,12 @@ read back only at log steps). Same width, depth, heads, vocabulary, batch and se
 are the same random tokens. The two run in alternation, --rounds times (order alternating), each for
 --steps steps; the figure is the median over the timed windows after the first of each round. FLOP/s
 counts each model's own training FLOPs with nanoGPT's own estimate (6 × matmul parameters + 12·L·T·d
-per token, for both), so the FLOP/s ratio is fair where the MLPs differ in width: cpu-expert-7m's SwiGLU
-is 3d wide (9d² per layer against GELU's 8d²); `--equal-mlp` gives ours the 8d/3 width instead (the
-rule of model.py, equal parameters and FLOPs; cpu-expert-2m already has it).
+per token, for both). Both presets' SwiGLU is 8d/3 wide (model.py's rule: nanoGPT's 4d GELU MLP's
+parameters and FLOPs), so tokens/s compare models of equal cost; `--mlp-width` sets another width
+(e.g. 768 at cpu-expert-7m, the preset's width before it followed the rule: 9d² per layer against 8d²).
 
   python benchmarks/bench_vs_nanogpt.py [--presets cpu-expert-2m cpu-expert-7m] [--compile] [--rounds 3]
-      [--equal-mlp]
+      [--mlp-width N]
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main() -> int:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--compile", action="store_true", help="torch.compile on both sides")
-    ap.add_argument("--equal-mlp", action="store_true", help="our SwiGLU 8d/3 wide: nanoGPT's MLP parameters")
+    ap.add_argument("--mlp-width", type=int, help="our SwiGLU's width instead of the preset's")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     print(f"| model | params (ours / nanoGPT) | ours tokens/s | nanoGPT tokens/s | tokens/s ratio | FLOP/s ratio |"
@@ -144,8 +144,8 @@ def main() -> int:
         data = random_data(Path(tmp) / "data", 4096, args.seq_len, args.vocab)
         for preset in args.presets:
             spec = resolve_spec(ModelConfig(preset=preset), args.vocab)
-            if args.equal_mlp:
-                spec = dataclasses.replace(spec, intermediate_size=round(8 * spec.hidden_size / 3 / 8) * 8)
+            if args.mlp_width:
+                spec = dataclasses.replace(spec, intermediate_size=args.mlp_width)
             cfg = TrainConfig(steps=args.steps, micro_batch_size=args.batch, log_every=args.window, warmup_steps=2,
                               num_threads=args.threads, tensorboard=False, progress=False, peak_flops=1e12,
                               compile=args.compile, checkpoint_every=0)

@@ -1,8 +1,9 @@
 """One trainer for routers, experts and dense baselines.
 
 AdamW with warmup + cosine or warmup + constant LR, gradient accumulation, clipping, bf16 autocast and
-optional torch.compile on CUDA, DDP under torchrun. Checkpoints hold everything needed to continue
-bitwise-exactly: weights, optimizer, scheduler, RNG states and the data cursor.
+optional torch.compile, DDP under torchrun; the loss is training_forward's (HF's math in fewer kernels).
+Checkpoints hold everything needed to continue bitwise-exactly: weights, optimizer, scheduler, RNG states
+and the data cursor.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from smalltalk.flops import measure_matmul_peak, training_flops
 from smalltalk.fsutil import atomic_dir, atomic_file, write_json
 from smalltalk.layout import WEIGHTS, TrainFiles
 from smalltalk.model import ModelSpec, build_model, count_params
+from smalltalk.training_forward import TrainingForward
 
 
 class Sampler:
@@ -246,7 +248,7 @@ def train(job: TrainJob, resume: bool = False) -> dict:
                 torch.from_numpy(job.data.labels(rows, seq)).to(device, non_blocking=True)  # -100: no loss
             sync = micro == cfg.grad_accum - 1 or not dist.enabled
             with (runner.no_sync() if not sync else contextlib.nullcontext()), autocast:
-                loss = runner(input_ids=x, labels=labels).loss / cfg.grad_accum
+                loss = runner(x, labels) / cfg.grad_accum
             loss.backward()
             loss_sum += loss.detach()
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip) if cfg.grad_clip > 0 \
@@ -321,7 +323,8 @@ def _load_weights(model: torch.nn.Module, model_dir: Path) -> None:
 
 
 def _wrap(model, cfg: TrainConfig, dist: DistContext, device: torch.device):
-    runner = model
+    """The loss function `train()` differentiates: training_forward's fast path, compiled / in DDP as asked."""
+    runner = TrainingForward(model)
     if cfg.compile:
         runner = torch.compile(runner)
     if dist.enabled:

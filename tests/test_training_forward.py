@@ -1,0 +1,95 @@
+"""The trainer's fast forward: HF's loss and gradients, its fallback, and torch.compile on CPU."""
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from smalltalk.config import ModelConfig
+from smalltalk.model import build_model, resolve_spec
+from smalltalk.training_forward import TrainingForward, causal_lm_loss, covers, rms_norm, rotary, swiglu
+
+from .conftest import TINY_CONFIG, cli
+
+
+def _model(kv_heads: int | None = None, seed: int = 0):
+    spec = dataclasses.replace(resolve_spec(ModelConfig(preset="cpu-expert-0.15m"), 256), num_kv_heads=kv_heads)
+    model = build_model(spec, 48, seed=seed)
+    for p in model.parameters():  # norms start at 1: perturb them so their gradients mean something
+        if p.dim() == 1:
+            p.data.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _loss_and_grads(model, fn):
+    loss = fn()
+    return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_loss_and_gradients_equal_hfs(kv_heads):
+    """Loss and every parameter's gradient as HF's forward gives them (GQA too, labels with -100)."""
+    model = _model(kv_heads)
+    ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    labels[0, :20] = -100  # an SFT-style mask
+    hf_loss, hf_grads = _loss_and_grads(model, lambda: model(input_ids=ids, labels=labels).loss)
+    loss, grads = _loss_and_grads(model, lambda: causal_lm_loss(model, ids, labels))
+    assert loss.item() == pytest.approx(hf_loss.item(), rel=1e-6)
+    for (name, _), a, b in zip(model.named_parameters(), hf_grads, grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), name
+
+
+def test_bf16_autocast_loss_and_gradients_are_hfs_within_rounding():
+    model = _model()
+    ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(2))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hf_loss, hf_grads = _loss_and_grads(model, lambda: model(input_ids=ids, labels=ids).loss)
+        loss, grads = _loss_and_grads(model, lambda: causal_lm_loss(model, ids, ids))
+    assert loss.item() == pytest.approx(hf_loss.item(), rel=3e-3)
+    for (name, p), a, b in zip(model.named_parameters(), hf_grads, grads, strict=True):
+        assert a.dtype == b.dtype == p.dtype, name
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99, name
+
+
+def test_compiled_expressions_equal_the_autograd_functions(monkeypatch):
+    """The plain expressions traced under torch.compile compute what the eager functions do."""
+    x = torch.randn(2, 5, 3, 8, requires_grad=True)
+    theta = torch.rand(5, 1, 4) * 6
+    angles = torch.polar(torch.ones_like(theta), theta)
+    norm = _model().model.norm
+    h = torch.randn(2, 5, norm.weight.shape[0], requires_grad=True)
+    gate_up = torch.randn(2, 5, 12, requires_grad=True)
+    eager = [rotary(x, angles), rms_norm(h, norm), swiglu(gate_up)]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    traced = [rotary(x, angles), rms_norm(h, norm), swiglu(gate_up)]
+    inputs = [x, h, norm.weight, gate_up]
+    for a, b in zip(eager, traced, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
+        g = torch.randn_like(a)
+        grads_a = torch.autograd.grad(a, inputs, g, allow_unused=True, materialize_grads=True)
+        grads_b = torch.autograd.grad(b, inputs, g, allow_unused=True, materialize_grads=True)
+        for ga, gb in zip(grads_a, grads_b, strict=True):
+            assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+def test_a_model_it_does_not_cover_trains_through_hfs_forward():
+    model = _model()
+    model.config.attention_bias = True  # as a loaded checkpoint with q/k/v biases would say
+    step = TrainingForward(model)
+    ids = torch.randint(0, 256, (2, 48))
+    assert not covers(model) and not step.fast
+    assert torch.equal(step(ids, ids), model(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.slow
+def test_compiled_training_on_cpu_follows_eager(prepared_run, tmp_path):
+    """`train.compile: true` works on CPU and trains as eager does (same losses within rounding)."""
+    runs = {}
+    for name, compile_ in (("eager", "false"), ("compiled", "true")):
+        out = tmp_path / name
+        assert cli("train", "lm", "--config", TINY_CONFIG, "--run", prepared_run, "--out", out,
+                   "--set", "train.steps=6", "--set", "train.log_every=1", "--set", f"train.compile={compile_}") == 0
+        runs[name] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-3)
