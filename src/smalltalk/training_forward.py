@@ -1,13 +1,16 @@
-"""The training forward pass of our Llama: HF's weights and math in fewer kernels.
+"""The training forward pass of our Llama: HF's weights and math in fewer, cheaper kernels.
 
-Training spends its time where HF's general-purpose forward is generic. q/k/v and gate/up run as five
-matmuls: here as one [q; k; v] and one [gate; up] matmul over the same parameters concatenated (the same
-FLOPs in fewer, larger calls, and fewer gradient sums in backward). RoPE runs as five elementwise ops
-forward and more backward: here as one complex multiply, in a basis where each rotation pair is adjacent
-(q and k rows permuted alike: attention is unchanged). RMSNorm and SwiGLU are chains of ops that each
-read and write the whole activation: here each is one autograd function with a hand-derived backward
-that writes its gradient where it belongs instead of concatenating. The loss skips HF's shifted copy of
-the logits (the last position is simply not projected).
+What HF's general-purpose forward does that training on our models pays for, and what this does instead
+(each measured on CPU, benchmarks/bench_vs_nanogpt.py):
+- q, k and v are three matmuls and their input gradients three more plus two sums: here one matmul over
+  the three weights concatenated (the same FLOPs in fewer, larger calls). Gate and up stay two: fused,
+  they measured slower.
+- RoPE is five elementwise ops forward and more backward: here one complex multiply, in a basis where
+  each rotation pair is adjacent (q and k rows permuted alike, so attention is unchanged).
+- RMSNorm is a chain of ops that each read and write the whole activation, its weight one of them: here
+  one autograd function with a hand-derived backward, and the weight rides on the next matmul's weight
+  (`W (w ⊙ n) = (W diag w) n`: a weight-sized multiply instead of an activation-sized one).
+- The loss copies the logits to shift them: here the last position is simply not projected.
 
 Everything else (modules, parameter names, checkpoints, generation, scoring) stays HF's
 `LlamaForCausalLM`: this is only the function `train()` differentiates, tested to give HF's loss and
@@ -44,69 +47,35 @@ def rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(torch.view_as_complex(pairs) * angles).flatten(-2)
 
 
-class _SwiGLU(torch.autograd.Function):
-    """silu(gate) * up on the [gate | up] output of one matmul, whose backward writes both halves' gradients
-    into one buffer (autograd would build them apart and concatenate)."""
+class _Normalize(torch.autograd.Function):
+    """RMSNorm without its weight (x / rms(x), statistics in float32 as HF's), with a hand-derived
+    backward: one pass forward, three backward."""
 
     @staticmethod
-    def forward(ctx, gate_up: torch.Tensor) -> torch.Tensor:
-        gate, up = gate_up.chunk(2, dim=-1)
-        activated = F.silu(gate)
-        ctx.save_for_backward(gate_up, activated)
-        return activated * up
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        gate_up, activated = ctx.saved_tensors
-        gate, up = gate_up.chunk(2, dim=-1)
-        out = torch.empty_like(gate_up)
-        grad_gate, grad_up = out.chunk(2, dim=-1)
-        torch.mul(activated, grad, out=grad_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
-        return out
-
-
-def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-    return _SwiGLU.apply(gate_up)
-
-
-class _RMSNorm(torch.autograd.Function):
-    """HF's LlamaRMSNorm (float32 statistics, `weight * normed`) with a hand-derived backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
         with torch.autocast(x.device.type, enabled=False):  # vecdot would run in bf16 under autocast
             rstd = torch.rsqrt(torch.linalg.vecdot(xf, xf).unsqueeze(-1).div_(x.shape[-1]).add_(eps))
-        ctx.save_for_backward(x, weight, rstd)
-        return weight * (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(x, rstd)
+        return (xf * rstd).to(x.dtype)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):
-        x, weight, rstd = ctx.saved_tensors
+        x, rstd = ctx.saved_tensors
         xf, g = x.float(), grad.float()
-        grad_x = grad_w = None
-        with torch.autocast(grad.device.type, enabled=False):  # float32 throughout, as the forward
-            if ctx.needs_input_grad[0]:
-                gw = g * weight.float()
-                coef = torch.linalg.vecdot(gw, xf).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
-                grad_x = torch.mul(gw, rstd).addcmul_(xf, coef, value=-1).to(x.dtype)
-            if ctx.needs_input_grad[1]:
-                d = x.shape[-1]
-                grad_w = ((g * xf).reshape(-1, d).t() @ rstd.reshape(-1)).to(weight.dtype)
-        return grad_x, grad_w, None
+        with torch.autocast(grad.device.type, enabled=False):
+            coef = torch.linalg.vecdot(g, xf).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
+            return torch.mul(g, rstd).addcmul_(xf, coef, value=-1).to(x.dtype), None
 
 
-def rms_norm(x: torch.Tensor, norm: torch.nn.Module) -> torch.Tensor:
+def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """x / rms(x): an RMSNorm whose weight the next matmul carries (`W (w ⊙ n) = (W diag w) n`, so the
+    weight costs a weight-sized multiply instead of an activation-sized one, forward and backward)."""
     if torch.compiler.is_compiling():
         xf = x.float()
-        return norm.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)).to(x.dtype)
-    return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon)
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return _Normalize.apply(x, eps)
 
 
 def covers(model) -> bool:
@@ -119,14 +88,14 @@ def covers(model) -> bool:
             and getattr(c, "sliding_window", None) is None)
 
 
-def _fused_weights(layer) -> tuple[torch.Tensor, torch.Tensor]:
-    """[q; k; v] (q and k rows in pair order) and [gate; up]: one matmul each, gradients flow back to the
-    separate HF parameters."""
-    attn, mlp = layer.self_attn, layer.mlp
+def _qkv_weight(layer) -> torch.Tensor:
+    """[q; k; v] with q and k rows in pair order, carrying the RMSNorm weight before it: one matmul, whose
+    gradient flows back to the separate HF parameters."""
+    attn = layer.self_attn
     d = attn.head_dim
     qk = torch.cat([attn.q_proj.weight, attn.k_proj.weight])
     qk = qk.index_select(0, pair_order(qk.shape[0] // d, d, qk.device))
-    return torch.cat([qk, attn.v_proj.weight]), torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])
+    return torch.cat([qk, attn.v_proj.weight]) * layer.input_layernorm.weight
 
 
 def _layer(layer, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
@@ -134,15 +103,15 @@ def _layer(layer, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     b, t, _ = x.shape
     d = attn.head_dim
     heads, kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
-    qkv_weight, gate_up_weight = _fused_weights(layer)
-    qkv = F.linear(rms_norm(x, layer.input_layernorm), qkv_weight).view(b, t, heads + 2 * kv, d)
-    q, k, v = qkv.split([heads, kv, kv], dim=2)
+    qkv = F.linear(normalize(x, layer.input_layernorm.variance_epsilon), _qkv_weight(layer))
+    q, k, v = qkv.view(b, t, heads + 2 * kv, d).split([heads, kv, kv], dim=2)
     q, k = rotary(q, angles), rotary(k, angles)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        scale=attn.scaling, enable_gqa=kv != heads)
     x = x + attn.o_proj(y.transpose(1, 2).reshape(b, t, heads * d))
-    gate_up = F.linear(rms_norm(x, layer.post_attention_layernorm), gate_up_weight)
-    return x + mlp.down_proj(swiglu(gate_up))
+    # gate and up stay two matmuls: one [gate; up] matmul measured ~10% slower (its halves are strided)
+    h, w = normalize(x, layer.post_attention_layernorm.variance_epsilon), layer.post_attention_layernorm.weight
+    return x + mlp.down_proj(F.silu(F.linear(h, mlp.gate_proj.weight * w)) * F.linear(h, mlp.up_proj.weight * w))
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -155,7 +124,7 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torc
     angles = torch.complex(cos[0, :, None, :half].float(), sin[0, :, None, :half].float())
     for layer in base.layers:
         x = _layer(layer, x, angles)
-    logits = model.lm_head(rms_norm(x[:, :-1], base.norm))
+    logits = F.linear(normalize(x[:, :-1], base.norm.variance_epsilon), model.lm_head.weight * base.norm.weight)
     return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
 
