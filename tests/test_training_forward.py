@@ -57,11 +57,11 @@ def test_compiled_expressions_equal_the_autograd_functions(monkeypatch):
     """The plain expressions traced under torch.compile compute what the eager functions do."""
     x = torch.randn(2, 5, 3, 8, requires_grad=True)
     theta = torch.rand(5, 1, 4) * 6
-    angles = torch.polar(torch.ones_like(theta), theta)
+    cos, sin = theta.cos(), theta.sin()
     h = torch.randn(2, 5, 16, requires_grad=True)
-    eager = [rotary(x, angles), normalize(h, 1e-5)]
+    eager = [rotary(x, cos, sin), normalize(h, 1e-5)]
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    traced = [rotary(x, angles), normalize(h, 1e-5)]
+    traced = [rotary(x, cos, sin), normalize(h, 1e-5)]
     inputs = [x, h]
     for a, b in zip(eager, traced, strict=True):
         assert torch.allclose(a, b, atol=1e-6)

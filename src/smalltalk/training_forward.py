@@ -38,13 +38,14 @@ def pair_order(heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(heads)[:, None] * head_dim + within).flatten().to(device)
 
 
-def rotary(x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
-    """RoPE on x [..., T, N, D] in pair order, by `angles` = cos + i·sin [T, 1, D/2] (float32 out, as HF's)."""
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on x [..., T, N, D] in pair order, by angles of cosine `cos` and sine `sin` [T, 1, D/2]
+    (float32 out, as HF's)."""
     pairs = x.float().unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():  # Inductor fuses real arithmetic; complex tensors it would not
+    if torch.compiler.is_compiling():  # Inductor fuses real arithmetic; complex tensors it cannot
         re, im = pairs.unbind(-1)
-        return torch.stack((re * angles.real - im * angles.imag, re * angles.imag + im * angles.real), -1).flatten(-2)
-    return torch.view_as_real(torch.view_as_complex(pairs) * angles).flatten(-2)
+        return torch.stack((re * cos - im * sin, re * sin + im * cos), -1).flatten(-2)
+    return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2)
 
 
 class _Normalize(torch.autograd.Function):
@@ -98,14 +99,14 @@ def _qkv_weight(layer) -> torch.Tensor:
     return torch.cat([qk, attn.v_proj.weight]) * layer.input_layernorm.weight
 
 
-def _layer(layer, x: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+def _layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     attn, mlp = layer.self_attn, layer.mlp
     b, t, _ = x.shape
     d = attn.head_dim
     heads, kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
     qkv = F.linear(normalize(x, layer.input_layernorm.variance_epsilon), _qkv_weight(layer))
     q, k, v = qkv.view(b, t, heads + 2 * kv, d).split([heads, kv, kv], dim=2)
-    q, k = rotary(q, angles), rotary(k, angles)
+    q, k = rotary(q, cos, sin), rotary(k, cos, sin)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        scale=attn.scaling, enable_gqa=kv != heads)
     x = x + attn.o_proj(y.transpose(1, 2).reshape(b, t, heads * d))
@@ -121,9 +122,9 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torc
     positions = torch.arange(input_ids.shape[1], device=input_ids.device)[None]
     cos, sin = base.rotary_emb(x, positions)  # [1, T, D], both halves equal
     half = cos.shape[-1] // 2
-    angles = torch.complex(cos[0, :, None, :half].float(), sin[0, :, None, :half].float())
+    cos, sin = cos[0, :, None, :half].float(), sin[0, :, None, :half].float()
     for layer in base.layers:
-        x = _layer(layer, x, angles)
+        x = _layer(layer, x, cos, sin)
     logits = F.linear(normalize(x[:, :-1], base.norm.variance_epsilon), model.lm_head.weight * base.norm.weight)
     return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
 
