@@ -107,8 +107,10 @@ def _layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     qkv = F.linear(normalize(x, layer.input_layernorm.variance_epsilon), _qkv_weight(layer))
     q, k, v = qkv.view(b, t, heads + 2 * kv, d).split([heads, kv, kv], dim=2)
     q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+    if kv != heads:  # grouped-query attention: query head h reads kv head h // (heads / kv), as HF's repeat_kv
+        k, v = k.repeat_interleave(heads // kv, dim=2), v.repeat_interleave(heads // kv, dim=2)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       scale=attn.scaling, enable_gqa=kv != heads)
+                                       scale=attn.scaling)
     x = x + attn.o_proj(y.transpose(1, 2).reshape(b, t, heads * d))
     # gate and up stay two matmuls: one [gate; up] matmul measured ~10% slower (its halves are strided)
     h, w = normalize(x, layer.post_attention_layernorm.variance_epsilon), layer.post_attention_layernorm.weight
