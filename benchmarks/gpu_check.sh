@@ -13,6 +13,8 @@
 #                the texts they give alone (GPU kernels may round differently per batch size: counted),
 #                greedy texts equal HF generate's.
 #   7. sft:      `smalltalk sft` on the tiny run with the trainer on the GPU: jobs, dense baseline, results.
+#   8. forward:  training_forward's loss vs HF's forward on the GPU (paper-335m, bf16 autocast, eager):
+#                loss and gradient agreement, forward+backward time of each (~30 s).
 # Usage: bash benchmarks/gpu_check.sh [PEAK_FLOPS]      (logs also under $OUT when that is set)
 # Dry run on a CPU machine: DEVICE=cpu DTYPE=float32 SKIP=train,scoring bash benchmarks/gpu_check.sh
 set -uo pipefail
@@ -41,6 +43,11 @@ section() {  # section NAME COMMAND...: run unless skipped, time it, record ok/F
 train() {
   "$PY" benchmarks/bench_train.py --presets paper-335m --vocab 32000 --seq-len 1024 --batch 8 --steps 36 \
     --device "$DEVICE" --dtype "$DTYPE" --compile --peak "$PEAK"
+}
+
+forward() {
+  "$PY" benchmarks/bench_training_forward.py --preset paper-335m --vocab 32000 --seq-len 1024 --batch 8 \
+    --device "$DEVICE" --dtype "$DTYPE"
 }
 
 scoring() {  # ~90 s on an H200 (fp32 and 262k-token batches took > 4 minutes: docs/scaling.md has them)
@@ -140,6 +147,7 @@ section parts parts
 section torchrun torchrun_partition
 section serving serving
 section sft sft
+section forward forward
 if [ -n "${SMI:-}" ]; then
   kill "$SMI" 2>/dev/null
   echo; echo "processes that held the GPU: $(cut -d, -f1 "$LOGS/gpu_apps.csv" | sort -u | grep -c '^[0-9]')"
