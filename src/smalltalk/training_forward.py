@@ -55,8 +55,9 @@ class _Normalize(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.float()
-        with torch.autocast(x.device.type, enabled=False):  # vecdot would run in bf16 under autocast
-            rstd = torch.rsqrt(torch.linalg.vecdot(xf, xf).unsqueeze(-1).div_(x.shape[-1]).add_(eps))
+        with torch.autocast(x.device.type, enabled=False):  # one reduction kernel (vecdot is a mul and a sum)
+            rms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).div_(x.shape[-1] ** 0.5)
+            rstd = torch.rsqrt(rms.square_().add_(eps))
         ctx.save_for_backward(x, rstd)
         return (xf * rstd).to(x.dtype)
 
