@@ -50,7 +50,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
 
 class _Normalize(torch.autograd.Function):
     """RMSNorm without its weight (x / rms(x), statistics in float32 as HF's), with a hand-derived
-    backward: one pass forward, three backward."""
+    backward: a reduction and a multiply forward, a dot product and two multiplies backward."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
