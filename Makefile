@@ -40,6 +40,8 @@ demo: setup
 bench: setup
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_train.py
+	$(PY) benchmarks/bench_training_forward.py
+	$(PY) benchmarks/bench_vs_nanogpt.py
 	$(PY) benchmarks/bench_routing.py
 
 clean:
