@@ -21,11 +21,14 @@ forward.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 
+@functools.cache  # once per shape and device, not per layer and step (on CUDA it would be a copy each time)
 def pair_order(heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
     """Rows of a [q; k] weight reordered so each head's RoPE pairs (i, i + D/2) sit side by side.
 
