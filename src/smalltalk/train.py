@@ -29,6 +29,7 @@ from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import sequence_nll
 from smalltalk.flops import measure_matmul_peak, training_flops
 from smalltalk.fsutil import atomic_dir, atomic_file, write_json
+from smalltalk.host_memory import keep_freed_memory
 from smalltalk.layout import WEIGHTS, TrainFiles
 from smalltalk.model import ModelSpec, build_model, count_params
 from smalltalk.training_forward import TrainingForward
@@ -193,6 +194,8 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     device = resolve_device(cfg.device)
     dist = init_distributed(device.type)
     device = resolve_device(cfg.device, dist.local_rank)
+    if device.type == "cpu":
+        keep_freed_memory()  # activations come back every step: no page faults for them (host_memory.py)
     seq = cfg.seq_len or job.data.seq_len
     global_batch = cfg.micro_batch_size * cfg.grad_accum * dist.world_size
     model = build_model(job.spec, max_positions=job.data.seq_len, seed=cfg.seed)

@@ -10,7 +10,8 @@ What HF's general-purpose forward does that training on our models pays for, and
 - RMSNorm is a chain of ops that each read and write the whole activation, its weight one of them: here
   one autograd function with a hand-derived backward, and the weight rides on the next matmul's weight
   (`W (w ⊙ n) = (W diag w) n`: a weight-sized multiply instead of an activation-sized one).
-- The loss copies the logits to shift them: here the last position is simply not projected.
+- The loss copies the logits to shift them: here the last position is simply not projected, and the
+  projection and cross-entropy run in chunks (linear_cross_entropy.py: the full logits never exist).
 
 Everything else (modules, parameter names, checkpoints, generation, scoring) stays HF's
 `LlamaForCausalLM`: this is only the function `train()` differentiates, tested to give HF's loss and
@@ -26,6 +27,9 @@ import functools
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
+
+from smalltalk.chunked_mlp import swiglu_residual
+from smalltalk.linear_cross_entropy import linear_cross_entropy
 
 
 @functools.cache  # once per shape and device, not per layer and step (on CUDA it would be a copy each time)
@@ -103,6 +107,14 @@ def _qkv_weight(layer) -> torch.Tensor:
     return torch.cat([qk, attn.v_proj.weight]) * layer.input_layernorm.weight
 
 
+def residual(x: torch.Tensor, y: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x + y @ weight.T: the add done by the matmul itself (one addmm, no pass over x), except under
+    autocast, where the matmul runs in low precision and the residual stream must stay in x's dtype."""
+    if torch.is_autocast_enabled(x.device.type) or torch.compiler.is_compiling():
+        return x + F.linear(y, weight)
+    return torch.addmm(x.flatten(0, -2), y.flatten(0, -2), weight.T).view(x.shape)
+
+
 def _layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     attn, mlp = layer.self_attn, layer.mlp
     b, t, _ = x.shape
@@ -115,10 +127,10 @@ def _layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
         k, v = k.repeat_interleave(heads // kv, dim=2), v.repeat_interleave(heads // kv, dim=2)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        scale=attn.scaling)
-    x = x + attn.o_proj(y.transpose(1, 2).reshape(b, t, heads * d))
+    x = residual(x, y.transpose(1, 2).reshape(b, t, heads * d), attn.o_proj.weight)
     # gate and up stay two matmuls: one [gate; up] matmul measured ~10% slower (its halves are strided)
     h, w = normalize(x, layer.post_attention_layernorm.variance_epsilon), layer.post_attention_layernorm.weight
-    return x + mlp.down_proj(F.silu(F.linear(h, mlp.gate_proj.weight * w)) * F.linear(h, mlp.up_proj.weight * w))
+    return swiglu_residual(x, h, mlp.gate_proj.weight * w, mlp.up_proj.weight * w, mlp.down_proj.weight)
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -131,8 +143,8 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torc
     cos, sin = cos[0, :, None, :half].float(), sin[0, :, None, :half].float()
     for layer in base.layers:
         x = _layer(layer, x, cos, sin)
-    logits = F.linear(normalize(x[:, :-1], base.norm.variance_epsilon), model.lm_head.weight * base.norm.weight)
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+    h = normalize(x[:, :-1], base.norm.variance_epsilon).flatten(0, 1)
+    return linear_cross_entropy(h, model.lm_head.weight * base.norm.weight, labels[:, 1:].flatten())
 
 
 class TrainingForward(torch.nn.Module):
