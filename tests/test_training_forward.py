@@ -6,9 +6,12 @@ import json
 import pytest
 import torch
 
+from smalltalk import chunked_sublayers, linear_cross_entropy
+from smalltalk.chunked_sublayers import rotary
 from smalltalk.config import ModelConfig
 from smalltalk.model import build_model, resolve_spec
-from smalltalk.training_forward import TrainingForward, causal_lm_loss, covers, normalize, rotary
+from smalltalk.rms_norm import normalize
+from smalltalk.training_forward import TrainingForward, causal_lm_loss, covers
 
 from .conftest import TINY_CONFIG, cli
 
@@ -27,9 +30,17 @@ def _loss_and_grads(model, fn):
     return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
 
 
+@pytest.mark.parametrize("path", ["chunks", "small chunks", "plain"])
 @pytest.mark.parametrize("kv_heads", [None, 2])
-def test_loss_and_gradients_equal_hfs(kv_heads):
-    """Loss and every parameter's gradient as HF's forward gives them (GQA too, labels with -100)."""
+def test_loss_and_gradients_equal_hfs(kv_heads, path, monkeypatch):
+    """Loss and every parameter's gradient as HF's forward gives them (GQA too, labels with -100), by the
+    CPU's chunked sublayers and loss (one chunk; several, the last one short) and by the plain expressions
+    GPUs and autocast take."""
+    if path == "small chunks":  # 3 chunks of one sequence; MLP rows 128 + 16; loss rows 64 + 64 + 13
+        monkeypatch.setattr(chunked_sublayers, "CHUNK_BYTES", 2048)
+        monkeypatch.setitem(linear_cross_entropy.CHUNK_ELEMENTS, "cpu", 64 * 256)
+    if path == "plain":
+        monkeypatch.setattr(chunked_sublayers, "chunked", lambda x: False)
     model = _model(kv_heads)
     ids = torch.randint(0, 256, (3, 48), generator=torch.Generator().manual_seed(1))
     labels = ids.clone()
@@ -70,6 +81,25 @@ def test_compiled_expressions_equal_the_autograd_functions(monkeypatch):
         grads_b = torch.autograd.grad(b, inputs, g, allow_unused=True, materialize_grads=True)
         for ga, gb in zip(grads_a, grads_b, strict=True):
             assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_linear_cross_entropy_equals_pytorchs_over_chunks(autocast, monkeypatch):
+    """Chunked loss = F.cross_entropy(F.linear(h, W)): value and both gradients, -100 rows ignored, a short
+    last chunk; under bf16 autocast as PyTorch's own autocast loss within rounding."""
+    monkeypatch.setitem(linear_cross_entropy.CHUNK_ELEMENTS, "cpu", 64 * 50)
+    g = torch.Generator().manual_seed(3)
+    h, w = torch.randn(150, 16, generator=g, requires_grad=True), torch.randn(50, 16, generator=g, requires_grad=True)
+    labels = torch.randint(0, 50, (150,), generator=g)
+    labels[::7] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), labels, ignore_index=-100)
+        ours = linear_cross_entropy.linear_cross_entropy(h, w, labels)
+    tol = {"rtol": 2e-2, "atol": 1e-4} if autocast else {"rtol": 1e-5, "atol": 1e-7}
+    assert ours.item() == pytest.approx(ref.item(), rel=tol["rtol"])
+    for a, b in zip(torch.autograd.grad(ref, [h, w]), torch.autograd.grad(ours, [h, w]), strict=True):
+        assert a.dtype == b.dtype and torch.allclose(a, b, **tol)
+    assert linear_cross_entropy.chunk_rows(50, h.device) == 64  # three chunks: 64 + 64 + 22
 
 
 def test_a_model_it_does_not_cover_trains_through_hfs_forward():

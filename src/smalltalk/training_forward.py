@@ -8,8 +8,11 @@ What HF's general-purpose forward does that training on our models pays for, and
 - RoPE is five elementwise ops forward and more backward: here one complex multiply, in a basis where
   each rotation pair is adjacent (q and k rows permuted alike, so attention is unchanged).
 - RMSNorm is a chain of ops that each read and write the whole activation, its weight one of them: here
-  one autograd function with a hand-derived backward, and the weight rides on the next matmul's weight
-  (`W (w ⊙ n) = (W diag w) n`: a weight-sized multiply instead of an activation-sized one).
+  one autograd function with a hand-derived backward (rms_norm.py), and the weight rides on the next
+  matmul's weight (`W (w ⊙ n) = (W diag w) n`: a weight-sized multiply instead of an activation-sized one).
+- On CPU each half of a layer (norm, q/k/v and RoPE; norm, SwiGLU and the residual) runs as one autograd
+  function over cache-sized chunks of rows (chunked_sublayers.py): elementwise kernels over DRAM-sized
+  activations cost three times what they cost in cache. The residual adds ride on the matmuls.
 - The loss copies the logits to shift them: here the last position is simply not projected, and the
   projection and cross-entropy run in chunks (linear_cross_entropy.py: the full logits never exist).
 
@@ -26,10 +29,10 @@ import functools
 
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
-from smalltalk.chunked_mlp import swiglu_residual
+from smalltalk.chunked_sublayers import attention_input, mlp_sublayer
 from smalltalk.linear_cross_entropy import linear_cross_entropy
+from smalltalk.rms_norm import normalize
 
 
 @functools.cache  # once per shape and device, not per layer and step (on CUDA it would be a copy each time)
@@ -43,48 +46,6 @@ def pair_order(heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
     half = head_dim // 2
     within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
     return (torch.arange(heads)[:, None] * head_dim + within).flatten().to(device)
-
-
-def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x [..., T, N, D] in pair order, by angles of cosine `cos` and sine `sin` [T, 1, D/2]
-    (float32 out, as HF's)."""
-    pairs = x.float().unflatten(-1, (-1, 2))
-    if torch.compiler.is_compiling():  # Inductor fuses real arithmetic; complex tensors it cannot
-        re, im = pairs.unbind(-1)
-        return torch.stack((re * cos - im * sin, re * sin + im * cos), -1).flatten(-2)
-    return torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2)
-
-
-class _Normalize(torch.autograd.Function):
-    """RMSNorm without its weight (x / rms(x), statistics in float32 as HF's), with a hand-derived
-    backward: a reduction and a multiply forward, a dot product and two multiplies backward."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, eps: float) -> torch.Tensor:
-        xf = x.float()
-        with torch.autocast(x.device.type, enabled=False):  # one reduction kernel (vecdot is a mul and a sum)
-            rms = torch.linalg.vector_norm(xf, dim=-1, keepdim=True).div_(x.shape[-1] ** 0.5)
-            rstd = torch.rsqrt(rms.square_().add_(eps))
-        ctx.save_for_backward(x, rstd)
-        return (xf * rstd).to(x.dtype)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad: torch.Tensor):
-        x, rstd = ctx.saved_tensors
-        xf, g = x.float(), grad.float()
-        with torch.autocast(grad.device.type, enabled=False):
-            coef = torch.linalg.vecdot(g, xf).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
-            return torch.mul(g, rstd).addcmul_(xf, coef, value=-1).to(x.dtype), None
-
-
-def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
-    """x / rms(x): an RMSNorm whose weight the next matmul carries (`W (w ⊙ n) = (W diag w) n`, so the
-    weight costs a weight-sized multiply instead of an activation-sized one, forward and backward)."""
-    if torch.compiler.is_compiling():
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
-    return _Normalize.apply(x, eps)
 
 
 def covers(model) -> bool:
@@ -120,17 +81,16 @@ def _layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     b, t, _ = x.shape
     d = attn.head_dim
     heads, kv = attn.q_proj.out_features // d, attn.k_proj.out_features // d
-    qkv = F.linear(normalize(x, layer.input_layernorm.variance_epsilon), _qkv_weight(layer))
-    q, k, v = qkv.view(b, t, heads + 2 * kv, d).split([heads, kv, kv], dim=2)
-    q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+    q, k, v = attention_input(x, layer.input_layernorm.variance_epsilon, _qkv_weight(layer), heads, kv, cos, sin)
     if kv != heads:  # grouped-query attention: query head h reads kv head h // (heads / kv), as HF's repeat_kv
         k, v = k.repeat_interleave(heads // kv, dim=2), v.repeat_interleave(heads // kv, dim=2)
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
                                        scale=attn.scaling)
     x = residual(x, y.transpose(1, 2).reshape(b, t, heads * d), attn.o_proj.weight)
     # gate and up stay two matmuls: one [gate; up] matmul measured ~10% slower (its halves are strided)
-    h, w = normalize(x, layer.post_attention_layernorm.variance_epsilon), layer.post_attention_layernorm.weight
-    return swiglu_residual(x, h, mlp.gate_proj.weight * w, mlp.up_proj.weight * w, mlp.down_proj.weight)
+    norm = layer.post_attention_layernorm
+    return mlp_sublayer(x, norm.variance_epsilon, mlp.gate_proj.weight * norm.weight, mlp.up_proj.weight * norm.weight,
+                        mlp.down_proj.weight)
 
 
 def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
