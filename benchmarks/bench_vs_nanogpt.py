@@ -6,22 +6,28 @@ learned positions, LayerNorm without bias, GELU MLP of 4d, tied embeddings, caus
 nanoGPT's training step (the same AdamW groups and settings as ours, clipping, `set_to_none`, the loss
 read back only at log steps). Same width, depth, heads, vocabulary, batch and sequence length; the data
 are the same random tokens. The two run in alternation, --rounds times (order alternating), each for
---steps steps; the figure is the median over the timed windows after the first of each round. FLOP/s
-counts each model's own training FLOPs with nanoGPT's own estimate (6 × matmul parameters + 12·L·T·d
-per token, for both). Both presets' SwiGLU is 8d/3 wide (model.py's rule: nanoGPT's 4d GELU MLP's
-parameters and FLOPs), so tokens/s compare models of equal cost; `--mlp-width` sets another width
-(e.g. 768 at cpu-expert-7m, the preset's width before it followed the rule: 9d² per layer against 8d²).
+--steps steps in a fresh process of its own (no heap or allocator state shared); the figure is the median
+over the timed windows after the first of each round. FLOP/s counts each model's own training FLOPs with
+nanoGPT's own estimate (6 × matmul parameters + 12·L·T·d per token, for both). Both presets' SwiGLU is
+8d/3 wide (model.py's rule: nanoGPT's 4d GELU MLP's parameters and FLOPs), so tokens/s compare models of
+equal cost; `--mlp-width` sets another width (e.g. 768 at cpu-expert-7m: 9d² per layer against 8d²).
+
+On CPU `train()` fixes glibc's malloc thresholds for its process (host_memory.py: freed activations are
+kept for the next step instead of being page-faulted in again); nanoGPT runs with glibc's defaults, as its
+train.py does. `--same-allocator` gives nanoGPT's process the same setting.
 
   python benchmarks/bench_vs_nanogpt.py [--presets cpu-expert-2m cpu-expert-7m] [--compile] [--rounds 3]
-      [--mlp-width N]
+      [--mlp-width N] [--same-allocator]
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import math
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -33,6 +39,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from smalltalk.config import ModelConfig, TrainConfig
+from smalltalk.data.shards import SplitData
+from smalltalk.host_memory import keep_freed_memory
 from smalltalk.model import ModelSpec, build_model, count_params, resolve_spec
 from smalltalk.train import TrainJob, train
 
@@ -89,8 +97,13 @@ def flops_per_token(model: nn.Module, spec: ModelSpec, t: int) -> float:
     return 6 * matmul + 12 * spec.num_layers * t * spec.hidden_size
 
 
-def nanogpt_windows(spec: ModelSpec, cfg: TrainConfig, data, steps: int, window: int, compile_: bool) -> list[float]:
+def nanogpt_windows(spec: ModelSpec, cfg: TrainConfig, data_dir: Path, steps: int, window: int, compile_: bool,
+                    same_allocator: bool) -> list[float]:
     """tokens/s of each window of `window` steps (the first window, warm-up and compilation, dropped)."""
+    torch.set_num_threads(cfg.num_threads)
+    if same_allocator:
+        keep_freed_memory()
+    data = SplitData(data_dir)
     seq = data.seq_len
     torch.manual_seed(cfg.seed)
     model = NanoGPT(spec, seq)
@@ -118,10 +131,16 @@ def nanogpt_windows(spec: ModelSpec, cfg: TrainConfig, data, steps: int, window:
     return rates[1:]
 
 
-def ours_windows(spec: ModelSpec, cfg: TrainConfig, data, out: Path) -> list[float]:
-    train(TrainJob(spec, cfg, data, out, name="ours"))
+def ours_windows(spec: ModelSpec, cfg: TrainConfig, data_dir: Path, out: Path) -> list[float]:
+    train(TrainJob(spec, cfg, SplitData(data_dir), out, name="ours"))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     return [r["tokens_per_s"] for r in rows[1:]]
+
+
+def in_fresh_process(fn, *args) -> list[float]:
+    """fn(*args) in a new interpreter: each side starts from the same clean heap, allocator and caches."""
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
 
 
 def main() -> int:
@@ -136,10 +155,13 @@ def main() -> int:
     ap.add_argument("--vocab", type=int, default=1024)
     ap.add_argument("--compile", action="store_true", help="torch.compile on both sides")
     ap.add_argument("--mlp-width", type=int, help="our SwiGLU's width instead of the preset's")
+    ap.add_argument("--same-allocator", action="store_true",
+                    help="nanoGPT's process keeps freed memory as train()'s does (host_memory.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
+    mode = ("compiled" if args.compile else "eager") + (", same allocator" if args.same_allocator else "")
     print(f"| model | params (ours / nanoGPT) | ours tokens/s | nanoGPT tokens/s | tokens/s ratio | FLOP/s ratio |"
-          f" {'compiled' if args.compile else 'eager'} |\n|---|---|---|---|---|---|---|")
+          f" {mode} |\n|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         data = random_data(Path(tmp) / "data", 4096, args.seq_len, args.vocab)
         for preset in args.presets:
@@ -153,9 +175,10 @@ def main() -> int:
             for r in range(args.rounds):
                 for side in (("ours", "ref") if r % 2 == 0 else ("ref", "ours")):
                     if side == "ours":
-                        ours += ours_windows(spec, cfg, data, Path(tmp) / f"{preset}-{r}")
+                        ours += in_fresh_process(ours_windows, spec, cfg, data.dir, Path(tmp) / f"{preset}-{r}")
                     else:
-                        ref += nanogpt_windows(spec, cfg, data, args.steps, args.window, args.compile)
+                        ref += in_fresh_process(nanogpt_windows, spec, cfg, data.dir, args.steps, args.window,
+                                                args.compile, args.same_allocator)
             a, b = statistics.median(ours), statistics.median(ref)
             ref_model = NanoGPT(spec, args.seq_len)
             our_flops = flops_per_token(build_model(spec, args.seq_len), spec, args.seq_len)
