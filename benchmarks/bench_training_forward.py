@@ -5,7 +5,7 @@ autocast a cosine > 0.99). Time: HF's `model(input_ids, labels=...).loss` and `c
 alternation (forward + backward, synchronised), --rounds medians, and the ratio. gpu_check.sh runs it on
 the GPU; on CPU it is the per-step view of bench_vs_nanogpt.py's gain.
 
-  python benchmarks/bench_training_forward.py [--preset cpu-expert-2m] [--vocab 1024] [--batch 16]
+  python benchmarks/bench_training_forward.py [--preset cpu-expert-2m] [--vocab 1024] [--batch 32]
       [--seq-len 256] [--device cuda] [--dtype bfloat16] [--rounds 7]
 """
 
@@ -37,7 +37,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="cpu-expert-2m")
     ap.add_argument("--vocab", type=int, default=1024)
-    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
