@@ -90,7 +90,7 @@ class _AttentionInput(torch.autograd.Function):
             grad_qkv[:, :, heads + kv:] = grad_v[r]
             grad_qkv = grad_qkv.flatten(2).flatten(0, 1)
             grad_w.addmm_(grad_qkv.T, n)
-            grad_x[r] = normalize_backward(grad_qkv @ weight, n, rstd[r].flatten(0, 1)).view_as(x[r])
+            grad_x[r] = normalize_backward(grad_qkv @ weight, x[r].flatten(0, 1), rstd[r].flatten(0, 1)).view_as(x[r])
         return grad_x, None, grad_w, None, None, None
 
 
@@ -138,7 +138,7 @@ class _MLPSublayer(torch.autograd.Function):
             grad_gate.addmm_(grad_g.T, n)
             grad_up.addmm_(grad_u.T, n)
             grad_n = torch.mm(grad_g, gate).addmm_(grad_u, up)
-            torch.add(grad[r], normalize_backward(grad_n, n, rstd[r]), out=grad_x[r])  # + the residual's
+            torch.add(grad[r], normalize_backward(grad_n, x[r], rstd[r]), out=grad_x[r])  # + the residual's
         return grad_x, None, grad_gate, grad_up, grad_down
 
 

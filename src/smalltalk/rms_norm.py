@@ -35,8 +35,7 @@ class _Normalize(torch.autograd.Function):
         x, rstd = ctx.saved_tensors
         xf, g = x.float(), grad.float()
         with torch.autocast(grad.device.type, enabled=False):
-            coef = torch.linalg.vecdot(g, xf).unsqueeze(-1).mul_(rstd.pow(3)).div_(x.shape[-1])
-            return torch.mul(g, rstd).addcmul_(xf, coef, value=-1).to(x.dtype), None
+            return normalize_backward(g, xf, rstd).to(x.dtype), None
 
 
 def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
@@ -48,8 +47,8 @@ def normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
     return _Normalize.apply(x, eps)
 
 
-def normalize_backward(grad: torch.Tensor, n: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """The gradient for x of n = x * rstd (rstd = inverse_rms(x)), from n itself: rstd · (grad − n·mean(grad·n)).
-    Overwrites `grad`, a temporary of the caller's."""
-    coef = torch.linalg.vecdot(grad, n).unsqueeze_(-1).div_(-n.shape[-1])
-    return grad.addcmul_(n, coef).mul_(rstd)
+def normalize_backward(grad: torch.Tensor, x: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """The gradient for x of x * rstd (rstd = inverse_rms(x)): rstd·grad − x·rstd³·mean(grad·x); a dot
+    product and two multiplies. Used by `normalize` and by the chunked sublayers alike."""
+    coef = torch.linalg.vecdot(grad, x).unsqueeze_(-1).mul_(rstd.pow(3)).div_(-x.shape[-1])
+    return torch.mul(grad, rstd).addcmul_(x, coef)
