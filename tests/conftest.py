@@ -60,6 +60,18 @@ def corpus_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def instructions(tmp_path_factory) -> Path:
+    """A labelled instruction set from the synthetic domains: 3 words of a document -> the next 3."""
+    out = tmp_path_factory.mktemp("instructions")
+    docs = make_documents(150, seed=7)
+    rows = [{"prompt": " ".join(d["text"].split()[:3]), "completion": " ".join(d["text"].split()[3:6]),
+             "domain": d["domain"]} for d in docs]
+    for split, part in (("train", rows[:120]), ("validation", rows[120:135]), ("test", rows[135:])):
+        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
+    return out
+
+
+@pytest.fixture(scope="session")
 def prepared_run(tmp_path_factory, corpus_file) -> Path:
     """RUN with tokenizer/ and data/ built by the real CLI from the synthetic corpus."""
     run = tmp_path_factory.mktemp("run")

@@ -27,10 +27,11 @@ VOLATILE = {"seconds", "mb_per_s", "tokens_per_s", "mfu", "time", "started", "en
             "train_seconds", "train_mb_per_s", "timing", "peak_flops", "returncode", "error", "state"}
 
 
-def _command(run: Path, corpus: Path) -> list[str]:
+def _command(run: Path, corpus: Path, instructions: Path) -> list[str]:
     return [sys.executable, "-m", "smalltalk.cli", "run", "--config", str(TINY_CONFIG), "--run", str(run),
             "--set", f"data.inputs=[{corpus}]", "--set", "data.max_docs=null", "--set", "routing.chunk=240",
-            "--set", "routing.experts=3", "--set", "routing.rounds=3"]
+            "--set", "routing.experts=3", "--set", "routing.rounds=3", "--set", "sft.enabled=true",
+            "--set", f"sft.data={instructions}", "--set", "sft.micro_batch_size=8"]
 
 
 ROUNDS = 3  # EM rounds of the command below: each is a place to be killed in, like a stage
@@ -106,24 +107,25 @@ def _artifacts(run: Path) -> dict[str, object]:
             if p.is_file() and kept(p.relative_to(run).as_posix())}
 
 
-def test_sigkill_in_every_stage_then_rerun_gives_the_uninterrupted_artifacts(corpus_file, tmp_path):
+def test_sigkill_in_every_stage_then_rerun_gives_the_uninterrupted_artifacts(corpus_file, instructions, tmp_path):
     ref, run = tmp_path / "ref", tmp_path / "killed"
-    subprocess.run(_command(ref, corpus_file), check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=900)
+    command = {path: _command(path, corpus_file, instructions) for path in (ref, run)}
+    subprocess.run(command[ref], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=900)
     rng = random.Random(SEED)
     seconds = {name: row["seconds"] for name, row in json.loads((ref / "stages.json").read_text()).items()}
     seconds |= {f"routers round {r}": seconds["routers"] / ROUNDS for r in range(ROUNDS)}
     killed, remaining = [], list(POINTS)
     while remaining:  # one kill per stage and EM round, at a seeded random moment within its usual time
         delays = {point: rng.uniform(0.0, 0.5 * seconds[point]) for point in POINTS}
-        landed = _run_until(_command(run, corpus_file), run, remaining, delays)
+        landed = _run_until(command[run], run, remaining, delays)
         if landed is None:
             break
         killed.append((landed, round(delays[landed], 2)))
         remaining = remaining[remaining.index(landed) + 1:] if landed in remaining else remaining
-    subprocess.run(_command(run, corpus_file), check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=900)
+    subprocess.run(command[run], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=900)
     hit = {point for point, _ in killed}
     # timing decides whether a kill lands in the point it aimed at or a later one: demand most, not all
-    assert len(hit) >= len(POINTS) - 4 and any(p.startswith("routers") for p in hit), \
+    assert len(hit) >= len(POINTS) - 4 and any(p.startswith("routers") for p in hit) and "sft" in hit, \
         f"seed {SEED}: too few stages or EM rounds were hit: {killed}"
     leftovers = [p for p in run.rglob("*") if ".tmp-" in p.name]
     assert not leftovers, f"seed {SEED}, kills {killed}: half-written files left: {leftovers}"

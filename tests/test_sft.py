@@ -17,7 +17,7 @@ from smalltalk.sft.demo import build_sft_demo
 from smalltalk.sft.examples import read_examples
 from smalltalk.sft.template import CHAT_TEMPLATE, encode
 
-from .conftest import cli, make_documents
+from .conftest import cli
 
 
 def _tokenizer(run):
@@ -105,18 +105,6 @@ def test_sft_demo_extracts_questions_from_real_formats(tmp_path):
     assert stats["domains"]["manual"]["man-name"] >= 1
 
 
-@pytest.fixture(scope="module")
-def instructions(tmp_path_factory):
-    """A labelled instruction set from the synthetic domains: 3 words of a document -> the next 3."""
-    out = tmp_path_factory.mktemp("instructions")
-    docs = make_documents(150, seed=7)
-    rows = [{"prompt": " ".join(d["text"].split()[:3]), "completion": " ".join(d["text"].split()[3:6]),
-             "domain": d["domain"]} for d in docs]
-    for split, part in (("train", rows[:120]), ("validation", rows[120:135]), ("test", rows[135:])):
-        (out / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in part))
-    return out
-
-
 @pytest.mark.slow
 def test_run_with_sft_stage_tunes_each_expert_on_its_examples(pipeline_run, instructions, tmp_path):
     run, args = pipeline_run
@@ -151,6 +139,16 @@ def test_run_with_sft_stage_tunes_each_expert_on_its_examples(pipeline_run, inst
     assert logprob < 0
     assert cli("export", "--run", sft, "--out", tmp_path / "export") == 0
     assert SmallTalkMixture.from_pretrained(tmp_path / "export").tokenizer.chat_template == CHAT_TEMPLATE
+    # `smalltalk eval` takes the SFT mixture on prepared pre-training text (it has no data/ of its own)
+    assert cli("eval", "--run", sft, "--out", tmp_path / "no-data") == 2
+    assert cli("eval", "--run", sft, "--data", run / "data", "--out", tmp_path / "sft-eval") == 0
+    evaluated = json.loads((tmp_path / "sft-eval" / "results.json").read_text())
+    pre = json.loads((run / "eval" / "results.json").read_text())
+    assert evaluated["sequences"] == pre["sequences"] and evaluated["tokens_per_param"] is None
+    assert set(evaluated["flops"]["exact"]) == {"inference"}
+    inference = evaluated["flops"]["exact"]["inference"]
+    assert inference == {k: pre["flops"]["exact"]["inference"][k] for k in inference}
+    assert evaluated["sweep"][0]["mixture_all"]["ppl"] != pre["sweep"][0]["mixture_all"]["ppl"]  # other experts
     # the server routes a chat request as the SFT routed its examples: on the first user message alone
     from smalltalk.serving.batching import BatchedEngine
 

@@ -22,7 +22,7 @@ def export_mixture(run: RunLayout, out: Path, force: bool = False) -> Path:
     with atomic_dir(out) as tmp:
         staged = RunLayout(tmp)  # written under the temp name, renamed to `out` when complete
         shutil.copytree(run.tokenizer, staged.tokenizer)
-        copy_routers(run, staged)
+        copy_routers(run, staged.routers)
         for rel in manifest["expert_dirs"] + manifest.get("router_dirs", []):  # router_dirs: elastic pairs
             if not (tmp / rel).exists():
                 shutil.copytree(run.root / rel, tmp / rel)
@@ -31,18 +31,18 @@ def export_mixture(run: RunLayout, out: Path, force: bool = False) -> Path:
     return out
 
 
-def copy_routers(run: RunLayout, target_run: RunLayout, copy=shutil.copy2) -> None:
-    """The routers a mixture needs (models, extras, manifest), not their training checkpoints; `copy`:
-    os.link to share the files on one file system."""
+def copy_routers(run: RunLayout, target_dir: Path, copy=shutil.copy2) -> None:
+    """The routers a mixture needs (models, extras, manifest) into `target_dir`, not their training
+    checkpoints; `copy`: os.link to share the files on one file system."""
     routers = run.routers_manifest()
-    target_run.routers.mkdir()
-    source, target = RouterFiles(run.routers), RouterFiles(target_run.routers)
+    target_dir.mkdir(exist_ok=True)
+    source, target = RouterFiles(run.routers), RouterFiles(target_dir)
     for name in routers.get("routers", []):
         shutil.copytree(source.router(name).model, target.router(name).model, copy_function=copy)
     for extra in source.extras():
         if (run.routers / extra).is_file():
-            copy(run.routers / extra, target_run.routers / extra)
-    write_json(manifest_of(target_run.routers), routers)
+            copy(run.routers / extra, target_dir / extra)
+    write_json(manifest_of(target_dir), routers)
 
 
 def _check_target(run: RunLayout, out: Path, force: bool) -> None:

@@ -6,7 +6,6 @@ for the partition. Held-out diagnostics computed during EM are not counted (they
 
 from __future__ import annotations
 
-from smalltalk.data.shards import SplitData
 from smalltalk.flops import forward_flops
 from smalltalk.fsutil import read_json
 from smalltalk.layout import RouterFiles, RunLayout
@@ -48,11 +47,11 @@ def paper_router_overhead(experts: int, router_steps: int, router_batch: int, ro
     return training + scored * experts * forward_flops(spec, prefix, 1, "paper")
 
 
-def inference_flops(run: RunLayout, expert_spec: ModelSpec, routing_prefix: int, accounting: str) -> dict:
-    """Per test sequence: routers on the prefix + one expert on the full sequence."""
-    data = SplitData(run.data, "train")
+def inference_flops(run: RunLayout, expert_spec: ModelSpec, routing_prefix: int, seq_len: int,
+                    accounting: str) -> dict:
+    """Per test sequence of seq_len tokens: routers on the prefix + one expert on the full sequence."""
     spec = router_spec(run)
     routers = run.mixture()["experts"] if run.has_mixture() else run.routers_manifest()["experts"]  # one per expert
     routing = 0.0 if spec is None else routers * forward_flops(spec, routing_prefix, 1, accounting)
-    expert = forward_flops(expert_spec, data.seq_len, 1, accounting)
+    expert = forward_flops(expert_spec, seq_len, 1, accounting)
     return {"routing": routing, "expert": expert, "total": routing + expert, "overhead": routing / expert}

@@ -1,5 +1,9 @@
 """`smalltalk eval`: the mixture against the dense baselines on the test split, with FLOPs.
 
+A run directory is evaluated on its own test split with its training FLOPs; a mixture directory without
+the run's training records (`smalltalk export`'s, `smalltalk sft`'s RUN/sft) on the prepared data given
+by --data (same tokenizer), with inference FLOPs only and the dense baselines it holds, if any.
+
 Every model's per-token NLL on the test sequences is computed once; each prefix length M̂ of the sweep
 then only re-routes. Perplexity = exp(ΣNLL / Σtokens), reported on all tokens (the paper's way) and on
 the tokens after the prefix only (the router never saw what is scored). Dense is always scored on
@@ -22,8 +26,8 @@ from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import forward_flops
 from smalltalk.flops_report import ACCOUNTINGS, inference_flops, routing_overhead_flops
-from smalltalk.fsutil import read_json, write_json
-from smalltalk.layout import DENSE_KINDS, HF_CONFIG, RunLayout, TrainFiles, manifest_of
+from smalltalk.fsutil import read_json, sha256_file, write_json
+from smalltalk.layout import DENSE_KINDS, HF_CONFIG, RunLayout, TokenizerFiles, TrainFiles, manifest_of
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.mixture_tally import MixtureTally, batch_nll
 from smalltalk.model import spec_from_hf
@@ -66,6 +70,11 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
     device = resolve_device(ec.device)
     mixture = SmallTalkMixture.from_pretrained(run.root, str(device), routing_workers=cfg.routing.score_workers,
                                                routing_batch=cfg.routing.score_batch_size)
+    trained_here = manifest_of(run.partition).is_file()  # a run, not an exported or SFT mixture directory
+    if data_dir is None and not manifest_of(run.data).is_file():
+        raise SmalltalkError(f"{run.root} is a mixture directory without prepared data (no data/)",
+                             fix="pass --data DIR: data prepared with this mixture's tokenizer, e.g. the "
+                                 "run's RUN/data")
     data_dir = _same_tokenizer(run, data_dir) if data_dir is not None else run.data
     data = SplitData(data_dir, ec.split)
     ids, seq = data.sample(ec.max_sequences), data.seq_len
@@ -102,10 +111,11 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
         "method": mixture.manifest["method"], "routing_prefix": mixture.prefix, "main_prefix": main_prefix,
         "sweep": tally.sweep(), "per_expert": tally.per_expert(),
         "per_domain": tally.per_domain(data.domain_names) if data.has_domains else [],
-        "flops": _flops(run, mixture, main_prefix), "timing": None if by_label else _timing(mixture, data, main_prefix),
+        "flops": _flops(run, mixture, main_prefix, seq, trained_here),
+        "timing": None if by_label else _timing(mixture, data, main_prefix),
         "top_k": tally.top_k_table(),
         "tokens_per_param": {"experts": [s["tokens_per_param"] for s in run.expert_summaries()],
-                             **{k: run.dense_summary(k)["tokens_per_param"] for k in dense}},
+                             **{k: run.dense_summary(k)["tokens_per_param"] for k in dense}} if trained_here else None,
     }
     if ec.score_all_experts:
         results["expert_x_domain"] = tally.expert_x_domain(data.domain_names)
@@ -121,7 +131,8 @@ def _same_tokenizer(run: RunLayout, data_dir: Path) -> Path:
     if not manifest.is_file():
         raise SmalltalkError(f"no prepared data at {data_dir} (no {manifest.name})",
                              fix="prepare it with `smalltalk data prepare --run RUN --out DIR` (the run's tokenizer)")
-    theirs, ours = read_json(manifest)["tokenizer_sha256"], read_json(manifest_of(run.data))["tokenizer_sha256"]
+    theirs = read_json(manifest)["tokenizer_sha256"]
+    ours = sha256_file(TokenizerFiles(run.root / run.mixture()["tokenizer"]).tokenizer_json)
     if theirs != ours:
         raise SmalltalkError(f"{manifest}: data was tokenized with another tokenizer than the run's "
                              f"({theirs[:12]} vs {ours[:12]})",
@@ -130,32 +141,33 @@ def _same_tokenizer(run: RunLayout, data_dir: Path) -> Path:
     return data_dir
 
 
-def _flops(run: RunLayout, mixture: SmallTalkMixture, prefix: int) -> dict:
+def _flops(run: RunLayout, mixture: SmallTalkMixture, prefix: int, seq_len: int, trained_here: bool) -> dict:
+    """Training FLOPs (from the run's training records) and inference FLOPs per sequence of seq_len; a
+    mixture directory without training records gets the inference part only."""
     expert_spec = spec_from_hf(mixture.expert(0).config)
     out = {}
     for acc in ACCOUNTINGS:
+        if not trained_here:
+            out[acc] = {"inference": inference_flops(run, expert_spec, prefix, seq_len, acc)}
+            continue
         experts = sum(s["training_flops"][acc] for s in run.expert_summaries())
         overhead = routing_overhead_flops(run, acc)
         dense = {k: run.dense_summary(k)["training_flops"][acc] for k in DENSE_KINDS if run.dense_summary(k)}
         out[acc] = {"experts_training": experts, "routing_overhead": overhead,
                     "mixture_training": experts + overhead["total"],
                     "training_overhead": overhead["total"] / experts, "dense_training": dense,
-                    "inference": inference_flops(run, expert_spec, prefix, acc)}
+                    "inference": inference_flops(run, expert_spec, prefix, seq_len, acc)}
         for kind in dense:
             spec = spec_from_hf(AutoConfig.from_pretrained(str(TrainFiles(run.dense_kind(kind)).model)))
-            out[acc]["inference"][f"dense_{kind}"] = forward_flops(spec, mixture_seq_len(run), 1, acc)
+            out[acc]["inference"][f"dense_{kind}"] = forward_flops(spec, seq_len, 1, acc)
     return out
-
-
-def mixture_seq_len(run: RunLayout) -> int:
-    return SplitData(run.data, "train").seq_len
 
 
 def format_results(results: dict) -> str:
     """The printed table: perplexity per prefix, mixture vs dense, plus FLOPs."""
     kinds = [k for k in ("matched", "bigger") if f"dense_{k}_all" in results["sweep"][0]]
-    head = "| M̂ | mixture (all) | mixture (after M̂) | " + " | ".join(
-        f"dense {k} (all) | dense {k} (after M̂) | ratio after" for k in kinds) + " |"
+    head = "| " + " | ".join(["M̂", "mixture (all)", "mixture (after M̂)"] + [
+        f"dense {k} (all) | dense {k} (after M̂) | ratio after" for k in kinds]) + " |"
     lines = [head, "|" + "---|" * (3 + 3 * len(kinds))]
     for row in results["sweep"]:
         cells = [str(row["prefix"]), f"{row['mixture_all']['ppl']:.2f}", f"{row['mixture_after']['ppl']:.2f}"]
@@ -169,9 +181,10 @@ def format_results(results: dict) -> str:
             f"k={r['k']} T={r['temperature']:g}: {r['after']['ppl']:.2f}" for r in results["top_k"]))
     flops = results["flops"]["exact"]
     lines.append("")
-    lines.append(f"training FLOPs (exact): experts {flops['experts_training']:.3e} + routing "
-                 f"{flops['routing_overhead']['total']:.3e} ({flops['training_overhead']:.1%}); dense "
-                 + ", ".join(f"{k} {v:.3e}" for k, v in flops["dense_training"].items()))
+    if "experts_training" in flops:  # a run (a bare mixture directory has no training records)
+        lines.append(f"training FLOPs (exact): experts {flops['experts_training']:.3e} + routing "
+                     f"{flops['routing_overhead']['total']:.3e} ({flops['training_overhead']:.1%}); dense "
+                     + ", ".join(f"{k} {v:.3e}" for k, v in flops["dense_training"].items()))
     inf = flops["inference"]
     timing = results.get("timing")
     lines.append(f"inference FLOPs/sequence: expert {inf['expert']:.3e} + routing {inf['routing']:.3e} "

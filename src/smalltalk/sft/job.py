@@ -25,7 +25,7 @@ from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.export import copy_routers
-from smalltalk.fsutil import read_json, write_json
+from smalltalk.fsutil import atomic_dir, read_json, write_json
 from smalltalk.layout import RunLayout, SFTFiles, TrainFiles, manifest_of
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.model import spec_from_hf
@@ -166,8 +166,9 @@ def _train_experts(cfg: Config, run: RunLayout, mixture: SmallTalkMixture, sft: 
         mine = only is None or str(k) in only
         if not own:  # nothing routed here: the expert keeps its pre-trained weights
             target = TrainFiles(sft.job(f"experts/{k:02d}")).model
-            if mine and not target.exists():
-                shutil.copytree(expert_model, target, copy_function=_link)
+            if mine and not target.exists():  # all or nothing: a kill mid-copy leaves no half model
+                with atomic_dir(target) as tmp:
+                    shutil.copytree(expert_model, tmp, copy_function=_link, dirs_exist_ok=True)
             steps.append(0)
             continue
         if not mine:
@@ -206,11 +207,11 @@ def _link(source: str, target: str) -> None:
 def _write_mixture(run: RunLayout, sft: SFTFiles, tokenizer, experts: int, route_on: str) -> None:
     """RUN/sft as a mixture directory: tokenizer with the chat template, the run's routers, SFT experts."""
     target = RunLayout(sft.root)
-    if target.tokenizer.exists():
-        shutil.rmtree(target.tokenizer)
-    tokenizer.save_pretrained(str(target.tokenizer))
-    if not target.routers.exists():
-        copy_routers(run, target, copy=_link)
+    with atomic_dir(target.tokenizer) as tmp:  # each piece all or nothing: a kill leaves the old or the new
+        tokenizer.save_pretrained(str(tmp))
+    if not manifest_of(target.routers).is_file():
+        with atomic_dir(target.routers) as tmp:
+            copy_routers(run, tmp, copy=_link)
     manifest = {**run.mixture(), "tokenizer": str(target.tokenizer.relative_to(sft.root)),
                 "routers": str(target.routers.relative_to(sft.root)),
                 "expert_dirs": [str(TrainFiles(sft.job(f"experts/{k:02d}")).model.relative_to(sft.root))
