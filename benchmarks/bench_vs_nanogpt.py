@@ -7,7 +7,8 @@ nanoGPT's training step (the same AdamW groups and settings as ours, clipping, `
 read back only at log steps). Same width, depth, heads, vocabulary, batch and sequence length; the data
 are the same random tokens. The two run in alternation, --rounds times (order alternating), each for
 --steps steps in a fresh process of its own (no heap or allocator state shared); the figure is the median
-over the timed windows after the first of each round. FLOP/s counts each model's own training FLOPs with
+over the timed windows after the first of each round. Tokens/s counts predicted tokens on both sides
+(255 of a 256-token row). FLOP/s counts each model's own training FLOPs with
 nanoGPT's own estimate (6 × matmul parameters + 12·L·T·d per token, for both). Both presets' SwiGLU is
 8d/3 wide (model.py's rule: nanoGPT's 4d GELU MLP's parameters and FLOPs), so tokens/s compare models of
 equal cost; `--mlp-width` sets another width (e.g. 768 at cpu-expert-7m: 9d² per layer against 8d²).
@@ -132,9 +133,12 @@ def nanogpt_windows(spec: ModelSpec, cfg: TrainConfig, data_dir: Path, steps: in
 
 
 def ours_windows(spec: ModelSpec, cfg: TrainConfig, data_dir: Path, out: Path) -> list[float]:
-    train(TrainJob(spec, cfg, SplitData(data_dir), out, name="ours"))
+    """Predicted tokens/s, as nanoGPT's side counts them: train() logs the seq_len tokens a row feeds in,
+    of which seq_len - 1 have a target (nanoGPT feeds those seq_len - 1 only)."""
+    data = SplitData(data_dir)
+    train(TrainJob(spec, cfg, data, out, name="ours"))
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["tokens_per_s"] for r in rows[1:]]
+    return [r["tokens_per_s"] * (data.seq_len - 1) / data.seq_len for r in rows[1:]]
 
 
 def in_fresh_process(fn, *args) -> list[float]:
@@ -184,8 +188,9 @@ def main() -> int:
             our_flops = flops_per_token(build_model(spec, args.seq_len), spec, args.seq_len)
             ref_flops = flops_per_token(ref_model, spec, args.seq_len - 1)
             ref_params = sum(p.numel() for p in ref_model.parameters()) - args.seq_len * spec.hidden_size
+            fed = args.seq_len / (args.seq_len - 1)  # our FLOPs run over every fed token, `a` counts predicted ones
             print(f"| {preset} | {count_params(spec) / 1e6:.2f}M / {ref_params / 1e6:.2f}M | {a:,.0f} | {b:,.0f} | "
-                  f"**{a / b:.2f}×** | {a * our_flops / (b * ref_flops):.2f}× | |", flush=True)
+                  f"**{a / b:.2f}×** | {a * fed * our_flops / (b * ref_flops):.2f}× | |", flush=True)
     return 0
 
 
