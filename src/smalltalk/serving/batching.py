@@ -61,19 +61,24 @@ class _Batch:
 
 def sample_tokens(logits: torch.Tensor, rows: list[_Row]) -> list[int]:
     """The next token of each row: greedy at temperature 0, else nucleus sampling by inverse CDF with one
-    uniform draw from the row's own generator (so a row's token does not depend on its batch)."""
+    uniform draw from the row's own generator (so a row's token does not depend on its batch).
+
+    The CDF runs over the nucleus in token-id order, not in probability order: two nearly equal
+    probabilities that a batch's rounding swaps would swap their intervals of the draw, and the same
+    seed would pick another token far from any boundary. In id order only a draw within rounding of an
+    interval's edge (or a token at the nucleus' edge) can change."""
     logits = logits.float()
     tokens = logits.argmax(-1)
     hot = [i for i, row in enumerate(rows) if row.req["temperature"] > 0]
     if hot:
         temperature = torch.tensor([rows[i].req["temperature"] for i in hot])[:, None]
         top_p = torch.tensor([rows[i].req["top_p"] for i in hot])[:, None]
-        ordered, order = torch.softmax(logits[hot] / temperature, dim=-1).sort(dim=-1, descending=True)
-        ordered = ordered.masked_fill(ordered.cumsum(-1) - ordered >= top_p, 0)  # outside the nucleus
-        cdf = ordered.cumsum(-1)
+        probs = torch.softmax(logits[hot] / temperature, dim=-1)
+        ordered, order = probs.sort(dim=-1, descending=True)
+        outside = torch.empty_like(probs, dtype=torch.bool).scatter_(1, order, ordered.cumsum(-1) - ordered >= top_p)
+        cdf = probs.masked_fill(outside, 0).cumsum(-1)
         draws = torch.cat([torch.rand(1, generator=rows[i].generator) for i in hot])[:, None] * cdf[:, -1:]
-        pick = torch.searchsorted(cdf, draws).clamp(max=cdf.shape[1] - 1)
-        tokens[hot] = order.gather(1, pick).squeeze(1)
+        tokens[hot] = torch.searchsorted(cdf, draws, right=True).clamp(max=cdf.shape[1] - 1).squeeze(1)
     return tokens.tolist()
 
 
