@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from smalltalk.config import ModelConfig
 from smalltalk.flops import forward_flops, measure_matmul_peak
+from smalltalk.host_memory import keep_freed_memory
 from smalltalk.model import build_model, resolve_spec
 from smalltalk.routing.assignment import balanced_assignment
 from smalltalk.routing.routers import LMRouters
 from smalltalk.routing.scoring import default_workers
-from smalltalk.runtime import keep_freed_memory
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus10"
 

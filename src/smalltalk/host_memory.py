@@ -1,13 +1,18 @@
-"""Keep freed memory in a CPU training process instead of handing it back to the kernel every step.
+"""Keep freed memory in a CPU process instead of handing it back to the kernel op after op.
 
 PyTorch's CPU tensors come from malloc. glibc returns the top of its heap to the kernel once more than
-its trim threshold is free, and serves large blocks with fresh mmaps; both thresholds adapt to recent
-frees. A training step frees most of its activations at the end of the backward pass, so the next step
-asks the kernel for them again and takes a page fault per 4 KB page on first touch: ~20k faults a step
-on the cpu-expert-2m batch (benchmarks/bench_vs_nanogpt.py), several percent of its time. Fixed
-thresholds make glibc keep that memory for the next step, as a caching allocator does on GPUs (and as
+its trim threshold is free, and serves large blocks with fresh mmaps, unmapped again on free; both
+thresholds adapt to recent frees. Each fresh page then costs a page fault on first touch, on memory the
+kernel must zero:
+- a training step frees most of its activations at the end of the backward pass, so the next step asks
+  for them again: ~20k faults a step on the cpu-expert-2m batch (benchmarks/bench_vs_nanogpt.py),
+  several percent of its time;
+- tiny models (routers, d = 32-48) allocate and free multi-megabyte activations for every op: 15-25% of
+  router-scoring wall time was system time.
+Fixed thresholds make glibc keep that memory for reuse, as a caching allocator does on GPUs (and as
 jemalloc or tcmalloc, which PyTorch's CPU tuning guide recommends preloading, do on their own). The
-process's resident memory then stays at its peak, which a training step reaches every step anyway.
+process's resident memory then stays at its peak; a long pass that wants it back between chunks calls
+`return_free_memory`.
 """
 
 from __future__ import annotations
@@ -16,14 +21,31 @@ import ctypes
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
-MMAP_THRESHOLD = 32 << 20  # glibc's ceiling: blocks above it are always mmapped (a chunk of logits stays under it)
+MMAP_THRESHOLD = 1 << 30  # blocks under it come from the heap and stay there on free, past glibc's adaptive
+#                             32 MB ceiling too (256 prefixes of 256 tokens: 268 MB of logits at a 1k vocabulary)
 TRIM_THRESHOLD = 1 << 30  # free memory kept at the heap's top before any is returned
 
 
-def keep_freed_memory() -> bool:
-    """Fix glibc's trim and mmap thresholds for this process; False where the C library is not glibc."""
+def _glibc() -> ctypes.CDLL | None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    return ctypes.CDLL(None)
+
+
+def keep_freed_memory() -> bool:
+    """Fix glibc's trim and mmap thresholds for this process; False where the C library is not glibc.
+    Idempotent: the `smalltalk` command calls it at start-up and `train()` again for library users."""
+    libc = _glibc()
+    if libc is None:
         return False
-    libc = ctypes.CDLL(None)
     return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(libc.mallopt(M_TRIM_THRESHOLD,
                                                                                         TRIM_THRESHOLD))
+
+
+def return_free_memory() -> None:
+    """Hand the heap's free blocks back to the kernel (glibc's malloc_trim, every arena). A long pass calls
+    it between chunks: kept-for-reuse memory then stays one chunk's worth instead of creeping up with
+    fragmentation over thousands of chunks."""
+    libc = _glibc()
+    if libc is not None:
+        libc.malloc_trim(0)

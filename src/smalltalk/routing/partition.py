@@ -33,11 +33,11 @@ from smalltalk.data.shards import SplitData
 from smalltalk.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
+from smalltalk.host_memory import return_free_memory
 from smalltalk.layout import WEIGHTS, PartitionFiles, RouterFiles, RunLayout, manifest_of, read_manifest
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, capacities, check_finite
 from smalltalk.routing.metrics import contingency, mix_from_table, quality_from_table
 from smalltalk.routing.routers import load_routers, score_split
-from smalltalk.runtime import return_free_memory
 
 _COPY_BLOCK = 1 << 20  # ids copied at once by the merge
 
