@@ -7,7 +7,8 @@ nanoGPT's training step (the same AdamW groups and settings as ours, clipping, `
 read back only at log steps). Same width, depth, heads, vocabulary, batch and sequence length; the data
 are the same random tokens. The two run in alternation, --rounds times (order alternating), each for
 --steps steps in a fresh process of its own (no heap or allocator state shared); the figure is the median
-over the timed windows after the first of each round. Tokens/s counts predicted tokens on both sides
+over the timed windows after the first of each round; the last column gives the spread of
+the rounds' own ratios (this VM's noise). Tokens/s counts predicted tokens on both sides
 (255 of a 256-token row). FLOP/s counts each model's own training FLOPs with
 nanoGPT's own estimate (6 × matmul parameters + 12·L·T·d per token, for both). Both presets' SwiGLU is
 8d/3 wide (model.py's rule: nanoGPT's 4d GELU MLP's parameters and FLOPs), so tokens/s compare models of
@@ -165,7 +166,7 @@ def main() -> int:
     torch.set_num_threads(args.threads)
     mode = ("compiled" if args.compile else "eager") + (", same allocator" if args.same_allocator else "")
     print(f"| model | params (ours / nanoGPT) | ours tokens/s | nanoGPT tokens/s | tokens/s ratio | FLOP/s ratio |"
-          f" {mode} |\n|---|---|---|---|---|---|---|")
+          f" one round's ratio, min–max ({mode}) |\n|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         data = random_data(Path(tmp) / "data", 4096, args.seq_len, args.vocab)
         for preset in args.presets:
@@ -175,14 +176,17 @@ def main() -> int:
             cfg = TrainConfig(steps=args.steps, micro_batch_size=args.batch, log_every=args.window, warmup_steps=2,
                               num_threads=args.threads, tensorboard=False, progress=False, peak_flops=1e12,
                               compile=args.compile, checkpoint_every=0)
-            ours, ref = [], []
+            ours, ref, rounds = [], [], []
             for r in range(args.rounds):
+                got = {}
                 for side in (("ours", "ref") if r % 2 == 0 else ("ref", "ours")):
                     if side == "ours":
-                        ours += in_fresh_process(ours_windows, spec, cfg, data.dir, Path(tmp) / f"{preset}-{r}")
+                        got[side] = in_fresh_process(ours_windows, spec, cfg, data.dir, Path(tmp) / f"{preset}-{r}")
                     else:
-                        ref += in_fresh_process(nanogpt_windows, spec, cfg, data.dir, args.steps, args.window,
-                                                args.compile, args.same_allocator)
+                        got[side] = in_fresh_process(nanogpt_windows, spec, cfg, data.dir, args.steps, args.window,
+                                                     args.compile, args.same_allocator)
+                ours, ref = ours + got["ours"], ref + got["ref"]
+                rounds.append(statistics.median(got["ours"]) / statistics.median(got["ref"]))
             a, b = statistics.median(ours), statistics.median(ref)
             ref_model = NanoGPT(spec, args.seq_len)
             our_flops = flops_per_token(build_model(spec, args.seq_len), spec, args.seq_len)
@@ -190,7 +194,8 @@ def main() -> int:
             ref_params = sum(p.numel() for p in ref_model.parameters()) - args.seq_len * spec.hidden_size
             fed = args.seq_len / (args.seq_len - 1)  # our FLOPs run over every fed token, `a` counts predicted ones
             print(f"| {preset} | {count_params(spec) / 1e6:.2f}M / {ref_params / 1e6:.2f}M | {a:,.0f} | {b:,.0f} | "
-                  f"**{a / b:.2f}×** | {a * fed * our_flops / (b * ref_flops):.2f}× | |", flush=True)
+                  f"**{a / b:.2f}×** | {a * fed * our_flops / (b * ref_flops):.2f}× | "
+                  f"{min(rounds):.2f}–{max(rounds):.2f}× |", flush=True)
     return 0
 
 
