@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from smalltalk import chunked_sublayers, linear_cross_entropy
+from smalltalk import causal_attention, chunked_sublayers, linear_cross_entropy
 from smalltalk.chunked_sublayers import rotary
 from smalltalk.config import ModelConfig
 from smalltalk.model import build_model, resolve_spec
@@ -39,6 +39,7 @@ def test_loss_and_gradients_equal_hfs(kv_heads, path, monkeypatch):
     if path == "small chunks":  # 3 chunks of one sequence; MLP rows 128 + 16; loss rows 64 + 64 + 13
         monkeypatch.setattr(chunked_sublayers, "CHUNK_BYTES", 2048)
         monkeypatch.setitem(linear_cross_entropy.CHUNK_ELEMENTS, "cpu", 64 * 256)
+        monkeypatch.setattr(causal_attention, "QUERY_BLOCK", 20)  # query rows 20 + 20 + 8
     if path == "plain":
         monkeypatch.setattr(chunked_sublayers, "chunked", lambda x: False)
     model = _model(kv_heads)
@@ -81,6 +82,33 @@ def test_compiled_expressions_equal_the_autograd_functions(monkeypatch):
         grads_b = torch.autograd.grad(b, inputs, g, allow_unused=True, materialize_grads=True)
         for ga, gb in zip(grads_a, grads_b, strict=True):
             assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("block", [64, 20])
+def test_block_causal_attention_equals_pytorchs_kernel(block, monkeypatch):
+    """Values and gradients of q, k, v as F.scaled_dot_product_attention's: one query block or three (the
+    last one short), chunks of two sequences and one; the output laid out [B, T, H, D] as PyTorch's."""
+    monkeypatch.setattr(causal_attention, "QUERY_BLOCK", block)
+    monkeypatch.setattr(chunked_sublayers, "CHUNK_BYTES", 4 * 4 * min(block, 48) * 48 * 2)
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(3, 48, 4, 16, generator=g).transpose(1, 2).requires_grad_() for _ in range(3))
+    grad = torch.randn(3, 48, 4, 16, generator=g).transpose(1, 2)
+    ours = causal_attention.causal_attention(q, k, v, 0.3)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    assert type(ours.grad_fn).__name__ == "_BlockCausalAttentionBackward"
+    assert ours.transpose(1, 2).is_contiguous() and torch.allclose(ours, ref, atol=1e-6)
+    for a, b in zip(torch.autograd.grad(ours, [q, k, v], grad), torch.autograd.grad(ref, [q, k, v], grad), strict=True):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
+def test_long_sequences_take_pytorchs_attention_kernel():
+    """Past 8 × head dim the kept probabilities would outweigh q, k and v: flash's kernel runs instead."""
+    def kernel(t: int) -> str:
+        q, k, v = (torch.randn(2, 4, t, 16, requires_grad=True) for _ in range(3))
+        return type(causal_attention.causal_attention(q, k, v, 0.25).grad_fn).__name__
+
+    assert kernel(128) == "_BlockCausalAttentionBackward"
+    assert kernel(129) != "_BlockCausalAttentionBackward" and "Attention" in kernel(129)
 
 
 @pytest.mark.parametrize("autocast", [False, True])

@@ -65,7 +65,8 @@ class _AttentionInput(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, eps: float, weight: torch.Tensor, heads: int, kv: int,
                 turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        q, k, v = (x.new_empty(b, t, n, weight.shape[0] // (heads + 2 * kv)) for n in (heads, kv, kv))
+        # [B, T, N, D] views of [B, N, T, D] memory: attention reads q, k, v per head (causal_attention.py)
+        q, k, v = (x.new_empty(b, n, t, weight.shape[0] // (heads + 2 * kv)).transpose(1, 2) for n in (heads, kv, kv))
         rstd = inverse_rms(x, eps)
         for r in _sequence_chunks(b, t, weight.shape[0]):
             qkv = ((x[r] * rstd[r]) @ weight.T).view(*q[r].shape[:2], heads + 2 * kv, -1)

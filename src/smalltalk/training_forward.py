@@ -13,6 +13,9 @@ What HF's general-purpose forward does that training on our models pays for, and
 - On CPU each half of a layer (norm, q/k/v and RoPE; norm, SwiGLU and the residual) runs as one autograd
   function over cache-sized chunks of rows (chunked_sublayers.py): elementwise kernels over DRAM-sized
   activations cost three times what they cost in cache. The residual adds ride on the matmuls.
+- Causal attention on CPU, for sequences up to 8 × head dim, is batched matmuls over blocks of query rows
+  with the probabilities kept (causal_attention.py): PyTorch's CPU flash kernel runs at a quarter of the
+  matmuls' FLOP/s on these shapes.
 - The loss copies the logits to shift them: here the last position is simply not projected, and the
   projection and cross-entropy run in chunks (linear_cross_entropy.py: the full logits never exist).
 
@@ -30,6 +33,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from smalltalk.causal_attention import causal_attention
 from smalltalk.chunked_sublayers import attention_input, mlp_sublayer
 from smalltalk.linear_cross_entropy import linear_cross_entropy
 from smalltalk.rms_norm import normalize
@@ -84,8 +88,7 @@ def _layer(layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torc
     q, k, v = attention_input(x, layer.input_layernorm.variance_epsilon, _qkv_weight(layer), heads, kv, cos, sin)
     if kv != heads:  # grouped-query attention: query head h reads kv head h // (heads / kv), as HF's repeat_kv
         k, v = k.repeat_interleave(heads // kv, dim=2), v.repeat_interleave(heads // kv, dim=2)
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True,
-                                       scale=attn.scaling)
+    y = causal_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn.scaling)
     x = residual(x, y.transpose(1, 2).reshape(b, t, heads * d), attn.o_proj.weight)
     # gate and up stay two matmuls: one [gate; up] matmul measured ~10% slower (its halves are strided)
     norm = layer.post_attention_layernorm
