@@ -5,13 +5,14 @@ GFLOP/s on our training shapes (head dim 32, 256 tokens; benchmarks/bench_vs_nan
 what the same cores' matmuls do: its inner products are small, one query block and one head at a time.
 Here attention is the textbook softmax(q k^T) v as batched matmuls over a few sequences' heads at once,
 in chunks whose scores fit in cache. Causality is exploited per block of query rows: block i attends to
-keys [0, end of block i) only, so at 64-row blocks 62.5% of the full score matrix is computed (flash's
-share too), masked on the diagonal block. The probabilities are kept for the backward pass instead of
-being recomputed from the log-sum-exp as flash does: one matmul of six fewer, for memory of
-B·H·T²·~0.6 floats a layer, which is why this path is taken only while T <= 8 × head dim (at head dim
-32, 256 tokens: about 1.6× the layer's q, k and v); longer sequences, GPUs, autocast and torch.compile
-run PyTorch's kernel. Measured: 15-20% faster than it forward and backward at the cpu-expert-2m/7m
-shapes, 5-8% of a training step.
+keys [0, end of block i) only, so with 64-row blocks 62.5% of a 256-token score matrix is computed
+(flash's share too), masked on the diagonal block. The probabilities are kept for the backward pass instead of
+being recomputed from the log-sum-exp as flash does: one matmul of six fewer, for B·H·T·(T/2 + 32)
+floats a layer, (T/2 + 32) / (3 × head dim) times the layer's q, k and v. Hence this path only while
+T <= 8 × head dim (at head dim 32, 1.7× q, k and v; at cpu-expert-7m +44% of a layer's kept activations, 335 MB
+for the 32 × 256 batch); longer sequences, GPUs, autocast and torch.compile run PyTorch's kernel.
+Measured (forward + backward, one process, alternating): 15-20% faster than that kernel at the
+cpu-expert-2m and 7m shapes, a training step 4.5% and 4.8% faster.
 """
 
 from __future__ import annotations
