@@ -42,6 +42,7 @@ bench: setup
 	$(PY) benchmarks/bench_train.py
 	$(PY) benchmarks/bench_training_forward.py
 	$(PY) benchmarks/bench_vs_nanogpt.py
+	$(PY) benchmarks/bench_attention.py
 	$(PY) benchmarks/bench_routing.py
 
 clean:

@@ -1,18 +1,18 @@
 """Causal self-attention on CPU for short sequences: batched matmuls over blocks of query rows.
 
 PyTorch's CPU flash-attention kernel (what `F.scaled_dot_product_attention` runs in float32) reaches ~30
-GFLOP/s on our training shapes (head dim 32, 256 tokens; benchmarks/bench_vs_nanogpt.py), a quarter of
-what the same cores' matmuls do: its inner products are small, one query block and one head at a time.
-Here attention is the textbook softmax(q k^T) v as batched matmuls over a few sequences' heads at once,
-in chunks whose scores fit in cache. Causality is exploited per block of query rows: block i attends to
-keys [0, end of block i) only, so with 64-row blocks 62.5% of a 256-token score matrix is computed
-(flash's share too), masked on the diagonal block. The probabilities are kept for the backward pass instead of
-being recomputed from the log-sum-exp as flash does: one matmul of six fewer, for B·H·T·(T/2 + 32)
-floats a layer, (T/2 + 32) / (3 × head dim) times the layer's q, k and v. Hence this path only while
-T <= 8 × head dim (at head dim 32, 1.7× q, k and v; at cpu-expert-7m +44% of a layer's kept activations, 335 MB
-for the 32 × 256 batch); longer sequences, GPUs, autocast and torch.compile run PyTorch's kernel.
-Measured (forward + backward, one process, alternating): 15-20% faster than that kernel at the
-cpu-expert-2m and 7m shapes, a training step 4.5% and 4.8% faster.
+GFLOP/s on our training shapes (head dim 32, 256 tokens), a quarter of what the same cores' matmuls do:
+its inner products are small, one query block and one head at a time. Here attention is the textbook
+softmax(q k^T) v as batched matmuls over a few sequences' heads at once, in chunks whose scores fit in
+cache. Causality is exploited per block of query rows: block i attends to keys [0, end of block i) only,
+so with 64-row blocks 62.5% of a 256-token score matrix is computed (flash's share too), masked on the
+diagonal block. The probabilities are kept for the backward pass instead of being recomputed from the
+log-sum-exp as flash does: one matmul of six fewer, for B·H·T·(T/2 + 32) floats a layer, (T/2 + 32) /
+(3 × head dim) times the layer's q, k and v. Hence this path only while T <= 8 × head dim (at head dim
+32, 1.7× q, k and v; at cpu-expert-7m +44% of a layer's kept activations, 335 MB for the 32 × 256
+batch); longer sequences, GPUs, autocast and torch.compile run PyTorch's kernel.
+Measured by benchmarks/bench_attention.py (alternating pairs, medians): forward + backward 1.29× and
+1.42× faster than that kernel at the cpu-expert-2m and 7m shapes, a training step 1.067× and 1.035×.
 """
 
 from __future__ import annotations
