@@ -10,7 +10,7 @@ diagonal block. The probabilities are kept for the backward pass instead of bein
 log-sum-exp as flash does: one matmul of six fewer, for B·H·T·(T/2 + 32) floats a layer, (T/2 + 32) /
 (3 × head dim) times the layer's q, k and v. Hence this path only while T <= 8 × head dim (at head dim
 32, 1.7× q, k and v; at cpu-expert-7m +44% of a layer's kept activations, 335 MB for the 32 × 256
-batch); longer sequences, GPUs, autocast and torch.compile run PyTorch's kernel.
+batch); longer sequences, GPUs and autocast run PyTorch's kernel (a compiled graph calls this one eagerly).
 Measured by benchmarks/bench_attention.py (alternating pairs, medians): forward + backward 1.29× and
 1.42× faster than that kernel at the cpu-expert-2m and 7m shapes, a training step 1.067× and 1.035×.
 """
@@ -33,7 +33,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     t, d = q.shape[-2:]
     if not (chunked_sublayers.chunked(q) and t <= 8 * d and torch.is_grad_enabled()):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale)
-    return _BlockCausalAttention.apply(q, k, v, scale)
+    return _block_causal_attention(q, k, v, scale)
 
 
 def _query_blocks(t: int) -> list[tuple[int, int]]:
@@ -90,3 +90,6 @@ class _BlockCausalAttention(torch.autograd.Function):
             gq.mul_(ctx.scale)
             gk.mul_(ctx.scale)
         return grad_q, grad_k, grad_v, None
+
+
+_block_causal_attention = chunked_sublayers.eager(_BlockCausalAttention.apply)

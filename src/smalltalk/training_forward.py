@@ -21,7 +21,8 @@ What HF's general-purpose forward does that training on our models pays for, and
 
 Everything else (modules, parameter names, checkpoints, generation, scoring) stays HF's
 `LlamaForCausalLM`: this is only the function `train()` differentiates, tested to give HF's loss and
-gradients. Under `torch.compile` plain real-valued expressions are traced instead, for Inductor to fuse.
+gradients. Under `torch.compile` on CPU the compiled graph calls the chunked functions eagerly (they beat
+Inductor's code there); elsewhere plain real-valued expressions are traced, for Inductor to fuse.
 A model this path does not cover (biases, another activation, sliding windows) trains through HF's own
 forward.
 """
