@@ -63,7 +63,7 @@ def attention_input(x: torch.Tensor, eps: float, weight: torch.Tensor, heads: in
         qkv = F.linear(normalize(x, eps), weight).view(b, t, heads + 2 * kv, -1)
         q, k, v = qkv.split([heads, kv, kv], dim=2)
         return rotary(q, cos, sin), rotary(k, cos, sin), v
-    return _attention_input(x, eps, weight, heads, kv, torch.complex(cos, sin))
+    return _attention_input(x, eps, weight, heads, kv, cos, sin)
 
 
 class _AttentionInput(torch.autograd.Function):
@@ -101,7 +101,10 @@ class _AttentionInput(torch.autograd.Function):
         return grad_x, None, grad_w, None, None, None
 
 
-_attention_input = eager(_AttentionInput.apply)
+@eager
+def _attention_input(x: torch.Tensor, eps: float, weight: torch.Tensor, heads: int, kv: int, cos: torch.Tensor,
+                     sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _AttentionInput.apply(x, eps, weight, heads, kv, torch.complex(cos, sin))  # Inductor has no complex
 
 
 def _sequence_chunks(batch: int, seq: int, width: int) -> list[slice]:
