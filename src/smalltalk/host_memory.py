@@ -27,13 +27,18 @@ TRIM_THRESHOLD = 1 << 30  # free memory kept at the heap's top before any is ret
 
 
 def _glibc() -> ctypes.CDLL | None:
+    """glibc, where it is this process's malloc. A preloaded allocator (jemalloc, tcmalloc: LD_PRELOAD or
+    /etc/ld.so.preload) keeps freed memory by itself and ignores glibc's thresholds."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
-    return ctypes.CDLL(None)
+    process, libc = ctypes.CDLL(None), ctypes.CDLL("libc.so.6")
+    if ctypes.cast(process.malloc, ctypes.c_void_p).value != ctypes.cast(libc.malloc, ctypes.c_void_p).value:
+        return None
+    return libc
 
 
 def keep_freed_memory() -> bool:
-    """Fix glibc's trim and mmap thresholds for this process; False where the C library is not glibc.
+    """Fix glibc's trim and mmap thresholds for this process; False where malloc is not glibc's.
     Idempotent: the `smalltalk` command calls it at start-up and `train()` again for library users."""
     libc = _glibc()
     if libc is None:
