@@ -40,7 +40,6 @@ from smalltalk.linear_cross_entropy import linear_cross_entropy
 from smalltalk.rms_norm import normalize
 
 
-@functools.cache  # once per shape and device, not per layer and step (on CUDA it would be a copy each time)
 def pair_order(heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
     """Rows of a [q; k] weight reordered so each head's RoPE pairs (i, i + D/2) sit side by side.
 
@@ -51,6 +50,11 @@ def pair_order(heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
     half = head_dim // 2
     within = torch.stack([torch.arange(half), torch.arange(half) + half], dim=1).flatten()
     return (torch.arange(heads)[:, None] * head_dim + within).flatten().to(device)
+
+
+# Eagerly once per shape and device, not per layer and step (on CUDA it would be a copy each time); a
+# compiled graph computes it in the graph instead (Dynamo does not trace through caches).
+_cached_pair_order = functools.cache(pair_order)
 
 
 def covers(model) -> bool:
@@ -69,7 +73,8 @@ def _qkv_weight(layer) -> torch.Tensor:
     attn = layer.self_attn
     d = attn.head_dim
     qk = torch.cat([attn.q_proj.weight, attn.k_proj.weight])
-    qk = qk.index_select(0, pair_order(qk.shape[0] // d, d, qk.device))
+    qk = qk.index_select(0, (pair_order if torch.compiler.is_compiling() else _cached_pair_order)(
+        qk.shape[0] // d, d, qk.device))
     return torch.cat([qk, attn.v_proj.weight]) * layer.input_layernorm.weight
 
 
