@@ -18,6 +18,7 @@ process's resident memory then stays at its peak; a long pass that wants it back
 from __future__ import annotations
 
 import ctypes
+import functools
 import platform
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
@@ -26,6 +27,7 @@ MMAP_THRESHOLD = 1 << 30  # blocks under it come from the heap and stay there on
 TRIM_THRESHOLD = 1 << 30  # free memory kept at the heap's top before any is returned
 
 
+@functools.cache  # one answer per process; return_free_memory runs between every partition chunk
 def _glibc() -> ctypes.CDLL | None:
     """glibc, where it is this process's malloc. A preloaded allocator (jemalloc, tcmalloc: LD_PRELOAD or
     /etc/ld.so.preload) keeps freed memory by itself and ignores glibc's thresholds."""
