@@ -12,7 +12,7 @@ SFT_DATA ?= runs/demo-sft
 
 setup: $(VENV)/.installed
 
-# CPU torch first (a wheel on disk here; pip finds it via its find-links), so the `torch>=2.4`
+# CPU torch first (a wheel on disk here; pip finds it via its find-links), so the `torch>=2.6`
 # requirement of the package is already met and pip never downloads a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

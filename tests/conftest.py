@@ -44,6 +44,28 @@ def write_jsonl(path: Path, docs: list[dict]) -> Path:
     return path
 
 
+def hf_prefix_loglik(model_dirs: list[Path], tokens):
+    """Reference router scores built without our scoring code: each router loaded by HF alone, the sum of
+    log_softmax(logits)[t, x_{t+1}] over the prefix, one row per sequence, one column per router."""
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    x = torch.as_tensor(np.asarray(tokens), dtype=torch.long)
+    columns = []
+    for directory in model_dirs:
+        model = AutoModelForCausalLM.from_pretrained(str(directory)).eval()
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=x).logits.double(), dim=-1)
+        columns.append(logp[:, :-1].gather(-1, x[:, 1:, None]).squeeze(-1).sum(-1))
+    return torch.stack(columns, dim=1).numpy()
+
+
+def router_model_dirs(routers: Path) -> list[Path]:
+    names = json.loads((routers / "manifest.json").read_text())["routers"]
+    return [routers / name / "model" for name in names]
+
+
 def cli(*args: str) -> int:
     return main([str(a) for a in args])
 

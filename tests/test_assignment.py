@@ -3,12 +3,22 @@
 import numpy as np
 import pytest
 
-from smalltalk.routing.assignment import (
-    argmax_assignment,
-    balanced_assignment,
-    balanced_assignment_reference,
-    capacities,
-)
+from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, capacities
+
+
+def greedy_loop(scores: np.ndarray, first: int = 0) -> list[int]:
+    """The paper's rule written plainly and from the rule alone (nothing of the code under test): places
+    N // E each, the N mod E extra ones to experts first, first+1, ... (mod E); visit sequences by
+    descending best score, ties by lower index; each takes its best expert with room, ties by lower index."""
+    n, experts = len(scores), len(scores[0])
+    rows = [[float(v) for v in row] for row in scores]
+    room = [n // experts + (1 if (e - first) % experts < n % experts else 0) for e in range(experts)]
+    assignment = [-1] * n
+    for i in sorted(range(n), key=lambda i: (-max(rows[i]), i)):
+        best = max((e for e in range(experts) if room[e] > 0), key=lambda e: (rows[i][e], -e))
+        room[best] -= 1
+        assignment[i] = best
+    return assignment
 
 
 @pytest.mark.parametrize("n,experts", [(100, 4), (103, 4), (7, 3), (5, 8), (1, 1), (64, 32)])
@@ -24,6 +34,23 @@ def test_capacity_exact_and_every_id_once(n, experts):
 def test_first_experts_by_index_take_the_remainder():
     scores = np.zeros((10, 4), dtype=np.float32)  # all ties: capacity decides
     assert np.bincount(balanced_assignment(scores)).tolist() == [3, 3, 2, 2]
+
+
+@pytest.mark.parametrize("first,loads", [(0, [3, 3, 2, 2]), (1, [2, 3, 3, 2]), (3, [3, 2, 2, 3]),
+                                         (6, [2, 2, 3, 3])])
+def test_the_remainder_rotates_with_first(first, loads):
+    """Partition passes first = chunk index mod E, so over E chunks every expert gets the extra places
+    equally often: the loads are exactly the rotated capacities, and the assignment is the greedy loop's."""
+    scores = np.zeros((10, 4), dtype=np.float32)
+    assert np.bincount(balanced_assignment(scores, first=first), minlength=4).tolist() == loads
+    assert capacities(10, 4, first).tolist() == loads
+    rng = np.random.default_rng(first)
+    for _ in range(50):
+        n, experts = int(rng.integers(1, 30)), int(rng.integers(2, 7))
+        scores = rng.integers(-2, 2, size=(n, experts)).astype(np.float32)
+        assert balanced_assignment(scores, first=first).tolist() == greedy_loop(scores, first)
+    over_chunks = sum(np.bincount(balanced_assignment(np.zeros((10, 4)), first=c), minlength=4) for c in range(4))
+    assert over_chunks.tolist() == [10, 10, 10, 10]
 
 
 def test_deterministic():
@@ -55,7 +82,7 @@ def test_agrees_with_plain_greedy_loop_on_random_cases():
             scores = rng.integers(-2, 2, size=(n, experts)).astype(np.float32)  # ties everywhere
         else:
             scores = (rng.normal(size=(n, experts)) - rng.uniform(0, 3) * np.arange(experts)).astype(np.float32)
-        assert np.array_equal(balanced_assignment(scores), balanced_assignment_reference(scores)), case
+        assert balanced_assignment(scores).tolist() == greedy_loop(scores), case
 
 
 def test_argmax_breaks_ties_by_lowest_index():

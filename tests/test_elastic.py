@@ -35,6 +35,9 @@ def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
     new_docs = write_jsonl(tmp_path / "new.jsonl", new_domain_docs())
     before = json.loads((run / "mixture.json").read_text())
     old_weights = {rel: _weights(run, rel) for rel in before["expert_dirs"]}
+    untouched = {p: sha256_file(p) for d in ("routers", "partition") for p in sorted((run / d).rglob("*"))
+                 if p.is_file()}
+    assert (run / "routers" / "em_history.json") in untouched and (run / "partition" / "manifest.json") in untouched
 
     assert cli("experts", "add", "--run", run, "--data", new_docs, "--router-steps", "40",
                "--set", "data.validation_fraction=0.2", "--set", "data.test_fraction=0.2") == 0
@@ -44,6 +47,8 @@ def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
     assert after["experts"] == 4 and after["expert_dirs"][:3] == before["expert_dirs"]
     assert after["router_dirs"][-1] == "routers/03/model" and "pending_add" not in after
     assert {rel: _weights(run, rel) for rel in before["expert_dirs"]} == old_weights  # others untouched
+    now = {p: sha256_file(p) for p in untouched if p.is_file()}
+    assert now == untouched, "experts add changed the run's routers, partition or EM history"
     assert not list((run / "added").glob("*/pending.json"))
     # the same documents again: recognised by their checksum, not added twice
     assert cli("experts", "add", "--run", run, "--data", new_docs, "--router-steps", "40") == 2

@@ -107,30 +107,46 @@ def _artifacts(run: Path) -> dict[str, object]:
             if p.is_file() and kept(p.relative_to(run).as_posix())}
 
 
-def test_sigkill_in_every_stage_then_rerun_gives_the_uninterrupted_artifacts(corpus_file, instructions, tmp_path):
-    ref, run = tmp_path / "ref", tmp_path / "killed"
-    command = {path: _command(path, corpus_file, instructions) for path in (ref, run)}
-    subprocess.run(command[ref], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=900)
-    rng = random.Random(SEED)
-    seconds = {name: row["seconds"] for name, row in json.loads((ref / "stages.json").read_text()).items()}
-    seconds |= {f"routers round {r}": seconds["routers"] / ROUNDS for r in range(ROUNDS)}
-    killed, remaining = [], list(POINTS)
-    while remaining:  # one kill per stage and EM round, at a seeded random moment within its usual time
-        delays = {point: rng.uniform(0.0, 0.5 * seconds[point]) for point in POINTS}
-        landed = _run_until(command[run], run, remaining, delays)
+def _kill_pass(command: list[str], run: Path, aims: list[str], seconds: dict[str, float], rng: random.Random,
+               scale: float) -> list[tuple[str, float]]:
+    """One run directory: a kill at a seeded random moment of each aimed point in turn (within `scale` x half
+    its usual time), then a run to the end. The (point, delay) of every kill that landed."""
+    killed, remaining = [], list(aims)
+    while remaining:
+        delays = {point: scale * rng.uniform(0.0, 0.5 * seconds[point]) for point in POINTS}
+        landed = _run_until(command, run, remaining, delays)
         if landed is None:
             break
         killed.append((landed, round(delays[landed], 2)))
         remaining = remaining[remaining.index(landed) + 1:] if landed in remaining else remaining
-    subprocess.run(command[run], check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=900)
-    hit = {point for point, _ in killed}
-    # timing decides whether a kill lands in the point it aimed at or a later one: demand most, not all
-    assert len(hit) >= len(POINTS) - 4 and any(p.startswith("routers") for p in hit) and "sft" in hit, \
-        f"seed {SEED}: too few stages or EM rounds were hit: {killed}"
-    leftovers = [p for p in run.rglob("*") if ".tmp-" in p.name]
-    assert not leftovers, f"seed {SEED}, kills {killed}: half-written files left: {leftovers}"
-    want, got = _artifacts(ref), _artifacts(run)
-    assert sorted(want) == sorted(got), f"seed {SEED}, kills {killed}"
-    differ = [name for name in want if want[name] != got[name]]
-    assert not differ, f"seed {SEED}, kills {killed}: differ from an uninterrupted run: {differ}"
-    assert (run / "report" / "report.md").is_file()
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=900)
+    return killed
+
+
+def test_sigkill_in_every_stage_then_rerun_gives_the_uninterrupted_artifacts(corpus_file, instructions, tmp_path):
+    """Every stage and every EM round is killed at least once. A kill can land past the point it aimed at
+    (the stage ended first): such points are aimed at again in a fresh run directory with shorter delays,
+    up to three more times, and the test fails naming any point never hit."""
+    ref = tmp_path / "ref"
+    subprocess.run(_command(ref, corpus_file, instructions), check=True, cwd=ROOT, stdout=subprocess.DEVNULL,
+                   timeout=900)
+    rng = random.Random(SEED)
+    seconds = {name: row["seconds"] for name, row in json.loads((ref / "stages.json").read_text()).items()}
+    seconds |= {f"routers round {r}": seconds["routers"] / ROUNDS for r in range(ROUNDS)}
+    want = _artifacts(ref)
+    missing, history = list(POINTS), []
+    for attempt in range(4):
+        run = tmp_path / f"killed-{attempt}"
+        killed = _kill_pass(_command(run, corpus_file, instructions), run, missing, seconds, rng, 0.5 ** attempt)
+        history.append(killed)
+        leftovers = [p for p in run.rglob("*") if ".tmp-" in p.name or ".old-" in p.name]
+        assert not leftovers, f"seed {SEED}, kills {killed}: half-written files left: {leftovers}"
+        got = _artifacts(run)
+        assert sorted(want) == sorted(got), f"seed {SEED}, kills {killed}"
+        differ = [name for name in want if want[name] != got[name]]
+        assert not differ, f"seed {SEED}, kills {killed}: differ from an uninterrupted run: {differ}"
+        assert (run / "report" / "report.md").is_file()
+        missing = [point for point in missing if point not in {p for p, _ in killed}]
+        if not missing:
+            break
+    assert not missing, f"seed {SEED}: never killed inside {missing} (kills per attempt: {history})"

@@ -14,7 +14,7 @@ from smalltalk.routing import scoring
 from smalltalk.routing.routers import LMRouters, load_routers
 from smalltalk.routing.scoring import score_batches
 
-from .conftest import ROUTING, TINY_CONFIG, cli, partition_with
+from .conftest import ROUTING, TINY_CONFIG, cli, hf_prefix_loglik, partition_with, router_model_dirs
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -122,8 +122,18 @@ def test_bf16_router_scoring_runs_under_autocast(prepared_run):
 
 
 def test_lm_routers_score_api(em_run, prepared_run):
+    """`score` of loaded EM routers: [N, E] float32 prefix log-likelihoods equal to each router's own HF
+    log-softmax, by the grouped forward (a short batch) and by the per-router loop (a long one)."""
     router = load_routers(em_run)
     assert isinstance(router, LMRouters) and router.num_experts == 3
+    data = SplitData(prepared_run / "data", "validation")
+    tokens = data.batch(np.arange(min(len(data), 40)), 16)
+    reference = hf_prefix_loglik(router_model_dirs(em_run), tokens)
+    short = router.score(tokens[:4])  # 64 prefix tokens: the grouped forward
+    assert short.dtype == np.float32 and short.shape == (4, 3)
+    assert np.allclose(short, reference[:4], rtol=1e-5, atol=1e-4)
+    long = router.score(tokens)  # over GROUPED_CPU_TOKENS: the per-router loop
+    assert len(tokens) * 16 > LMRouters.GROUPED_CPU_TOKENS and np.allclose(long, reference, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.slow

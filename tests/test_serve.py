@@ -1,6 +1,7 @@
 """The real server on a free loopback port, called with the official `openai` client and raw HTTP."""
 
 import json
+import signal
 import socket
 import subprocess
 import sys
@@ -12,6 +13,7 @@ import pytest
 
 from smalltalk.data.shards import SplitData
 from smalltalk.mixture import SmallTalkMixture
+from smalltalk.serving.protocol import chat_prompt
 
 from .conftest import ROOT
 
@@ -46,8 +48,9 @@ def _start(run, *args: str, env: dict | None = None) -> tuple[subprocess.Popen, 
 def server(pipeline_run):
     proc, base = _start(pipeline_run[0], "--max-resident-experts", "1", "--api-key", "sk-test")
     yield base, pipeline_run[0]
-    proc.terminate()
-    assert proc.wait(timeout=20) is not None
+    proc.terminate()  # uvicorn shuts down gracefully, then re-raises the signal: exit by SIGTERM, no traceback
+    assert proc.wait(timeout=20) in (0, -signal.SIGTERM), proc.returncode
+    assert "Traceback" not in proc.stdout.read()
 
 
 def prompts_per_expert(run, mixture: SmallTalkMixture, tokens: int = 24) -> dict[int, str]:
@@ -80,18 +83,25 @@ def test_openai_client_completions_chat_and_streaming(server):
     chosen, scores = mixture.route(mixture.tokenizer(prompt).input_ids)
     assert routing["expert"] == int(chosen[0])
     assert np.allclose(routing["scores"], scores[0], rtol=1e-5)
-    assert isinstance(done.choices[0].text, str) and done.usage.completion_tokens >= 1
-    chat = client.chat.completions.create(model="smalltalk", max_tokens=6, temperature=0,
-                                          messages=[{"role": "user", "content": "etaoin shrdlu"}])
-    assert chat.choices[0].message.role == "assistant" and "smalltalk" in chat.model_extra
+    own = mixture.generate(prompt, max_new_tokens=8, do_sample=False)  # the mixture's own greedy text
+    assert done.choices[0].text == own["text"] and routing["expert"] == own["expert"]
+    assert 1 <= done.usage.completion_tokens <= 8
+    messages = [{"role": "user", "content": "etaoin shrdlu"}]
+    chat = client.chat.completions.create(model="smalltalk", max_tokens=6, temperature=0, messages=messages)
+    own_chat = mixture.generate(chat_prompt(messages), max_new_tokens=6, do_sample=False)
+    assert chat.choices[0].message.role == "assistant" and chat.choices[0].message.content == own_chat["text"]
+    assert chat.model_extra["smalltalk"]["expert"] == own_chat["expert"]
     pieces = list(client.completions.create(model="smalltalk", prompt=prompt, max_tokens=8, temperature=0,
                                             stream=True))
     streamed = "".join(p.choices[0].text for p in pieces)
     assert streamed == done.choices[0].text  # greedy: same text streamed or not
     assert pieces[-1].choices[0].finish_reason in ("stop", "length")
-    chat_pieces = list(client.chat.completions.create(
-        model="smalltalk", max_tokens=5, temperature=0, stream=True, messages=[{"role": "user", "content": "äöü"}]))
+    umlauts = [{"role": "user", "content": "äöü"}]
+    chat_pieces = list(client.chat.completions.create(model="smalltalk", max_tokens=5, temperature=0, stream=True,
+                                                      messages=umlauts))
     assert chat_pieces[-1].choices[0].finish_reason in ("stop", "length")
+    streamed_chat = "".join(p.choices[0].delta.content or "" for p in chat_pieces)
+    assert streamed_chat == mixture.generate(chat_prompt(umlauts), max_new_tokens=5, do_sample=False)["text"]
 
 
 def test_lru_serves_every_expert_with_one_resident(server):

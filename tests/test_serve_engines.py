@@ -83,6 +83,33 @@ def test_batched_engine_drops_a_cancelled_row_and_keeps_serving(pipeline_run):
     engine.close()
 
 
+def test_a_failing_forward_answers_500_generation_failed_and_the_loop_goes_on(pipeline_run):
+    """A forward pass that raises inside the batching loop (fault injected into one expert's model) ends
+    that expert's requests with a 500 `generation_failed`; the loop lives and the other experts answer
+    with their usual text."""
+    from smalltalk.serving.protocol import RequestError
+
+    run = pipeline_run[0]
+    mixture = SmallTalkMixture.from_pretrained(run)
+    engine = BatchedEngine(mixture, "smalltalk", 16)
+    prompt_for = prompts_per_expert(run, mixture)
+    want = {k: _complete(engine, p, max_tokens=4, temperature=0) for k, p in prompt_for.items()}
+    broken = mixture.expert(0)
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("simulated device fault")
+
+    broken.forward = fail
+    with pytest.raises(RequestError) as err:
+        _complete(engine, prompt_for[0], max_tokens=4, temperature=0)
+    assert err.value.status == 500 and err.value.code == "generation_failed" and "simulated" in err.value.message
+    for k in sorted(prompt_for)[1:]:
+        assert _complete(engine, prompt_for[k], max_tokens=4, temperature=0) == want[k]
+    del broken.forward
+    assert _complete(engine, prompt_for[0], max_tokens=4, temperature=0) == want[0]
+    engine.close()
+
+
 def test_routing_front_forwards_to_expert_servers_and_survives_a_dead_one(pipeline_run):
     """`serve --expert K` per expert as the backends, `serve --backend openai` in front: each answer is the
     routed expert's own (greedy, streamed or not), and a SIGKILLed backend gives 503 for its expert only."""
@@ -115,9 +142,12 @@ def test_routing_front_forwards_to_expert_servers_and_survives_a_dead_one(pipeli
         with pytest.raises(APIStatusError) as err:
             client.completions.create(model="smalltalk", prompt=prompt_for[dead], max_tokens=4, temperature=0)
         assert err.value.status_code == 503 and "expert_unavailable" in str(err.value.body)
-        for k in range(dead):
-            assert client.completions.create(model="smalltalk", prompt=prompt_for[k], max_tokens=4,
-                                             temperature=0).choices[0].text is not None
+        assert err.value.response.headers["retry-after"] == "1"
+        for k in range(dead):  # the survivors still answer with their own expert's text
+            direct = OpenAI(base_url=f"{backends[k][1]}/v1", api_key="none", max_retries=0)
+            own = direct.completions.create(model=f"expert-{k}", prompt=prompt_for[k], max_tokens=4, temperature=0)
+            routed = client.completions.create(model="smalltalk", prompt=prompt_for[k], max_tokens=4, temperature=0)
+            assert routed.model_extra["smalltalk"]["expert"] == k and routed.choices[0].text == own.choices[0].text
         assert httpx.get(f"{front_base}/health").json()["status"] == "ok"
     finally:
         for proc in [front, *(p for p, _ in backends.values())]:

@@ -147,6 +147,34 @@ def test_truncated_checkpoint_is_a_clear_error(prepared_run, tmp_path, capsys):
     assert sorted(p.name for p in out.rglob("*")) == before
 
 
+class _Payload:
+    """Unpickling this would create `path`: the proof that code ran."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_pickled_trainer_state_is_never_run_on_resume(prepared_run, tmp_path, capsys):
+    """A trainer_state.pt replaced by a pickle that runs code when loaded (someone else's run directory):
+    resume refuses it with the usual damaged-checkpoint error and the payload never runs."""
+    import pickle
+
+    out, marker = tmp_path / "lm", tmp_path / "pwned"
+    assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, "--set", "train.steps=2",
+               "--set", "train.checkpoint_every=2") == 0
+    state = out / "checkpoints" / "step_00000002" / "trainer_state.pt"
+    torch.save({"step": 2, "payload": _Payload(str(marker))}, state, pickle_protocol=pickle.HIGHEST_PROTOCOL)
+    capsys.readouterr()
+    assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, "--set", "train.steps=4",
+               "--set", "train.checkpoint_every=2", "--resume") == 2
+    err = capsys.readouterr().err
+    assert "trainer state is unreadable" in err and str(state) in err
+    assert not marker.exists(), "unpickling the trainer state ran code"
+
+
 def test_vocab_model_mismatch_is_a_clear_error(prepared_run, tmp_path, capsys):
     out = tmp_path / "lm"
     assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, "--set", "model.vocab_size=512") == 2
@@ -163,10 +191,19 @@ def test_existing_checkpoints_need_resume(prepared_run, tmp_path, capsys):
 
 
 def test_bf16_autocast_runs_on_cpu(prepared_run, tmp_path):
-    out = tmp_path / "lm"
-    assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, "--set", "train.steps=3",
-               "--set", "train.dtype=bfloat16", "--set", "train.log_every=1") == 0
-    assert len(_losses(out)) == 3
+    """bf16 autocast really runs (losses differ from fp32's in their rounding) and trains the same model
+    (every loss within bf16 rounding of fp32's), with fp32 master weights saved."""
+    runs = {}
+    for dtype in ("float32", "bfloat16"):
+        out = tmp_path / dtype
+        assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, "--set", "train.steps=3",
+                   "--set", f"train.dtype={dtype}", "--set", "train.log_every=1") == 0
+        runs[dtype] = _losses(out)
+    assert len(runs["bfloat16"]) == 3
+    assert runs["bfloat16"] != runs["float32"], "the bf16 run computed exactly fp32's losses: autocast was off"
+    assert runs["bfloat16"] == pytest.approx(runs["float32"], rel=2e-2)
+    weights = load_file(str(tmp_path / "bfloat16" / "model" / "model.safetensors"))
+    assert {w.dtype for w in weights.values()} == {torch.float32}
 
 
 def test_sampler_is_a_cursor_over_a_seeded_order():

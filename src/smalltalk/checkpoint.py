@@ -14,17 +14,17 @@ from typing import Any
 import torch
 
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import atomic_dir
-from smalltalk.layout import STALE_STEP_GLOB, STEP_DIR, TRAINER_STATE, WEIGHTS, TrainFiles
+from smalltalk.fsutil import atomic_dir, remove_stale_temps
+from smalltalk.layout import STEP_DIR, TRAINER_STATE, WEIGHTS, TrainFiles
 from smalltalk.model import quiet_transformers
 
 
 def checkpoint_dirs(out_dir: str | Path) -> list[Path]:
+    """The finished checkpoints, oldest first. Read-only: `smalltalk status` calls this while a trainer
+    writes, so a save in progress is never touched here (the trainer cleans up after dead writers)."""
     root = TrainFiles(Path(out_dir)).checkpoints
     if not root.is_dir():
         return []
-    for stale in root.glob(STALE_STEP_GLOB):  # left by a process killed while saving
-        shutil.rmtree(stale, ignore_errors=True)
     return sorted(p for p in root.iterdir() if STEP_DIR.match(p.name))
 
 
@@ -58,6 +58,8 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
                     keep: int = 2) -> Path:
     quiet_transformers()
     final = TrainFiles(Path(out_dir)).checkpoint(step)
+    if final.parent.is_dir():
+        remove_stale_temps(final.parent)  # saves of killed trainers; a live writer's (any host) is kept
     with atomic_dir(final) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         torch.save(state, tmp / TRAINER_STATE)

@@ -30,6 +30,7 @@ import sys
 
 from smalltalk.commands import data, evaluate, experts, jobs, routing, sft, use
 from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import disk_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -52,6 +53,14 @@ def main(argv: list[str] | None = None) -> int:
         args.func(args)
     except SmalltalkError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        if not disk_error(exc):
+            raise
+        print(f"error: {exc.strerror} (errno {exc.errno}) while writing {exc.filename or 'a file'}\n"
+              "  where: " + str(exc.filename or "-") + "\n"
+              "  fix:   free space (or fix the storage) and rerun the same command: what was being written was "
+              "discarded, every finished artifact and checkpoint before it is intact", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

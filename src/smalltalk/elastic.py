@@ -129,6 +129,10 @@ def remove_expert(run: RunLayout, index: int, delete: bool = False) -> dict:
     if count <= 1:
         raise SmalltalkError("cannot remove the last expert of a mixture")
     expert_dir, router_dir = manifest["expert_dirs"][index], manifest["router_dirs"][index]
+    doomed = [run.inside(rel, "a directory to delete").parent for rel in (expert_dir, router_dir)]
+    if delete and any(d.resolve() == run.root.resolve() for d in doomed):
+        raise SmalltalkError(f"--delete would remove the whole run: {expert_dir!r} or {router_dir!r} is not a "
+                             "pair's own directory", where=str(run.mixture_file))
     manifest = {**manifest, "expert_dirs": [d for i, d in enumerate(manifest["expert_dirs"]) if i != index],
                 "router_dirs": [d for i, d in enumerate(manifest["router_dirs"]) if i != index]}
     manifest["experts"] = count - 1
@@ -136,8 +140,8 @@ def remove_expert(run: RunLayout, index: int, delete: bool = False) -> dict:
                                                "deleted": delete, "time": time.time()})
     write_json(run.mixture_file, manifest)
     if delete:
-        for rel in (expert_dir, router_dir):
-            shutil.rmtree((run.root / rel).parent, ignore_errors=True)
+        for directory in doomed:
+            shutil.rmtree(directory, ignore_errors=True)
     return {"removed": index, "expert_dir": expert_dir, "router_dir": router_dir, "manifest": manifest}
 
 

@@ -19,6 +19,8 @@ def export_mixture(run: RunLayout, out: Path, force: bool = False) -> Path:
     unless `force`; a run directory, or a directory holding the run, never."""
     _check_target(run, Path(out), force)
     manifest = run.mixture()
+    _refuse_links_out(run, [run.tokenizer, run.routers, *(run.root / rel for rel in
+                                                           manifest["expert_dirs"] + manifest.get("router_dirs", []))])
     with atomic_dir(out) as tmp:
         staged = RunLayout(tmp)  # written under the temp name, renamed to `out` when complete
         shutil.copytree(run.tokenizer, staged.tokenizer)
@@ -45,13 +47,22 @@ def copy_routers(run: RunLayout, target_dir: Path, copy=shutil.copy2) -> None:
     write_json(manifest_of(target_dir), routers)
 
 
+def _refuse_links_out(run: RunLayout, directories: list[Path]) -> None:
+    """An export copies what links point to: a link out of the run would copy files the run does not own
+    (someone else's weights, or any file the user can read) into a directory meant to be shared."""
+    root = run.root.resolve()
+    for directory in directories:
+        for path in [directory, *directory.rglob("*")]:
+            if path.is_symlink() and root not in path.resolve().parents:
+                raise SmalltalkError(f"{path} is a link to {path.resolve()}, outside the run", where=str(path),
+                                     fix="replace the link by the file itself, or remove it")
+
+
 def _check_target(run: RunLayout, out: Path, force: bool) -> None:
-    target, source = out.resolve(), run.root.resolve()
-    other = RunLayout(out)
-    if target == source or target in source.parents or other.stages_file.is_file() or other.config_file.is_file() \
-            or manifest_of(other.data).is_file():
-        raise SmalltalkError(f"--out {out} is a run directory or holds the run {run.root}: exporting there would "
-                             "delete it", fix="choose a new directory for the export")
+    run.check_output(out, "--out")
+    if RunLayout(out).has_mixture() and not (out / MODEL_CARD).is_file():
+        raise SmalltalkError(f"--out {out} holds a mixture that is not an export (an SFT output?)",
+                             fix="choose a new directory for the export")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise SmalltalkError(f"--out {out} exists and is not empty", fix="choose a new directory, or pass --force "
                              "to replace it")

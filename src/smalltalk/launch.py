@@ -143,12 +143,14 @@ def slurm_script(run: RunLayout, stage: str, gpus: int = 1, partition: str | Non
         stage_args(run, stage, "__TASK__" if tasks else None, tasks)
     command = shlex.join(args).replace("__TASK__", "${SLURM_ARRAY_TASK_ID}")
     experts = stage == "experts"
-    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name=smalltalk-{stage}{'-merge' if merge else ''}-{run.root.name}"]
+    name = f"smalltalk-{stage}{'-merge' if merge else ''}-{run.root.name}"
+    log = str(run.sbatch_log(stage + ('-merge' if merge else ''), bool(tasks)))
+    lines = ["#!/usr/bin/env bash", f"#SBATCH --job-name={_directive_value(name)}"]
     if tasks:
         lines.append(f"#SBATCH --array=0-{tasks - 1}")
     lines += ["#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", f"#SBATCH --gpus-per-node={gpus}",
               f"#SBATCH --cpus-per-task={cpus_per_gpu * gpus}", f"#SBATCH --time={hours}:00:00",
-              f"#SBATCH --output={run.sbatch_log(stage + ('-merge' if merge else ''), bool(tasks))}"]
+              f"#SBATCH --output={_directive_value(log)}"]
     if partition:
         lines.append(f"#SBATCH --partition={partition}")
     lines += ["set -euo pipefail", f"cd {shlex.quote(str(Path.cwd()))}"]
@@ -161,6 +163,15 @@ def slurm_script(run: RunLayout, stage: str, gpus: int = 1, partition: str | Non
         lines.append(f"smalltalk {command}")
     lines.append("")
     return "\n".join(lines)
+
+
+def _directive_value(value: str) -> str:
+    """A value for an #SBATCH line: double-quoted (SLURM's parser honours quotes, so spaces are safe); a
+    quote or line break cannot be written there and is refused."""
+    if any(c in value for c in '"\n\r'):
+        raise SmalltalkError(f"{value!r} cannot go into an #SBATCH line (a quote or line break)",
+                             fix="use a run directory whose path has no quotes or line breaks")
+    return '"' + value + '"'
 
 
 def submit(script: Path, after: str | None = None) -> str:

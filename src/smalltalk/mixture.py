@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,7 @@ class SmallTalkMixture:
                                         workers=routing_workers)
         self.max_resident = max_resident  # None: keep every expert once loaded
         self._experts: OrderedDict[int, torch.nn.Module] = OrderedDict()
-        self._lock = threading.Lock()
+        self._lock, self._load_lock = threading.Lock(), threading.Lock()
         self._tokenizer = None
         self.loads = 0  # expert loads from disk (evictions make this exceed num_experts)
 
@@ -82,22 +83,38 @@ class SmallTalkMixture:
             self._tokenizer = AutoTokenizer.from_pretrained(str(self.root / self.manifest["tokenizer"]))
         return self._tokenizer
 
-    def expert(self, index: int) -> torch.nn.Module:
+    def expert(self, index: int, busy: Collection[int] = ()) -> torch.nn.Module:
         """Expert `index`, loaded on first use; at most `max_resident` stay in memory (LRU), so a mixture
-        larger than memory can still serve. A caller keeps its reference while it uses the model."""
-        with self._lock:
-            if index in self._experts:
-                self._experts.move_to_end(index)
-                return self._experts[index]
+        larger than memory can still serve. A caller keeps its reference while it uses the model; `busy`:
+        experts a caller still runs, never evicted here (the batched engine's running batches)."""
+        with self._load_lock:  # one load at a time; room is made before it, so memory stays within the bound
+            with self._lock:
+                if index in self._experts:
+                    self._experts.move_to_end(index)
+                    return self._experts[index]
+            self.evict(keep={*busy, index}, room=1)
             from transformers import AutoModelForCausalLM
 
             path = self.root / self.manifest["expert_dirs"][index]
             model = AutoModelForCausalLM.from_pretrained(str(path)).to(self.device).eval()
-            self.loads += 1
-            self._experts[index] = model
-            while self.max_resident and len(self._experts) > self.max_resident:
-                self._experts.popitem(last=False)
+            with self._lock:
+                self.loads += 1
+                self._experts[index] = model
+            self.evict(keep={*busy, index})
             return model
+
+    def evict(self, keep: Collection[int] = (), room: int = 0) -> None:
+        """Drop least recently used experts outside `keep` until at most max_resident - room stay."""
+        if not self.max_resident:
+            return
+        with self._lock:
+            for index in [k for k in self._experts if k not in keep]:
+                if len(self._experts) <= self.max_resident - room:
+                    break
+                del self._experts[index]
+
+    def is_resident(self, index: int) -> bool:
+        return index in self._experts
 
     @property
     def resident_experts(self) -> list[int]:

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import numpy as np
 
-from smalltalk.fsutil import atomic_dir, read_json
+from smalltalk.fsutil import atomic_dir, read_json, read_jsonl
 from smalltalk.layout import DENSE_KINDS, REPORT_PLOTS, RouterFiles, RunLayout, TrainFiles, manifest_of
 
 
 def _rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.is_file() else []
+    return read_jsonl(path) if path.is_file() else []
 
 
 def training_curves(run: RunLayout) -> dict[str, list[dict]]:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
 from smalltalk.checkpoint import latest_checkpoint
-from smalltalk.fsutil import read_json
+from smalltalk.fsutil import read_json, read_jsonl
 from smalltalk.layout import RunLayout, TrainFiles, manifest_of
 from smalltalk.pipeline import STAGE_NAMES
 
@@ -16,8 +15,7 @@ from smalltalk.pipeline import STAGE_NAMES
 def _last_metrics(path: Path) -> dict:
     if not path.is_file():
         return {}
-    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if "loss" in r]
+    rows = [r for r in read_jsonl(path) if "loss" in r]
     return rows[-1] if rows else {}
 
 

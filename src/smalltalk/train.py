@@ -28,7 +28,7 @@ from smalltalk.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.evaluate import sequence_nll
 from smalltalk.flops import measure_matmul_peak, training_flops
-from smalltalk.fsutil import atomic_dir, atomic_file, write_json
+from smalltalk.fsutil import atomic_dir, atomic_file, read_jsonl, write_json
 from smalltalk.host_memory import keep_freed_memory
 from smalltalk.layout import WEIGHTS, TrainFiles
 from smalltalk.model import ModelSpec, build_model, count_params
@@ -161,10 +161,10 @@ class _Metrics:
         self.tb = None
         if not enabled:
             return
-        if self.path.exists():
-            rows = [line for line in self.path.read_text().splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= resume_step]
-            self.path.write_text("".join(r + "\n" for r in rows))
+        if self.path.exists():  # a torn last line (killed mid-append) is dropped with the rows past the resume
+            rows = [row for row in read_jsonl(self.path) if row.get("step", 0) <= resume_step]
+            with atomic_file(self.path) as tmp:
+                tmp.write_text("".join(json.dumps(r) + "\n" for r in rows))
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 

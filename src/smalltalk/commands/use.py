@@ -48,7 +48,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
     from smalltalk.serving.server import serve, server_settings
 
-    key = args.api_key or os.environ.get("SMALLTALK_API_KEY")
+    key = args.api_key if args.api_key is not None else os.environ.get("SMALLTALK_API_KEY")  # "" stays "": refused
     if args.api_key_file:
         key = Path(args.api_key_file).read_text().strip()
         if not key:
@@ -73,13 +73,29 @@ def cmd_serve(args: argparse.Namespace) -> None:
                                  "needs the batched engine")
     settings = server_settings(args.run, key, args.max_resident_experts, args.model_name, args.device,
                                args.max_body_bytes, args.max_queue, engine, args.max_batch, args.expert, urls,
-                               os.environ.get("SMALLTALK_BACKEND_API_KEY"))
+                               os.environ.get("SMALLTALK_BACKEND_API_KEY") or None,
+                               client_timeout=args.client_timeout, request_timeout=args.request_timeout,
+                               max_connections=args.max_connections)
+    if key is None and not _loopback(args.host):
+        print(f"warning: serving on {args.host} without an API key: anyone who can reach this port can use the "
+              "mixture; set SMALLTALK_API_KEY or --api-key-file", file=sys.stderr)
     if args.workers > 1:
         from smalltalk.serving.workers import run_workers
 
         run_workers(settings, args.workers, args.host, args.port)
     else:
         serve(settings, args.host, args.port)
+
+
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def register(sub) -> None:
@@ -111,7 +127,13 @@ def register(sub) -> None:
     p.add_argument("--api-key-file", help="read the key from this file (not visible in `ps`)")
     p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger request bodies get 413")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before 503 + Retry-After")
-    p.add_argument("--max-resident-experts", type=int, help="LRU bound on experts kept in memory")
+    p.add_argument("--max-resident-experts", type=int, help="LRU bound on experts kept in memory (the batched "
+                   "engine also runs at most this many experts' batches at once)")
+    p.add_argument("--client-timeout", type=float, default=30.0, help="seconds a client may take to send its "
+                   "headers or body, or to read the next chunk of a stream, before it is dropped")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take in all; "
+                   "its generation is cancelled then (504)")
+    p.add_argument("--max-connections", type=int, help="open connections before 503 (default: max-queue + 64)")
     p.add_argument("--model-name", default="smalltalk")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.add_argument("--workers", type=int, default=1, help="worker processes on the port, each with its own copy "

@@ -9,7 +9,6 @@ from __future__ import annotations
 import glob
 import gzip
 import hashlib
-import json
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from smalltalk.config import DataConfig
 from smalltalk.errors import SmalltalkError
+from smalltalk.untrusted import BadInput, parse_json
 
 SPLITS = ("train", "validation", "test")
 _SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".txt", ".parquet")
@@ -109,9 +109,9 @@ def _read_jsonl(path: Path, cfg: DataConfig) -> Iterator[Document]:
                 if not line.strip():
                     continue
                 try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise SmalltalkError(f"malformed JSON: {exc.msg} (column {exc.colno})", where=where,
+                    record = parse_json(line, max_depth=None)
+                except BadInput as exc:
+                    raise SmalltalkError(str(exc), where=where,
                                          fix="fix or remove that line; each line must be one JSON object") from None
                 yield _record_to_doc(record, cfg, where)
     except (OSError, EOFError) as exc:  # gzip damage

@@ -28,7 +28,6 @@ from smalltalk.layout.artifacts import (
     MANIFEST,
     MODEL_CARD,
     REPORT_PLOTS,
-    STALE_STEP_GLOB,
     STEP_DIR,
     TRAINER_STATE,
     WEIGHTS,
@@ -45,7 +44,7 @@ from smalltalk.layout.artifacts import (
 from smalltalk.layout.run import RunLayout
 
 __all__ = [
-    "CORPUS_STATS", "DENSE_KINDS", "HF_CONFIG", "MANIFEST", "MODEL_CARD", "REPORT_PLOTS", "STALE_STEP_GLOB",
+    "CORPUS_STATS", "DENSE_KINDS", "HF_CONFIG", "MANIFEST", "MODEL_CARD", "REPORT_PLOTS",
     "STEP_DIR", "TRAINER_STATE", "WEIGHTS", "DataFiles", "PartitionFiles", "Parts", "RouterFiles", "SFTFiles",
     "TokenizerFiles", "TrainFiles", "manifest_of", "read_manifest", "RunLayout",
 ]

@@ -14,7 +14,6 @@ MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"  # inside an HF model directory
 TRAINER_STATE = "trainer_state.pt"  # optimizer, scheduler, RNG and data cursor of a checkpoint
 STEP_DIR = re.compile(r"^step_(\d{8})$")
-STALE_STEP_GLOB = ".step_*.tmp-*"  # a checkpoint being written when its process died
 HF_CONFIG = "config.json"  # what marks a directory as an HF model
 CORPUS_STATS = "stats.json"  # `corpus demo` output
 MODEL_CARD = "README.md"  # of an exported mixture

@@ -171,10 +171,43 @@ class RunLayout:
         return self.mixture_file.is_file()
 
     def mixture(self) -> dict:
+        """mixture.json, every path in it checked to stay inside the run (an absolute path or `..` in a
+        directory someone handed over would have us load, export or delete what it names)."""
         if not self.has_mixture():
             raise SmalltalkError(f"no {self.mixture_file.name} in {self.root}",
                                  fix="train the experts first (`smalltalk run` or `smalltalk experts train --all`)")
-        return read_json(self.mixture_file)
+        manifest = read_json(self.mixture_file)
+        for key in ("tokenizer", "routers"):
+            self.inside(manifest[key], f"{key!r}")
+        for key in ("expert_dirs", "router_dirs"):
+            for i, rel in enumerate(manifest.get(key, [])):
+                self.inside(rel, f"{key}[{i}]")
+        return manifest
+
+    def inside(self, rel: str, what: str = "path") -> Path:
+        """root/rel, refused (SmalltalkError) unless it is a relative path that resolves inside the run."""
+        path = self.root / rel
+        root = self.root.resolve()
+        if Path(rel).is_absolute() or (path.resolve() != root and root not in path.resolve().parents):
+            raise SmalltalkError(f"{what} {rel!r} in {self.mixture_file.name} leads outside the run {self.root}",
+                                 where=str(self.mixture_file),
+                                 fix="a mixture names its files relative to its own directory; re-export it")
+        return path
+
+    def is_run(self) -> bool:
+        """Whether root holds a run (its config, stage record or prepared data)."""
+        return any(p.is_file() for p in (self.stages_file, self.config_file, self.data / "manifest.json"))
+
+    def check_output(self, out: Path, what: str, allowed: tuple[Path, ...] = ()) -> None:
+        """Refuse an output directory `out` that is this run, holds it, lies inside it (except at one of
+        `allowed`), or is another run: writing there would replace artifacts a stage made."""
+        target, source = Path(out).resolve(), self.root.resolve()
+        inside = source in target.parents and target not in {Path(a).resolve() for a in allowed}
+        if target == source or target in source.parents or inside or RunLayout(Path(out)).is_run():
+            raise SmalltalkError(f"{what} {out} is a run directory, lies inside the run {self.root} or holds it: "
+                                 "writing there would replace its artifacts",
+                                 fix="choose a new directory outside the run" +
+                                     (f" (or the default {allowed[0]})" if allowed else ""))
 
     def prefix(self) -> int:
         """M, the routing prefix: the mixture's once it exists (elastic edits keep it), else the routers'."""

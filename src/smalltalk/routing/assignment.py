@@ -8,7 +8,7 @@ The greedy pass is sequential by nature; we compute the same result with vectori
 Let T_e be the sort position at which expert e fills up (N at first). Each sequence takes its best
 expert among those with T_e > its position; then each T_e is recomputed as one past the position of
 e's cap_e-th taker. The T_e only decrease and their fixed point is exactly the sequential greedy result
-(checked against a plain loop in the tests); it needs at most E rounds.
+(checked against a plain loop, written independently, in tests/test_assignment.py); it needs at most E rounds.
 """
 
 from __future__ import annotations
@@ -82,17 +82,3 @@ def _fill_positions(choice: np.ndarray, caps: np.ndarray, n: int) -> np.ndarray:
     fill[full] = by_expert[starts[full] + caps[full] - 1] + 1
     fill[caps == 0] = 0
     return fill
-
-
-def balanced_assignment_reference(scores: np.ndarray) -> np.ndarray:
-    """The paper's greedy loop, written plainly: the oracle the vectorised version is tested against."""
-    n, experts = scores.shape
-    room = capacities(n, experts).tolist()
-    assignment = np.full(n, -1, dtype=np.int64)
-    for i in greedy_order(scores):
-        for e in sorted(range(experts), key=lambda k: (-scores[i, k], k)):
-            if room[e] > 0:
-                room[e] -= 1
-                assignment[i] = e
-                break
-    return assignment

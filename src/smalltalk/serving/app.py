@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import hmac
 import json
+import sys
 import time
+import traceback
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,10 +31,17 @@ from starlette.requests import ClientDisconnect
 from smalltalk.serving.engine import Engine
 from smalltalk.serving.metrics import render_metrics
 from smalltalk.serving.protocol import Cancelled, RequestError
+from smalltalk.untrusted import BadInput, parse_json
 
 
-def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = 1 << 20, shared_metrics=None):
-    """shared_metrics: a workers.SharedMetrics when this app is one of several worker processes."""
+def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = 1 << 20, shared_metrics=None,
+               client_timeout: float = 30.0, request_timeout: float = 600.0):
+    """shared_metrics: a workers.SharedMetrics when this app is one of several worker processes.
+    client_timeout: the longest wait for a client to send its body or take the next chunk of a stream;
+    request_timeout: the longest a request may take from its first byte to its last (its generation is
+    cancelled then), so neither a slow upload nor an unread stream holds a slot of the queue for long."""
+    if api_key is not None and not api_key:
+        raise ValueError("an empty API key would turn authentication off; pass None for no key")
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI):
         # every request in flight may park a thread in engine.route / engine.generate (waiting, not working):
@@ -61,6 +70,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
 
     @app.get("/health")
     async def health() -> dict:
+        """Unauthenticated (load balancers probe it): counts only, never a backend's URL or a path."""
         return {"status": "ok", **engine.health(), "in_flight": engine.in_flight}
 
     @app.get("/metrics")
@@ -85,9 +95,11 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
                                                "overloaded"), endpoint)
         engine.in_flight += 1
         streaming = False
+        deadline = time.monotonic() + request_timeout
         try:
             check_key(request)
-            response = await _answer(engine, request, await _read_body(request, max_body_bytes), chat, endpoint)
+            body = await _read_body(request, max_body_bytes, min(client_timeout, request_timeout))
+            response = await _answer(engine, request, body, chat, endpoint, deadline)
             streaming = isinstance(response, StreamingResponse)  # its generator frees the slot when done
             return response
         except RequestError as exc:
@@ -95,6 +107,10 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
         except ClientDisconnect:
             engine.metrics.requests[(endpoint, 499)] += 1
             return JSONResponse({}, status_code=499)  # nobody is listening any more
+        except Exception as exc:  # noqa: BLE001 - a bug of ours: a JSON 500, counted, logged; never plain text
+            traceback.print_exc(file=sys.stderr)
+            return _error(engine, RequestError(500, f"internal error: {type(exc).__name__}", None, "internal_error"),
+                          endpoint)
         finally:
             if not streaming:
                 engine.in_flight -= 1
@@ -107,7 +123,45 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
     async def chat_completions(request: Request):
         return await handle(request, chat=True)
 
-    return app
+    return _StalledClients(app, engine, client_timeout)
+
+
+class _StalledClients:
+    """ASGI wrapper: a client that does not take the next piece of its response within `seconds` (an unread
+    stream: the socket's buffer is full and sending blocks) is dropped, which ends its generation and frees
+    its slot. Counted as status 408 of its endpoint."""
+
+    def __init__(self, app, engine: Engine, seconds: float) -> None:
+        self.app, self.engine, self.seconds = app, engine, seconds
+        self.state = app.state  # tests and uvicorn reach the engine through app.state
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        stalled = False
+
+        async def timed_send(message) -> None:
+            nonlocal stalled
+            try:
+                await asyncio.wait_for(send(message), self.seconds)
+            except asyncio.TimeoutError:
+                stalled = True
+                raise _Stalled() from None
+
+        try:
+            await self.app(scope, receive, timed_send)
+        except _Stalled:
+            pass
+        except BaseException:
+            if not stalled:
+                raise
+        if stalled:
+            endpoint = "chat" if scope["path"].endswith("/chat/completions") else "completions"
+            self.engine.metrics.requests[(endpoint, 408)] += 1
+
+
+class _Stalled(Exception):
+    """The client stopped reading its response."""
 
 
 def _error(engine: Engine, exc: RequestError, endpoint: str) -> JSONResponse:
@@ -121,25 +175,37 @@ def _error_body(exc: RequestError) -> dict:
     return {"error": {"message": exc.message, "type": kind, "param": exc.param, "code": exc.code}}
 
 
-async def _read_body(request: Request, max_body_bytes: int) -> object:
+async def _read_body(request: Request, max_body_bytes: int, timeout: float) -> object:
+    """The parsed body: 413 past `max_body_bytes`, 408 if it takes over `timeout` seconds to arrive, 400 for
+    anything untrusted.parse_json refuses (deep nesting, huge integers, NaN, lone surrogates)."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_body_bytes:
         raise RequestError(413, f"request body over {max_body_bytes} bytes", None, "request_too_large")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > max_body_bytes:
-            raise RequestError(413, f"request body over {max_body_bytes} bytes", None, "request_too_large")
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal size
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body_bytes:
+                raise RequestError(413, f"request body over {max_body_bytes} bytes", None, "request_too_large")
+            chunks.append(chunk)
+
     try:
-        return json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        await asyncio.wait_for(read(), timeout)
+    except asyncio.TimeoutError:
+        raise RequestError(408, f"the request body did not arrive within {timeout:g} s", None,
+                           "request_timeout") from None
+    try:
+        return parse_json(b"".join(chunks))
+    except BadInput as exc:
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
 
 
-async def _answer(engine: Engine, request: Request, body: object, chat: bool, endpoint: str):
+async def _answer(engine: Engine, request: Request, body: object, chat: bool, endpoint: str, deadline: float):
     started = time.perf_counter()
     req = await asyncio.to_thread(engine.validate, body, chat)  # tokenising off the event loop
+    req["deadline"] = deadline
     try:
         routing = await _until_disconnect(request, req, asyncio.to_thread(engine.route, req))
     except Cancelled:
@@ -167,13 +233,22 @@ def _usage(req: dict, n_new: int) -> dict:
 
 
 async def _until_disconnect(request: Request, req: dict, work):
-    """Await `work`; if the client disconnects meanwhile, cancel the request and raise Cancelled."""
+    """Await `work`; if the client disconnects meanwhile, cancel the request and raise Cancelled; past the
+    request's deadline, cancel it and answer 504."""
     task = asyncio.ensure_future(work)
     while not task.done():
         await asyncio.wait({task}, timeout=0.1)
-        if not task.done() and await request.is_disconnected():
+        if not task.done() and time.monotonic() > req["deadline"]:
             req["cancel"].set()
-    return await task
+        elif not task.done() and await request.is_disconnected():
+            req["cancel"].set()
+    try:
+        return await task
+    except Cancelled:
+        if time.monotonic() >= req["deadline"]:
+            raise RequestError(504, "the request ran past the server's --request-timeout and was cancelled", None,
+                               "request_timeout") from None
+        raise
 
 
 async def _stream(engine: Engine, req: dict, routing: dict, rid: str, chat: bool, started: float, endpoint: str):
@@ -198,11 +273,27 @@ async def _stream(engine: Engine, req: dict, routing: dict, rid: str, chat: bool
     try:
         if chat:
             yield chunk("", None)
-        while (piece := await pieces.get()) is not None:
+        while True:
+            try:
+                piece = await asyncio.wait_for(pieces.get(), max(req["deadline"] - time.monotonic(), 0.001))
+            except asyncio.TimeoutError:
+                req["cancel"].set()
+                engine.metrics.requests[(endpoint, 504)] += 1
+                late = RequestError(504, "the request ran past the server's --request-timeout and was cancelled",
+                                    None, "request_timeout")
+                yield f"data: {json.dumps(_error_body(late))}\n\n"
+                return
+            if piece is None:
+                break
             yield chunk(piece, None)
         try:
             _, finish, n_new = await task
-        except RequestError as exc:
+        except Cancelled:
+            return  # the client left (or the deadline passed): nobody to tell
+        except Exception as exc:  # noqa: BLE001 - after the first byte an error can only be an event
+            if not isinstance(exc, RequestError):
+                traceback.print_exc(file=sys.stderr)
+                exc = RequestError(500, f"internal error: {type(exc).__name__}", None, "internal_error")
             engine.metrics.requests[(endpoint, exc.status)] += 1
             yield f"data: {json.dumps(_error_body(exc))}\n\n"
             return

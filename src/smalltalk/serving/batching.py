@@ -20,6 +20,7 @@ import inspect
 import os
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -103,8 +104,13 @@ class BatchedEngine(Engine):
         context = mixture.expert(fixed_expert or 0).config.max_position_embeddings
         super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit,
                                    route_on(mixture)), max_queue)
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.mixture, self.max_batch, self.fixed_expert = mixture, max_batch, fixed_expert
+        self.max_active = mixture.max_resident or None  # experts with a running batch (or loading) at once
         self.eos = mixture.tokenizer.eos_token_id
+        self._loading: dict[int, Future] = {}  # expert -> its load on the loader thread
+        self._loader = ThreadPoolExecutor(1, "smalltalk-expert-loader")
         self._to_route: list[dict] = []
         self._to_join: list[_Row] = []
         self._batches: dict[int, _Batch] = {}
@@ -159,6 +165,7 @@ class BatchedEngine(Engine):
             self._closed = True
             self._wake.notify()
         self._thread.join(timeout=10)
+        self._loader.shutdown(wait=False, cancel_futures=True)
 
     # ---- the scheduler thread ----------------------------------------------------------------------------
     @torch.inference_mode()
@@ -175,6 +182,10 @@ class BatchedEngine(Engine):
             self._join_waiting()
             for expert in list(self._batches):
                 self._guarded(expert, self._step)
+            if not self._batches:  # only rows whose expert is loading: sleep until a load ends or work comes
+                with self._wake:
+                    if not (self._to_route or self._closed):
+                        self._wake.wait(0.05)
         for batch in self._batches.values():
             for row in batch.rows:
                 self._end(row, error="the server is shutting down")
@@ -202,13 +213,21 @@ class BatchedEngine(Engine):
                 req["routed"].set()
 
     def _join_waiting(self) -> None:
-        """Routed rows join their expert's batch while it has room; the rest wait for the next step."""
+        """Routed rows join their expert's batch while it has room; the rest wait for the next step. A row
+        whose expert is not in memory waits while the loader thread loads it (decode steps go on), and at
+        most max_resident experts run or load at once, so --max-resident-experts bounds memory."""
+        self._finish_loads()
         with self._wake:
             waiting, self._to_join = self._to_join, []
         by_expert: dict[int, list[_Row]] = {}
         for row in waiting:
             if row.req["cancel"].is_set():
                 self._end(row, "cancelled")
+                continue
+            if row.expert not in self._batches and row.expert not in by_expert and \
+                    not self._can_start(row.expert, set(by_expert)):
+                with self._wake:
+                    self._to_join.append(row)
                 continue
             room = self.max_batch - len(self._batches[row.expert].rows) if row.expert in self._batches else \
                 self.max_batch
@@ -222,6 +241,41 @@ class BatchedEngine(Engine):
             if rows:
                 self._guarded(expert, lambda k, rows=rows: self._prefill(k, rows), rows)
 
+    def _can_start(self, expert: int, starting: set[int]) -> bool:
+        """Whether a batch of `expert` may start now (`starting`: experts whose batch starts this turn); if
+        its weights are not in memory, start loading them when a slot is free (False until they are).
+        Only this thread evicts: room is made here, and the loader thread only loads."""
+        if self.fixed_expert is not None:
+            return True
+        busy = set(self._batches) | set(self._loading) | starting
+        free = self.max_active is None or len(busy) < self.max_active
+        if expert in self._loading or not free:
+            return False
+        if self.mixture.is_resident(expert):
+            return True
+        self.mixture.evict(keep=busy, room=1)
+        everyone = range(self.mixture.num_experts)  # the loader evicts nothing
+        self._loading[expert] = future = self._loader.submit(self.mixture.expert, expert, everyone)
+        future.add_done_callback(lambda _: self._notify())
+        return False
+
+    def _notify(self) -> None:
+        with self._wake:
+            self._wake.notify()
+
+    def _finish_loads(self) -> None:
+        """Forget finished loads; the rows of an expert that failed to load end with a 500."""
+        for expert, future in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[expert]
+            if future.exception() is not None:
+                with self._wake:
+                    failed = [row for row in self._to_join if row.expert == expert]
+                    self._to_join = [row for row in self._to_join if row.expert != expert]
+                for row in failed:
+                    self._end(row, error=f"loading expert {expert} failed: {future.exception()}")
+
     def _guarded(self, expert: int, work, rows: list[_Row] | None = None) -> None:
         """A failing forward ends its rows with a 500, never the loop."""
         try:
@@ -232,7 +286,7 @@ class BatchedEngine(Engine):
                 self._end(row, error=f"generation failed: {type(exc).__name__}: {exc}")
 
     def _prefill(self, expert: int, rows: list[_Row]) -> None:
-        model = self.mixture.expert(expert)
+        model = self.mixture.expert(expert, busy=set(self._batches))  # resident by now: no load on this thread
         device = self.mixture.device
         lengths = [row.req["ids"].shape[1] for row in rows]
         width = max(lengths)
@@ -292,6 +346,8 @@ class BatchedEngine(Engine):
                 row.finish = "stop"
             elif len(row.tokens) >= row.req["max_tokens"]:
                 row.finish = "length"
+            if row.finish is not None and row.on_text is not None and (rest := row.decoder.flush()):
+                row.on_text(rest)
         for row in batch.rows:
             if row.finish is None and row.req["cancel"].is_set():
                 row.finish = "cancelled"

@@ -23,6 +23,7 @@ class Cancelled(Exception):
 
 
 ROLES = ("system", "user", "assistant")
+MIN_TEMPERATURE = 1e-5  # below it a request decodes greedily (docs/serving.md): the limit, computable in float32
 _MARKERS = tuple(f"<|{role}|>" for role in ROLES)
 
 
@@ -64,8 +65,11 @@ class Validator:
     def __call__(self, body: object, chat: bool) -> dict:
         if not isinstance(body, dict):
             raise RequestError(400, "request body must be a JSON object")
-        if body.get("model") not in (self.model_name, None):
-            raise RequestError(404, f"model {body.get('model')!r} does not exist; this server has "
+        model = body.get("model")
+        if model is not None and not isinstance(model, str):
+            raise RequestError(400, "'model' must be a string", "model")
+        if model not in (self.model_name, None):
+            raise RequestError(404, f"model {model[:80]!r} does not exist; this server has "
                                f"{self.model_name!r}", "model", "model_not_found")
         prompt = self._chat(body.get("messages")) if chat else _completion_prompt(body.get("prompt"))
         req = {"prompt": prompt, **self._sampling(body)}
@@ -103,6 +107,8 @@ class Validator:
         top_p = 1.0 if body.get("top_p") is None else body["top_p"]
         if not _is_number(temperature) or not 0 <= temperature <= 2:
             raise RequestError(400, "'temperature' must be a number in [0, 2]", "temperature")
+        if temperature < MIN_TEMPERATURE:  # its limit: float32 logits / 1e-300 are inf, and softmax NaN
+            temperature = 0.0
         if not _is_number(top_p) or not 0 < top_p <= 1:
             raise RequestError(400, "'top_p' must be a number in (0, 1]", "top_p")
         seed, stream = body.get("seed"), body.get("stream", False)
@@ -143,5 +149,12 @@ class TextDecoder:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):
             return ""
+        piece, self.sent = text[self.sent:], len(text)
+        return piece
+
+    def flush(self) -> str:
+        """What was held back when the completion ends (a character the last tokens never completed stays
+        U+FFFD, as in the text decoded at once): streamed pieces then add up to the non-streamed text."""
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         piece, self.sent = text[self.sent:], len(text)
         return piece

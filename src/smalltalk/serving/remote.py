@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 
 import httpx
 
@@ -78,7 +79,9 @@ class RemoteEngine(Engine):
                     "stream_options": {"include_usage": True}}
             if req["seed"] is not None:
                 body["seed"] = req["seed"]
-            with self.client.stream("POST", f"{self.urls[expert]}/completions", json=body) as response:
+            left = req["deadline"] - time.monotonic() if "deadline" in req else 600.0  # the request's deadline
+            with self.client.stream("POST", f"{self.urls[expert]}/completions", json=body,
+                                    timeout=httpx.Timeout(max(left, 0.1), connect=5.0)) as response:
                 if response.status_code != 200:
                     raise _backend_error(expert, response)
                 for chunk in _events(response):
@@ -86,20 +89,33 @@ class RemoteEngine(Engine):
                         raise Cancelled()
                     usage = chunk.get("usage") or usage
                     for choice in chunk.get("choices") or []:
-                        if choice.get("text"):
-                            pieces.append(choice["text"])
+                        text = choice.get("text")
+                        if not isinstance(text, (str, type(None))):
+                            raise TypeError(f"choice text is {type(text).__name__}")
+                        if text:
+                            pieces.append(text)
                             if on_text is not None:
-                                on_text(choice["text"])
+                                on_text(text)
                         finish = choice.get("finish_reason") or finish
+                n_new = usage["completion_tokens"] if usage else None
+                if not isinstance(n_new, (int, type(None))) or isinstance(n_new, bool):
+                    raise TypeError("usage.completion_tokens is not an integer")
         except httpx.HTTPError as exc:
+            if req["cancel"].is_set() or time.monotonic() >= req.get("deadline", float("inf")):  # client left, or late
+                raise Cancelled() from None
             raise RequestError(503, f"expert {expert}'s backend ({self.urls[expert]}) is unavailable: "
                                f"{type(exc).__name__}", None, "expert_unavailable") from None
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:  # not an OpenAI reply
+            raise RequestError(502, f"expert {expert}'s backend sent a malformed reply ({type(exc).__name__}: "
+                               f"{str(exc)[:120]})", None, "backend_error") from None
         text = "".join(pieces)
-        n_new = usage["completion_tokens"] if usage else len(self.mixture.tokenizer(text).input_ids)
+        if n_new is None:
+            n_new = len(self.mixture.tokenizer(text).input_ids)
         return text, finish, n_new
 
     def health(self) -> dict:
-        return {"experts": self.mixture.num_experts, "backends": {str(k): u for k, u in self.urls.items()}}
+        """A count only: a backend's URL may carry credentials, and /health answers without a key."""
+        return {"experts": self.mixture.num_experts, "backends": len(self.urls)}
 
     def close(self) -> None:
         self.client.close()
@@ -114,6 +130,8 @@ def _events(response: httpx.Response):
         if data == "[DONE]":
             return
         payload = json.loads(data)
+        if not isinstance(payload, dict):
+            raise TypeError(f"an event is {type(payload).__name__}, not an object")
         if "error" in payload:
             raise RequestError(502, f"backend error: {payload['error'].get('message', payload['error'])}", None,
                                "backend_error")

@@ -44,7 +44,9 @@ class _TextSink:
                 self.on_text(piece)
 
     def end(self) -> None:
-        pass
+        rest = self.decoder.flush()
+        if rest and self.on_text is not None:
+            self.on_text(rest)
 
 
 class SerialEngine(Engine):

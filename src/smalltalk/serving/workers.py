@@ -65,8 +65,10 @@ def run_workers(settings: dict, workers: int, host: str, port: int) -> None:
     directory = tempfile.mkdtemp(prefix="smalltalk-metrics-")
     os.environ[SETTINGS_ENV] = json.dumps({**settings, "metrics_dir": directory})
     try:
+        from smalltalk.serving.server import uvicorn_options
+
         uvicorn.run("smalltalk.serving.workers:worker_app", factory=True, host=host, port=port, workers=workers,
-                    log_level="warning")
+                    **uvicorn_options(settings))
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 

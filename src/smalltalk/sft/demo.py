@@ -31,6 +31,7 @@ from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, write_json
 from smalltalk.layout import CORPUS_STATS
 from smalltalk.serving.protocol import _MARKERS
+from smalltalk.untrusted import BadInput, parse_json
 
 ASK_COMMAND = {"en": "What does the command `{}` do?", "de": "Was macht der Befehl `{}`?",
                "fr": "Que fait la commande `{}` ?", "es": "¿Qué hace la orden `{}`?"}
@@ -85,9 +86,9 @@ def _documents(corpus: Path):
         with gzip.open(path, "rt", encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):
                 try:
-                    doc = json.loads(line)
+                    doc = parse_json(line, max_depth=None)
                     yield doc["text"], doc.get("domain") or path.name.split(".")[0], doc.get("source", "")
-                except (json.JSONDecodeError, KeyError, TypeError):
+                except (BadInput, KeyError, TypeError, AttributeError):
                     raise SmalltalkError("not a {\"text\", \"domain\"} JSON line", where=f"{path}:{number}") from None
 
 

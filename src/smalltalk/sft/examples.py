@@ -10,11 +10,11 @@ error naming file:line and what is wrong; nothing is skipped silently.
 from __future__ import annotations
 
 import gzip
-import json
 from pathlib import Path
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.serving.protocol import ROLES, RequestError, chat_prompt
+from smalltalk.untrusted import BadInput, parse_json
 
 SPLITS = ("train", "validation", "test")
 SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
@@ -48,9 +48,9 @@ def _jsonl_rows(path: Path):
             if not line.strip():
                 continue
             try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise SmalltalkError(f"not valid JSON: {exc.msg}", where=f"{path}:{number}",
+                yield number, parse_json(line, max_depth=None)
+            except BadInput as exc:
+                raise SmalltalkError(f"not valid JSON: {exc}", where=f"{path}:{number}",
                                      fix="each line must be one JSON object") from None
 
 

@@ -73,6 +73,11 @@ def run_sft(cfg: Config, run: RunLayout, data: Path, out: Path | None = None, on
     """only: the jobs to run here ("0", "1", ..., "dense"), e.g. one per machine; the mixture directory is
     written by the call that finds every job done (routing is deterministic, so each call agrees on it)."""
     sft = SFTFiles(Path(out) if out else run.sft.root)
+    run.check_output(sft.root, "sft --out", allowed=(run.sft.root,))
+    target = RunLayout(sft.root)
+    if target.has_mixture() and "sft" not in read_json(target.mixture_file):
+        raise SmalltalkError(f"sft --out {sft.root} holds a mixture that no `smalltalk sft` wrote",
+                             fix="choose a new directory (default RUN/sft)")
     if "elastic" in run.mixture():
         raise SmalltalkError("sft of a mixture edited by `experts add/remove` is not supported yet")
     mixture = SmallTalkMixture.from_pretrained(run.root)
