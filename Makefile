@@ -36,6 +36,9 @@ demo: setup
 	test -f $(SFT_DATA)/stats.json || $(VENV)/bin/smalltalk corpus sft-demo $(SFT_DATA) --from $(CORPUS)
 	$(VENV)/bin/smalltalk run --config configs/demo.yaml --run $(RUN) --set "data.inputs=[$(CORPUS)]" \
 		--set "sft.data=$(SFT_DATA)"
+	# the final table: the test split, evaluated once (every choice above was made on validation)
+	test -f $(RUN)/eval-final/results.json || $(VENV)/bin/smalltalk eval --run $(RUN) --final
+	test -f $(RUN)/sft/results-final.json || $(VENV)/bin/smalltalk sft --run $(RUN) --final
 
 bench: setup
 	$(PY) benchmarks/bench_data.py

@@ -1,9 +1,11 @@
 """The routing study: which EM lever brings the mixture to the oracle? (docs/routing.md)
 
-Each lever is one `smalltalk run` of configs/corpus10.yaml at E = 4 (the grid's full budget: experts of
-1,600 steps, where the mixture wins), changed only in that lever, for each seed (routing.seed and
-routing.train.seed: the random split and the routers' initialisation). The compute-matched dense model is
-trained once and copied to every run; with --reuse-grid, seed 0 of the baseline and the oracle are the
+Every figure is from the validation split (`--final`: the test split, once, for the final table; results
+from the test split are refused otherwise). Each lever is one `smalltalk run` of configs/corpus10.yaml at
+E = 4 (the grid's full budget: experts of 1,600 steps, where the mixture wins), changed only in that
+lever, for each seed (routing.seed and routing.train.seed: the random split and the routers'
+initialisation). Each run's dense model is matched to its own budget, routing included; the experts-only
+match is trained once and copied to every run; with --reuse-grid, seed 0 of the baseline and the oracle are the
 grid's em-4 and oracle-4 runs (the same configs), hard-linked. Seed 0 of every lever runs first, so a
 partial study still covers every lever. Prints, per lever: the routers' training budget (prefixes each
 router trained on), router training FLOPs / experts', held-out NMI of the last EM round, partition NMI,
@@ -33,12 +35,15 @@ from smalltalk.config import load_config
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus10"
 LEVERS = {
-    "baseline": [],  # the paper's EM: 12 rounds x 100 steps x 32, shared init, random round 0 (pinned below)
+    # the paper's EM: 12 rounds, each router one pass over its share of a fresh chunk, shared init, random
+    # round 0 (pinned below, whatever configs/corpus10.yaml's departures are)
+    "baseline": [],
     "distinct-init": ["routing.router_init=distinct"],
     "tfidf-warm-start": ["routing.init_split=tfidf"],
     "rounds-6": ["routing.rounds=6"],
     "rounds-24": ["routing.rounds=24"],
-    "m-step-2x": ["routing.train.steps=200"],
+    "passes-3": ["routing.share_passes=3"],
+    "fixed-100-steps": ["routing.share_passes=null"],  # the M-step before issue #27: ~3.1 passes at E = 4
     "lr-1e-2": ["routing.train.lr=1e-2"],
     "train-prefix-32": ["routing.prefix=32"],
 }
@@ -46,17 +51,23 @@ ORACLE = ["routing.method=oracle"]
 MAIN_PREFIX = 64
 
 
-def run_one(root: Path, name: str, overrides: list[str], dense: Path | None) -> dict | None:
+def run_one(root: Path, name: str, overrides: list[str], dense: Path | None, final: bool = False) -> dict | None:
     run = root / name
-    if dense is not None and not (run / "dense").exists():
-        run.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(dense, run / "dense")  # the dense model depends on data, model, train and E only
+    if dense is not None and not (run / "dense" / "matched-experts").exists():
+        run.mkdir(parents=True, exist_ok=True)  # the experts-only dense model depends on data, model, train, E
+        shutil.copytree(dense / "matched-experts", run / "dense" / "matched-experts")
     code = smalltalk(["run", "--config", str(ROOT / "configs" / "corpus10.yaml"), "--run", str(run),
                       *[x for o in overrides for x in ("--set", o)]])
+    if code == 0 and final and not (run / "eval-final" / "results.json").is_file():
+        code = smalltalk(["eval", "--run", str(run), "--final"])
     if code != 0:
         print(f"{name}: failed ({code})", flush=True)
         return None
-    results = json.loads((run / "eval" / "results.json").read_text())
+    results = json.loads((run / ("eval-final" if final else "eval") / "results.json").read_text())
+    if results["split"] == "test" and not final:
+        raise SystemExit(f"{run}/eval/results.json is from the test split: choices are made on validation. "
+                         "Rerun the study in a fresh --root (the runs evaluate on validation now), or pass "
+                         "--final for the one final table.")
     main = next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
     rc = load_config(run / "config.json").routing
     quality = json.loads((run / "partition" / "manifest.json").read_text()).get("quality", {})
@@ -130,6 +141,8 @@ def main() -> int:
     ap.add_argument("--json", default="runs/routing-study/study.json")
     ap.add_argument("--plot", default="docs/routing_study.png")
     ap.add_argument("--table-only", action="store_true", help="print the table and plot of --json, run nothing")
+    ap.add_argument("--final", action="store_true", help="the test split, once, for the final table (every "
+                    "choice is made on the validation table this prints without it)")
     args = ap.parse_args()
     if args.table_only:  # e.g. after a study stopped part-way
         table = summarise(json.loads(Path(args.json).read_text())["rows"])
@@ -141,7 +154,8 @@ def main() -> int:
         return 0
     root = Path(args.root)
     # every lever alone against the paper's EM, whatever configs/corpus10.yaml's defaults are
-    common = [f"data.inputs=[{CORPUS}]", "routing.experts=4", "routing.init_split=random", "routing.router_init=shared"]
+    common = [f"data.inputs=[{CORPUS}]", "routing.experts=4", "routing.init_split=random", "routing.router_init=shared",
+              "routing.share_passes=1"]
     if args.reuse_grid:  # seed 0 of baseline and oracle = the grid's em-4 and oracle-4 (same configs)
         for lever, grid_run in (("baseline", "em-4"), ("oracle", "oracle-4")):
             source, target = Path(args.reuse_grid) / grid_run, root / f"{lever}-s{args.seeds[0]}"
@@ -154,7 +168,7 @@ def main() -> int:
     for lever, seed in plan:
         overrides = [*common, *(ORACLE if lever == "oracle" else LEVERS[lever]),
                      f"routing.seed={seed}", f"routing.train.seed={seed}"]
-        row = run_one(root, f"{lever}-s{seed}", overrides, dense)
+        row = run_one(root, f"{lever}-s{seed}", overrides, dense, args.final)
         if row is None:
             continue
         dense = dense or root / row["run"] / "dense"

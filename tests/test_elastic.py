@@ -83,7 +83,7 @@ def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
                "--out", tmp_path / "eval-new") == 0
     on_new = json.loads((tmp_path / "eval-new" / "results.json").read_text())
     cap = json.loads((run / "config.json").read_text())["eval"]["max_sequences"] or 10**9
-    assert on_new["data"] == str(new_dir) and on_new["sequences"] == min(cap, len(SplitData(new_dir, "test")))
+    assert on_new["data"] == str(new_dir) and on_new["sequences"] == min(cap, len(SplitData(new_dir, on_new["split"])))
     at_main = next(r for r in on_new["sweep"] if r["prefix"] == on_new["main_prefix"])
     assert at_main["loads"][3] > 0.8 * on_new["sequences"]
     other = tmp_path / "other-tokenizer"

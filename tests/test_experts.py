@@ -27,11 +27,18 @@ def test_experts_read_only_their_share(pipeline_run):
 
 
 def test_dense_matches_experts_tokens_and_bigger_matches_flops(pipeline_run):
+    """matched-experts: the experts' tokens exactly; matched (in full): also the routing FLOPs, in tokens of
+    one expert's architecture, to a step's rounding; bigger: the mixture's whole budget."""
     run = RunLayout(pipeline_run[0])
     experts = [json.loads((run.expert(k) / "train_manifest.json").read_text()) for k in range(3)]
+    experts_only = json.loads((run.dense / "matched-experts" / "train_manifest.json").read_text())
+    assert experts_only["tokens"] == sum(e["tokens"] for e in experts)
     matched = json.loads((run.dense / "matched" / "train_manifest.json").read_text())
-    assert matched["tokens"] == sum(e["tokens"] for e in experts)
-    assert matched["params"] == experts[0]["params"]
+    assert matched["params"] == experts_only["params"] == experts[0]["params"]
+    overhead = json.loads((run.eval / "results.json").read_text())["flops"]["exact"]["routing_overhead"]["total"]
+    per_token = experts_only["training_flops"]["exact"] / experts_only["tokens"]
+    step = matched["global_batch"] * matched["seq_len"]
+    assert abs(matched["tokens"] - experts_only["tokens"] - overhead / per_token) <= step / 2
     bigger = json.loads((run.dense / "bigger" / "train_manifest.json").read_text())
     assert 1.5 <= bigger["non_embedding_params"] / experts[0]["non_embedding_params"] <= 6
     results = json.loads((run.eval / "results.json").read_text())
@@ -44,8 +51,9 @@ def test_dense_match_batch_variant(pipeline_run, tmp_path):
 
     run = tmp_path / "copy"
     shutil.copytree(pipeline_run[0], run, ignore=shutil.ignore_patterns("dense"))
-    assert cli("dense", "train", "--config", TINY_CONFIG, "--run", run, "--match", "batch", "--kind", "matched") == 0
-    manifest = json.loads((run / "dense" / "matched" / "train_manifest.json").read_text())
+    assert cli("dense", "train", "--config", TINY_CONFIG, "--run", run, "--match", "batch", "--kind",
+               "matched-experts") == 0
+    manifest = json.loads((run / "dense" / "matched-experts" / "train_manifest.json").read_text())
     cfg = load_config(TINY_CONFIG)
     assert manifest["steps"] == cfg.train.steps and manifest["global_batch"] == 3 * cfg.train.micro_batch_size
 

@@ -22,7 +22,8 @@ def test_post_prefix_perplexity_excludes_prefix_tokens(pipeline_run):
     results = json.loads((run / "eval" / "results.json").read_text())
     n, seq = results["sequences"], results["seq_len"]
     mixture = SmallTalkMixture.from_pretrained(run)
-    data = SplitData(run / "data", "test")
+    assert results["split"] == "validation"  # what the pipeline's eval stage scores (test: `eval --final` only)
+    data = SplitData(run / "data", results["split"])
     tokens = data.batch(data.sample(load_config(TINY_CONFIG).eval.max_sequences))
     assert len(tokens) == n
     for row in results["sweep"]:
@@ -62,7 +63,7 @@ def test_streaming_tables_match_whole_matrices(pipeline_run, tmp_path):
         assert a["mixture_after"]["ppl"] == pytest.approx(b["mixture_after"]["ppl"], rel=1e-6)
         assert a["dense_matched_all"]["ppl"] == pytest.approx(b["dense_matched_all"]["ppl"], rel=1e-6)
     mixture = SmallTalkMixture.from_pretrained(run)
-    data = SplitData(run / "data", "test")
+    data = SplitData(run / "data", big["split"])
     tokens = torch.from_numpy(data.batch(data.sample(load_config(TINY_CONFIG).eval.max_sequences)))
     nll = np.stack([token_nll(mixture.expert(e), tokens).double().numpy() for e in range(mixture.num_experts)])
     main = big["main_prefix"]

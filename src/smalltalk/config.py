@@ -112,7 +112,9 @@ class RoutingConfig:
     # EM levers (docs/routing.md, benchmarks/routing_study.py)
     router_init: str = "shared"  # "shared": every router from routing.train.seed; "distinct": router e from seed + e
     init_split: str = "random"  # round 0's split: "random" (the paper) or "tfidf" (balanced k-means, as c-BTM)
-    share_passes: float | None = None  # M-step length in passes over a router's share; None: train.steps
+    # M-step length in passes over a router's share: 1 is the paper's (each sequence of the fresh chunk seen
+    # once per round); null: routing.train.steps per round whatever the share (a departure, named so)
+    share_passes: float | None = 1.0
 
     def steps_per_round(self) -> int:
         """Optimizer steps of each router in each EM round (the M-step)."""
@@ -135,14 +137,17 @@ class ExpertsConfig:
 
 @dataclass
 class DenseConfig:
-    match: str = "steps"  # "steps": expert batch, E x steps; "batch": E x batch, same steps (paper)
+    # Every dense model trains for a FLOPs budget (experts.py): `matched` for the mixture's whole budget
+    # (experts + routing), `matched-experts` for the experts' FLOPs only.
+    match: str = "steps"  # spend the budget in more steps at the expert's batch; "batch": a larger batch (paper)
+    experts_only: bool = True  # also train `matched-experts` (the paper's match, routing left out)
     bigger: bool = True  # also train a dense model ~E x one expert's non-embedding size, same FLOPs
     bigger_preset: str | None = None  # None: one expert's preset with width scaled by sqrt(E)
 
 
 @dataclass
 class EvalConfig:
-    split: str = "test"
+    split: str = "validation"  # what every choice is made on; the test split only via `smalltalk eval --final`
     prefixes: list[int] = field(default_factory=lambda: [8, 16, 32, 64, 128, 256])
     main_prefix: int | None = None  # prefix for per-expert/per-domain tables; None: routing.prefix
     batch_size: int = 32

@@ -76,9 +76,10 @@ def model_card(run: RunLayout, manifest: dict) -> str:
              "mixture = SmallTalkMixture.from_pretrained('.')", "```", "",
              "Each `experts/NN/model` is a plain Hugging Face `LlamaForCausalLM`; `tokenizer/` loads with "
              "`AutoTokenizer`.", ""]
-    results = run.results_file(run.eval)
+    final = run.results_file(run.eval_final)
+    results = final if final.is_file() else run.results_file(run.eval)
     if results.is_file():
         from smalltalk.mixture_eval import format_results
 
-        lines += ["## Evaluation (test split of the training run)", "", format_results(read_json(results)), ""]
+        lines += ["## Evaluation of the training run", "", format_results(read_json(results)), ""]
     return "\n".join(lines) + "\n"

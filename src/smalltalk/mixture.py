@@ -14,13 +14,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smalltalk.data.tokenizer import encode_text
 from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import write_json
 from smalltalk.layout import RunLayout, manifest_of
 from smalltalk.model import quiet_transformers
 from smalltalk.routing.assignment import argmax_assignment
-from smalltalk.routing.routers import LMRouters, load_routers
+from smalltalk.routing.routers import LMRouters, load_routers, routers_checksum
 
 
 def write_mixture_manifest(run: RunLayout) -> dict | None:
@@ -33,10 +34,20 @@ def write_mixture_manifest(run: RunLayout) -> dict | None:
     experts = run.num_experts()
     if not all(run.expert_done(k) for k in range(experts)):
         return None
-    routers = run.routers_manifest()
+    routers, partition = run.routers_manifest(), run.partition_manifest()
+    checksum = routers_checksum(run.routers)
+    if partition.get("routers_sha256") not in (None, checksum):  # partitioned with `--routers OTHER`
+        raise SmalltalkError(f"the partition was made with other routers ({partition.get('routers')}, sha256 "
+                             f"{partition['routers_sha256'][:12]}) than the run's {run.routers} ({checksum[:12]}): "
+                             "the experts would be served on another split than they trained on",
+                             where=str(manifest_of(run.partition)),
+                             fix="partition again with the run's routers, or put the partition's routers at "
+                                 "RUN/routers")
     manifest = {
         "kind": "smalltalk-mixture", "format_version": 1, "method": routers["method"], "experts": experts,
-        "routers": _rel(run, run.routers), "tokenizer": _rel(run, run.tokenizer), "prefix": routers["prefix"],
+        "routers": _rel(run, run.routers), "tokenizer": _rel(run, run.tokenizer),
+        "prefix": partition.get("prefix", routers["prefix"]),  # the prefix the experts' shares were routed on
+        "routers_sha256": checksum, "routing_dtype": partition.get("dtype", "float32"),
         "expert_dirs": [run.expert_model_rel(k) for k in range(experts)],
     }
     write_json(run.mixture_file, manifest)
@@ -45,6 +56,20 @@ def write_mixture_manifest(run: RunLayout) -> dict | None:
 
 def _rel(run: RunLayout, path: Path) -> str:
     return str(path.relative_to(run.root))
+
+
+def _check_routers(routers_dir: Path, manifest: dict) -> None:
+    """The routers a mixture routes with must be the ones its partition was made with (mixture.json keeps
+    their checksum): otherwise prompts go to experts by another rule than their training data did."""
+    recorded = manifest.get("routers_sha256")
+    if recorded is None:  # a mixture written before the checksum was recorded
+        return
+    found = routers_checksum(routers_dir)
+    if found != recorded:
+        raise SmalltalkError(f"the routers at {routers_dir} (sha256 {found[:12]}) are not the ones the experts' "
+                             f"partition was made with ({recorded[:12]}, recorded in mixture.json)",
+                             where=str(routers_dir), fix="restore the run's routers, or retrain the experts on a "
+                                                         "partition made with these routers")
 
 
 class SmallTalkMixture:
@@ -61,8 +86,9 @@ class SmallTalkMixture:
             self.routers = LMRouters.from_model_dirs([self.root / d for d in manifest["router_dirs"]], str(self.device),
                                                      routing_batch, workers=routing_workers)
         else:
+            _check_routers(self.root / manifest["routers"], manifest)
             self.routers = load_routers(self.root / manifest["routers"], str(self.device), routing_batch,
-                                        workers=routing_workers)
+                                        workers=routing_workers, dtype=manifest.get("routing_dtype", "float32"))
         self.max_resident = max_resident  # None: keep every expert once loaded
         self._experts: OrderedDict[int, torch.nn.Module] = OrderedDict()
         self._lock, self._load_lock = threading.Lock(), threading.Lock()
@@ -150,7 +176,7 @@ class SmallTalkMixture:
         A prompt shorter than the prefix is routed on the tokens it has. With `reroute_at=M`, once prompt +
         generated text reach M tokens the routers score again and, if another expert now wins, generation
         continues with it (the context is re-encoded by the new expert)."""
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        ids = torch.tensor([encode_text(self.tokenizer, prompt)], dtype=torch.long)
         if ids.shape[1] < 2:
             raise SmalltalkError("prompt must be at least 2 tokens long to be routed")
         chosen, scores = self.route(ids, prefix_len)

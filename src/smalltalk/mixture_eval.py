@@ -1,4 +1,4 @@
-"""`smalltalk eval`: the mixture against the dense baselines on the test split, with FLOPs.
+"""`smalltalk eval`: the mixture against the dense baselines on the validation split (`--final`: test), with FLOPs.
 
 A run directory is evaluated on its own test split with its training FLOPs; a mixture directory without
 the run's training records (`smalltalk export`'s, `smalltalk sft`'s RUN/sft) on the prepared data given
@@ -12,6 +12,7 @@ exactly the same tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -62,11 +63,19 @@ def _timing(mixture: SmallTalkMixture, data: SplitData, prefix: int, repeats: in
     return {"routing_ms": r * 1e3, "expert_forward_ms": e * 1e3, "ratio": r / e}
 
 
-def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_dir: Path | None = None) -> dict:
+def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_dir: Path | None = None,
+                 final: bool = False) -> dict:
     """The mixture vs the dense baselines on `data_dir` (default RUN/data; e.g. RUN/added/NN/data after
-    `experts add`), written to `out_dir`/results.json (default RUN/eval). Streams over the test split in
-    batches (mixture_tally.py): memory does not grow with the split."""
+    `experts add`), written to `out_dir`/results.json (default RUN/eval). Streams over the split in
+    batches (mixture_tally.py): memory does not grow with the split. The split is eval.split (validation:
+    what every choice is made on); `final` evaluates the test split instead, for the final table only."""
     ec = cfg.eval
+    if final:
+        ec = dataclasses.replace(ec, split="test")
+    elif ec.split == "test":
+        raise SmalltalkError("eval.split=test outside the final evaluation: choices made on test figures are "
+                             "fitted to the test split", fix="evaluate on validation; for the final table run "
+                             "`smalltalk eval --final --run RUN` once")
     device = resolve_device(ec.device)
     mixture = SmallTalkMixture.from_pretrained(run.root, str(device), routing_workers=cfg.routing.score_workers,
                                                routing_batch=cfg.routing.score_batch_size)
@@ -107,7 +116,7 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
             batch_nll(model, tokens, np.arange(len(rows)), device, dense_nll[kind])
         tally.add_batch(scores, expert_nll, dense_nll, data.seq_domains[rows] if data.has_domains else None)
     results = {
-        "split": ec.split, "sequences": len(ids), "seq_len": seq, "experts": mixture.num_experts,
+        "split": ec.split, "final": final, "sequences": len(ids), "seq_len": seq, "experts": mixture.num_experts,
         "method": mixture.manifest["method"], "routing_prefix": mixture.prefix, "main_prefix": main_prefix,
         "sweep": tally.sweep(), "per_expert": tally.per_expert(),
         "per_domain": tally.per_domain(data.domain_names) if data.has_domains else [],
@@ -116,13 +125,23 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
         "top_k": tally.top_k_table(),
         "tokens_per_param": {"experts": [s["tokens_per_param"] for s in run.expert_summaries()],
                              **{k: run.dense_summary(k)["tokens_per_param"] for k in dense}} if trained_here else None,
+        "epochs": {"experts": [epochs(s) for s in run.expert_summaries()],
+                   **{k: epochs(run.dense_summary(k)) for k in dense}} if trained_here else None,
     }
+    for row in results["sweep"]:  # routers trained on M tokens: scoring more is outside what they learned
+        row["extrapolated"] = row["prefix"] > mixture.prefix
     if ec.score_all_experts:
         results["expert_x_domain"] = tally.expert_x_domain(data.domain_names)
     if data_dir != run.data:
         results["data"] = str(data_dir)
     write_json(run.results_file(out_dir or run.eval), results)
     return results
+
+
+def epochs(summary: dict) -> float:
+    """Passes a training job made over its data: sequences read / distinct sequences it could read (an
+    expert's share, or the whole train split for dense). Above 1, the model saw its data repeated."""
+    return summary["steps"] * summary["global_batch"] / summary["distinct_sequences"]
 
 
 def _same_tokenizer(run: RunLayout, data_dir: Path) -> Path:
@@ -153,9 +172,13 @@ def _flops(run: RunLayout, mixture: SmallTalkMixture, prefix: int, seq_len: int,
         experts = sum(s["training_flops"][acc] for s in run.expert_summaries())
         overhead = routing_overhead_flops(run, acc)
         dense = {k: run.dense_summary(k)["training_flops"][acc] for k in DENSE_KINDS if run.dense_summary(k)}
+        targets = {"matched": experts + overhead["total"], "matched-experts": experts,
+                   "bigger": experts + overhead["total"]}
         out[acc] = {"experts_training": experts, "routing_overhead": overhead,
                     "mixture_training": experts + overhead["total"],
                     "training_overhead": overhead["total"] / experts, "dense_training": dense,
+                    # each dense model's FLOPs over the budget it was matched to (1 up to a step's rounding)
+                    "dense_budget_ratio": {k: v / targets[k] for k, v in dense.items()},
                     "inference": inference_flops(run, expert_spec, prefix, seq_len, acc)}
         for kind in dense:
             spec = spec_from_hf(AutoConfig.from_pretrained(str(TrainFiles(run.dense_kind(kind)).model)))
@@ -163,14 +186,21 @@ def _flops(run: RunLayout, mixture: SmallTalkMixture, prefix: int, seq_len: int,
     return out
 
 
+DENSE_LABELS = {"matched": "dense matched in full", "matched-experts": "dense matched to experts only",
+                "bigger": "dense ~E× bigger"}
+
+
 def format_results(results: dict) -> str:
     """The printed table: perplexity per prefix, mixture vs dense, plus FLOPs."""
-    kinds = [k for k in ("matched", "bigger") if f"dense_{k}_all" in results["sweep"][0]]
+    kinds = [k for k in DENSE_KINDS if f"dense_{k}_all" in results["sweep"][0]]
     head = "| " + " | ".join(["M̂", "mixture (all)", "mixture (after M̂)"] + [
-        f"dense {k} (all) | dense {k} (after M̂) | ratio after" for k in kinds]) + " |"
-    lines = [head, "|" + "---|" * (3 + 3 * len(kinds))]
+        f"{DENSE_LABELS[k]} (all) | (after M̂) | ratio after" for k in kinds]) + " |"
+    lines = [f"{results['split']} split, {results['sequences']} sequences" + (
+        " (the final evaluation)" if results.get("final") else ""), head, "|" + "---|" * (3 + 3 * len(kinds))]
     for row in results["sweep"]:
-        cells = [str(row["prefix"]), f"{row['mixture_all']['ppl']:.2f}", f"{row['mixture_after']['ppl']:.2f}"]
+        mark = " (extrapolated: routers trained on M = " + str(results["routing_prefix"]) + ")" \
+            if row.get("extrapolated") else ""
+        cells = [f"{row['prefix']}{mark}", f"{row['mixture_all']['ppl']:.2f}", f"{row['mixture_after']['ppl']:.2f}"]
         for k in kinds:
             cells += [f"{row[f'dense_{k}_all']['ppl']:.2f}", f"{row[f'dense_{k}_after']['ppl']:.2f}",
                       f"{row['mixture_after']['ppl'] / row[f'dense_{k}_after']['ppl']:.3f}"]
@@ -185,6 +215,10 @@ def format_results(results: dict) -> str:
         lines.append(f"training FLOPs (exact): experts {flops['experts_training']:.3e} + routing "
                      f"{flops['routing_overhead']['total']:.3e} ({flops['training_overhead']:.1%}); dense "
                      + ", ".join(f"{k} {v:.3e}" for k, v in flops["dense_training"].items()))
+    if results.get("epochs"):
+        ep = results["epochs"]
+        lines.append("epochs over their data: experts " + ", ".join(f"{e:.2f}" for e in ep["experts"]) + "; "
+                     + ", ".join(f"{k} {v:.2f}" for k, v in ep.items() if k != "experts"))
     inf = flops["inference"]
     timing = results.get("timing")
     lines.append(f"inference FLOPs/sequence: expert {inf['expert']:.3e} + routing {inf['routing']:.3e} "

@@ -31,8 +31,10 @@ def plan(cfg: Config, vocab_size: int | None = None) -> dict:
             "partition: score every training sequence with all routers (torchrun-parallel)",
             *[f"expert {k:02d}: {tc.steps} steps x batch {batch} x {seq} tokens = "
               f"{tc.steps * batch * seq / 1e9:.2f}B tokens" for k in range(rc.experts)],
-            f"dense (compute-matched, match={cfg.dense.match}): "
-            f"{rc.experts * tc.steps * batch * seq / 1e9:.2f}B tokens"]
+            f"dense (matched in full: experts + routing FLOPs, match={cfg.dense.match}): "
+            f"{(experts_flops + overhead) / training_flops(expert, seq, 1, 1, 'paper') * seq / 1e9:.2f}B tokens"
+            + (f"; experts only: {rc.experts * tc.steps * batch * seq / 1e9:.2f}B tokens" if cfg.dense.experts_only
+               else "")]
     return {"jobs": jobs, "expert_params": count_params(expert), "router_params": count_params(router),
             "tokens_per_expert": tc.steps * batch * seq, "experts_training_flops": experts_flops,
             "router_overhead_flops": overhead, "total_training_flops": experts_flops + overhead}

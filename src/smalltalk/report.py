@@ -77,12 +77,12 @@ def _plot_prefix(results: dict, out: Path, plt) -> list[str]:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(x, [r["mixture_all"]["ppl"] for r in sweep], "o-", label="mixture (all tokens)")
     ax.plot(x, [r["mixture_after"]["ppl"] for r in sweep], "o--", label="mixture (after prefix)")
-    for kind in ("matched", "bigger"):
+    for kind in DENSE_KINDS:
         if f"dense_{kind}_all" in sweep[0]:
             ax.plot(x, [r[f"dense_{kind}_after"]["ppl"] for r in sweep], "s:", label=f"dense {kind} (after prefix)")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("routing prefix M̂ (tokens)")
-    ax.set_ylabel("test perplexity")
+    ax.set_ylabel(f"{results['split']} perplexity")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -156,7 +156,7 @@ def _plot_domains(results: dict, out: Path, plt) -> list[str]:
     fig, ax = plt.subplots(figsize=(1.5 + 0.7 * len(rows), 3.5))
     ax.bar(x - 0.2, [r["mixture_after"] for r in rows], 0.4, label="mixture")
     if "dense_matched_after" in rows[0]:
-        ax.bar(x + 0.2, [r["dense_matched_after"] for r in rows], 0.4, label="dense (compute-matched)")
+        ax.bar(x + 0.2, [r["dense_matched_after"] for r in rows], 0.4, label="dense (matched in full)")
     ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"perplexity after {results['main_prefix']} tokens")
     ax.legend(fontsize=8)
@@ -167,7 +167,8 @@ def _plot_domains(results: dict, out: Path, plt) -> list[str]:
 
 
 def _flops_table(results: dict) -> list[str]:
-    lines = ["| accounting | experts training | routing overhead | overhead | dense matched | inference overhead |",
+    lines = ["| accounting | experts training | routing overhead | overhead | dense matched in full "
+             "| inference overhead |",
              "|---|---|---|---|---|---|"]
     for acc, f in results["flops"].items():
         lines.append(f"| {acc} | {f['experts_training']:.3e} | {f['routing_overhead']['total']:.3e} | "
@@ -199,7 +200,7 @@ def _write_report(run: RunLayout, out: Path, plt, format_results) -> None:
     if results:
         images += _plot_prefix(results, out, plt) + _plot_domains(results, out, plt)
         tpp = results["tokens_per_param"]
-        md += ["## Perplexity (test split)", "", format_results(results), "",
+        md += [f"## Perplexity ({results['split']} split)", "", format_results(results), "",
                f"Tokens per parameter: experts {', '.join(f'{t:.0f}' for t in tpp['experts'])}; "
                + ", ".join(f"dense {k} {v:.0f}" for k, v in tpp.items() if k != "experts"), "",
                "## FLOPs", "", *_flops_table(results), ""]

@@ -15,8 +15,8 @@ def cmd_eval_mixture(args: argparse.Namespace) -> None:
     from smalltalk.mixture_eval import evaluate_run, format_results
 
     cfg, run = load(args)
-    out = path_or(args.eval_out, run.eval)
-    results = evaluate_run(cfg, run, Path(args.eval_data) if args.eval_data else None, out)
+    out = path_or(args.eval_out, run.eval_final if args.final else run.eval)
+    results = evaluate_run(cfg, run, Path(args.eval_data) if args.eval_data else None, out, final=args.final)
     print(format_results(results))
     print(f"results -> {run.results_file(out)}")
 
@@ -65,7 +65,10 @@ def register(sub) -> None:
     eval_parser.add_argument("--data", dest="eval_data",
                              help="prepared data to evaluate on (default RUN/data; e.g. RUN/added/NN/data after "
                                   "`experts add`); must use the run's tokenizer")
-    eval_parser.add_argument("--out", dest="eval_out", help="results directory (default RUN/eval)")
+    eval_parser.add_argument("--out", dest="eval_out", help="results directory (default RUN/eval, with --final "
+                             "RUN/eval-final)")
+    eval_parser.add_argument("--final", action="store_true", help="evaluate the test split, once, for the final "
+                             "table (everything else, and every choice, uses the validation split)")
     eval_parser.set_defaults(func=cmd_eval_mixture)
     ev = eval_parser.add_subparsers(dest="action", required=False)
 

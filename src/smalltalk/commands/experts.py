@@ -124,7 +124,8 @@ def register(sub) -> None:
     dense = sub.add_parser("dense", help="dense baselines").add_subparsers(dest="action", required=True)
     p = dense.add_parser("train", help="compute-matched (and bigger) dense baselines")
     add_common(p)
-    p.add_argument("--match", choices=["steps", "batch"], help="steps: E x steps (default); batch: E x batch")
+    p.add_argument("--match", choices=["steps", "batch"], help="spend the budget in more steps (default) or a larger "
+                   "batch (the paper)")
     p.add_argument("--kind", choices=DENSE_KINDS)
     p.set_defaults(func=cmd_dense_train)
 

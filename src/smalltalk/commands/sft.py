@@ -21,7 +21,7 @@ def cmd_sft(args: argparse.Namespace) -> None:
     out = Path(args.out) if args.out else run.sft.root
     run_sft(cfg, run, Path(data), out, args.only)
     if not args.no_measure and RunLayout(out).has_mixture():
-        print(format_results(measure_sft(run, SFTFiles(out), Path(data), cfg.sft.route_on)))
+        print(format_results(measure_sft(run, SFTFiles(out), Path(data), cfg.sft.route_on, args.final)))
 
 
 def register(sub) -> None:
@@ -31,6 +31,8 @@ def register(sub) -> None:
                    "train/validation/test files (default: sft.data)")
     p.add_argument("--out", help="output mixture directory (default RUN/sft)")
     p.add_argument("--no-measure", action="store_true", help="skip the held-out perplexity table")
+    p.add_argument("--final", action="store_true", help="measure on the test instructions (once, for the final "
+                   "table) instead of validation; writes results-final.json")
     p.add_argument("--only", nargs="+", metavar="JOB", help="run only these jobs: expert numbers and/or 'dense' "
                    "(one machine each); the call that finds all done writes the mixture and measures")
     p.set_defaults(func=cmd_sft)

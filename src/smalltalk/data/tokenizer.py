@@ -19,6 +19,13 @@ from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
 from smalltalk.layout import TokenizerFiles, manifest_of
 
 
+def encode_text(tokenizer, text: str) -> list[int]:
+    """The one way text becomes token ids outside `data prepare`: without special tokens, as the corpus was
+    encoded. A pretrained tokenizer whose post-processor adds BOS would otherwise put BOS on every routing
+    prefix and in the middle of every SFT example, where training never saw one."""
+    return tokenizer(text, add_special_tokens=False).input_ids
+
+
 def train_texts(cfg: Config, stats: dict) -> Iterator[str]:
     """The train-split documents, capped at tokenizer.max_train_chars (split first, then fit)."""
     budget = cfg.tokenizer.max_train_chars

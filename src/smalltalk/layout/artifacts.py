@@ -17,7 +17,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 HF_CONFIG = "config.json"  # what marks a directory as an HF model
 CORPUS_STATS = "stats.json"  # `corpus demo` output
 MODEL_CARD = "README.md"  # of an exported mixture
-DENSE_KINDS = ("matched", "bigger")  # RUN/dense/KIND
+DENSE_KINDS = ("matched", "matched-experts", "bigger")  # RUN/dense/KIND (experts.py: what each is matched to)
 REPORT_PLOTS = {"loss": "loss_curves.png", "prefix": "ppl_vs_prefix.png", "loads": "expert_loads.png",
                 "domains_x_experts": "domain_expert_heatmap.png", "em": "em_curve.png",
                 "per_domain": "per_domain_ppl.png"}
@@ -228,3 +228,8 @@ class SFTFiles:
     @property
     def results(self) -> Path:
         return self.root / "results.json"
+
+    @property
+    def results_final(self) -> Path:
+        """The test instructions' measurement (`smalltalk sft --final`), made once for the final table."""
+        return self.root / "results-final.json"

@@ -66,6 +66,11 @@ class RunLayout:
         return self.root / "eval"
 
     @property
+    def eval_final(self) -> Path:
+        """The test split's evaluation (`smalltalk eval --final`): run once, for the final table."""
+        return self.root / "eval-final"
+
+    @property
     def sft(self) -> SFTFiles:
         return SFTFiles(self.root / "sft")
 

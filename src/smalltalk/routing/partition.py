@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import shutil
 import time
@@ -34,10 +32,10 @@ from smalltalk.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
 from smalltalk.host_memory import return_free_memory
-from smalltalk.layout import WEIGHTS, PartitionFiles, RouterFiles, RunLayout, manifest_of, read_manifest
+from smalltalk.layout import PartitionFiles, RunLayout, manifest_of, read_manifest
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, capacities, check_finite
 from smalltalk.routing.metrics import contingency, mix_from_table, quality_from_table
-from smalltalk.routing.routers import load_routers, score_split
+from smalltalk.routing.routers import load_routers, routers_checksum, score_split
 
 _COPY_BLOCK = 1 << 20  # ids copied at once by the merge
 
@@ -285,19 +283,6 @@ def _final_manifest(settings: dict, stats: list[dict], counts: np.ndarray, data:
         **({"quality": quality_from_table(table)} if table is not None else {}),
         "files": [PartitionFiles.share_name(e) for e in range(experts)],
     }
-
-
-def routers_checksum(routers_dir: Path) -> str:
-    """sha256 over what defines the routers: manifest, final weights, tf-idf state."""
-    digest = hashlib.sha256()
-    layout, manifest = RouterFiles(routers_dir), read_json(manifest_of(routers_dir))
-    where = ("data", "tokenizer_dir")  # where the routers were made, not what they are: a moved run keeps its sum
-    digest.update(json.dumps({k: v for k, v in manifest.items() if k not in where}, sort_keys=True).encode())
-    files = [*[layout.router(name).model / WEIGHTS for name in sorted(manifest.get("routers", []))],
-             *[p for p in (layout.tfidf, layout.tfidf_vocab) if p.is_file()]]
-    for path in files:
-        digest.update(sha256_file(path).encode())
-    return digest.hexdigest()
 
 
 def load_share(partition_dir: Path, expert: int) -> np.ndarray:

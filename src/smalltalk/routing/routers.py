@@ -8,6 +8,7 @@ says which kind is stored there.
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Protocol
 
@@ -15,8 +16,8 @@ import numpy as np
 import torch
 
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import read_json
-from smalltalk.layout import RouterFiles, manifest_of
+from smalltalk.fsutil import read_json, sha256_file
+from smalltalk.layout import WEIGHTS, RouterFiles, manifest_of
 from smalltalk.routing.grouped import GroupedRouters, groupable
 from smalltalk.routing.scoring import default_workers, score_batches, scoring_body
 
@@ -197,3 +198,16 @@ def score_split(router: Router, data, ids: np.ndarray, prefix: int, batch_size: 
     for start in range(0, len(ids), batch_size):
         out[start:start + batch_size] = router.score(data.batch(ids[start:start + batch_size], prefix))
     return out
+
+
+def routers_checksum(routers_dir: Path) -> str:
+    """sha256 over what defines the routers: manifest, final weights, tf-idf state."""
+    digest = hashlib.sha256()
+    layout, manifest = RouterFiles(routers_dir), read_json(manifest_of(routers_dir))
+    where = ("data", "tokenizer_dir")  # where the routers were made, not what they are: a moved run keeps its sum
+    digest.update(json.dumps({k: v for k, v in manifest.items() if k not in where}, sort_keys=True).encode())
+    files = [*[layout.router(name).model / WEIGHTS for name in sorted(manifest.get("routers", []))],
+             *[p for p in (layout.tfidf, layout.tfidf_vocab) if p.is_file()]]
+    for path in files:
+        digest.update(sha256_file(path).encode())
+    return digest.hexdigest()

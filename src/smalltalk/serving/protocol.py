@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import threading
 
+import torch
+
+from smalltalk.data.tokenizer import encode_text
+
 
 class RequestError(Exception):
     """A 4xx/5xx answer in the OpenAI shape {"error": {"message", "type", "param", "code"}}."""
@@ -76,7 +80,7 @@ class Validator:
         if len(prompt) > self.max_prompt_chars:
             raise RequestError(400, f"the prompt ({len(prompt)} characters) cannot fit the context of {self.context} "
                                "tokens", "prompt", "context_length_exceeded")
-        ids = self.tokenizer(prompt, return_tensors="pt").input_ids
+        ids = torch.tensor([encode_text(self.tokenizer, prompt)], dtype=torch.long)
         if ids.shape[1] < 2:
             raise RequestError(400, "the prompt must be at least 2 tokens long to be routed", "prompt")
         if ids.shape[1] + req["max_tokens"] > self.context:
@@ -85,7 +89,7 @@ class Validator:
         route_ids = ids
         if chat and self.route_on == "user_text":
             user = next((m["content"] for m in body["messages"] if m["role"] == "user"), "")
-            user_ids = self.tokenizer(user, return_tensors="pt").input_ids
+            user_ids = torch.tensor([encode_text(self.tokenizer, user)], dtype=torch.long)
             route_ids = user_ids if user_ids.shape[1] >= 2 else ids  # a 1-token message: the whole prompt
         return {**req, "ids": ids, "route_ids": route_ids, "cancel": threading.Event()}
 

@@ -16,6 +16,7 @@ import time
 
 import httpx
 
+from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
 from smalltalk.mixture import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText, timed_route
@@ -110,7 +111,7 @@ class RemoteEngine(Engine):
                                f"{str(exc)[:120]})", None, "backend_error") from None
         text = "".join(pieces)
         if n_new is None:
-            n_new = len(self.mixture.tokenizer(text).input_ids)
+            n_new = len(encode_text(self.mixture.tokenizer, text))
         return text, finish, n_new
 
     def health(self) -> dict:

@@ -23,6 +23,7 @@ import numpy as np
 
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
+from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
 from smalltalk.export import copy_routers
 from smalltalk.fsutil import atomic_dir, read_json, write_json
@@ -50,7 +51,7 @@ def encode_split(tokenizer, examples: list[dict], seq_len: int) -> tuple[list, i
 def routing_ids(tokenizer, example: dict, encoded: tuple[list, list], route_on: str) -> list[int]:
     """What the routers score: the prompt up to the last answer, or the first user message's text."""
     if route_on == "user_text":
-        return tokenizer(next(m["content"] for m in example["messages"] if m["role"] == "user")).input_ids
+        return encode_text(tokenizer, next(m["content"] for m in example["messages"] if m["role"] == "user"))
     ids, mask = encoded
     last_answer = len(mask) - next(i for i, m in enumerate(reversed(mask)) if not m)  # after the last prompt token
     return ids[:last_answer]

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from smalltalk.data.tokenizer import encode_text
 from smalltalk.evaluate import token_nll
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout, SFTFiles, TrainFiles
@@ -54,11 +55,13 @@ def _load(model_dir: Path):
     return AutoModelForCausalLM.from_pretrained(str(model_dir)).eval()
 
 
-def measure_sft(run: RunLayout, sft: SFTFiles, data: Path, route_on: str) -> dict:
+def measure_sft(run: RunLayout, sft: SFTFiles, data: Path, route_on: str, final: bool = False) -> dict:
+    """Held-out answer perplexity before and after SFT, on the validation instructions (what choices such as
+    sft.route_on are made on); `final`: on the test instructions, once, for the final table."""
     files = split_files(Path(data))
-    split = "test" if "test" in files else "validation" if "validation" in files else None
-    if split is None:
-        return {"note": "no validation or test file: nothing held out to measure"}
+    split = "test" if final else "validation"
+    if split not in files:
+        return {"note": f"no {split} file: nothing held out to measure"}
     examples = read_examples(files[split])
     before, after = SmallTalkMixture.from_pretrained(run.root), SmallTalkMixture.from_pretrained(sft.root)
     tokenizer = after.tokenizer
@@ -67,7 +70,7 @@ def measure_sft(run: RunLayout, sft: SFTFiles, data: Path, route_on: str) -> dic
     tokens, labels = pack_rows(encoded, seq_len, tokenizer.eos_token_id)
     chosen, _ = route(after, [routing_ids(tokenizer, ex, enc, route_on)
                               for ex, enc in zip(examples, encoded, strict=True)])
-    by_answer, _ = route(after, [tokenizer(ex["messages"][-1]["content"]).input_ids for ex in examples])
+    by_answer, _ = route(after, [encode_text(tokenizer, ex["messages"][-1]["content"]) for ex in examples])
     scored = {"mixture": _by_expert(before, chosen, tokens, labels), "mixture_sft": _by_expert(after, chosen, tokens,
                                                                                                labels)}
     for name, model_dir in (("dense", TrainFiles(run.dense_kind("matched")).model),
@@ -81,22 +84,22 @@ def measure_sft(run: RunLayout, sft: SFTFiles, data: Path, route_on: str) -> dic
         table[domain] = {"examples": int(rows.sum()), **{name: math.exp(s[rows].sum() / max(c[rows].sum(), 1))
                                                          for name, (s, c) in scored.items()}}
     results = {"split": split, "route_on": route_on, "perplexity": table,
-               "pretraining_perplexity": forgetting(run, sft, before, after),
+               "pretraining_perplexity": forgetting(run, sft, before, after, split=split),
                "routing_stability": float(np.mean(chosen == by_answer)),
                "confusion": {f"{k:02d}": dict(Counter(d for d, c in zip(domains, chosen, strict=True) if c == k))
                              for k in range(after.num_experts)},
                "sft": read_json(sft.examples)}
-    write_json(sft.results, results)
+    write_json(sft.results_final if final else sft.results, results)
     return results
 
 
 def forgetting(run: RunLayout, sft: SFTFiles, before: SmallTalkMixture, after: SmallTalkMixture,
-               sequences: int = 256) -> dict:
-    """Perplexity on a seeded sample of the pre-training test split, before and after SFT (what replay is
-    for): the mixtures routed on their first M tokens as in pre-training eval, the dense models alone."""
+               sequences: int = 256, split: str = "validation") -> dict:
+    """Perplexity on a seeded sample of a pre-training split, before and after SFT (what replay is for): the
+    mixtures routed on their first M tokens as in pre-training eval, the dense models alone."""
     from smalltalk.data.shards import SplitData
 
-    data = SplitData(run.data, "test")
+    data = SplitData(run.data, split)
     ids = torch.from_numpy(data.batch(data.sample(sequences)))
     out = {"sequences": len(ids)}
     for name, mixture in (("mixture", before), ("mixture_sft", after)):
@@ -122,6 +125,6 @@ def format_results(results: dict) -> str:
     lines.append(f"routing stability (routed on {results['route_on']} like on the answer alone): "
                  f"{results['routing_stability']:.1%}")
     pre = results["pretraining_perplexity"]
-    lines.append("pre-training test perplexity (forgetting): " + ", ".join(
+    lines.append(f"pre-training {results['split']} perplexity (forgetting): " + ", ".join(
         f"{n} {pre[n]:.2f}" for n in names if n in pre))
     return "\n".join(lines)

@@ -10,6 +10,7 @@ inference does (the prompt is tokenised alone, the answer generated token by tok
 
 from __future__ import annotations
 
+from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
 
 CHAT_TEMPLATE = ("{% for message in messages %}"
@@ -29,8 +30,8 @@ def encode(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
         if message["role"] != "assistant":
             pending += f"<|{message['role']}|>\n{message['content']}\n"
             continue
-        head = tokenizer(pending + "<|assistant|>\n").input_ids
-        answer = tokenizer(message["content"]).input_ids + [tokenizer.eos_token_id]
+        head = encode_text(tokenizer, pending + "<|assistant|>\n")
+        answer = encode_text(tokenizer, message["content"]) + [tokenizer.eos_token_id]
         ids += head + answer
         mask += [0] * len(head) + [1] * len(answer)
         pending = ""
