@@ -23,17 +23,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
-from smalltalk.cli import main as smalltalk
+from corpus10_runs import CORPUS, run_and_results, share_experts_only_dense
+
 from smalltalk.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "corpus10"
 LEVERS = {
     # the paper's EM: 12 rounds, each router one pass over its share of a fresh chunk, shared init, random
     # round 0 (pinned below, whatever configs/corpus10.yaml's departures are)
@@ -51,23 +49,12 @@ ORACLE = ["routing.method=oracle"]
 MAIN_PREFIX = 64
 
 
-def run_one(root: Path, name: str, overrides: list[str], dense: Path | None, final: bool = False) -> dict | None:
+def run_one(root: Path, name: str, overrides: list[str], donor: Path | None, final: bool = False) -> dict | None:
     run = root / name
-    if dense is not None and not (run / "dense" / "matched-experts").exists():
-        run.mkdir(parents=True, exist_ok=True)  # the experts-only dense model depends on data, model, train, E
-        shutil.copytree(dense / "matched-experts", run / "dense" / "matched-experts")
-    code = smalltalk(["run", "--config", str(ROOT / "configs" / "corpus10.yaml"), "--run", str(run),
-                      *[x for o in overrides for x in ("--set", o)]])
-    if code == 0 and final and not (run / "eval-final" / "results.json").is_file():
-        code = smalltalk(["eval", "--run", str(run), "--final"])
-    if code != 0:
-        print(f"{name}: failed ({code})", flush=True)
+    share_experts_only_dense(run, donor)
+    results = run_and_results(run, overrides, final)
+    if results is None:
         return None
-    results = json.loads((run / ("eval-final" if final else "eval") / "results.json").read_text())
-    if results["split"] == "test" and not final:
-        raise SystemExit(f"{run}/eval/results.json is from the test split: choices are made on validation. "
-                         "Rerun the study in a fresh --root (the runs evaluate on validation now), or pass "
-                         "--final for the one final table.")
     main = next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
     rc = load_config(run / "config.json").routing
     quality = json.loads((run / "partition" / "manifest.json").read_text()).get("quality", {})
@@ -171,7 +158,7 @@ def main() -> int:
         row = run_one(root, f"{lever}-s{seed}", overrides, dense, args.final)
         if row is None:
             continue
-        dense = dense or root / row["run"] / "dense"
+        dense = dense or root / row["run"]
         rows.append({"lever": lever, "seed": seed, **row})
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"rows": rows, "table": summarise(rows)}, indent=1))
