@@ -50,7 +50,7 @@ def test_loss_and_gradients_equal_hfs(kv_heads, path, monkeypatch):
     loss, grads = _loss_and_grads(model, lambda: causal_lm_loss(model, ids, labels))
     assert loss.item() == pytest.approx(hf_loss.item(), rel=1e-6)
     for (name, _), a, b in zip(model.named_parameters(), hf_grads, grads, strict=True):
-        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name  # the README's "within 1e-6"
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7), name  # docs/benchmarks.md's "within 1e-6"
 
 
 def test_bf16_autocast_loss_and_gradients_are_hfs_within_rounding():
