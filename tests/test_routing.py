@@ -156,6 +156,34 @@ def test_oracle_groups_balance_domains_largest_first():
     assert oracle_groups({"x": 5}, 2) == [["x"], []]
 
 
+def test_similar_groups_put_related_domains_together_within_the_cap():
+    """Four domains, two pairs of related ones: balanced grouping mixes the pairs (sizes decide), similarity
+    grouping keeps each pair together; a merge that would pass 1.5x an expert's share is refused."""
+    from smalltalk.routing.baselines import oracle_groups, similar_groups
+
+    counts = {"code_c": 40, "prose_en": 35, "code_py": 30, "prose_de": 25}
+    centroids = np.array([[1.0, 0.1], [0.1, 1.0], [0.9, 0.2], [0.2, 0.9]])
+    assert oracle_groups(counts, 2) == [["code_c", "prose_de"], ["prose_en", "code_py"]]
+    assert similar_groups(centroids, counts, 2) == [["code_c", "code_py"], ["prose_de", "prose_en"]]
+    big = {"code_c": 90, "prose_en": 10, "code_py": 90, "prose_de": 10}  # code_c + code_py = 180 > 1.5 x 100
+    grouped = similar_groups(centroids, big, 2)
+    assert sorted(map(sorted, grouped)) == [["code_c"], ["code_py", "prose_de", "prose_en"]]  # the prose pair first
+
+
+def test_similar_oracle_groups_the_labelled_domains_by_tfidf_centroids(prepared_run, tmp_path):
+    """`routing.oracle_grouping: similar` through `routers train`: every domain in one of E non-empty groups,
+    the grouping named in the manifest, the same groups on a rerun."""
+    outs = [tmp_path / name for name in ("a", "b")]
+    for out in outs:
+        assert cli("routers", "train", "--config", TINY_CONFIG, "--run", prepared_run, "--out", out,
+                   "--set", "routing.method=oracle", "--set", "routing.oracle_grouping=similar",
+                   "--set", "routing.experts=2") == 0
+    a, b = (json.loads((out / "manifest.json").read_text()) for out in outs)
+    assert a["grouping"] == "similar" and a["groups"] == b["groups"] and len(a["groups"]) == 2
+    assert sorted(d for g in a["groups"] for d in g) == sorted(SplitData(prepared_run / "data", "train").domain_names)
+    assert all(a["groups"])
+
+
 @pytest.mark.slow
 def test_oracle_mixture_routes_by_label(corpus_file, tmp_path, capsys):
     """routing.method=oracle through the whole pipeline: the partition is the domain grouping, eval routes

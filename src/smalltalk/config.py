@@ -112,6 +112,9 @@ class RoutingConfig:
     # EM levers (docs/routing.md, benchmarks/routing_study.py)
     router_init: str = "shared"  # "shared": every router from routing.train.seed; "distinct": router e from seed + e
     init_split: str = "random"  # round 0's split: "random" (the paper) or "tfidf" (balanced k-means, as c-BTM)
+    # the oracle reference's groups of domain labels: "balanced" (near-equal sizes) or "similar" (related
+    # domains together, by tf-idf domain centroids: routing/baselines.similar_groups)
+    oracle_grouping: str = "balanced"
     # M-step length in passes over a router's share: 1 is the paper's (each sequence of the fresh chunk seen
     # once per round); null: routing.train.steps per round whatever the share (a departure, named so)
     share_passes: float | None = 1.0
@@ -126,7 +129,8 @@ class RoutingConfig:
 
 # Settings added after runs existed, left out of stage digests and EM state while at the value that
 # reproduces the old behaviour: a run made before they existed still resumes.
-ADDED_LATER = {"routing": {"router_init": "shared", "init_split": "random", "share_passes": None}}
+ADDED_LATER = {"routing": {"router_init": "shared", "init_split": "random", "share_passes": None,
+                           "oracle_grouping": "balanced"}}
 
 
 @dataclass
@@ -230,7 +234,8 @@ def _checked(cfg: Config, source: str) -> Config:
     if cfg.routing.prefix < 2 or cfg.routing.prefix > cfg.data.seq_len:
         raise SmalltalkError(f"routing.prefix={cfg.routing.prefix} must be in [2, data.seq_len={cfg.data.seq_len}]",
                              where=source)
-    for key, allowed in (("router_init", ("shared", "distinct")), ("init_split", ("random", "tfidf"))):
+    for key, allowed in (("router_init", ("shared", "distinct")), ("init_split", ("random", "tfidf")),
+                         ("oracle_grouping", ("balanced", "similar"))):
         if getattr(cfg.routing, key) not in allowed:
             raise SmalltalkError(f"routing.{key}={getattr(cfg.routing, key)!r}", where=source,
                                  fix=f"use one of {', '.join(allowed)}")

@@ -45,8 +45,47 @@ def oracle_groups(counts: dict[str, int], experts: int) -> list[list[str]]:
     return groups
 
 
+SIMILAR_GROUP_CAP = 1.5  # a similarity group may hold up to 1.5x an expert's share (partition balances the rest)
+
+
+def similar_groups(centroids: np.ndarray, counts: dict[str, int], experts: int) -> list[list[str]]:
+    """Domains into E groups of related domains: start from one group per domain and merge, again and again,
+    the two groups whose count-weighted centroids have the highest cosine similarity, among the pairs whose
+    merged size stays within SIMILAR_GROUP_CAP x an expert's share (none fits: the two smallest groups).
+    `centroids` [D, F]: one feature centroid per domain, in the order of `counts`."""
+    names = list(counts)
+    groups = [[n] for n in names]
+    sums = [centroids[i].astype(np.float64) * counts[n] for i, n in enumerate(names)]
+    sizes = [counts[n] for n in names]
+    cap = SIMILAR_GROUP_CAP * sum(sizes) / experts
+    while len(groups) > experts:
+        unit = [v / max(np.linalg.norm(v), 1e-12) for v in sums]
+        pairs = [(a, b) for a in range(len(groups)) for b in range(a + 1, len(groups))]
+        fitting = [p for p in pairs if sizes[p[0]] + sizes[p[1]] <= cap]
+        if fitting:
+            a, b = max(fitting, key=lambda p: (float(unit[p[0]] @ unit[p[1]]), -p[0], -p[1]))
+        else:
+            a, b = sorted(sorted(range(len(groups)), key=lambda g: (sizes[g], g))[:2])
+        groups[a], sums[a], sizes[a] = groups[a] + groups[b], sums[a] + sums[b], sizes[a] + sizes[b]
+        del groups[b], sums[b], sizes[b]
+    return [sorted(g) for g in groups]
+
+
+def domain_centroids(cfg: Config, data: SplitData) -> tuple[np.ndarray, list[str]]:
+    """Each domain's mean tf-idf feature vector (the `tfidf` router's features) over the seeded sample of
+    prefixes the tf-idf router would fit on; the domain names in label order."""
+    ids, embedded, *_ = _tfidf_features(cfg, data)
+    labels = np.asarray(data.seq_domains[ids])
+    dims = embedded.shape[1]
+    centroids = np.stack([embedded[labels == d].mean(axis=0) if (labels == d).any() else np.zeros(dims)
+                          for d in range(len(data.domain_names))])
+    return centroids, list(data.domain_names)
+
+
 def train_oracle_router(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
-    """The domain-label upper bound: groups of domains by train-split sequence counts (oracle_groups)."""
+    """The domain-label references: domains grouped by train-split sequence counts into near-equal groups
+    (`routing.oracle_grouping: balanced`, oracle_groups), or related domains together (`similar`,
+    similar_groups on tf-idf domain centroids): a prompt has no label, so neither is a servable method."""
     data = SplitData(data_dir, "train")
     if not data.has_domains:
         raise SmalltalkError(f"routing.method=oracle needs domain labels; {data_dir} has none",
@@ -55,11 +94,16 @@ def train_oracle_router(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     for start in range(0, len(data), 1 << 20):  # block by block: labels of 10^9 sequences never held at once
         labels = np.asarray(data.seq_domains[start:start + (1 << 20)], dtype=np.int64)
         counts += np.bincount(labels[labels >= 0], minlength=len(counts))
-    groups = oracle_groups({n: int(c) for n, c in zip(data.domain_names, counts, strict=True)}, cfg.routing.experts)
+    by_name = {n: int(c) for n, c in zip(data.domain_names, counts, strict=True)}
+    if cfg.routing.oracle_grouping == "similar":
+        centroids, _ = domain_centroids(cfg, data)
+        groups = similar_groups(centroids, by_name, cfg.routing.experts)
+    else:
+        groups = oracle_groups(by_name, cfg.routing.experts)
     if any(not g for g in groups):
         raise SmalltalkError(f"{len(data.domain_names)} domains cannot fill {cfg.routing.experts} oracle groups",
                              fix="use at most as many experts as domains")
-    manifest = _manifest(cfg, "oracle", data, groups=groups,
+    manifest = _manifest(cfg, "oracle", data, groups=groups, grouping=cfg.routing.oracle_grouping,
                          group_sequences=[int(sum(counts[data.domain_names.index(n)] for n in g)) for g in groups])
     with atomic_dir(out_dir) as tmp:
         write_json(manifest_of(tmp), manifest)
@@ -71,21 +115,10 @@ def train_tfidf_router(cfg: Config, data_dir: Path, out_dir: Path, iterations: i
     """Fit tf-idf -> TruncatedSVD -> L2 norm on the prefix text of as many sequences as EM would see,
     then balanced k-means (assignment step = our balanced assignment on -distance)."""
     from sklearn.cluster import kmeans_plusplus
-    from sklearn.decomposition import TruncatedSVD
-    from sklearn.feature_extraction.text import TfidfVectorizer
-    from sklearn.preprocessing import normalize
 
     rc = cfg.routing
     data = SplitData(data_dir, "train")
-    tokenizer_json = TokenizerFiles(Path(data.manifest["tokenizer_dir"])).tokenizer_json
-    decode = make_decoder(tokenizer_json)
-    size = min(len(data), rc.chunk * max(1, rc.rounds))
-    ids, _ = ChunkStream(data, size).chunk(0)
-    texts = [decode(row) for row in data.batch(ids, rc.prefix)]
-    vectorizer = TfidfVectorizer(sublinear_tf=True, max_features=100_000)
-    matrix = vectorizer.fit_transform(texts)
-    svd = TruncatedSVD(n_components=max(1, min(components, matrix.shape[1] - 1)), random_state=rc.seed)
-    embedded = normalize(svd.fit_transform(matrix)).astype(np.float32)
+    ids, embedded, vectorizer, svd, tokenizer_json = _tfidf_features(cfg, data, components)
     centroids, _ = kmeans_plusplus(embedded, rc.experts, random_state=rc.seed)
     assignment = np.full(len(ids), -1)
     for iteration in range(iterations):  # noqa: B007 - reported in the manifest
@@ -105,3 +138,22 @@ def train_tfidf_router(cfg: Config, data_dir: Path, out_dir: Path, iterations: i
         write_json(manifest_of(tmp), manifest)
     return manifest
 
+
+def _tfidf_features(cfg: Config, data: SplitData, components: int = 100):
+    """tf-idf -> TruncatedSVD -> L2 norm of the prefix text of the first min(N, chunk x rounds) sequences of
+    the seeded order: (ids, features [n, F], vectorizer, svd, tokenizer.json path)."""
+    from sklearn.decomposition import TruncatedSVD
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.preprocessing import normalize
+
+    rc = cfg.routing
+    tokenizer_json = TokenizerFiles(Path(data.manifest["tokenizer_dir"])).tokenizer_json
+    decode = make_decoder(tokenizer_json)
+    size = min(len(data), rc.chunk * max(1, rc.rounds))
+    ids, _ = ChunkStream(data, size).chunk(0)
+    texts = [decode(row) for row in data.batch(ids, rc.prefix)]
+    vectorizer = TfidfVectorizer(sublinear_tf=True, max_features=100_000)
+    matrix = vectorizer.fit_transform(texts)
+    svd = TruncatedSVD(n_components=max(1, min(components, matrix.shape[1] - 1)), random_state=rc.seed)
+    embedded = normalize(svd.fit_transform(matrix)).astype(np.float32)
+    return ids, embedded, vectorizer, svd, tokenizer_json
