@@ -357,3 +357,33 @@ def test_max_resident_bounds_experts_while_batches_run_and_loads_leave_the_sched
     assert got == want and {k for k, _ in got} == {k for k, _ in prompts}
     assert peak == {"batches": 1, "resident": 1}, peak
     assert len(load_threads) >= experts - 1 and set(load_threads) == {"smalltalk-expert-loader_0"}, load_threads
+
+
+@pytest.mark.parametrize("field,value,code", [
+    ("n", 3, "unsupported_field"), ("stop", ["\n"], "unsupported_field"), ("stop", "\n", "unsupported_field"),
+    ("logprobs", 2, "unsupported_field"), ("echo", True, "unsupported_field"),
+    ("logit_bias", {"5": 10}, "unsupported_field"), ("presence_penalty", 0.5, "unsupported_field"),
+    ("best_of", 2, "unsupported_field"), ("response_format", {"type": "json_object"}, "unsupported_field"),
+    ("tools", [{"type": "function"}], "unsupported_field"),
+    ("top_k", 5, "unknown_field"), ("n", True, "unsupported_field"),
+])
+def test_fields_we_do_not_implement_are_refused_never_dropped(server, field, value, code):
+    """Was: `stop`, `n`, `logprobs`, `echo`, penalties... were silently dropped (200 with text past the stop
+    string, one choice, no logprobs). Now a 400 naming the field; at their "off" value they are accepted."""
+    base, _ = server
+    body = {"model": "smalltalk", "prompt": "xyz_ {} = 1", "max_tokens": 2, field: value}
+    for endpoint in ("/v1/completions", "/v1/chat/completions"):
+        if "chat" in endpoint:
+            body = {**{k: v for k, v in body.items() if k != "prompt"},
+                    "messages": [{"role": "user", "content": "x y"}]}
+        r = _answered_4xx_and_counted(base, endpoint, json.dumps(body))
+        assert r.status_code == 400 and r.json()["error"]["param"] == field and r.json()["error"]["code"] == code
+
+
+def test_fields_at_their_off_value_are_accepted(server):
+    base, _ = server
+    body = {"model": "smalltalk", "prompt": "xyz_ {} = 1", "max_tokens": 2, "n": 1, "stop": None, "logprobs": None,
+            "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "best_of": 1,
+            "user": "someone", "temperature": 0}
+    r = httpx.post(f"{base}/v1/completions", json=body, headers=KEY, timeout=60)
+    assert r.status_code == 200, r.text

@@ -26,6 +26,42 @@ class Cancelled(Exception):
     """The client went away: its generation stops (or never starts)."""
 
 
+# What a request may carry. USED change the answer; IGNORED are bookkeeping OpenAI defines that cannot
+# (a caller id, storage hints); NEUTRAL are fields we do not implement, accepted only at the value that
+# means "off" (what every client sends by default). Anything else, or another value, is a 400 naming the
+# field: never a silent drop (docs/serving.md has the list).
+USED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
+        "stream", "stream_options"}
+IGNORED = {"user", "metadata", "store", "service_tier"}
+NEUTRAL = {"n": (None, 1), "stop": (None, []), "logprobs": (None, False), "top_logprobs": (None, 0),
+           "echo": (None, False), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+           "frequency_penalty": (None, 0), "suffix": (None, ""), "best_of": (None, 1),
+           "response_format": (None, {"type": "text"}), "tools": (None, []),
+           "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
+           "function_call": (None, "none")}
+
+
+def check_fields(body: dict) -> None:
+    """A 400 for a field this server does not know, or does not implement at the value asked for."""
+    for key, value in body.items():
+        if key in USED or key in IGNORED:
+            continue
+        if key not in NEUTRAL:
+            raise RequestError(400, f"unknown field {str(key)[:40]!r}", str(key)[:40], "unknown_field")
+        if not any(_same(value, off) for off in NEUTRAL[key]):
+            raise RequestError(400, f"'{key}' is not supported by this server (only its default is accepted); "
+                               "see docs/serving.md for the fields it implements", key, "unsupported_field")
+
+
+def _same(value: object, off: object) -> bool:
+    """value == off, without True counting as 1 (JSON's true is no number); 1.0 counts as 1."""
+    if off is None or isinstance(off, bool) or isinstance(value, bool):
+        return value is off
+    if _is_number(off):
+        return _is_number(value) and value == off
+    return type(value) is type(off) and value == off
+
+
 ROLES = ("system", "user", "assistant")
 MIN_TEMPERATURE = 1e-5  # below it a request decodes greedily (docs/serving.md): the limit, computable in float32
 _MARKERS = tuple(f"<|{role}|>" for role in ROLES)
@@ -69,6 +105,7 @@ class Validator:
     def __call__(self, body: object, chat: bool) -> dict:
         if not isinstance(body, dict):
             raise RequestError(400, "request body must be a JSON object")
+        check_fields(body)
         model = body.get("model")
         if model is not None and not isinstance(model, str):
             raise RequestError(400, "'model' must be a string", "model")
