@@ -387,3 +387,72 @@ def test_fields_at_their_off_value_are_accepted(server):
             "user": "someone", "temperature": 0}
     r = httpx.post(f"{base}/v1/completions", json=body, headers=KEY, timeout=60)
     assert r.status_code == 200, r.text
+
+
+def test_connections_beyond_the_limit_get_503(pipeline_run):
+    """Was: uvicorn ran without limit_concurrency: any number of idle connections were held open. With
+    `--max-connections 3`, three idle sockets leave no room: the next request gets uvicorn's 503; once they
+    close, the server answers again."""
+    proc, base = _start(pipeline_run[0], "--max-connections", "3", "--client-timeout", "30")
+    try:
+        url = urlparse(base)
+        idle = [socket.create_connection((url.hostname, url.port)) for _ in range(3)]
+        time.sleep(0.3)
+        assert httpx.get(f"{base}/health", timeout=10).status_code == 503
+        for s in idle:
+            s.close()
+        deadline = time.time() + 10
+        while httpx.get(f"{base}/health", timeout=10).status_code != 200:
+            assert time.time() < deadline
+            time.sleep(0.1)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+
+def test_a_client_that_stops_reading_its_stream_is_dropped_and_frees_its_slot(pipeline_run):
+    """The ASGI side of an unread stream: the socket's buffer is full, so sending the next chunk blocks (here
+    the client's `send` never returns after the headers). After --client-timeout the request is dropped: its
+    generation is cancelled, its slot freed, and it is counted as a 408. A loopback socket would need ~100 kB
+    of a tiny model's output to fill, more than its context allows, hence the ASGI-level client."""
+    import asyncio
+
+    from smalltalk.serving.app import create_app
+    from smalltalk.serving.batching import BatchedEngine
+
+    engine = BatchedEngine(SmallTalkMixture.from_pretrained(pipeline_run[0]), "smalltalk", 64)
+    app = create_app(engine, client_timeout=0.5)
+    body = json.dumps({"prompt": "xyz_ {} = 1", "max_tokens": 40, "temperature": 1.0, "seed": 1,
+                       "stream": True}).encode()
+    scope = {"type": "http", "method": "POST", "path": "/v1/completions", "raw_path": b"/v1/completions",
+             "query_string": b"", "headers": [(b"content-type", b"application/json")], "http_version": "1.1",
+             "scheme": "http", "server": ("127.0.0.1", 80), "client": ("127.0.0.1", 5), "root_path": "",
+             "asgi": {"version": "3.0"}}
+    sent = []
+
+    async def run() -> float:
+        stuck = asyncio.Event()
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await stuck.wait()  # the client never disconnects: it just stops reading
+
+        async def send(message):
+            sent.append(message["type"])
+            if message["type"] == "http.response.body":
+                await stuck.wait()  # the socket's buffer is full: this never returns
+
+        started = time.perf_counter()
+        await asyncio.wait_for(app(scope, receive, send), 20)
+        return time.perf_counter() - started
+
+    seconds = asyncio.run(run())
+    assert 0.5 <= seconds < 10 and sent[0] == "http.response.start"
+    assert engine.in_flight == 0 and engine.metrics.requests[("completions", 408)] == 1
+    deadline = time.time() + 10
+    while engine.gauges()["batched_rows"]:  # the generation was cancelled, not left running
+        assert time.time() < deadline
+        time.sleep(0.05)
+    engine.close()
