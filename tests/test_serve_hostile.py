@@ -17,12 +17,18 @@ pytestmark = pytest.mark.slow
 KEY = {"Authorization": "Bearer sk-test"}
 
 
-@pytest.fixture(scope="module")
-def server(pipeline_run):
-    proc, base = _start(pipeline_run[0], "--api-key-file", _key_file(pipeline_run[0]), "--client-timeout", "1.5")
-    yield base, pipeline_run[0]
+def keyed_server(run):
+    """`smalltalk serve` of `run` behind the key sk-test, clients given 1.5 s for their headers and body;
+    yields (base URL, run) and checks a clean SIGTERM exit (shared by test_serve_limits.py)."""
+    proc, base = _start(run, "--api-key-file", _key_file(run), "--client-timeout", "1.5")
+    yield base, run
     proc.terminate()
     assert proc.wait(timeout=20) in (0, -signal.SIGTERM), proc.returncode
+
+
+@pytest.fixture(scope="module")
+def server(pipeline_run):
+    yield from keyed_server(pipeline_run[0])
 
 
 def _key_file(run) -> str:

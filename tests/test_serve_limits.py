@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -22,18 +21,14 @@ from smalltalk.mixture import SmallTalkMixture
 
 from .conftest import ROOT
 from .test_serve import _free_port, _start, prompts_per_expert
-from .test_serve_hostile import _counts, _key_file
+from .test_serve_hostile import _counts, keyed_server
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def server(pipeline_run):
-    """A server whose clients get 1.5 s to send their headers and body."""
-    proc, base = _start(pipeline_run[0], "--api-key-file", _key_file(pipeline_run[0]), "--client-timeout", "1.5")
-    yield base, pipeline_run[0]
-    proc.terminate()
-    assert proc.wait(timeout=20) in (0, -signal.SIGTERM), proc.returncode
+    yield from keyed_server(pipeline_run[0])
 
 
 def test_a_client_that_never_finishes_its_headers_or_body_is_dropped(server):
