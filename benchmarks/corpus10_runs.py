@@ -4,6 +4,7 @@ validation (`final`: the test split, evaluated once by `smalltalk eval --final`)
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -21,6 +22,32 @@ def share_experts_only_dense(run: Path, donor: Path | None) -> None:
             not (run / "dense" / "matched-experts").exists():
         (run / "dense").mkdir(parents=True, exist_ok=True)
         shutil.copytree(source, run / "dense" / "matched-experts")
+
+
+UNTIL_EXPERTS = ("tokenizer", "data", "routers", "partition", "experts")
+
+
+def fork_until_experts(source: Path, run: Path) -> None:
+    """Start `run` from `source`'s artifacts up to its trained experts (hard links: stages replace files,
+    never edit them), for a row that differs only after the experts (refine). No-op until `source`'s
+    experts are done, or once `run` exists."""
+    stages = source / "stages.json"
+    if run.exists() or not (source / "mixture.json").is_file() or not stages.is_file():
+        return
+    done = {k: v for k, v in json.loads(stages.read_text()).items() if k in UNTIL_EXPERTS}
+    if set(done) != set(UNTIL_EXPERTS):
+        return
+    tmp = run.with_name(run.name + ".forking")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in (*UNTIL_EXPERTS[:-1], "experts", "mixture.json"):
+        if (source / name).is_dir():
+            shutil.copytree(source / name, tmp / name, copy_function=os.link)
+        else:
+            os.link(source / name, tmp / name)
+    shutil.copy2(source / "config.json", tmp / "config.json")  # the run's settings (refine reads routing.train)
+    (tmp / "stages.json").write_text(json.dumps(done, indent=1))
+    tmp.rename(run)
 
 
 def run_and_results(run: Path, overrides: list[str], final: bool = False) -> dict | None:

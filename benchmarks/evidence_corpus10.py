@@ -5,6 +5,10 @@ Rows, each a named configuration of configs/corpus10.yaml (docs/routing.md names
             chunk per round (routing.share_passes=1)
   default   the configs' current choice: EM from the tf-idf clustering, 100 steps per round (~3 passes at
             E = 4; routing.share_passes=null); decided on test figures before issue #27, re-decided here
+  refine    paper-em, then the routers fine-tuned on the experts' own choices (8,192 training sequences
+            relabelled by the lowest expert loss; routing/refine.py): forked from the paper-em run of the same
+            E and seed once its experts are trained (same routers, partition and experts), its cost counted
+            in the dense model's budget
   tfidf     tf-idf routing (balanced k-means on the prefix's tf-idf)
   random    a seeded balanced random split
   oracle    the domain labels grouped into E balanced groups (a reference: a prompt has no label)
@@ -33,13 +37,14 @@ import sys
 import time
 from pathlib import Path
 
-from corpus10_runs import CORPUS, run_and_results, share_experts_only_dense
+from corpus10_runs import CORPUS, fork_until_experts, run_and_results, share_experts_only_dense
 
 PAPER = ["routing.method=em", "routing.init_split=random", "routing.router_init=shared", "routing.share_passes=1"]
 ROWS = {
     "paper-em": PAPER,
     "default": ["routing.method=em", "routing.init_split=tfidf", "routing.router_init=shared",
                 "routing.share_passes=null"],
+    "refine": [*PAPER, "refine.sequences=8192"],
     "tfidf": ["routing.method=tfidf", *PAPER[1:]],
     "random": ["routing.method=random", *PAPER[1:]],
     "oracle": ["routing.method=oracle", *PAPER[1:]],
@@ -63,6 +68,8 @@ def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict 
     donor = next((p for p in sorted(root.glob(f"E{experts}-*-s{seed}"))
                   if p != run and (p / "dense" / "matched-experts" / "train_manifest.json").is_file()), None)
     share_experts_only_dense(run, donor)
+    if row == "refine":
+        fork_until_experts(root / f"E{experts}-paper-em-s{seed}", run)
     seeds = [f"{key}={seed}" for key in ("data.order_seed", "routing.seed", "routing.train.seed", "train.seed")]
     overrides = [f"data.inputs=[{CORPUS}]", f"routing.experts={experts}", *ROWS[row], *seeds, "dense.bigger=false"]
     started = time.perf_counter()
@@ -98,13 +105,15 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {experts} | {row} | {len(group)} | {_mean_sd([r['ratio_full'] for r in group])} | "
                    f"{_mean_sd([r['ratio_experts_only'] for r in group])} | "
                    f"{statistics.mean(r['routing_flops_share'] for r in group):.1%} | {epochs:.2f} |")
-    out += ["", "paired difference default − paper-em (÷ dense in full, same seed; negative: the default is better):"]
-    for experts in sorted({r["experts"] for r in rows}):
-        by_seed = {(r["row"], r["seed"]): r["ratio_full"] for r in rows if r["experts"] == experts}
-        diffs = [by_seed[("default", s)] - by_seed[("paper-em", s)] for (row, s) in by_seed
-                 if row == "default" and ("paper-em", s) in by_seed]
-        if diffs:
-            out.append(f"- E = {experts}: {_mean_sd(diffs)} over {len(diffs)} seed(s): {[round(d, 3) for d in diffs]}")
+    for lever in ("default", "refine"):
+        out += ["", f"paired difference {lever} − paper-em (÷ dense in full, same seed; negative: {lever} is better):"]
+        for experts in sorted({r["experts"] for r in rows}):
+            by_seed = {(r["row"], r["seed"]): r["ratio_full"] for r in rows if r["experts"] == experts}
+            diffs = [by_seed[(lever, s)] - by_seed[("paper-em", s)] for (row, s) in by_seed
+                     if row == lever and ("paper-em", s) in by_seed]
+            if diffs:
+                out.append(f"- E = {experts}: {_mean_sd(diffs)} over {len(diffs)} seed(s): "
+                           f"{[round(d, 3) for d in diffs]}")
     out += ["", "targets (mean of 3 seeds, dense matched in full):"]
     for experts, target in TARGETS.items():
         best = [g for (e, row), g in groups.items() if e == experts and row == "default"]

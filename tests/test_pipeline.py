@@ -9,7 +9,7 @@ import pytest
 from smalltalk.config import load_config
 from smalltalk.launch import LAUNCHABLE
 from smalltalk.layout import RunLayout
-from smalltalk.pipeline import STAGE_NAMES, STAGES, digest
+from smalltalk.pipeline import STAGE_NAMES, STAGES, digest, stage_config
 
 from .conftest import TINY_CONFIG, cli
 
@@ -19,7 +19,8 @@ def _stage(name: str):
 
 
 def test_stage_table_is_the_pipeline_order():
-    assert STAGE_NAMES == ("tokenizer", "data", "routers", "partition", "experts", "dense", "eval", "report", "sft")
+    assert STAGE_NAMES == ("tokenizer", "data", "routers", "partition", "experts", "refine", "dense", "eval", "report",
+                           "sft")
     assert set(LAUNCHABLE) <= set(STAGE_NAMES)
     for earlier, later in zip(STAGES, STAGES[1:], strict=False):  # later stages depend on all earlier ones do
         assert set(earlier.sections) <= set(later.sections), (earlier.name, later.name)
@@ -33,6 +34,10 @@ def test_digest_follows_what_a_stage_depends_on():
         assert digest(cfg, stage) == digest(speed_only, stage), stage.name
     assert digest(cfg, _stage("routers")) == digest(lr, _stage("routers"))
     assert digest(cfg, _stage("experts")) != digest(lr, _stage("experts"))
+    refined = load_config(TINY_CONFIG, ["refine.sequences=64"])
+    assert [digest(cfg, s) == digest(refined, s) for s in STAGES] == [s.name in (
+        "tokenizer", "data", "routers", "partition", "experts") for s in STAGES]
+    assert "refine" not in stage_config(cfg, _stage("eval"))  # off: digests of runs made before it still match
 
 
 @pytest.mark.slow

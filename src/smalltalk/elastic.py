@@ -41,7 +41,8 @@ def read_mixture(run: RunLayout) -> dict:
     """mixture.json with `router_dirs` filled in (one router per expert, in order) for EM routers."""
     manifest = run.mixture()
     if "router_dirs" not in manifest and manifest["method"] == "em":
-        manifest["router_dirs"] = [run.router_model_rel(name) for name in run.routers_manifest()["routers"]]
+        routers = run.mixture_routers()  # refined ones, if the mixture routes with them
+        manifest["router_dirs"] = [run.router_model_rel(name, routers) for name in run.routers_manifest()["routers"]]
     return manifest
 
 

@@ -19,7 +19,7 @@ def export_mixture(run: RunLayout, out: Path, force: bool = False) -> Path:
     unless `force`; a run directory, or a directory holding the run, never."""
     _check_target(run, Path(out), force)
     manifest = run.mixture()
-    _refuse_links_out(run, [run.tokenizer, run.routers, *(run.root / rel for rel in
+    _refuse_links_out(run, [run.tokenizer, run.mixture_routers(), *(run.root / rel for rel in
                                                            manifest["expert_dirs"] + manifest.get("router_dirs", []))])
     with atomic_dir(out) as tmp:
         staged = RunLayout(tmp)  # written under the temp name, renamed to `out` when complete
@@ -28,7 +28,7 @@ def export_mixture(run: RunLayout, out: Path, force: bool = False) -> Path:
         for rel in manifest["expert_dirs"] + manifest.get("router_dirs", []):  # router_dirs: elastic pairs
             if not (tmp / rel).exists():
                 shutil.copytree(run.root / rel, tmp / rel)
-        write_json(staged.mixture_file, manifest)
+        write_json(staged.mixture_file, {**manifest, "routers": str(staged.routers.relative_to(tmp))})
         (tmp / MODEL_CARD).write_text(model_card(run, manifest))
     return out
 
@@ -36,14 +36,15 @@ def export_mixture(run: RunLayout, out: Path, force: bool = False) -> Path:
 def copy_routers(run: RunLayout, target_dir: Path, copy=shutil.copy2) -> None:
     """The routers a mixture needs (models, extras, manifest) into `target_dir`, not their training
     checkpoints; `copy`: os.link to share the files on one file system."""
-    routers = run.routers_manifest()
+    source_dir = run.mixture_routers()  # RUN/routers, or RUN/routers-refined
+    routers = read_json(manifest_of(source_dir))
     target_dir.mkdir(exist_ok=True)
-    source, target = RouterFiles(run.routers), RouterFiles(target_dir)
+    source, target = RouterFiles(source_dir), RouterFiles(target_dir)
     for name in routers.get("routers", []):
         shutil.copytree(source.router(name).model, target.router(name).model, copy_function=copy)
     for extra in source.extras():
-        if (run.routers / extra).is_file():
-            copy(run.routers / extra, target_dir / extra)
+        if (source_dir / extra).is_file():
+            copy(source_dir / extra, target_dir / extra)
     write_json(manifest_of(target_dir), routers)
 
 

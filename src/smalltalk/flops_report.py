@@ -1,14 +1,15 @@
 """FLOPs of a whole SmallTalk run: routing overhead, experts, dense baselines, inference per sequence.
 
 Routing overhead = router training (EM) + scoring the fresh EM chunks + scoring every training sequence
-for the partition. Held-out diagnostics computed during EM are not counted (they are optional).
+for the partition + refining the routers from the experts (routing/refine.py), when done. Held-out
+diagnostics computed during EM and refinement are not counted (they are optional).
 """
 
 from __future__ import annotations
 
 from smalltalk.flops import forward_flops
 from smalltalk.fsutil import read_json
-from smalltalk.layout import RouterFiles, RunLayout
+from smalltalk.layout import RouterFiles, RunLayout, manifest_of
 from smalltalk.model import PRESETS, ModelSpec
 
 ACCOUNTINGS = ("exact", "paper")
@@ -24,7 +25,7 @@ def routing_overhead_flops(run: RunLayout, accounting: str = "exact") -> dict:
     manifest = run.routers_manifest()
     spec = router_spec(run)
     if spec is None:
-        return {"router_training": 0.0, "em_scoring": 0.0, "partition_scoring": 0.0, "total": 0.0}
+        return {"router_training": 0.0, "em_scoring": 0.0, "partition_scoring": 0.0, "refinement": 0.0, "total": 0.0}
     experts, prefix = manifest["experts"], manifest["prefix"]
     files = RouterFiles(run.routers)
     training = sum(read_json(files.router(name).manifest)["training_flops"][accounting] for name in manifest["routers"])
@@ -33,8 +34,10 @@ def routing_overhead_flops(run: RunLayout, accounting: str = "exact") -> dict:
     em_scoring = (manifest["rounds"] - 1) * manifest["chunk"] * experts * per_prefix
     partition = run.partition_manifest()
     partition_scoring = partition["sequences"] * experts * forward_flops(spec, partition["prefix"], 1, accounting)
+    refined = manifest_of(run.routers_refined)
+    refinement = read_json(refined)["flops"][accounting]["total"] if refined.is_file() else 0.0
     return {"router_training": training, "em_scoring": em_scoring, "partition_scoring": partition_scoring,
-            "total": training + em_scoring + partition_scoring}
+            "refinement": refinement, "total": training + em_scoring + partition_scoring + refinement}
 
 
 def paper_router_overhead(experts: int, router_steps: int, router_batch: int, router_seq: int, prefix: int,

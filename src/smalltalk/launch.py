@@ -24,7 +24,8 @@ from smalltalk.layout import RunLayout
 
 # The `smalltalk` verbs that run a stage of a run as one job; each reads RUN/config.json.
 STAGE_VERBS = {"data": ["data", "prepare"], "routers": ["routers", "train"], "partition": ["partition"],
-               "experts": ["experts", "train"], "dense": ["dense", "train"], "eval": ["eval"]}
+               "experts": ["experts", "train"],
+               "refine": ["routers", "refine"], "dense": ["dense", "train"], "eval": ["eval"]}
 IN_PARTS = ("data", "partition")  # stages run as P part jobs + a merge
 LAUNCHABLE = tuple(STAGE_VERBS)
 

@@ -17,7 +17,7 @@ import torch
 from smalltalk.data.tokenizer import encode_text
 from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import write_json
+from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout, manifest_of
 from smalltalk.model import quiet_transformers
 from smalltalk.routing.assignment import argmax_assignment
@@ -50,6 +50,10 @@ def write_mixture_manifest(run: RunLayout) -> dict | None:
         "routers_sha256": checksum, "routing_dtype": partition.get("dtype", "float32"),
         "expert_dirs": [run.expert_model_rel(k) for k in range(experts)],
     }
+    refined = manifest_of(run.routers_refined)
+    if refined.is_file() and read_json(refined).get("refined_from") == checksum:  # routing/refine.py
+        manifest.update({"routers": _rel(run, run.routers_refined), "routers_sha256": routers_checksum(
+            run.routers_refined), "refined": True, "partition_routers_sha256": checksum})
     write_json(run.mixture_file, manifest)
     return manifest
 
@@ -59,8 +63,8 @@ def _rel(run: RunLayout, path: Path) -> str:
 
 
 def _check_routers(routers_dir: Path, manifest: dict) -> None:
-    """The routers a mixture routes with must be the ones its partition was made with (mixture.json keeps
-    their checksum): otherwise prompts go to experts by another rule than their training data did."""
+    """The routers a mixture routes with must be the ones its partition was made with, or their refinement
+    (mixture.json keeps their checksum): otherwise prompts go to experts by another rule than intended."""
     recorded = manifest.get("routers_sha256")
     if recorded is None:  # a mixture written before the checksum was recorded
         return

@@ -130,6 +130,9 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
     }
     for row in results["sweep"]:  # routers trained on M tokens: scoring more is outside what they learned
         row["extrapolated"] = row["prefix"] > mixture.prefix
+    if mixture.manifest.get("refined"):  # routed by routers refined from the experts (routing/refine.py)
+        refined = read_json(manifest_of(run.routers_refined))
+        results["refine"] = {**refined["refine"], "heldout": refined["heldout"]}
     if ec.score_all_experts:
         results["expert_x_domain"] = tally.expert_x_domain(data.domain_names)
     if data_dir != run.data:
@@ -219,6 +222,12 @@ def format_results(results: dict) -> str:
         ep = results["epochs"]
         lines.append("epochs over their data: experts " + ", ".join(f"{e:.2f}" for e in ep["experts"]) + "; "
                      + ", ".join(f"{k} {v:.2f}" for k, v in ep.items() if k != "experts"))
+    heldout = results.get("refine", {}).get("heldout")
+    if heldout:
+        lines.append(f"routers refined from the experts: agreement with the experts' own choice "
+                     f"{heldout['agreement_before']:.1%} -> {heldout['agreement_after']:.1%}, ppl "
+                     f"{heldout['ppl_before']:.2f} -> {heldout['ppl_after']:.2f} (experts' choice "
+                     f"{heldout['ppl_experts_choice']:.2f}; {heldout['sequences']} validation sequences)")
     inf = flops["inference"]
     timing = results.get("timing")
     lines.append(f"inference FLOPs/sequence: expert {inf['expert']:.3e} + routing {inf['routing']:.3e} "

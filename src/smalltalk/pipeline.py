@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from smalltalk.config import ADDED_LATER, Config, save_config
+from smalltalk.config import ADDED_LATER, SECTIONS_ADDED_LATER, Config, save_config
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import remove_stale_temps, write_json
 from smalltalk.layout import RunLayout, manifest_of
@@ -50,6 +50,14 @@ def _experts(cfg: Config, run: RunLayout) -> None:
     from smalltalk.experts import train_all_experts
 
     train_all_experts(cfg, run, cfg.experts.parallel)
+
+
+def _refine(cfg: Config, run: RunLayout) -> None:
+    """Off unless refine.sequences > 0: a no-op that records the digest."""
+    if cfg.refine.sequences:
+        from smalltalk.routing.refine import refine_routers
+
+        refine_routers(cfg, run)
 
 
 def _dense(cfg: Config, run: RunLayout) -> None:
@@ -107,7 +115,8 @@ class Stage:
 _DATA = ("data", "tokenizer")
 _ROUTING = (*_DATA, "routing")
 _EXPERTS = (*_ROUTING, "model", "train")
-_EVAL = (*_EXPERTS, "dense", "eval")
+_REFINE = (*_EXPERTS, "refine")
+_EVAL = (*_REFINE, "dense", "eval")
 
 STAGES: tuple[Stage, ...] = (
     Stage("tokenizer", _tokenizer, lambda cfg, run: manifest_of(run.tokenizer).is_file(), _DATA),
@@ -115,7 +124,9 @@ STAGES: tuple[Stage, ...] = (
     Stage("routers", _routers, lambda cfg, run: manifest_of(run.routers).is_file(), _ROUTING),
     Stage("partition", _partition, lambda cfg, run: manifest_of(run.partition).is_file(), _ROUTING),
     Stage("experts", _experts, _experts_done, _EXPERTS),
-    Stage("dense", _dense, _dense_done, (*_EXPERTS, "dense")),
+    Stage("refine", _refine, lambda cfg, run: not cfg.refine.sequences or manifest_of(run.routers_refined).is_file(),
+          _REFINE),
+    Stage("dense", _dense, _dense_done, (*_REFINE, "dense")),  # matched in full: refinement's FLOPs count
     Stage("eval", _eval, lambda cfg, run: run.results_file(run.eval).is_file(), _EVAL),
     Stage("report", _report, lambda cfg, run: run.report_md.is_file(), _EVAL),
     Stage("sft", _sft, lambda cfg, run: not cfg.sft.enabled or run.sft.results.is_file(), (*_EVAL, "sft")),
@@ -131,6 +142,9 @@ def stage_config(cfg: Config, stage: Stage) -> dict:
     """The part of the config a stage's output depends on: what its digest hashes."""
     full = dataclasses.asdict(cfg)
     picked = {k: full[k] for k in stage.sections}
+    for section in SECTIONS_ADDED_LATER:
+        if section in picked and picked[section] == dataclasses.asdict(type(getattr(cfg, section))()):
+            picked.pop(section)
     for section in picked:
         for key in ADDED_LATER.get(section, ()):
             if picked[section][key] == ADDED_LATER[section][key]:

@@ -50,7 +50,7 @@ def run_status(run: RunLayout) -> dict:
     for name, directory in {"tokenizer": run.tokenizer, "data": run.data, "routers": run.routers,
                             "partition": run.partition}.items():
         out["stages"][name] = "done" if manifest_of(directory).is_file() else "pending"
-    for name in STAGE_NAMES[STAGE_NAMES.index("dense"):]:
+    for name in STAGE_NAMES[STAGE_NAMES.index("refine"):]:
         out["stages"][name] = "done" if name in stages else "pending"
     experts = run.num_experts() if manifest_of(run.partition).is_file() else 0
     out["experts"] = [expert_status(run, k, target) for k in range(experts)]

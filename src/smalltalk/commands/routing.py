@@ -1,4 +1,4 @@
-"""Routing verbs: `routers train`, `routers compare`, `partition`."""
+"""Routing verbs: `routers train`, `routers refine`, `routers compare`, `partition`."""
 
 from __future__ import annotations
 
@@ -32,6 +32,18 @@ def cmd_routers_train(args: argparse.Namespace) -> None:
     out = path_or(args.out, run.routers)
     manifest = train_routers(cfg, path_or(args.data, run.data), out)
     print(f"routers: {manifest['method']}, {manifest['experts']} experts, prefix {manifest['prefix']} -> {out}")
+
+
+def cmd_routers_refine(args: argparse.Namespace) -> None:
+    from smalltalk.routing.refine import refine_routers
+
+    cfg, run = load(args)
+    if args.sequences is not None:
+        cfg.refine.sequences = args.sequences
+    if not cfg.refine.sequences:
+        raise SmalltalkError("refine.sequences is 0 (refinement off)", fix="pass --sequences N or --set "
+                             "refine.sequences=N: training sequences to relabel by the experts' own choice")
+    refine_routers(cfg, run)
 
 
 def cmd_partition(args: argparse.Namespace) -> None:
@@ -85,6 +97,12 @@ def register(sub) -> None:
     p.add_argument("--chunk", type=int, help="N: sequences per EM round")
     p.add_argument("--parallel", type=int, help="router jobs at once within a round")
     p.set_defaults(func=cmd_routers_train)
+
+    p = routers.add_parser("refine", help="fine-tune the trained routers on the experts' own choices (after the "
+                           "experts; a departure from the paper): RUN/routers-refined, then mixture.json uses them")
+    add_common(p)
+    p.add_argument("--sequences", type=int, help="training sequences to relabel (default refine.sequences)")
+    p.set_defaults(func=cmd_routers_refine)
 
     p = routers.add_parser("compare", help="NMI / purity of routers against domain labels")
     p.add_argument("routers", nargs="+", help="router directories")

@@ -29,6 +29,11 @@ class RunLayout:
         return self.root / "routers"
 
     @property
+    def routers_refined(self) -> Path:
+        """The routers fine-tuned on the experts' own choices (refine.sequences > 0; routing/refine.py)."""
+        return self.root / "routers-refined"
+
+    @property
     def partition(self) -> Path:
         return self.root / "partition"
 
@@ -47,8 +52,13 @@ class RunLayout:
         """Expert `index`'s model directory relative to the run (mixture.json stores relative paths)."""
         return str(TrainFiles(self.expert(index)).model.relative_to(self.root))
 
-    def router_model_rel(self, name: str) -> str:
-        return str(RouterFiles(self.routers).router(name).model.relative_to(self.root))
+    def router_model_rel(self, name: str, routers: Path | None = None) -> str:
+        """Router `name`'s model directory relative to the run, in `routers` (default RUN/routers)."""
+        return str(RouterFiles(routers or self.routers).router(name).model.relative_to(self.root))
+
+    def mixture_routers(self) -> Path:
+        """The routers the mixture routes with: RUN/routers, or RUN/routers-refined after refinement."""
+        return self.inside(self.mixture()["routers"], "'routers'") if self.has_mixture() else self.routers
 
     @property
     def dense(self) -> Path:
