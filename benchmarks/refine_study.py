@@ -41,7 +41,8 @@ def study_one(run: Path, root: Path, sequences: int, passes: float) -> dict | No
     refined = json.loads(manifest.read_text())
     experts = sum(json.loads((fork / rel).parent.joinpath("train_manifest.json").read_text())["training_flops"]
                   ["exact"] for rel in json.loads((fork / "mixture.json").read_text())["expert_dirs"])
-    return {"run": str(run), "sequences": sequences, "passes": passes, **refined["heldout"],
+    return {**refined["heldout"], "heldout_sequences": refined["heldout"]["sequences"], "run": str(run),
+            "sequences": sequences, "passes": passes,
             "refine_flops_share": refined["flops"]["exact"]["total"] / experts,
             "labelled": refined["refine"]["labelled"]}
 
