@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_serve import PROMPTS  # noqa: E402
 
-from smalltalk.mixture import SmallTalkMixture  # noqa: E402
+from smalltalk.mixture.model import SmallTalkMixture  # noqa: E402
 from smalltalk.serving.batching import BatchedEngine  # noqa: E402
 
 

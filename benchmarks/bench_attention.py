@@ -1,4 +1,4 @@
-"""Block-causal attention (causal_attention.py) against PyTorch's CPU kernel, alone and in a training step.
+"""Block-causal attention (training/cpu/attention.py) against PyTorch's CPU kernel, alone and in a training step.
 
 1. Attention alone, forward + backward, at each preset's shape (batch x heads x T x head dim, q/k/v and
    the output laid out as the training forward has them): PyTorch's `scaled_dot_product_attention` and
@@ -21,11 +21,11 @@ import time
 import torch
 import torch.nn.functional as F
 
-from smalltalk import training_forward
-from smalltalk.causal_attention import causal_attention
 from smalltalk.config import ModelConfig
-from smalltalk.host_memory import keep_freed_memory
 from smalltalk.model import build_model, resolve_spec
+from smalltalk.training import forward as training_forward
+from smalltalk.training.cpu.attention import causal_attention
+from smalltalk.training.host_memory import keep_freed_memory
 
 
 def pytorch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from smalltalk.data.shards import SplitData
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 
 
 def main() -> int:

@@ -23,11 +23,11 @@ import torch.nn.functional as F
 
 from smalltalk.config import ModelConfig
 from smalltalk.flops import forward_flops, measure_matmul_peak
-from smalltalk.host_memory import keep_freed_memory
 from smalltalk.model import build_model, resolve_spec
 from smalltalk.routing.assignment import balanced_assignment
 from smalltalk.routing.routers import LMRouters
 from smalltalk.routing.scoring import default_workers
+from smalltalk.training.host_memory import keep_freed_memory
 
 CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus10"
 
@@ -104,7 +104,7 @@ def bench_prompt(run: Path, repeats: int = 41) -> None:
     """Routing one prompt (M tokens, all E routers) vs one expert forward over a whole test sequence, on a
     trained mixture: the per-router loop and the grouped forward (routing/grouped.py), interleaved."""
     from smalltalk.data.shards import SplitData
-    from smalltalk.mixture import SmallTalkMixture
+    from smalltalk.mixture.model import SmallTalkMixture
 
     mixture = SmallTalkMixture.from_pretrained(run, device="cpu")
     x = SplitData(run / "data", "test").batch(np.arange(1))

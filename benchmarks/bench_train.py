@@ -24,7 +24,7 @@ from smalltalk.data.shards import SplitData
 from smalltalk.flops import measure_matmul_peak
 from smalltalk.fsutil import write_json
 from smalltalk.model import count_params, resolve_spec
-from smalltalk.train import TrainJob, train
+from smalltalk.training.trainer import TrainJob, train
 
 
 def random_data(directory: Path, sequences: int, seq_len: int, vocab: int) -> SplitData:

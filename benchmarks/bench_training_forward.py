@@ -20,7 +20,7 @@ import torch
 
 from smalltalk.config import ModelConfig
 from smalltalk.model import build_model, resolve_spec
-from smalltalk.training_forward import causal_lm_loss
+from smalltalk.training.forward import causal_lm_loss
 
 
 def _timed(step, device: torch.device) -> float:

@@ -42,9 +42,9 @@ import torch.nn.functional as F
 
 from smalltalk.config import ModelConfig, TrainConfig
 from smalltalk.data.shards import SplitData
-from smalltalk.host_memory import keep_freed_memory
 from smalltalk.model import ModelSpec, build_model, count_params, resolve_spec
-from smalltalk.train import TrainJob, train
+from smalltalk.training.host_memory import keep_freed_memory
+from smalltalk.training.trainer import TrainJob, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_train import random_data  # noqa: E402

@@ -18,9 +18,9 @@ from pathlib import Path
 
 from smalltalk.cli import main as smalltalk
 from smalltalk.data.shards import SplitData
-from smalltalk.elastic import compare_mixtures, read_mixture
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout
+from smalltalk.mixture.elastic import compare_mixtures, read_mixture
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -91,7 +91,7 @@ torchrun_partition() {
 serving() {
   "$PY" -c "
 import threading
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.batching import BatchedEngine
 from smalltalk.serving.serial import SerialEngine
 mixture = SmallTalkMixture.from_pretrained('$TMP/run', '$DEVICE')

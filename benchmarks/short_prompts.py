@@ -18,8 +18,8 @@ import numpy as np
 
 from smalltalk.data.shards import SplitData
 from smalltalk.layout import RunLayout
-from smalltalk.mixture import SmallTalkMixture
-from smalltalk.mixture_tally import batch_nll
+from smalltalk.mixture.model import SmallTalkMixture
+from smalltalk.mixture.tally import batch_nll
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import score_split
 

@@ -16,7 +16,7 @@ from smalltalk.config import load_config
 from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
 from smalltalk.layout import RunLayout
-from smalltalk.mixture import SmallTalkMixture, write_mixture_manifest
+from smalltalk.mixture.model import SmallTalkMixture, write_mixture_manifest
 from smalltalk.serving.protocol import Validator
 from smalltalk.sft.job import routing_ids
 from smalltalk.sft.template import CHAT_TEMPLATE, encode

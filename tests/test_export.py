@@ -1,4 +1,4 @@
-"""`smalltalk export` (export.py): a self-contained mixture that loads elsewhere with the same outputs."""
+"""`smalltalk export` (mixture/export.py): a self-contained mixture that loads elsewhere with the same outputs."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from smalltalk.data.shards import SplitData
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 
 from .conftest import cli
 
@@ -29,7 +29,7 @@ def test_export_loads_in_a_fresh_process_with_the_same_logits(pipeline_run, tmp_
     np.save(tmp_path / "tokens.npy", tokens)
     script = (
         "import sys, numpy as np, torch\n"
-        "from smalltalk.mixture import SmallTalkMixture\n"
+        "from smalltalk.mixture.model import SmallTalkMixture\n"
         f"m = SmallTalkMixture.from_pretrained({str(out)!r})\n"
         f"x = np.load({str(tmp_path / 'tokens.npy')!r})\n"
         "nll, chosen = m.score(x, 16)\n"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from smalltalk.pipeline import STAGE_NAMES
+from smalltalk.run.pipeline import STAGE_NAMES
 
 from .conftest import ROOT, TINY_CONFIG
 

@@ -11,11 +11,11 @@ import sys
 
 import pytest
 
-from smalltalk.host_memory import keep_freed_memory
+from smalltalk.training.host_memory import keep_freed_memory
 
 STEP = """
 import resource, sys, torch
-from smalltalk.host_memory import keep_freed_memory, return_free_memory
+from smalltalk.training.host_memory import keep_freed_memory, return_free_memory
 mode, size, count = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 if mode != "default":
     assert keep_freed_memory()

@@ -1,4 +1,4 @@
-"""SmallTalkMixture (mixture.py) and `smalltalk generate`: route by argmax of router scores, run one expert."""
+"""SmallTalkMixture (mixture/model.py) and `smalltalk generate`: route by argmax of router scores, run one expert."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from smalltalk.data.shards import SplitData
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 
 from .conftest import cli, hf_prefix_loglik, router_model_dirs
 

@@ -1,4 +1,4 @@
-"""`smalltalk run` (pipeline.py): the STAGES table, resuming, config digests, RUN/config.json."""
+"""`smalltalk run` (run/pipeline.py): the STAGES table, resuming, config digests, RUN/config.json."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import json
 import pytest
 
 from smalltalk.config import load_config
-from smalltalk.launch import LAUNCHABLE
 from smalltalk.layout import RunLayout
-from smalltalk.pipeline import STAGE_NAMES, STAGES, digest, stage_config
+from smalltalk.run.launch import LAUNCHABLE
+from smalltalk.run.pipeline import STAGE_NAMES, STAGES, digest, stage_config
 
 from .conftest import TINY_CONFIG, cli
 

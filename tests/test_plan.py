@@ -1,4 +1,4 @@
-"""`smalltalk plan` (plan.py): per-stage disk, host memory and GPU-hours of the paper's configs."""
+"""`smalltalk plan` (run/plan.py): per-stage disk, host memory and GPU-hours of the paper's configs."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from smalltalk.config import load_config
-from smalltalk.plan import ROUTER_MFU, resources
+from smalltalk.run.plan import ROUTER_MFU, resources
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -12,7 +12,7 @@ import pytest
 
 from smalltalk.errors import SmalltalkError
 from smalltalk.layout import RunLayout
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.routing.refine import expert_nll
 
 from .conftest import cli

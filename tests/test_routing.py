@@ -263,7 +263,7 @@ def test_em_levers_warm_start_distinct_init_and_share_passes(prepared_run, tmp_p
 def test_new_routing_levers_keep_old_digests():
     """A run made before the EM levers existed resumes: at their old behaviour they are not in the digest."""
     from smalltalk.config import load_config
-    from smalltalk.pipeline import STAGES, digest, stage_config
+    from smalltalk.run.pipeline import STAGES, digest, stage_config
 
     routers = next(s for s in STAGES if s.name == "routers")
     cfg = load_config(TINY_CONFIG)

@@ -21,8 +21,8 @@ import torch
 from smalltalk import fsutil
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_jsonl, remove_stale_temps, write_json, writer_tag
-from smalltalk.launch import slurm_script
 from smalltalk.layout import RunLayout
+from smalltalk.run.launch import slurm_script
 
 from .conftest import TINY_CONFIG, cli, write_jsonl
 
@@ -142,7 +142,7 @@ def test_status_resume_and_report_survive_a_torn_metrics_line(prepared_run, tmp_
     try:
         metrics.write_bytes(before + b'{"step": 99, "lo')
         assert cli("status", pipeline_run[0]) == 0
-        from smalltalk.report import training_curves
+        from smalltalk.mixture.report import training_curves
 
         assert training_curves(RunLayout(pipeline_run[0]))["expert 00"][-1]["step"] != 99
     finally:
@@ -162,7 +162,7 @@ def test_a_checkpoint_save_that_hits_a_full_disk_keeps_the_previous_one(prepared
     Was: a traceback."""
     from safetensors.torch import load_file
 
-    import smalltalk.checkpoint as checkpoint
+    import smalltalk.training.checkpoint as checkpoint
 
     every = ["--set", "train.checkpoint_every=2", "--set", "train.keep_checkpoints=3"]
     ref, out = tmp_path / "ref", tmp_path / "lm"
@@ -228,7 +228,7 @@ def test_export_and_sft_never_write_into_a_run(pipeline_run, instructions, tmp_p
         assert cli("sft", "--config", TINY_CONFIG, "--run", run, "--data", instructions, "--out", target) == 2
         assert "lies inside the run" in capsys.readouterr().err
     assert all(p.read_bytes() == data for p, data in snapshot.items())
-    from smalltalk.mixture import SmallTalkMixture
+    from smalltalk.mixture.model import SmallTalkMixture
 
     assert SmallTalkMixture.from_pretrained(run).num_experts == 3
 

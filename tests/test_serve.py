@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from smalltalk.data.shards import SplitData
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.protocol import chat_prompt
 
 from .conftest import ROOT

@@ -7,7 +7,7 @@ import time
 import httpx
 import pytest
 
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.batching import BatchedEngine
 from smalltalk.serving.protocol import Cancelled
 from smalltalk.serving.serial import SerialEngine

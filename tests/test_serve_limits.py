@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 import httpx
 import pytest
 
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 
 from .conftest import ROOT
 from .test_serve import _free_port, _start, prompts_per_expert

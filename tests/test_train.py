@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from smalltalk.config import TrainConfig
-from smalltalk.train import lr_factor
+from smalltalk.training.trainer import lr_factor
 
 from .conftest import ROOT, TINY_CONFIG, cli
 
@@ -42,9 +42,9 @@ def test_lr_schedules():
 def test_checkpoint_loads_with_automodel_and_same_logits(prepared_run, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from smalltalk.checkpoint import latest_checkpoint, load_checkpoint
     from smalltalk.config import ModelConfig
     from smalltalk.model import build_model, resolve_spec
+    from smalltalk.training.checkpoint import latest_checkpoint, load_checkpoint
 
     out = tmp_path / "lm"
     assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out) == 0
@@ -71,7 +71,7 @@ def test_eval_ppl_matches_direct_computation(prepared_run, tmp_path):
     from transformers import AutoModelForCausalLM
 
     from smalltalk.data.shards import SplitData
-    from smalltalk.evaluate import perplexity
+    from smalltalk.training.nll import perplexity
 
     out = tmp_path / "lm"
     assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, "--set", "train.steps=5") == 0
@@ -211,7 +211,7 @@ def test_sampler_is_a_cursor_over_a_seeded_order():
     restored cursor continues the same stream."""
     import numpy as np
 
-    from smalltalk.train import Sampler
+    from smalltalk.training.trainer import Sampler
 
     ids = np.arange(1000, 1037)
     a = Sampler(ids, 8, seed=3)

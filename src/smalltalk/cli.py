@@ -44,11 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from smalltalk.host_memory import keep_freed_memory
     from smalltalk.model import quiet_transformers
 
     quiet_transformers()  # our own bars say more
-    keep_freed_memory()  # glibc: reuse freed activations instead of page-faulting fresh ones (host_memory.py)
     try:
         args.func(args)
     except SmalltalkError as exc:

@@ -155,7 +155,7 @@ class ExpertsConfig:
 
 @dataclass
 class DenseConfig:
-    # Every dense model trains for a FLOPs budget (experts.py): `matched` for the mixture's whole budget
+    # Every dense model trains for a FLOPs budget (mixture/jobs.py): `matched` for the mixture's whole budget
     # (experts + routing), `matched-experts` for the experts' FLOPs only.
     match: str = "steps"  # spend the budget in more steps at the expert's batch; "batch": a larger batch (paper)
     experts_only: bool = True  # also train `matched-experts` (the paper's match, routing left out)

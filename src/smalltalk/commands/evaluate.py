@@ -12,7 +12,7 @@ from smalltalk.layout import RunLayout
 
 
 def cmd_eval_mixture(args: argparse.Namespace) -> None:
-    from smalltalk.mixture_eval import evaluate_run, format_results
+    from smalltalk.mixture.eval_stage import evaluate_run, format_results
 
     cfg, run = load(args)
     out = path_or(args.eval_out, run.eval_final if args.final else run.eval)
@@ -22,7 +22,7 @@ def cmd_eval_mixture(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
-    from smalltalk.evaluate import perplexity
+    from smalltalk.training.nll import perplexity
 
     result = perplexity(args.model, args.data, args.split, args.batch_size, args.device, args.first_target,
                         args.max_sequences)
@@ -30,7 +30,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_downstream(args: argparse.Namespace) -> None:
-    from smalltalk.lm_eval_model import evaluate_downstream
+    from smalltalk.mixture.lm_eval_adapter import evaluate_downstream
 
     results = evaluate_downstream(args.run, args.tasks, args.include_path, args.limit, args.device,
                                   args.num_fewshot)
@@ -42,7 +42,7 @@ def cmd_eval_downstream(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from smalltalk.report import write_report
+    from smalltalk.mixture.report import write_report
 
     print(f"report -> {write_report(RunLayout(Path(args.run_dir)))}")
 

@@ -10,8 +10,9 @@ from smalltalk.layout import DENSE_KINDS
 
 
 def cmd_experts_train(args: argparse.Namespace) -> None:
-    from smalltalk.experts import train_all_experts, train_expert
-    from smalltalk.mixture import write_mixture_manifest
+    from smalltalk.mixture.jobs import train_expert
+    from smalltalk.mixture.model import write_mixture_manifest
+    from smalltalk.run.launch import train_all_experts
 
     cfg, run = load(args)
     if args.all:
@@ -31,7 +32,7 @@ def cmd_experts_train(args: argparse.Namespace) -> None:
 def cmd_experts_add(args: argparse.Namespace) -> None:
 
     from smalltalk.data.shards import SplitData
-    from smalltalk.elastic import add_expert, read_mixture, routing_shift
+    from smalltalk.mixture.elastic import add_expert, read_mixture, routing_shift
 
     cfg, run = load(args)  # the run's own config.json: same tokenizer, presets
     before = read_mixture(run)
@@ -50,7 +51,7 @@ def cmd_experts_add(args: argparse.Namespace) -> None:
 
 
 def cmd_experts_remove(args: argparse.Namespace) -> None:
-    from smalltalk.elastic import remove_expert
+    from smalltalk.mixture.elastic import remove_expert
 
     _, run = load(args)
     removed = remove_expert(run, args.expert, args.delete)
@@ -60,7 +61,7 @@ def cmd_experts_remove(args: argparse.Namespace) -> None:
 
 
 def cmd_experts_data(args: argparse.Namespace) -> None:
-    from smalltalk.experts import write_expert_data
+    from smalltalk.mixture.jobs import write_expert_data
 
     cfg, run = load(args)
     for path in write_expert_data(cfg, run, args.expert):
@@ -69,7 +70,7 @@ def cmd_experts_data(args: argparse.Namespace) -> None:
 
 
 def cmd_dense_train(args: argparse.Namespace) -> None:
-    from smalltalk.experts import dense_kinds, train_dense
+    from smalltalk.mixture.jobs import dense_kinds, train_dense
 
     cfg, run = load(args)
     if args.match:
@@ -83,7 +84,7 @@ def cmd_dense_train(args: argparse.Namespace) -> None:
 def cmd_train_lm(args: argparse.Namespace) -> None:
     from smalltalk.data.shards import SplitData
     from smalltalk.model import resolve_spec
-    from smalltalk.train import TrainJob, train
+    from smalltalk.training.trainer import TrainJob, train
 
     cfg, run = load(args)
     data = SplitData(path_or(args.data, run.data), "train")

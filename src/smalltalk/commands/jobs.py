@@ -5,12 +5,12 @@ from __future__ import annotations
 import argparse
 
 from smalltalk.commands.common import add_common, load
-from smalltalk.launch import LAUNCHABLE
 from smalltalk.layout import RunLayout
+from smalltalk.run.launch import LAUNCHABLE
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from smalltalk.pipeline import run_pipeline
+    from smalltalk.run.pipeline import run_pipeline
 
     cfg, run = load(args)
     run_pipeline(cfg, run)
@@ -18,7 +18,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_plan(args: argparse.Namespace) -> None:
-    from smalltalk.plan import GPU_PEAKS, ROUTER_MFU, format_plan, plan, resources
+    from smalltalk.run.plan import GPU_PEAKS, ROUTER_MFU, format_plan, plan, resources
 
     cfg, _ = load(args)
     peak = (GPU_PEAKS.get(args.gpu.lower()) if args.gpu else None) or args.peak_flops
@@ -28,7 +28,7 @@ def cmd_plan(args: argparse.Namespace) -> None:
 
 def cmd_launch(args: argparse.Namespace) -> None:
     from smalltalk.errors import SmalltalkError
-    from smalltalk.launch import (
+    from smalltalk.run.launch import (
         IN_PARTS,
         launch_experts_local,
         parts_local,
@@ -72,7 +72,7 @@ def cmd_status(args: argparse.Namespace) -> None:
     import time
     from pathlib import Path
 
-    from smalltalk.status import format_status, run_status
+    from smalltalk.run.status import format_status, run_status
 
     while True:
         status = run_status(RunLayout(Path(args.run_dir)))

@@ -11,7 +11,7 @@ from smalltalk.layout import RunLayout
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from smalltalk.export import export_mixture
+    from smalltalk.mixture.export import export_mixture
 
     print(f"exported -> {export_mixture(RunLayout(Path(args.run)), Path(args.out), args.force)}")
 
@@ -20,7 +20,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     import torch
     from transformers import TextStreamer
 
-    from smalltalk.mixture import SmallTalkMixture
+    from smalltalk.mixture.model import SmallTalkMixture
 
     prompt = Path(args.file).read_text() if args.file else args.prompt
     if not prompt:

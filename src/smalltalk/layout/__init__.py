@@ -15,7 +15,7 @@
   RUN/added/NN/         data/: the prepared documents of an elastic pair (`experts add`); pending.json while
                         it trains (mixture.json changes only once the pair is done)
 
-A training output (train.py): model/ (HF), checkpoints/step_NNNNNNNN/, metrics.jsonl, train_manifest.json.
+A training output (training/trainer.py): model/ (HF), checkpoints/step_NNNNNNNN/, metrics.jsonl, train_manifest.json.
 An artifact directory is complete when its manifest exists: it is written last, atomically.
 
 artifacts.py names the files inside one artifact directory; run.py where the directories lie in a run.

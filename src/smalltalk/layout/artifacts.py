@@ -17,7 +17,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 HF_CONFIG = "config.json"  # what marks a directory as an HF model
 CORPUS_STATS = "stats.json"  # `corpus demo` output
 MODEL_CARD = "README.md"  # of an exported mixture
-DENSE_KINDS = ("matched", "matched-experts", "bigger")  # RUN/dense/KIND (experts.py: what each is matched to)
+DENSE_KINDS = ("matched", "matched-experts", "bigger")  # RUN/dense/KIND (mixture/jobs.py: what each is matched to)
 REPORT_PLOTS = {"loss": "loss_curves.png", "prefix": "ppl_vs_prefix.png", "loads": "expert_loads.png",
                 "domains_x_experts": "domain_expert_heatmap.png", "em": "em_curve.png",
                 "per_domain": "per_domain_ppl.png"}
@@ -143,6 +143,11 @@ class RouterFiles:
     @property
     def em_history(self) -> Path:
         return self.root / "em_history.json"
+
+    @property
+    def refine_labels(self) -> Path:
+        """Refinement's sample (routing/refine.py): the sequence ids and each one's lowest-loss expert."""
+        return self.root / "labels.npz"
 
     def round_share(self, r: int) -> Path:
         return self.root / "shares" / f"round_{r:03d}.npz"

@@ -39,7 +39,7 @@ def _train_router(args: tuple) -> dict:
     spec, train_cfg, data_dir, out_dir, ids, name, threads = args
     import torch
 
-    from smalltalk.train import TrainJob, train
+    from smalltalk.training.trainer import TrainJob, train
 
     if threads:
         torch.set_num_threads(threads)

@@ -28,14 +28,14 @@ import torch
 
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
-from smalltalk.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
-from smalltalk.host_memory import return_free_memory
 from smalltalk.layout import PartitionFiles, RunLayout, manifest_of, read_manifest
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, capacities, check_finite
 from smalltalk.routing.metrics import contingency, mix_from_table, quality_from_table
 from smalltalk.routing.routers import load_routers, routers_checksum, score_split
+from smalltalk.training.distributed import DistContext, init_distributed, resolve_device
+from smalltalk.training.host_memory import keep_freed_memory, return_free_memory
 
 _COPY_BLOCK = 1 << 20  # ids copied at once by the merge
 
@@ -72,6 +72,7 @@ def partition(job: PartitionJob, chunks: tuple[int, int] | None = None, merge: b
     """Score and assign chunks [I, J) (default: every chunk not in a finished part), then merge (default:
     only when no range was given; separate part jobs leave the merge to one `merge_partition`).
     Returns the final manifest, or the last part's."""
+    keep_freed_memory()  # tiny routers free and re-ask multi-MB activations every op (host_memory.py)
     merge = chunks is None if merge is None else merge
     data = SplitData(job.data_dir, "train")
     settings = _settings(job, read_manifest(job.routers_dir, "run `smalltalk routers train` first"), data)

@@ -8,7 +8,7 @@ fine-tuned on the prefixes labelled with its expert, with the same prefix next-t
 stay as they are; only inference routing changes: mixture.json then names RUN/routers-refined.
 
 Its cost is routing cost: the experts' forward passes over the sample and the fine-tuning count in the
-routing FLOPs (flops_report.py), so the dense model matched in full gets them too. The manifest's
+routing FLOPs (mixture/run_flops.py), so the dense model matched in full gets them too. The manifest's
 `heldout` figures, on validation sequences: how often the routers' argmax agrees with the experts' own
 choice before and after, and the mixture's perplexity routed by each and by the experts' choice (a bound no
 router reaches: it reads the whole sequence).
@@ -24,16 +24,16 @@ import numpy as np
 
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
-from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import forward_flops
 from smalltalk.fsutil import atomic_dir, atomic_file, read_json, write_json
 from smalltalk.layout import RouterFiles, RunLayout, TrainFiles, manifest_of
-from smalltalk.mixture import write_mixture_manifest
-from smalltalk.mixture_tally import batch_nll
+from smalltalk.mixture.model import write_mixture_manifest
+from smalltalk.mixture.tally import batch_nll
 from smalltalk.model import ModelSpec, spec_from_hf
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import LMRouters, routers_checksum, score_split
+from smalltalk.training.distributed import resolve_device
 
 
 def expert_nll(expert_dirs: list, data: SplitData, ids: np.ndarray, device, batch_size: int = 64) -> np.ndarray:
@@ -65,7 +65,7 @@ def refine_routers(cfg: Config, run: RunLayout) -> dict:
     device = resolve_device(rc.train.device)
     data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
     ids = data.sample(rf.sequences)
-    labels_path = out / "labels.npz"
+    labels_path = RouterFiles(out).refine_labels
     if labels_path.is_file():
         labels = np.load(labels_path)["labels"]
     else:
@@ -106,7 +106,7 @@ def _fine_tune(cfg: Config, run: RunLayout, spec: ModelSpec, data: SplitData, na
                prefix: int) -> dict:
     """Router `name` fine-tuned on the first `prefix` tokens of `ids` (its expert's choices), as EM trained
     it (routing.train); with no sequence, a copy of it."""
-    from smalltalk.train import TrainJob, train
+    from smalltalk.training.trainer import TrainJob, train
 
     rc, rf = cfg.routing, cfg.refine
     source, target = RouterFiles(run.routers).router(name), RouterFiles(run.routers_refined).router(name)

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache
 
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText
 from smalltalk.serving.protocol import Cancelled, RequestError, TextDecoder, Validator, route_on
 

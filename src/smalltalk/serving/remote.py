@@ -18,7 +18,7 @@ import httpx
 
 from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText, timed_route
 from smalltalk.serving.protocol import Cancelled, RequestError, Validator, route_on
 

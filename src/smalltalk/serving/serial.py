@@ -13,7 +13,7 @@ import threading
 import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText, timed_route
 from smalltalk.serving.protocol import Cancelled, TextDecoder, Validator, route_on
 

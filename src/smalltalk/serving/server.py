@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from smalltalk.errors import SmalltalkError
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import Engine
 
 ENGINES = ("batched", "serial", "openai")

@@ -25,16 +25,16 @@ from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
-from smalltalk.export import copy_routers
 from smalltalk.fsutil import atomic_dir, read_json, write_json
 from smalltalk.layout import RunLayout, SFTFiles, TrainFiles, manifest_of
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.export import copy_routers
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.model import spec_from_hf
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.sft.data import SFTData, pack_rows, write_rows
 from smalltalk.sft.examples import read_examples, split_files
 from smalltalk.sft.template import CHAT_TEMPLATE, encode
-from smalltalk.train import TrainJob, train
+from smalltalk.training.trainer import TrainJob, train
 
 
 def encode_split(tokenizer, examples: list[dict], seq_len: int) -> tuple[list, int]:

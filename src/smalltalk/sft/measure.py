@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from smalltalk.data.tokenizer import encode_text
-from smalltalk.evaluate import token_nll
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout, SFTFiles, TrainFiles
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.sft.data import IGNORE, pack_rows
 from smalltalk.sft.examples import read_examples, split_files
 from smalltalk.sft.job import encode_split, route, routing_ids
+from smalltalk.training.nll import token_nll
 
 
 @torch.inference_mode()

@@ -23,16 +23,17 @@ from transformers import AutoConfig
 
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
-from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import forward_flops
-from smalltalk.flops_report import ACCOUNTINGS, inference_flops, routing_overhead_flops
 from smalltalk.fsutil import read_json, sha256_file, write_json
 from smalltalk.layout import DENSE_KINDS, HF_CONFIG, RunLayout, TokenizerFiles, TrainFiles, manifest_of
-from smalltalk.mixture import SmallTalkMixture
-from smalltalk.mixture_tally import MixtureTally, batch_nll
+from smalltalk.mixture.model import SmallTalkMixture
+from smalltalk.mixture.run_flops import ACCOUNTINGS, inference_flops, routing_overhead_flops
+from smalltalk.mixture.tally import MixtureTally, batch_nll
 from smalltalk.model import spec_from_hf
 from smalltalk.routing.routers import score_split
+from smalltalk.training.distributed import resolve_device
+from smalltalk.training.host_memory import keep_freed_memory
 
 
 def _dense_models(run: RunLayout, device) -> dict:
@@ -67,7 +68,7 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
                  final: bool = False) -> dict:
     """The mixture vs the dense baselines on `data_dir` (default RUN/data; e.g. RUN/added/NN/data after
     `experts add`), written to `out_dir`/results.json (default RUN/eval). Streams over the split in
-    batches (mixture_tally.py): memory does not grow with the split. The split is eval.split (validation:
+    batches (mixture/tally.py): memory does not grow with the split. The split is eval.split (validation:
     what every choice is made on); `final` evaluates the test split instead, for the final table only."""
     ec = cfg.eval
     if final:
@@ -77,6 +78,7 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
                              "fitted to the test split", fix="evaluate on validation; for the final table run "
                              "`smalltalk eval --final --run RUN` once")
     device = resolve_device(ec.device)
+    keep_freed_memory()  # a batch pass: freed activations are reused, not page-faulted in (host_memory.py)
     mixture = SmallTalkMixture.from_pretrained(run.root, str(device), routing_workers=cfg.routing.score_workers,
                                                routing_batch=cfg.routing.score_batch_size)
     trained_here = manifest_of(run.partition).is_file()  # a run, not an exported or SFT mixture directory

@@ -6,10 +6,10 @@ import os
 import time
 from pathlib import Path
 
-from smalltalk.checkpoint import latest_checkpoint
 from smalltalk.fsutil import read_json, read_jsonl
 from smalltalk.layout import RunLayout, TrainFiles, manifest_of
-from smalltalk.pipeline import STAGE_NAMES
+from smalltalk.run.pipeline import STAGE_NAMES
+from smalltalk.training.checkpoint import latest_checkpoint
 
 
 def _last_metrics(path: Path) -> dict:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from smalltalk.config import Config
 from smalltalk.flops import forward_flops, training_flops
-from smalltalk.flops_report import paper_router_overhead
+from smalltalk.mixture.run_flops import paper_router_overhead
 from smalltalk.model import count_params, resolve_spec
 
 GPU_PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12}  # dense bf16 FLOP/s

@@ -13,7 +13,7 @@ silu's output and the product). The backward pass recomputes the rest per chunk,
 
 RMSNorm weights are folded into the next weights by the caller. On GPUs, under autocast and for other
 dtypes the plain expressions run (there chunks would only add kernel launches); both paths
-give the same values and gradients (tests/test_training_forward.py).
+give the same values and gradients (tests/test_forward.py).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from smalltalk.rms_norm import inverse_rms, normalize, normalize_backward
+from smalltalk.training.cpu.rms_norm import inverse_rms, normalize, normalize_backward
 
 CHUNK_BYTES = 1 << 21  # a chunk's widest activation in float32: 2 MB, an L2's worth
 
@@ -71,7 +71,7 @@ class _AttentionInput(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, eps: float, weight: torch.Tensor, heads: int, kv: int,
                 turns: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         b, t, _ = x.shape
-        # [B, T, N, D] views of [B, N, T, D] memory: attention reads q, k, v per head (causal_attention.py)
+        # [B, T, N, D] views of [B, N, T, D] memory: attention reads q, k, v per head (training/cpu/attention.py)
         q, k, v = (x.new_empty(b, n, t, weight.shape[0] // (heads + 2 * kv)).transpose(1, 2) for n in (heads, kv, kv))
         rstd = inverse_rms(x, eps)
         for r in _sequence_chunks(b, t, weight.shape[0]):

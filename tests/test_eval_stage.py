@@ -1,4 +1,4 @@
-"""`smalltalk eval` (mixture_eval.py): perplexities on the right tokens, top-k ensembles."""
+"""`smalltalk eval` (mixture/eval_stage.py): perplexities on the right tokens, top-k ensembles."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 
 from smalltalk.config import load_config
 from smalltalk.data.shards import SplitData
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 
 from .conftest import TINY_CONFIG, cli
 
@@ -52,7 +52,7 @@ def test_streaming_tables_match_whole_matrices(pipeline_run, tmp_path):
     any batch size, and only the experts a table uses are run."""
     import torch
 
-    from smalltalk.evaluate import token_nll
+    from smalltalk.training.nll import token_nll
 
     run = pipeline_run[0]
     assert cli("eval", "--run", run, "--out", tmp_path / "b5", "--set", "eval.batch_size=5",

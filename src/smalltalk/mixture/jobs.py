@@ -16,14 +16,14 @@ import dataclasses
 import math
 from pathlib import Path
 
-from smalltalk.config import Config, ModelConfig, save_config
+from smalltalk.config import Config, ModelConfig
 from smalltalk.data.shards import SplitData, write_subset
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import training_flops
 from smalltalk.layout import DENSE_KINDS, RunLayout, manifest_of
 from smalltalk.model import ModelSpec, count_params, resolve_spec
 from smalltalk.routing.partition import load_share
-from smalltalk.train import TrainJob, train
+from smalltalk.training.trainer import TrainJob, train
 
 
 def train_expert(cfg: Config, run: RunLayout, index: int, resume: bool = True) -> dict:
@@ -56,27 +56,6 @@ def write_expert_data(cfg: Config, run: RunLayout, experts: list[int] | None = N
         write_subset(data, load_share(run.partition, k), run.expert_data(k), val, val_ids)
         written.append(run.expert_data(k))
     return written
-
-
-def train_all_experts(cfg: Config, run: RunLayout, parallel: int) -> dict:
-    """Every expert as its own `smalltalk experts train --expert K` process, `parallel` at a time (threads
-    split evenly: two 1-thread jobs beat one 2-thread job by ~1/3 on 2 cores). The children read
-    RUN/config.json, written here. A failed expert does not stop the others and a rerun re-attaches or
-    resumes; once all are done, returns mixture.json."""
-    from smalltalk.launch import launch_experts_local
-    from smalltalk.mixture import write_mixture_manifest
-
-    save_config(cfg, run.config_file)
-    if cfg.experts.materialize:
-        missing = [k for k in range(run.num_experts()) if not manifest_of(run.expert_data(k)).is_file()]
-        write_expert_data(cfg, run, missing)
-    records = launch_experts_local(run, cfg.train.steps, parallel)
-    failed = [k for k, r in enumerate(records) if r["state"] != "done"]
-    if failed:
-        raise SmalltalkError(f"experts {failed} failed", where=str(run.jobs),
-                             fix="read `smalltalk status RUN` and RUN/jobs/experts-NN.log, fix, and rerun "
-                                 "(finished experts are kept)")
-    return write_mixture_manifest(run)
 
 
 def dense_kinds(cfg: Config) -> list[str]:
@@ -144,6 +123,6 @@ def experts_training_flops(run: RunLayout, accounting: str = "exact") -> float:
 
 def mixture_training_flops(run: RunLayout, accounting: str = "exact") -> float:
     """Experts' training FLOPs plus the routing overhead (router EM + scoring): the mixture's whole budget."""
-    from smalltalk.flops_report import routing_overhead_flops
+    from smalltalk.mixture.run_flops import routing_overhead_flops
 
     return experts_training_flops(run, accounting) + routing_overhead_flops(run, accounting)["total"]

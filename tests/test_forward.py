@@ -6,12 +6,14 @@ import json
 import pytest
 import torch
 
-from smalltalk import causal_attention, chunked_sublayers, linear_cross_entropy
-from smalltalk.chunked_sublayers import rotary
 from smalltalk.config import ModelConfig
 from smalltalk.model import build_model, resolve_spec
-from smalltalk.rms_norm import normalize
-from smalltalk.training_forward import TrainingForward, causal_lm_loss, covers
+from smalltalk.training import linear_cross_entropy
+from smalltalk.training.cpu import attention as causal_attention
+from smalltalk.training.cpu import sublayers as chunked_sublayers
+from smalltalk.training.cpu.rms_norm import normalize
+from smalltalk.training.cpu.sublayers import rotary
+from smalltalk.training.forward import TrainingForward, causal_lm_loss, covers
 
 from .conftest import TINY_CONFIG, cli
 

@@ -15,13 +15,13 @@ import numpy as np
 import torch
 
 from smalltalk.data.tokenizer import encode_text
-from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout, manifest_of
 from smalltalk.model import quiet_transformers
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import LMRouters, load_routers, routers_checksum
+from smalltalk.training.distributed import resolve_device
 
 
 def write_mixture_manifest(run: RunLayout) -> dict | None:
@@ -162,7 +162,7 @@ class SmallTalkMixture:
     @torch.inference_mode()
     def score(self, input_ids, prefix_len: int | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Per-token NLL [B, S-1] of each row under its routed expert, and the chosen experts."""
-        from smalltalk.evaluate import token_nll
+        from smalltalk.training.nll import token_nll
 
         ids = torch.as_tensor(np.atleast_2d(np.asarray(input_ids)), dtype=torch.long)
         chosen, _ = self.route(ids, prefix_len)

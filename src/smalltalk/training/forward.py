@@ -11,10 +11,10 @@ What HF's general-purpose forward does that training on our models pays for, and
   one autograd function with a hand-derived backward (rms_norm.py), and the weight rides on the next
   matmul's weight (`W (w ⊙ n) = (W diag w) n`: a weight-sized multiply instead of an activation-sized one).
 - On CPU each half of a layer (norm, q/k/v and RoPE; norm, SwiGLU and the residual) runs as one autograd
-  function over cache-sized chunks of rows (chunked_sublayers.py): elementwise kernels over DRAM-sized
+  function over cache-sized chunks of rows (training/cpu/sublayers.py): elementwise kernels over DRAM-sized
   activations cost three times what they cost in cache. The residual adds ride on the matmuls.
 - Causal attention on CPU, for sequences up to 8 × head dim, is batched matmuls over blocks of query rows
-  with the probabilities kept (causal_attention.py): PyTorch's CPU flash kernel runs at a quarter of the
+  with the probabilities kept (training/cpu/attention.py): PyTorch's CPU flash kernel runs at a quarter of the
   matmuls' FLOP/s on these shapes.
 - The loss copies the logits to shift them: here the last position is simply not projected, and the
   projection and cross-entropy run in chunks (linear_cross_entropy.py: the full logits never exist).
@@ -34,10 +34,10 @@ import functools
 import torch
 import torch.nn.functional as F
 
-from smalltalk.causal_attention import causal_attention
-from smalltalk.chunked_sublayers import attention_input, mlp_sublayer
-from smalltalk.linear_cross_entropy import linear_cross_entropy
-from smalltalk.rms_norm import normalize
+from smalltalk.training.cpu.attention import causal_attention
+from smalltalk.training.cpu.rms_norm import normalize
+from smalltalk.training.cpu.sublayers import attention_input, mlp_sublayer
+from smalltalk.training.linear_cross_entropy import linear_cross_entropy
 
 
 def pair_order(heads: int, head_dim: int, device: torch.device) -> torch.Tensor:

@@ -20,19 +20,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smalltalk.checkpoint import load_latest_good, save_checkpoint
 from smalltalk.config import TrainConfig
 from smalltalk.data.order import SequenceOrder
 from smalltalk.data.shards import SplitData
-from smalltalk.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.errors import SmalltalkError
-from smalltalk.evaluate import sequence_nll
 from smalltalk.flops import measure_matmul_peak, training_flops
 from smalltalk.fsutil import atomic_dir, atomic_file, read_jsonl, write_json
-from smalltalk.host_memory import keep_freed_memory
 from smalltalk.layout import WEIGHTS, TrainFiles
 from smalltalk.model import ModelSpec, build_model, count_params
-from smalltalk.training_forward import TrainingForward
+from smalltalk.training.checkpoint import load_latest_good, save_checkpoint
+from smalltalk.training.distributed import DistContext, init_distributed, resolve_device
+from smalltalk.training.forward import TrainingForward
+from smalltalk.training.host_memory import keep_freed_memory
+from smalltalk.training.nll import sequence_nll
 
 
 class Sampler:

@@ -47,7 +47,7 @@ def _partition(cfg: Config, run: RunLayout) -> None:
 
 
 def _experts(cfg: Config, run: RunLayout) -> None:
-    from smalltalk.experts import train_all_experts
+    from smalltalk.run.launch import train_all_experts
 
     train_all_experts(cfg, run, cfg.experts.parallel)
 
@@ -61,20 +61,20 @@ def _refine(cfg: Config, run: RunLayout) -> None:
 
 
 def _dense(cfg: Config, run: RunLayout) -> None:
-    from smalltalk.experts import dense_kinds, train_dense
+    from smalltalk.mixture.jobs import dense_kinds, train_dense
 
     for kind in dense_kinds(cfg):
         train_dense(cfg, run, kind)
 
 
 def _eval(cfg: Config, run: RunLayout) -> None:
-    from smalltalk.mixture_eval import evaluate_run, format_results
+    from smalltalk.mixture.eval_stage import evaluate_run, format_results
 
     print(format_results(evaluate_run(cfg, run)))
 
 
 def _report(cfg: Config, run: RunLayout) -> None:
-    from smalltalk.report import write_report
+    from smalltalk.mixture.report import write_report
 
     print(write_report(run))
 
@@ -99,7 +99,7 @@ def _experts_done(cfg: Config, run: RunLayout) -> bool:
 
 
 def _dense_done(cfg: Config, run: RunLayout) -> bool:
-    from smalltalk.experts import dense_kinds
+    from smalltalk.mixture.jobs import dense_kinds
 
     return all(run.dense_summary(kind) is not None for kind in dense_kinds(cfg))
 

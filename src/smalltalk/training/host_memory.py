@@ -41,7 +41,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 def keep_freed_memory() -> bool:
     """Fix glibc's trim and mmap thresholds for this process; False where malloc is not glibc's.
-    Idempotent: the `smalltalk` command calls it at start-up and `train()` again for library users."""
+    Idempotent. Batch passes call it (`train()`, partition, the eval stage); a server does not: its
+    memory would stay at its peak for the life of the process."""
     libc = _glibc()
     if libc is None:
         return False

@@ -27,14 +27,14 @@ from smalltalk.data.ingest import resolve_inputs
 from smalltalk.data.prepare import prepare_data
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
-from smalltalk.evaluate import token_nll
 from smalltalk.fsutil import sha256_file, write_json
 from smalltalk.layout import RouterFiles, RunLayout, manifest_of
-from smalltalk.mixture import SmallTalkMixture
+from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.model import ModelSpec, resolve_spec
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import score_split
-from smalltalk.train import TrainJob, train
+from smalltalk.training.nll import token_nll
+from smalltalk.training.trainer import TrainJob, train
 
 
 def read_mixture(run: RunLayout) -> dict:

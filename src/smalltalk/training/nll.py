@@ -9,9 +9,9 @@ import numpy as np
 import torch
 
 from smalltalk.data.shards import SplitData
-from smalltalk.distributed import resolve_device
 from smalltalk.errors import SmalltalkError
 from smalltalk.layout import HF_CONFIG
+from smalltalk.training.distributed import resolve_device
 
 
 @torch.inference_mode()

@@ -183,7 +183,7 @@ def write_report(run: RunLayout) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from smalltalk.mixture_eval import format_results
+    from smalltalk.mixture.eval_stage import format_results
 
     with atomic_dir(run.report) as out:  # report.md is the stage's done-marker: all or nothing
         _write_report(run, out, plt, format_results)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from smalltalk.evaluate import token_nll
 from smalltalk.routing.assignment import argmax_assignment
+from smalltalk.training.nll import token_nll
 
 
 @dataclass

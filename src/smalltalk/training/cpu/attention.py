@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from smalltalk import chunked_sublayers
+from smalltalk.training.cpu import sublayers as chunked_sublayers
 
 QUERY_BLOCK = 64  # query rows per block: flash's own split at these lengths
 

@@ -73,14 +73,14 @@ def model_card(run: RunLayout, manifest: dict) -> str:
     lines = [f"# SmallTalk LM mixture: {run.root.name}", "",
              f"{manifest['experts']} experts routed by {manifest['method']} routers on the first "
              f"{manifest['prefix']} tokens (argmax of router log-likelihoods).", "",
-             "```python", "from smalltalk.mixture import SmallTalkMixture",
+             "```python", "from smalltalk.mixture.model import SmallTalkMixture",
              "mixture = SmallTalkMixture.from_pretrained('.')", "```", "",
              "Each `experts/NN/model` is a plain Hugging Face `LlamaForCausalLM`; `tokenizer/` loads with "
              "`AutoTokenizer`.", ""]
     final = run.results_file(run.eval_final)
     results = final if final.is_file() else run.results_file(run.eval)
     if results.is_file():
-        from smalltalk.mixture_eval import format_results
+        from smalltalk.mixture.eval_stage import format_results
 
         lines += ["## Evaluation of the training run", "", format_results(read_json(results)), ""]
     return "\n".join(lines) + "\n"

@@ -20,7 +20,7 @@ from pathlib import Path
 from smalltalk.config import Config, save_config
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json, write_json
-from smalltalk.layout import RunLayout
+from smalltalk.layout import RunLayout, manifest_of
 
 # The `smalltalk` verbs that run a stage of a run as one job; each reads RUN/config.json.
 STAGE_VERBS = {"data": ["data", "prepare"], "routers": ["routers", "train"], "partition": ["partition"],
@@ -186,3 +186,24 @@ def submit(script: Path, after: str | None = None) -> str:
     except subprocess.CalledProcessError as exc:
         raise SmalltalkError(f"sbatch failed: {exc.stderr.strip()}", where=str(script)) from None
     return out.stdout.strip()
+
+
+def train_all_experts(cfg: Config, run: RunLayout, parallel: int) -> dict:
+    """Every expert as its own `smalltalk experts train --expert K` process, `parallel` at a time (threads
+    split evenly: two 1-thread jobs beat one 2-thread job by ~1/3 on 2 cores). The children read
+    RUN/config.json, written here. A failed expert does not stop the others and a rerun re-attaches or
+    resumes; once all are done, returns mixture.json."""
+    from smalltalk.mixture.jobs import write_expert_data
+    from smalltalk.mixture.model import write_mixture_manifest
+
+    save_config(cfg, run.config_file)
+    if cfg.experts.materialize:
+        missing = [k for k in range(run.num_experts()) if not manifest_of(run.expert_data(k)).is_file()]
+        write_expert_data(cfg, run, missing)
+    records = launch_experts_local(run, cfg.train.steps, parallel)
+    failed = [k for k, r in enumerate(records) if r["state"] != "done"]
+    if failed:
+        raise SmalltalkError(f"experts {failed} failed", where=str(run.jobs),
+                             fix="read `smalltalk status RUN` and RUN/jobs/experts-NN.log, fix, and rerun "
+                                 "(finished experts are kept)")
+    return write_mixture_manifest(run)
