@@ -64,7 +64,7 @@ def attention_alone(spec, batch: int, seq: int, pairs: int) -> str:
 
 def training_step(spec, batch: int, seq: int, steps: int) -> str:
     model = build_model(spec, seq)
-    loss_of = training_forward.TrainingForward(model)
+    loss_of = training_forward.TrainingForward(model, "cpu-fused")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     ids = torch.randint(0, spec.vocab_size, (batch, seq))
 

@@ -13,8 +13,10 @@
 #                the texts they give alone (GPU kernels may round differently per batch size: counted),
 #                greedy texts equal HF generate's.
 #   7. sft:      `smalltalk sft` on the tiny run with the trainer on the GPU: jobs, dense baseline, results.
-#   8. forward:  training_forward's loss vs HF's forward on the GPU (paper-335m, bf16 autocast, eager):
-#                loss and gradient agreement, forward+backward time of each (~30 s).
+#   8. forward:  every training path training/paths.py can pick on the GPU (hf; liger when Liger-Kernel is
+#                installed) vs HF's own loss (paper-335m, bf16 autocast, eager): loss and gradient
+#                agreement, forward+backward time and tokens/s of each (~30 s). Section 1 trains by the
+#                path `auto` picks there (its train_manifest.json records which).
 # Usage: bash benchmarks/gpu_check.sh [PEAK_FLOPS]      (logs also under $OUT when that is set)
 # Dry run on a CPU machine: DEVICE=cpu DTYPE=float32 SKIP=train,scoring bash benchmarks/gpu_check.sh
 set -uo pipefail

@@ -4,11 +4,12 @@ Weights (*.safetensors), token and partition files (*.bin, *.npy, *.npz) must be
 JSONL must be equal once paths (anything naming either run's directory) and timings are dropped. Other files
 (plots, HTML, logs, checkpoints' pickled trainer state) are listed as not compared. Exit 1 on any difference.
 
-  python benchmarks/same_artifacts.py RUN_A RUN_B
+  python benchmarks/same_artifacts.py RUN_A RUN_B [--ignore KEY ...]   (KEY: a JSON key one side added)
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import sys
@@ -21,28 +22,28 @@ VOLATILE = {"seconds", "mb_per_s", "tokens_per_s", "mfu", "time", "started", "en
             "wall_s", "samples_per_s", "tok_s", "step_time"}
 
 
-def _clean(value, roots: tuple[str, ...]):
+def _clean(value, roots: tuple[str, ...], ignore: frozenset = frozenset()):
     if isinstance(value, dict):
-        return {k: _clean(v, roots) for k, v in value.items() if k not in VOLATILE}
+        return {k: _clean(v, roots, ignore) for k, v in value.items() if k not in VOLATILE | ignore}
     if isinstance(value, list):
-        return [_clean(v, roots) for v in value]
+        return [_clean(v, roots, ignore) for v in value]
     if isinstance(value, str) and any(r in value for r in roots):
         return "<path>"
     return value
 
 
-def _structured(path: Path, roots: tuple[str, ...]):
+def _structured(path: Path, roots: tuple[str, ...], ignore: frozenset):
     text = path.read_text()
     rows = [json.loads(line) for line in text.splitlines() if line.strip()] if path.suffix == ".jsonl" \
         else [json.loads(text)]
-    return [_clean(r, roots) for r in rows]
+    return [_clean(r, roots, ignore) for r in rows]
 
 
 def _digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def compare(a: Path, b: Path) -> tuple[list[str], int, int]:
+def compare(a: Path, b: Path, ignore: frozenset = frozenset()) -> tuple[list[str], int, int]:
     """(differences, files compared, files not compared)."""
     roots = tuple(str(p) for r in (a, b) for p in {r, r.resolve()})
     files_a = {p.relative_to(a) for p in a.rglob("*") if p.is_file() and "tensorboard" not in p.parts}
@@ -54,7 +55,7 @@ def compare(a: Path, b: Path) -> tuple[list[str], int, int]:
         if rel.suffix in BYTES:
             same = _digest(a / rel) == _digest(b / rel)
         elif rel.suffix in STRUCTURED:
-            same = _structured(a / rel, roots) == _structured(b / rel, roots)
+            same = _structured(a / rel, roots, ignore) == _structured(b / rel, roots, ignore)
         else:
             skipped += 1
             continue
@@ -65,12 +66,15 @@ def compare(a: Path, b: Path) -> tuple[list[str], int, int]:
 
 
 def main() -> int:
-    if len(sys.argv) != 3:
-        print(__doc__)
-        return 2
-    differences, compared, skipped = compare(Path(sys.argv[1]), Path(sys.argv[2]))
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("a", type=Path)
+    ap.add_argument("b", type=Path)
+    ap.add_argument("--ignore", nargs="*", default=[], help="JSON keys to drop as well (say which in a report)")
+    args = ap.parse_args()
+    differences, compared, skipped = compare(args.a, args.b, frozenset(args.ignore))
     print("\n".join(differences) if differences else "same artifacts")
-    print(f"{compared} files compared, {skipped} not compared (plots, HTML, logs, pickled trainer state)")
+    print(f"{compared} files compared, {skipped} not compared (plots, HTML, logs, pickled trainer state)"
+          + (f"; keys ignored: {', '.join(args.ignore)}" if args.ignore else ""))
     return 1 if differences else 0
 
 

@@ -1,4 +1,5 @@
-"""The trainer's fast forward: HF's loss and gradients, its fallback, and torch.compile on CPU."""
+"""The training forward paths: which one a job runs (training/paths.py), each giving HF's loss and gradients,
+and torch.compile on CPU."""
 
 import dataclasses
 import json
@@ -7,13 +8,15 @@ import pytest
 import torch
 
 from smalltalk.config import ModelConfig
+from smalltalk.errors import SmalltalkError
 from smalltalk.model import build_model, resolve_spec
 from smalltalk.training import linear_cross_entropy
 from smalltalk.training.cpu import attention as causal_attention
 from smalltalk.training.cpu import sublayers as chunked_sublayers
 from smalltalk.training.cpu.rms_norm import normalize
 from smalltalk.training.cpu.sublayers import rotary
-from smalltalk.training.forward import TrainingForward, causal_lm_loss, covers
+from smalltalk.training.forward import TrainingForward, causal_lm_loss
+from smalltalk.training.paths import choose_forward, covers
 
 from .conftest import TINY_CONFIG, cli
 
@@ -132,13 +135,46 @@ def test_linear_cross_entropy_equals_pytorchs_over_chunks(autocast, monkeypatch)
     assert linear_cross_entropy.chunk_rows(50, h.device) == 64  # three chunks: 64 + 64 + 22
 
 
+def test_the_path_is_chosen_once_from_device_and_model():
+    """auto: the CPU kernels on CPU only; Liger-Kernel on CUDA when installed, else HF's forward; HF's for a
+    model the fused paths do not cover. A named path that cannot run there is an error."""
+    model, cpu, cuda = _model(), torch.device("cpu"), torch.device("cuda")
+    assert choose_forward("auto", cpu, model, liger=True).path == "cpu-fused"
+    assert choose_forward("auto", cuda, model, liger=False).path == "hf"
+    assert choose_forward("auto", cuda, model, liger=True).path == "liger"
+    assert choose_forward("auto", torch.device("mps"), model, liger=True).path == "hf"
+    assert choose_forward("hf", cpu, model).path == "hf"
+    for asked, device in (("cpu-fused", cuda), ("liger", cpu), ("fast", cpu)):
+        with pytest.raises(SmalltalkError):
+            choose_forward(asked, device, model, liger=True)
+    model.config.attention_bias = True  # as a loaded checkpoint with q/k/v biases would say
+    assert not covers(model) and choose_forward("auto", cpu, model).path == "hf"
+    with pytest.raises(SmalltalkError, match="does not cover"):
+        choose_forward("cpu-fused", cpu, model)
+
+
+@pytest.mark.parametrize("kv_heads", [None, 2])
+def test_the_hf_path_gives_hfs_loss_and_gradients(kv_heads):
+    """`hf` (what a GPU without Liger runs): HF's body, the head and loss in chunks: HF's loss and gradients."""
+    torch.manual_seed(0)
+    model = _model(kv_heads)
+    ids = torch.randint(0, 256, (3, 48))
+    labels = ids.clone()
+    labels[0, :7] = -100
+    ref_loss, ref_grads = _loss_and_grads(model, lambda: model(input_ids=ids, labels=labels).loss)
+    loss, grads = _loss_and_grads(model, lambda: TrainingForward(model, "hf")(ids, labels))
+    assert loss.item() == pytest.approx(ref_loss.item(), rel=1e-5)
+    for a, b in zip(ref_grads, grads, strict=True):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
+
+
 def test_a_model_it_does_not_cover_trains_through_hfs_forward():
     model = _model()
-    model.config.attention_bias = True  # as a loaded checkpoint with q/k/v biases would say
-    step = TrainingForward(model)
+    model.config.attention_bias = True
+    step = TrainingForward(model, choose_forward("auto", torch.device("cpu"), model).path)
     ids = torch.randint(0, 256, (2, 48))
-    assert not covers(model) and not step.fast
-    assert torch.equal(step(ids, ids), model(input_ids=ids, labels=ids).loss)
+    assert step.path == "hf"
+    assert torch.allclose(step(ids, ids), model(input_ids=ids, labels=ids).loss, rtol=1e-5)
 
 
 @pytest.mark.slow

@@ -76,6 +76,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     dtype: str = "float32"  # "float32" or "bfloat16" (autocast)
     compile: bool = False
+    forward: str = "auto"  # the training path: auto, cpu-fused, hf or liger (training/paths.py decides auto)
     checkpoint_every: int = 0  # 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
@@ -135,7 +136,7 @@ ADDED_LATER = {"routing": {"router_init": "shared", "init_split": "random", "sha
 
 @dataclass
 class RefineConfig:
-    """Router refinement from the experts (routing/refine.py): a departure from the paper, off at 0."""
+    """Router refinement from the experts (mixture/refine.py): a departure from the paper, off at 0."""
 
     sequences: int = 0  # training sequences relabelled by the expert with the lowest loss; 0: off (the paper)
     passes: float = 1.0  # fine-tuning passes of each router over the prefixes labelled with its expert
@@ -235,6 +236,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _checked(_build(Config, raw, prefix="", source=source), source)
 
 
+FORWARDS = ("auto", "cpu-fused", "hf", "liger")  # training paths; training/paths.py decides `auto`
 ROUTING_METHODS = ("em", "tfidf", "random", "oracle")  # routing/methods.py has a trainer for each
 
 
@@ -258,6 +260,10 @@ def _checked(cfg: Config, source: str) -> Config:
         raise SmalltalkError(f"sft.route_on={cfg.sft.route_on!r}, sft.replay={cfg.sft.replay}, sft.epochs="
                              f"{cfg.sft.epochs}", where=source,
                              fix="route_on: prompt or user_text; replay in [0, 10]; epochs > 0")
+    for key, train_cfg in (("train", cfg.train), ("routing.train", cfg.routing.train)):
+        if train_cfg.forward not in FORWARDS:
+            raise SmalltalkError(f"{key}.forward={train_cfg.forward!r}", where=source,
+                                 fix=f"use one of {', '.join(FORWARDS)} (training/paths.py)")
     rf = cfg.refine
     if rf.sequences < 0 or rf.passes <= 0 or rf.heldout_sequences < 0 or (rf.lr is not None and rf.lr <= 0):
         raise SmalltalkError(f"refine.sequences={rf.sequences}, refine.passes={rf.passes}, refine.lr={rf.lr}, "

@@ -30,7 +30,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_downstream(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.lm_eval_adapter import evaluate_downstream
+    from smalltalk.mixture.lm_harness import evaluate_downstream
 
     results = evaluate_downstream(args.run, args.tasks, args.include_path, args.limit, args.device,
                                   args.num_fewshot)

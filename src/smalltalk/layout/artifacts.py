@@ -146,7 +146,7 @@ class RouterFiles:
 
     @property
     def refine_labels(self) -> Path:
-        """Refinement's sample (routing/refine.py): the sequence ids and each one's lowest-loss expert."""
+        """Refinement's sample (mixture/refine.py): the sequence ids and each one's lowest-loss expert."""
         return self.root / "labels.npz"
 
     def round_share(self, r: int) -> Path:

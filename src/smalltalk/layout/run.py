@@ -30,7 +30,7 @@ class RunLayout:
 
     @property
     def routers_refined(self) -> Path:
-        """The routers fine-tuned on the experts' own choices (refine.sequences > 0; routing/refine.py)."""
+        """The routers fine-tuned on the experts' own choices (refine.sequences > 0; mixture/refine.py)."""
         return self.root / "routers-refined"
 
     @property

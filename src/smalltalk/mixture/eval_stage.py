@@ -132,7 +132,7 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
     }
     for row in results["sweep"]:  # routers trained on M tokens: scoring more is outside what they learned
         row["extrapolated"] = row["prefix"] > mixture.prefix
-    if mixture.manifest.get("refined"):  # routed by routers refined from the experts (routing/refine.py)
+    if mixture.manifest.get("refined"):  # routed by routers refined from the experts (mixture/refine.py)
         refined = read_json(manifest_of(run.routers_refined))
         results["refine"] = {**refined["refine"], "heldout": refined["heldout"]}
     if ec.score_all_experts:

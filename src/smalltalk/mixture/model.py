@@ -51,7 +51,7 @@ def write_mixture_manifest(run: RunLayout) -> dict | None:
         "expert_dirs": [run.expert_model_rel(k) for k in range(experts)],
     }
     refined = manifest_of(run.routers_refined)
-    if refined.is_file() and read_json(refined).get("refined_from") == checksum:  # routing/refine.py
+    if refined.is_file() and read_json(refined).get("refined_from") == checksum:  # mixture/refine.py
         manifest.update({"routers": _rel(run, run.routers_refined), "routers_sha256": routers_checksum(
             run.routers_refined), "refined": True, "partition_routers_sha256": checksum})
     write_json(run.mixture_file, manifest)

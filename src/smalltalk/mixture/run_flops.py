@@ -1,7 +1,7 @@
 """FLOPs of a whole SmallTalk run: routing overhead, experts, dense baselines, inference per sequence.
 
 Routing overhead = router training (EM) + scoring the fresh EM chunks + scoring every training sequence
-for the partition + refining the routers from the experts (routing/refine.py), when done. Held-out
+for the partition + refining the routers from the experts (mixture/refine.py), when done. Held-out
 diagnostics computed during EM and refinement are not counted (they are optional).
 """
 

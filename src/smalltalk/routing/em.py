@@ -51,8 +51,14 @@ def _settings(cfg: Config, spec: ModelSpec, data: SplitData) -> dict:
     rc = cfg.routing
     levers = {k: getattr(rc, k) for k, old in ADDED_LATER["routing"].items() if getattr(rc, k) != old}
     return {"experts": rc.experts, "prefix": rc.prefix, "rounds": rc.rounds, "chunk": rc.chunk, "seed": rc.seed,
-            "router": dataclasses.asdict(spec), "train": dataclasses.asdict(rc.train), **levers,
+            "router": dataclasses.asdict(spec), "train": _train_settings(rc.train), **levers,
             "data_sha256": data.manifest["splits"]["train"]["sha256"]}
+
+
+def _train_settings(train_cfg) -> dict:
+    """routing.train as EM's state records it; the forward path (how fast, not what) is left out, so EM
+    state written before `forward` existed still resumes."""
+    return {k: v for k, v in dataclasses.asdict(train_cfg).items() if k != "forward"}
 
 
 def train_em_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:

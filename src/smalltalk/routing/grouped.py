@@ -13,6 +13,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from smalltalk.training.linear_cross_entropy import chunked_logprobs
+
 
 def groupable(models: list) -> bool:
     """True when every model is an HF Llama with one and the same shape (stackable weights)."""
@@ -113,13 +115,7 @@ class GroupedRouters:
         hidden = self.hidden(input_ids).view(self.num_experts, batch, length, -1)[:, :, :-1]
         hidden = hidden.reshape(self.num_experts, batch * (length - 1), -1)
         targets = input_ids[:, 1:].reshape(-1)
-        out = torch.empty(self.num_experts, hidden.shape[1], dtype=torch.float32, device=hidden.device)
         head = self.head.to(hidden.dtype).transpose(1, 2)
         block_rows = max(16, block_logits // (self.num_experts * head.shape[-1]))
-        for start in range(0, hidden.shape[1], block_rows):
-            logits = torch.bmm(hidden[:, start:start + block_rows], head).float()  # [E, rows, V]
-            rows = logits.shape[1]
-            out[:, start:start + rows] = -F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), targets[start:start + rows].repeat(self.num_experts),
-                reduction="none").view(self.num_experts, rows)
+        out = chunked_logprobs(hidden, head, targets, block_rows)  # [E, rows]
         return out.view(self.num_experts, batch, length - 1).sum(dim=2).T

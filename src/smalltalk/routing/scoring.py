@@ -15,7 +15,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from smalltalk.training.linear_cross_entropy import chunked_logprobs
 
 # Logits per LM-head block and intra-op thread. On CPU 256k fp32 logits (1 MB) stay in a core's L2
 # between the matmul that writes them and the cross-entropy that reads them: at V = 1k and d = 48, one
@@ -34,9 +35,9 @@ def head_block_rows(vocab_size: int, device: torch.device) -> int:
 def prefix_loglik(model, input_ids: torch.Tensor, body=None) -> torch.Tensor:
     """[B] float32 summed log-likelihood of tokens 2..M of each row given their past.
 
-    Per LM-head block, -cross_entropy(logits, target) = logit[target] - logsumexp(logits) in one fused
-    kernel (2x faster than the two ops on CPU); the full [B, M, V] logits are never held. `body` may be
-    a compiled `model.model`.
+    Per LM-head block (training/linear_cross_entropy.chunked_logprobs), -cross_entropy(logits, target) =
+    logit[target] - logsumexp(logits) in one fused kernel (2x faster than the two ops on CPU); the full
+    [B, M, V] logits are never held. `body` may be a compiled `model.model`.
     """
     batch, length = input_ids.shape
     body = body if body is not None else model.model
@@ -44,11 +45,7 @@ def prefix_loglik(model, input_ids: torch.Tensor, body=None) -> torch.Tensor:
     hidden = hidden.reshape(-1, hidden.shape[-1])
     targets = input_ids[:, 1:].reshape(-1)
     weight = model.lm_head.weight
-    rows = head_block_rows(weight.shape[0], hidden.device)
-    out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
-    for start in range(0, hidden.shape[0], rows):
-        logits = (hidden[start:start + rows] @ weight.T).float()
-        out[start:start + rows] = -F.cross_entropy(logits, targets[start:start + rows], reduction="none")
+    out = chunked_logprobs(hidden, weight.T, targets, head_block_rows(weight.shape[0], hidden.device))
     return out.view(batch, length - 1).sum(dim=1)
 
 

@@ -55,7 +55,7 @@ def _experts(cfg: Config, run: RunLayout) -> None:
 def _refine(cfg: Config, run: RunLayout) -> None:
     """Off unless refine.sequences > 0: a no-op that records the digest."""
     if cfg.refine.sequences:
-        from smalltalk.routing.refine import refine_routers
+        from smalltalk.mixture.refine import refine_routers
 
         refine_routers(cfg, run)
 
@@ -134,8 +134,9 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 
 # Settings that change how fast a stage runs, never what it produces: left out of the digest.
-_VOLATILE = {"train": ("num_threads", "progress", "device", "tensorboard"),
-             "routing.train": ("num_threads", "progress", "device", "tensorboard"), "routing": ("parallel",)}
+_VOLATILE = {"train": ("num_threads", "progress", "device", "tensorboard", "forward"),
+             "routing.train": ("num_threads", "progress", "device", "tensorboard", "forward"),
+             "routing": ("parallel",)}
 
 
 def stage_config(cfg: Config, stage: Stage) -> dict:

@@ -9,6 +9,7 @@ as text arrives (streaming) and raising Cancelled once req["cancel"] is set (the
 from __future__ import annotations
 
 import abc
+import threading
 import time
 from collections.abc import Callable
 
@@ -46,9 +47,19 @@ class Engine(abc.ABC):
         """Stop background work (the batching loop, HTTP clients)."""
 
 
-def timed_route(mixture, route_ids) -> dict:
-    """One prompt's routing decision, as every response reports it."""
-    start = time.perf_counter()
-    chosen, scores = mixture.route(route_ids)
-    seconds = time.perf_counter() - start
-    return {"expert": int(chosen[0]), "scores": [float(s) for s in scores[0]], "routing_ms": seconds * 1e3}
+class RoutesEachPrompt(Engine):
+    """route() for engines that score each prompt on its own (serial, remote): under one lock, since the
+    routers' forward is shared, and counted in the metrics. The batched engine routes its queue in batches."""
+
+    def __init__(self, validator: Validator, mixture, max_queue: int = 256) -> None:
+        super().__init__(validator, max_queue)
+        self.mixture = mixture
+        self._route_lock = threading.Lock()
+
+    def route(self, req: dict) -> dict:
+        with self._route_lock:
+            start = time.perf_counter()
+            chosen, scores = self.mixture.route(req["route_ids"])
+            seconds = time.perf_counter() - start
+        self.metrics.routing_sum += seconds
+        return {"expert": int(chosen[0]), "scores": [float(s) for s in scores[0]], "routing_ms": seconds * 1e3}

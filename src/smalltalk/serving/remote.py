@@ -11,7 +11,6 @@ A backend that cannot be reached answers 503 for its expert's requests; the othe
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import httpx
@@ -19,7 +18,7 @@ import httpx
 from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
 from smalltalk.mixture.model import SmallTalkMixture
-from smalltalk.serving.engine import Engine, OnText, timed_route
+from smalltalk.serving.engine import OnText, RoutesEachPrompt
 from smalltalk.serving.protocol import Cancelled, RequestError, Validator, route_on
 
 
@@ -41,7 +40,7 @@ def parse_expert_urls(pairs: list[str], experts: int) -> dict[int, str]:
     return urls
 
 
-class RemoteEngine(Engine):
+class RemoteEngine(RoutesEachPrompt):
     def __init__(self, mixture: SmallTalkMixture, urls: dict[int, str], model_name: str, max_tokens_limit: int,
                  max_queue: int = 256, api_key: str | None = None, context: int | None = None) -> None:
         from transformers import AutoConfig
@@ -50,18 +49,11 @@ class RemoteEngine(Engine):
             context = AutoConfig.from_pretrained(str(mixture.root / mixture.manifest["expert_dirs"][0])) \
                 .max_position_embeddings
         super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit,
-                                   route_on(mixture)), max_queue)
-        self.mixture, self.urls = mixture, urls
+                                   route_on(mixture)), mixture, max_queue)
+        self.urls = urls
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.client = httpx.Client(headers=headers, timeout=httpx.Timeout(600.0, connect=5.0))
         self._names: dict[int, str] = {}
-        self._route_lock = threading.Lock()
-
-    def route(self, req: dict) -> dict:
-        with self._route_lock:
-            routing = timed_route(self.mixture, req["route_ids"])
-        self.metrics.routing_sum += routing["routing_ms"] / 1e3
-        return routing
 
     def _model_name(self, expert: int) -> str:
         """The id the backend serves (vLLM names a model after its path unless told otherwise)."""

@@ -14,7 +14,7 @@ import torch
 from transformers import StoppingCriteria, StoppingCriteriaList
 
 from smalltalk.mixture.model import SmallTalkMixture
-from smalltalk.serving.engine import Engine, OnText, timed_route
+from smalltalk.serving.engine import OnText, RoutesEachPrompt
 from smalltalk.serving.protocol import Cancelled, TextDecoder, Validator, route_on
 
 
@@ -49,20 +49,13 @@ class _TextSink:
             self.on_text(rest)
 
 
-class SerialEngine(Engine):
+class SerialEngine(RoutesEachPrompt):
     def __init__(self, mixture: SmallTalkMixture, model_name: str, max_tokens_limit: int,
                  max_queue: int = 256) -> None:
         context = mixture.expert(0).config.max_position_embeddings
         super().__init__(Validator(mixture.tokenizer, model_name, context, max_tokens_limit,
-                                   route_on(mixture)), max_queue)
-        self.mixture = mixture
-        self.lock = threading.Lock()
-
-    def route(self, req: dict) -> dict:
-        with self.lock:
-            routing = timed_route(self.mixture, req["route_ids"])
-        self.metrics.routing_sum += routing["routing_ms"] / 1e3
-        return routing
+                                   route_on(mixture)), mixture, max_queue)
+        self.lock = self._route_lock  # one request at a time: routing and generation share the lock
 
     def generate(self, req: dict, routing: dict, on_text: OnText = None) -> tuple[str, str, int]:
         cancel = req["cancel"]

@@ -23,8 +23,8 @@ Everything else (modules, parameter names, checkpoints, generation, scoring) sta
 `LlamaForCausalLM`: this is only the function `train()` differentiates, tested to give HF's loss and
 gradients. Under `torch.compile` on CPU the compiled graph calls the chunked functions eagerly (they beat
 Inductor's code there); elsewhere plain real-valued expressions are traced, for Inductor to fuse.
-A model this path does not cover (biases, another activation, sliding windows) trains through HF's own
-forward.
+Which path a job runs (this one only on CPU; HF's forward or Liger-Kernel's on GPUs) is decided once, in
+training/paths.py.
 """
 
 from __future__ import annotations
@@ -55,16 +55,6 @@ def pair_order(heads: int, head_dim: int, device: torch.device) -> torch.Tensor:
 # Eagerly once per shape and device, not per layer and step (on CUDA it would be a copy each time); a
 # compiled graph computes it in the graph instead (Dynamo does not trace through caches).
 _cached_pair_order = functools.cache(pair_order)
-
-
-def covers(model) -> bool:
-    """Whether `model` is a Llama this path computes exactly as HF's forward does."""
-    from transformers import LlamaForCausalLM
-
-    c = getattr(model, "config", None)
-    return (isinstance(model, LlamaForCausalLM) and not c.attention_bias and not getattr(c, "mlp_bias", False)
-            and c.hidden_act == "silu" and not c.attention_dropout and getattr(c, "pretraining_tp", 1) == 1
-            and getattr(c, "sliding_window", None) is None)
 
 
 def _qkv_weight(layer) -> torch.Tensor:
@@ -116,16 +106,39 @@ def causal_lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torc
     return linear_cross_entropy(h, model.lm_head.weight * base.norm.weight, labels[:, 1:].flatten())
 
 
-class TrainingForward(torch.nn.Module):
-    """What `train()` wraps in DDP / torch.compile: the loss of a batch, by the fast path when it covers
-    the model, else by HF's forward."""
+def hf_loss(model, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The `hf` path: HF's forward for the body (SDPA attention), the head and loss in chunks
+    (linear_cross_entropy: the [batch, T, vocab] logits never exist). A model without a Llama-style
+    `model` body and `lm_head` gets HF's own loss."""
+    body, head = getattr(model, "model", None), getattr(model, "lm_head", None)
+    if body is None or head is None or getattr(head, "bias", None) is not None:
+        return model(input_ids=input_ids, labels=labels).loss
+    hidden = body(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1].flatten(0, 1)
+    return linear_cross_entropy(hidden, head.weight, labels[:, 1:].flatten())
 
-    def __init__(self, model) -> None:
+
+def use_liger(model) -> None:
+    """The `liger` path: Liger-Kernel's RMSNorm, RoPE, SwiGLU and fused linear cross-entropy patched into
+    this Llama (its loss then comes from `model(input_ids, labels=...)` without the full logits)."""
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+
+    apply_liger_kernel_to_llama(rope=True, swiglu=True, rms_norm=True, cross_entropy=False,
+                                fused_linear_cross_entropy=True, model=model)
+
+
+class TrainingForward(torch.nn.Module):
+    """What `train()` wraps in DDP / torch.compile: the loss of a batch by the path training/paths.py
+    chose for the job ("cpu-fused", "hf" or "liger")."""
+
+    def __init__(self, model, path: str) -> None:
         super().__init__()
-        self.model = model
-        self.fast = covers(model)
+        self.model, self.path = model, path
+        if path == "liger":
+            use_liger(model)
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        if self.fast:
+        if self.path == "cpu-fused":
             return causal_lm_loss(self.model, input_ids, labels)
-        return self.model(input_ids=input_ids, labels=labels).loss
+        if self.path == "liger":
+            return self.model(input_ids=input_ids, labels=labels).loss
+        return hf_loss(self.model, input_ids, labels)

@@ -1,4 +1,6 @@
-"""The loss over the vocabulary without the full logits: the output projection and cross-entropy in chunks.
+"""The output projection and cross-entropy in chunks, so the full [rows, vocab] logits never exist: the
+training loss with its gradients (`linear_cross_entropy`) and the log-probabilities router scoring sums
+(`chunked_logprobs`), one place for both.
 
 `F.cross_entropy(h @ W.T, labels)` materialises four [rows, vocab] float32 tensors (logits, log-softmax,
 the zero-filled gradient NLL's backward scatters into, the gradient log-softmax's backward writes) and
@@ -77,3 +79,19 @@ def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Te
     if torch.compiler.is_compiling() or not (h.requires_grad or weight.requires_grad):
         return F.cross_entropy(F.linear(h, weight).float(), labels, ignore_index=-100)
     return _LinearCrossEntropy.apply(h, weight, labels)
+
+
+def chunked_logprobs(hidden: torch.Tensor, head: torch.Tensor, targets: torch.Tensor, block_rows: int) -> torch.Tensor:
+    """log p(target) of each row, float32, `block_rows` rows at a time: hidden [N, d] with head [d, V], or
+    E heads at once, hidden [E, N, d] with head [E, d, V] and the same N targets for every head ([E, N])."""
+    out = torch.empty(hidden.shape[:-1], dtype=torch.float32, device=hidden.device)
+    stacked = hidden.dim() == 3
+    for start in range(0, hidden.shape[-2], block_rows):
+        logits = (hidden[..., start:start + block_rows, :] @ head).float()  # [rows, V] or [E, rows, V]
+        rows = logits.shape[-2]
+        target = targets[start:start + rows]
+        if stacked:
+            target = target.repeat(hidden.shape[0])
+        out[..., start:start + rows] = -F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target,
+                                                        reduction="none").view(logits.shape[:-1])
+    return out

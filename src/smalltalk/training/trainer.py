@@ -1,7 +1,7 @@
 """One trainer for routers, experts and dense baselines.
 
 AdamW with warmup + cosine or warmup + constant LR, gradient accumulation, clipping, bf16 autocast and
-optional torch.compile, DDP under torchrun; the loss is training_forward's (HF's math in fewer kernels).
+optional torch.compile, DDP under torchrun; the loss by the forward path training/paths.py picks for the device.
 Checkpoints hold everything needed to continue bitwise-exactly: weights, optimizer, scheduler, RNG states
 and the data cursor.
 """
@@ -33,6 +33,7 @@ from smalltalk.training.distributed import DistContext, init_distributed, resolv
 from smalltalk.training.forward import TrainingForward
 from smalltalk.training.host_memory import keep_freed_memory
 from smalltalk.training.nll import sequence_nll
+from smalltalk.training.paths import choose_forward
 
 
 class Sampler:
@@ -222,7 +223,8 @@ def train(job: TrainJob, resume: bool = False) -> dict:
         for key, value in opt_state.items():
             if torch.is_tensor(value) and key != "step":
                 opt_state[key] = value.to(device)
-    runner = _wrap(model, cfg, dist, device)
+    forward = choose_forward(cfg.forward, device, model)  # the one decision of the training path
+    runner = _wrap(model, forward.path, cfg, dist, device)
     out_dir.mkdir(parents=True, exist_ok=True)
     metrics = _Metrics(out_dir, step, cfg.tensorboard, dist.is_main)
     step_flops = training_flops(job.spec, seq, global_batch, 1)
@@ -287,11 +289,11 @@ def train(job: TrainJob, resume: bool = False) -> dict:
     if cfg.record_consumed and dist.is_main:
         with atomic_file(TrainFiles(out_dir).consumed_ids) as tmp:
             np.save(tmp, sampler.consumed())
-    return _finish(job, model, step, tokens_seen, seq, global_batch, last_loss, dist)
+    return _finish(job, model, step, tokens_seen, seq, global_batch, last_loss, dist, forward.path)
 
 
 def _finish(job: TrainJob, model, step: int, tokens: int, seq: int, global_batch: int, loss: float,
-            dist: DistContext) -> dict:
+            dist: DistContext, forward: str) -> dict:
     """Write the final HF model dir and the manifest (rank 0), atomically."""
     files = TrainFiles(Path(job.out_dir))
     params = count_params(job.spec)
@@ -303,7 +305,7 @@ def _finish(job: TrainJob, model, step: int, tokens: int, seq: int, global_batch
                                                                          else len(job.data)),
         "training_flops": {"exact": training_flops(job.spec, seq, global_batch, step, "exact"),
                            "paper": training_flops(job.spec, seq, global_batch, step, "paper")},
-        "config": dataclasses.asdict(job.cfg), "data": str(job.data.dir),
+        "config": dataclasses.asdict(job.cfg), "data": str(job.data.dir), "forward": forward,
     }
     if dist.is_main:
         with atomic_dir(files.model) as tmp:
@@ -325,9 +327,10 @@ def _load_weights(model: torch.nn.Module, model_dir: Path) -> None:
     model.tie_weights()
 
 
-def _wrap(model, cfg: TrainConfig, dist: DistContext, device: torch.device):
-    """The loss function `train()` differentiates: training_forward's fast path, compiled / in DDP as asked."""
-    runner = TrainingForward(model)
+def _wrap(model, path: str, cfg: TrainConfig, dist: DistContext, device: torch.device):
+    """The loss function `train()` differentiates: the forward `path` (training/paths.py), compiled / in
+    DDP as asked."""
+    runner = TrainingForward(model, path)
     if cfg.compile:
         runner = torch.compile(runner)
     if dist.enabled:
