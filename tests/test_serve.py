@@ -286,7 +286,12 @@ def test_workers_serve_concurrently_and_metrics_sum_over_them(pipeline_run):
         assert all(a.choices[0].text is not None for a in answers)
         children = psutil.Process(proc.pid).children(recursive=True)
         assert len([c for c in children if "python" in c.name()]) >= 2
-        time.sleep(1.5)  # every worker has published its counters
+        total = 'smalltalk_requests_total{endpoint="completions",status="200"} 12'
+        deadline = time.time() + 20  # every worker publishes its counters each second (later on a loaded machine)
+        while time.time() < deadline and not all(x in httpx.get(f"{base}/metrics", timeout=5).text
+                                                 for x in ("smalltalk_workers 2", total)):
+            time.sleep(0.5)
+        time.sleep(1.5)  # both workers' snapshots are now at least as new as the total
         for _ in range(6):  # /metrics from whichever worker the kernel picks: the same total
             text = httpx.get(f"{base}/metrics", timeout=5).text
             assert "smalltalk_workers 2" in text

@@ -153,16 +153,18 @@ def test_every_openai_field_with_every_json_type_never_gives_a_5xx(server):
 
 
 @pytest.mark.parametrize("field,value,code", [
-    ("n", 3, "unsupported_field"), ("stop", ["\n"], "unsupported_field"), ("stop", "\n", "unsupported_field"),
     ("logprobs", 2, "unsupported_field"), ("echo", True, "unsupported_field"),
     ("logit_bias", {"5": 10}, "unsupported_field"), ("presence_penalty", 0.5, "unsupported_field"),
     ("best_of", 2, "unsupported_field"), ("response_format", {"type": "json_object"}, "unsupported_field"),
     ("tools", [{"type": "function"}], "unsupported_field"),
-    ("top_k", 5, "unknown_field"), ("n", True, "unsupported_field"),
+    ("top_k", 5, "unknown_field"), ("n", True, "invalid_request"), ("n", 0, "invalid_request"),
+    ("n", 65, "invalid_request"), ("stop", "", "invalid_request"),
+    ("stop", ["a", "b", "c", "d", "e"], "invalid_request"), ("stop", [1], "invalid_request"),
 ])
 def test_fields_we_do_not_implement_are_refused_never_dropped(server, field, value, code):
     """Was: `stop`, `n`, `logprobs`, `echo`, penalties... were silently dropped (200 with text past the stop
-    string, one choice, no logprobs). Now a 400 naming the field; at their "off" value they are accepted."""
+    string, one choice, no logprobs). Now a 400 naming the field (`stop` and `n` are implemented: a 400 for
+    a value outside their range); at their "off" value the others are accepted."""
     base, _ = server
     body = {"model": "smalltalk", "prompt": "xyz_ {} = 1", "max_tokens": 2, field: value}
     for endpoint in ("/v1/completions", "/v1/chat/completions"):

@@ -202,33 +202,55 @@ async def _read_body(request: Request, max_body_bytes: int, timeout: float) -> o
         raise RequestError(400, f"request body is not valid JSON: {exc}") from None
 
 
+def _choices(req: dict) -> list[dict]:
+    """The request's completions, in OpenAI's order (prompt by prompt, n samples each, sample i seeded
+    seed + i): each a request of its own for the engine, all sharing the client's cancel event."""
+    out = []
+    for p, prompt in enumerate(req["prompts"]):
+        for i in range(req["n"]):
+            seed = None if req["seed"] is None else req["seed"] + i
+            out.append({**req, **prompt, "seed": seed, "index": p * req["n"] + i, "prompt_index": p})
+    return out
+
+
 async def _answer(engine: Engine, request: Request, body: object, chat: bool, endpoint: str, deadline: float):
     started = time.perf_counter()
     req = await asyncio.to_thread(engine.validate, body, chat)  # tokenising off the event loop
     req["deadline"] = deadline
+    firsts = [{**req, **prompt} for prompt in req["prompts"]]  # each prompt is routed once, on its own
     try:
-        routing = await _until_disconnect(request, req, asyncio.to_thread(engine.route, req))
+        routings = await _until_disconnect(request, req, asyncio.gather(
+            *[asyncio.to_thread(engine.route, first) for first in firsts]))
     except Cancelled:
         raise ClientDisconnect() from None
-    engine.metrics.expert_requests[routing["expert"]] += 1
-    engine.metrics.prompt_tokens += int(req["ids"].shape[1])
+    for routing, first in zip(routings, firsts, strict=True):
+        engine.metrics.expert_requests[routing["expert"]] += 1
+        engine.metrics.prompt_tokens += int(first["ids"].shape[1])
+    choices = _choices(req)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
     if req["stream"]:
-        return StreamingResponse(_stream(engine, req, routing, rid, chat, started, endpoint),
+        return StreamingResponse(_stream(engine, req, choices, routings, rid, chat, started, endpoint),
                                  media_type="text/event-stream")
     try:
-        text, finish, n_new = await _until_disconnect(request, req, asyncio.to_thread(engine.generate, req, routing))
+        results = await _until_disconnect(request, req, asyncio.gather(
+            *[asyncio.to_thread(engine.generate, c, routings[c["prompt_index"]]) for c in choices]))
     except Cancelled:
         raise ClientDisconnect() from None
+    n_new = sum(r[2] for r in results)
     engine.metrics.finished(endpoint, n_new, time.perf_counter() - started)
-    choice = ({"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish} if chat
-              else {"index": 0, "text": text, "logprobs": None, "finish_reason": finish})
+    answers = []
+    for c, (text, finish, _) in zip(choices, results, strict=True):
+        answer = ({"index": c["index"], "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+                  if chat else {"index": c["index"], "text": text, "logprobs": None, "finish_reason": finish})
+        if len(routings) > 1:  # a batch of prompts: each choice says where its prompt went
+            answer["smalltalk"] = routings[c["prompt_index"]]
+        answers.append(answer)
     return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
-            "model": engine.model_name, "choices": [choice], "smalltalk": routing, "usage": _usage(req, n_new)}
+            "model": engine.model_name, "choices": answers, "smalltalk": routings[0], "usage": _usage(req, n_new)}
 
 
 def _usage(req: dict, n_new: int) -> dict:
-    prompt = int(req["ids"].shape[1])
+    prompt = sum(int(p["ids"].shape[1]) for p in req["prompts"])
     return {"prompt_tokens": prompt, "completion_tokens": n_new, "total_tokens": prompt + n_new}
 
 
@@ -251,31 +273,42 @@ async def _until_disconnect(request: Request, req: dict, work):
         raise
 
 
-async def _stream(engine: Engine, req: dict, routing: dict, rid: str, chat: bool, started: float, endpoint: str):
-    """Server-sent events: one chunk per decoded piece, then a final chunk with finish_reason, the usage
-    if stream_options.include_usage, then [DONE]. A failure after the first byte is sent as an error
-    event. If the client goes away, the response is cancelled here and so is its generation."""
+async def _stream(engine: Engine, req: dict, choices: list[dict], routings: list[dict], rid: str, chat: bool,
+                  started: float, endpoint: str):
+    """Server-sent events: one chunk per decoded piece of any choice (its `index` says which), a chunk with
+    its finish_reason as each choice ends, the usage if stream_options.include_usage, then [DONE]. A failure
+    after the first byte is sent as an error event. If the client goes away, the response is cancelled here
+    and so are its generations."""
     loop, pieces = asyncio.get_running_loop(), asyncio.Queue()
-    task = asyncio.ensure_future(asyncio.to_thread(
-        engine.generate, req, routing, lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, piece)))
-    task.add_done_callback(lambda _: pieces.put_nowait(None))
+
+    def start(c: dict):
+        task = asyncio.ensure_future(asyncio.to_thread(
+            engine.generate, c, routings[c["prompt_index"]],
+            lambda piece: loop.call_soon_threadsafe(pieces.put_nowait, (c["index"], piece))))
+        task.add_done_callback(lambda _: pieces.put_nowait((c["index"], None)))
+        return task
+
+    tasks = {c["index"]: start(c) for c in choices}
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(text: str | None, finish: str | None, **extra) -> str:
+    def chunk(index: int, text: str | None, finish: str | None, **extra) -> str:
         if chat:
-            choice = {"index": 0, "delta": {"content": text} if text is not None else {}, "finish_reason": finish}
+            choice = {"index": index, "delta": {"content": text} if text is not None else {}, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+        routing = routings[choices[index]["prompt_index"]] if index < len(choices) else routings[0]
         payload = {"id": rid, "object": kind, "created": int(time.time()), "model": engine.model_name,
                    "choices": [choice], "smalltalk": routing, **extra}
         return f"data: {json.dumps(payload)}\n\n"
 
     try:
         if chat:
-            yield chunk("", None)
-        while True:
+            for c in choices:
+                yield chunk(c["index"], "", None)
+        open_choices, n_new = set(tasks), 0
+        while open_choices:
             try:
-                piece = await asyncio.wait_for(pieces.get(), max(req["deadline"] - time.monotonic(), 0.001))
+                index, piece = await asyncio.wait_for(pieces.get(), max(req["deadline"] - time.monotonic(), 0.001))
             except asyncio.TimeoutError:
                 req["cancel"].set()
                 engine.metrics.requests[(endpoint, 504)] += 1
@@ -283,27 +316,30 @@ async def _stream(engine: Engine, req: dict, routing: dict, rid: str, chat: bool
                                     None, "request_timeout")
                 yield f"data: {json.dumps(_error_body(late))}\n\n"
                 return
-            if piece is None:
-                break
-            yield chunk(piece, None)
-        try:
-            _, finish, n_new = await task
-        except Cancelled:
-            return  # the client left (or the deadline passed): nobody to tell
-        except Exception as exc:  # noqa: BLE001 - after the first byte an error can only be an event
-            if not isinstance(exc, RequestError):
-                traceback.print_exc(file=sys.stderr)
-                exc = RequestError(500, f"internal error: {type(exc).__name__}", None, "internal_error")
-            engine.metrics.requests[(endpoint, exc.status)] += 1
-            yield f"data: {json.dumps(_error_body(exc))}\n\n"
-            return
+            if piece is not None:
+                yield chunk(index, piece, None)
+                continue
+            open_choices.discard(index)
+            try:
+                _, finish, count = await tasks[index]
+            except Cancelled:
+                return  # the client left (or the deadline passed): nobody to tell
+            except Exception as exc:  # noqa: BLE001 - after the first byte an error can only be an event
+                if not isinstance(exc, RequestError):
+                    traceback.print_exc(file=sys.stderr)
+                    exc = RequestError(500, f"internal error: {type(exc).__name__}", None, "internal_error")
+                engine.metrics.requests[(endpoint, exc.status)] += 1
+                yield f"data: {json.dumps(_error_body(exc))}\n\n"
+                return
+            n_new += count
+            yield chunk(index, None, finish)
         engine.metrics.finished(endpoint, n_new, time.perf_counter() - started)
-        yield chunk(None, finish)
         if req["include_usage"]:
             yield f"data: {json.dumps({'id': rid, 'object': kind, 'choices': [], 'usage': _usage(req, n_new)})}\n\n"
         yield "data: [DONE]\n\n"
     finally:  # normal end, or the client went away (the response task is cancelled)
         req["cancel"].set()
         engine.in_flight -= 1
-        if not task.done():
-            task.add_done_callback(lambda t: t.exception())  # a Cancelled generation: nothing to report
+        for task in tasks.values():
+            if not task.done():
+                task.add_done_callback(lambda t: t.exception())  # a Cancelled generation: nothing to report

@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText
-from smalltalk.serving.protocol import Cancelled, RequestError, TextDecoder, Validator, route_on
+from smalltalk.serving.protocol import Cancelled, RequestError, StopText, TextDecoder, Validator, route_on
 
 
 @dataclass
@@ -41,6 +41,7 @@ class _Row:
     on_text: OnText
     decoder: TextDecoder
     generator: torch.Generator
+    stops: StopText | None = None  # the request's stop strings (None: none, the text is decoded at the end)
     tokens: list[int] = field(default_factory=list)
     finish: str | None = None
     error: str | None = None
@@ -135,15 +136,17 @@ class BatchedEngine(Engine):
 
     def generate(self, req: dict, routing: dict, on_text: OnText = None) -> tuple[str, str, int]:
         seed = req["seed"] if req["seed"] is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        row = _Row(req, routing["expert"], on_text, TextDecoder(self.mixture.tokenizer),
-                   torch.Generator().manual_seed(seed))
+        decoder = TextDecoder(self.mixture.tokenizer)
+        row = _Row(req, routing["expert"], on_text, decoder, torch.Generator().manual_seed(seed),
+                   StopText(decoder, req["stop"]) if req.get("stop") else None)
         self._submit(self._to_join, row)
         row.done.wait()
         if row.error is not None:
             raise RequestError(500, row.error, None, "generation_failed")
         if row.finish == "cancelled":
             raise Cancelled()
-        return self.mixture.tokenizer.decode(row.tokens, skip_special_tokens=True), row.finish, len(row.tokens)
+        text = row.stops.result if row.stops else self.mixture.tokenizer.decode(row.tokens, skip_special_tokens=True)
+        return text, row.finish, len(row.tokens)
 
     def _submit(self, queue: list, item) -> None:
         with self._wake:
@@ -338,15 +341,16 @@ class BatchedEngine(Engine):
         batch.last[first:] = torch.tensor(tokens, device=batch.last.device)
         for row, token in zip(rows, tokens, strict=True):
             row.tokens.append(token)
-            if row.on_text is not None:  # streaming: decode as we go; otherwise once at the end
-                piece = row.decoder.push(token)
-                if piece:
+            if row.stops is not None or row.on_text is not None:  # else decoded once at the end
+                piece = (row.stops or row.decoder).push(token)
+                if piece and row.on_text is not None:
                     row.on_text(piece)
-            if token == self.eos:
+            if token == self.eos or (row.stops is not None and row.stops.stopped):
                 row.finish = "stop"
             elif len(row.tokens) >= row.req["max_tokens"]:
                 row.finish = "length"
-            if row.finish is not None and row.on_text is not None and (rest := row.decoder.flush()):
+            if row.finish is not None and row.on_text is not None and \
+                    (rest := row.stops.finish() if row.stops else row.decoder.flush()):
                 row.on_text(rest)
         for row in batch.rows:
             if row.finish is None and row.req["cancel"].is_set():

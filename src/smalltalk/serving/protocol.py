@@ -31,9 +31,9 @@ class Cancelled(Exception):
 # means "off" (what every client sends by default). Anything else, or another value, is a 400 naming the
 # field: never a silent drop (docs/serving.md has the list).
 USED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
-        "stream", "stream_options"}
+        "stream", "stream_options", "stop", "n"}
 IGNORED = {"user", "metadata", "store", "service_tier"}
-NEUTRAL = {"n": (None, 1), "stop": (None, []), "logprobs": (None, False), "top_logprobs": (None, 0),
+NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0),
            "echo": (None, False), "logit_bias": (None, {}), "presence_penalty": (None, 0),
            "frequency_penalty": (None, 0), "suffix": (None, ""), "best_of": (None, 1),
            "response_format": (None, {"type": "text"}), "tools": (None, []),
@@ -63,6 +63,8 @@ def _same(value: object, off: object) -> bool:
 
 
 ROLES = ("system", "user", "assistant")
+MAX_STOPS = 4  # as OpenAI
+MAX_CHOICES = 64  # prompts x n in one request: each is a row of a batch
 MIN_TEMPERATURE = 1e-5  # below it a request decodes greedily (docs/serving.md): the limit, computable in float32
 _MARKERS = tuple(f"<|{role}|>" for role in ROLES)
 
@@ -112,23 +114,37 @@ class Validator:
         if model not in (self.model_name, None):
             raise RequestError(404, f"model {model[:80]!r} does not exist; this server has "
                                f"{self.model_name!r}", "model", "model_not_found")
-        prompt = self._chat(body.get("messages")) if chat else _completion_prompt(body.get("prompt"))
-        req = {"prompt": prompt, **self._sampling(body)}
-        if len(prompt) > self.max_prompt_chars:
-            raise RequestError(400, f"the prompt ({len(prompt)} characters) cannot fit the context of {self.context} "
-                               "tokens", "prompt", "context_length_exceeded")
-        ids = torch.tensor([encode_text(self.tokenizer, prompt)], dtype=torch.long)
+        prompts = [self._chat(body.get("messages"))] if chat else _completion_prompts(body.get("prompt"))
+        req = {**self._sampling(body)}
+        if len(prompts) * req["n"] > MAX_CHOICES:
+            raise RequestError(400, f"{len(prompts)} prompts x n = {req['n']} is over {MAX_CHOICES} completions in "
+                               "one request", "n")
+        req["prompts"] = [self._prompt(p, body, chat, req["max_tokens"]) for p in prompts]
+        return {**req, **req["prompts"][0], "cancel": threading.Event()}
+
+    def _prompt(self, prompt: str | list[int], body: dict, chat: bool, max_tokens: int) -> dict:
+        """One prompt (text, or token ids) as the ids the expert reads and the ids the routers score."""
+        if isinstance(prompt, str):
+            if len(prompt) > self.max_prompt_chars:
+                raise RequestError(400, f"the prompt ({len(prompt)} characters) cannot fit the context of "
+                                   f"{self.context} tokens", "prompt", "context_length_exceeded")
+            ids = torch.tensor([encode_text(self.tokenizer, prompt)], dtype=torch.long)
+        else:
+            vocab = len(self.tokenizer)
+            if any(not 0 <= t < vocab for t in prompt):
+                raise RequestError(400, f"a prompt token id is outside the vocabulary [0, {vocab})", "prompt")
+            ids = torch.tensor([prompt], dtype=torch.long)
         if ids.shape[1] < 2:
             raise RequestError(400, "the prompt must be at least 2 tokens long to be routed", "prompt")
-        if ids.shape[1] + req["max_tokens"] > self.context:
-            raise RequestError(400, f"prompt ({ids.shape[1]} tokens) + max_tokens ({req['max_tokens']}) exceeds the "
+        if ids.shape[1] + max_tokens > self.context:
+            raise RequestError(400, f"prompt ({ids.shape[1]} tokens) + max_tokens ({max_tokens}) exceeds the "
                                f"context of {self.context} tokens", "max_tokens", "context_length_exceeded")
         route_ids = ids
         if chat and self.route_on == "user_text":
             user = next((m["content"] for m in body["messages"] if m["role"] == "user"), "")
             user_ids = torch.tensor([encode_text(self.tokenizer, user)], dtype=torch.long)
             route_ids = user_ids if user_ids.shape[1] >= 2 else ids  # a 1-token message: the whole prompt
-        return {**req, "ids": ids, "route_ids": route_ids, "cancel": threading.Event()}
+        return {"prompt": prompt, "ids": ids, "route_ids": route_ids}
 
     def _chat(self, messages: object) -> str:
         """The checks of chat_prompt; the text of the tokenizer's own chat template when it has one (an SFT
@@ -161,8 +177,12 @@ class Validator:
         if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
             raise RequestError(400, "'stream_options' must be an object like {\"include_usage\": true}",
                                "stream_options")
+        n = 1 if body.get("n") is None else body["n"]
+        if not _is_int(n) or not 1 <= n <= MAX_CHOICES:
+            raise RequestError(400, f"'n' must be an integer in [1, {MAX_CHOICES}]", "n")
         return {"max_tokens": max_tokens, "temperature": float(temperature), "top_p": float(top_p), "seed": seed,
-                "stream": stream, "include_usage": options.get("include_usage", False)}
+                "stream": stream, "include_usage": options.get("include_usage", False), "n": n,
+                "stop": _stops(body.get("stop"))}
 
 
 def route_on(mixture) -> str:
@@ -170,12 +190,73 @@ def route_on(mixture) -> str:
     return mixture.manifest.get("sft", {}).get("route_on", "prompt")
 
 
-def _completion_prompt(prompt: object) -> str:
-    if isinstance(prompt, list) and len(prompt) == 1:
-        prompt = prompt[0]
-    if not isinstance(prompt, str) or not prompt.strip():
-        raise RequestError(400, "'prompt' must be a non-empty string", "prompt")
+def _completion_prompts(prompt: object) -> list[str | list[int]]:
+    """OpenAI's four prompt forms: a string, a list of strings, a list of token ids, a list of lists of
+    token ids (a batch: one completion each, each routed on its own)."""
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_int(t) for t in prompt):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise RequestError(400, "'prompt' must be a string, a list of strings, a list of token ids or a list of "
+                           "lists of token ids", "prompt")
+    for p in prompt:
+        if isinstance(p, str) and p.strip():
+            continue
+        if not (isinstance(p, list) and p and all(_is_int(t) for t in p)):
+            raise RequestError(400, "each prompt must be a non-empty string or a non-empty list of token ids",
+                               "prompt")
     return prompt
+
+
+def _stops(stop: object) -> list[str]:
+    """`stop`: null, a string, or a list of up to MAX_STOPS non-empty strings."""
+    if stop is None:
+        return []
+    stops = [stop] if isinstance(stop, str) else stop
+    if not isinstance(stops, list) or len(stops) > MAX_STOPS or not all(isinstance(x, str) and x for x in stops):
+        raise RequestError(400, f"'stop' must be a non-empty string or a list of up to {MAX_STOPS} of them", "stop")
+    return stops
+
+
+class StopText:
+    """A completion's text as its tokens arrive, cut before the first stop string. Pieces to stream hold
+    back any tail that could still begin a stop string, so no chunk ever shows text past one."""
+
+    def __init__(self, decoder: TextDecoder, stops: list[str]) -> None:
+        self.decoder, self.stops = decoder, stops
+        self.text, self.sent, self.stopped = "", 0, False
+
+    def push(self, token: int) -> str:
+        self.text += self.decoder.push(token)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        self.text += self.decoder.flush()
+        return self._release(final=True)
+
+    @property
+    def result(self) -> str:
+        """The text up to the first stop string (all of it when none occurs)."""
+        cut = self._cut()
+        return self.text if cut is None else self.text[:cut]
+
+    def _cut(self) -> int | None:
+        found = [i for s in self.stops if (i := self.text.find(s)) >= 0]
+        return min(found) if found else None
+
+    def _release(self, final: bool) -> str:
+        cut = self._cut()
+        if cut is not None:
+            self.stopped, end = True, cut
+        elif final:
+            end = len(self.text)
+        else:  # keep back the longest tail that is the start of a stop string
+            held = max((k for s in self.stops for k in range(1, len(s)) if self.text.endswith(s[:k])), default=0)
+            end = len(self.text) - held
+        piece = self.text[self.sent:max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return piece
 
 
 class TextDecoder:

@@ -72,6 +72,8 @@ class RemoteEngine(RoutesEachPrompt):
                     "stream_options": {"include_usage": True}}
             if req["seed"] is not None:
                 body["seed"] = req["seed"]
+            if req.get("stop"):
+                body["stop"] = req["stop"]
             left = req["deadline"] - time.monotonic() if "deadline" in req else 600.0  # the request's deadline
             with self.client.stream("POST", f"{self.urls[expert]}/completions", json=body,
                                     timeout=httpx.Timeout(max(left, 0.1), connect=5.0)) as response:

@@ -15,36 +15,37 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import OnText, RoutesEachPrompt
-from smalltalk.serving.protocol import Cancelled, TextDecoder, Validator, route_on
+from smalltalk.serving.protocol import Cancelled, StopText, TextDecoder, Validator, route_on
 
 
 class _StopWhen(StoppingCriteria):
-    """A transformers stopping criterion: stop every row once `event` is set."""
+    """A transformers stopping criterion: stop every row once `event` is set or a stop string appeared."""
 
-    def __init__(self, event: threading.Event) -> None:
-        self.event = event
+    def __init__(self, event: threading.Event, sink: _TextSink) -> None:
+        self.event, self.sink = event, sink
 
     def __call__(self, input_ids: torch.Tensor, scores, **kwargs) -> torch.Tensor:
-        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
+        done = self.event.is_set() or self.sink.text.stopped
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool, device=input_ids.device)
 
 
 class _TextSink:
-    """An HF streamer (put/end) that turns each new token into text for `on_text`."""
+    """An HF streamer (put/end) that turns each new token into text (cut at a stop string) for `on_text`."""
 
-    def __init__(self, decoder: TextDecoder, on_text: OnText) -> None:
-        self.decoder, self.on_text, self.prompt_seen = decoder, on_text, False
+    def __init__(self, text: StopText, on_text: OnText) -> None:
+        self.text, self.on_text, self.prompt_seen = text, on_text, False
 
     def put(self, value: torch.Tensor) -> None:
         if not self.prompt_seen:  # generate() hands over the prompt first
             self.prompt_seen = True
             return
         for token in value.reshape(-1).tolist():
-            piece = self.decoder.push(int(token))
+            piece = self.text.push(int(token))
             if piece and self.on_text is not None:
                 self.on_text(piece)
 
     def end(self) -> None:
-        rest = self.decoder.flush()
+        rest = self.text.finish()
         if rest and self.on_text is not None:
             self.on_text(rest)
 
@@ -63,7 +64,7 @@ class SerialEngine(RoutesEachPrompt):
             if cancel.is_set():
                 raise Cancelled()
         try:
-            sink = _TextSink(TextDecoder(self.mixture.tokenizer), on_text)
+            sink = _TextSink(StopText(TextDecoder(self.mixture.tokenizer), req.get("stop") or []), on_text)
             model = self.mixture.expert(routing["expert"])
             if req["seed"] is not None:
                 torch.manual_seed(req["seed"])
@@ -72,15 +73,16 @@ class SerialEngine(RoutesEachPrompt):
             out = model.generate(req["ids"].to(self.mixture.device), max_new_tokens=req["max_tokens"],
                                  do_sample=sample, temperature=req["temperature"] if sample else None,
                                  top_p=req["top_p"] if sample else None, streamer=sink,
-                                 stopping_criteria=StoppingCriteriaList([_StopWhen(cancel)]),
+                                 stopping_criteria=StoppingCriteriaList([_StopWhen(cancel, sink)]),
                                  pad_token_id=eos, eos_token_id=eos)
         finally:
             self.lock.release()
         if cancel.is_set():
             raise Cancelled()
         new = out[0, req["ids"].shape[1]:]
-        finish = "stop" if len(new) < req["max_tokens"] else "length"
-        return self.mixture.tokenizer.decode(new, skip_special_tokens=True), finish, len(new)
+        eos = self.mixture.tokenizer.eos_token_id
+        finish = "stop" if sink.text.stopped or (len(new) and int(new[-1]) == eos) else "length"
+        return sink.text.result, finish, len(new)
 
     def gauges(self) -> dict:
         return {"resident_experts": len(self.mixture.resident_experts), "expert_loads": self.mixture.loads,

@@ -1,0 +1,127 @@
+"""Issue #30's fields through the `openai` client against the real server: `stop`, `n` and every prompt form
+(a string, a list of strings, token ids, lists of token ids), streamed and not; and `stop` in the serial
+engine too."""
+
+import pytest
+
+from smalltalk.mixture.model import SmallTalkMixture
+from smalltalk.serving.serial import SerialEngine
+
+from .test_serve import _client, _start
+from .test_serve_engines import _complete
+
+pytestmark = pytest.mark.slow
+PROMPT = "xyz_ {} = 1 + 2"
+SAMPLED = {"temperature": 1.0, "seed": 5}  # seeded: the same draws with and without a stop string
+
+
+@pytest.fixture(scope="module")
+def server(pipeline_run):
+    proc, base = _start(pipeline_run[0], "--api-key", "sk-test")
+    yield base, pipeline_run[0]
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def _stream_text(stream) -> tuple[dict[int, str], dict[int, str], list[str]]:
+    """Per choice index: the text its chunks add up to and its finish_reason; every text chunk, in order."""
+    texts, finishes, seen = {}, {}, []
+    for chunk in stream:
+        for choice in chunk.choices:
+            piece = choice.delta.content if hasattr(choice, "delta") else choice.text
+            if piece:
+                texts[choice.index] = texts.get(choice.index, "") + piece
+                seen.append(texts[choice.index])
+            if choice.finish_reason:
+                finishes[choice.index] = choice.finish_reason
+    return texts, finishes, seen
+
+
+def _a_stop_inside(text: str) -> str:
+    """A stop string that first occurs mid-text (two characters at a quarter of it, not at its start)."""
+    for start in range(max(1, len(text) // 4), len(text) - 2):
+        stop = text[start:start + 2]
+        if stop.strip() and text.find(stop) == start:
+            return stop
+    pytest.skip(f"no usable stop string in {text!r}")
+
+
+def test_stop_cuts_the_text_before_the_match_streamed_and_not(server):
+    """Was: `stop` was dropped (text ran past it). Now the text ends before the first match, finish_reason
+    is "stop", and no streamed chunk ever shows text past it; completions and chat alike (seeded sampling:
+    the same draws with and without the stop string)."""
+    client = _client(server[0])
+    full = client.completions.create(model="smalltalk", prompt=PROMPT, max_tokens=24, **SAMPLED).choices[0].text
+    stop = _a_stop_inside(full)
+    expected = full[:full.find(stop)]
+    cut = client.completions.create(model="smalltalk", prompt=PROMPT, max_tokens=24, **SAMPLED,
+                                    stop=[stop, "never-there"]).choices[0]
+    assert (cut.text, cut.finish_reason) == (expected, "stop")
+    texts, finishes, seen = _stream_text(client.completions.create(
+        model="smalltalk", prompt=PROMPT, max_tokens=24, **SAMPLED, stop=stop, stream=True))
+    assert texts[0] == expected and finishes[0] == "stop" and not any(stop in t for t in seen)
+    messages = [{"role": "user", "content": PROMPT}]
+    chat_full = client.chat.completions.create(model="smalltalk", messages=messages, max_tokens=24,
+                                               **SAMPLED).choices[0].message.content
+    chat_stop = _a_stop_inside(chat_full)
+    chat = client.chat.completions.create(model="smalltalk", messages=messages, max_tokens=24, **SAMPLED,
+                                          stop=chat_stop).choices[0]
+    assert (chat.message.content, chat.finish_reason) == (chat_full[:chat_full.find(chat_stop)], "stop")
+    texts, finishes, _ = _stream_text(client.chat.completions.create(
+        model="smalltalk", messages=messages, max_tokens=24, **SAMPLED, stop=chat_stop, stream=True))
+    assert texts[0] == chat.message.content and finishes[0] == "stop"
+
+
+def test_n_samples_equal_the_same_seeded_requests_one_by_one(server):
+    """n = 3 with seed s: choice i is the completion of the same request sent alone with seed s + i (the rows
+    decode in one batch), streamed or not; usage counts every choice's tokens and the prompt once."""
+    client = _client(server[0])
+    fields = {"model": "smalltalk", "prompt": PROMPT, "max_tokens": 8, "temperature": 1.0}
+    together = client.completions.create(n=3, seed=40, **fields)
+    alone = [client.completions.create(seed=40 + i, **fields).choices[0] for i in range(3)]
+    assert [c.index for c in together.choices] == [0, 1, 2]
+    assert [c.text for c in together.choices] == [c.text for c in alone]
+    assert together.usage.completion_tokens == sum(
+        client.completions.create(seed=40 + i, **fields).usage.completion_tokens for i in range(3))
+    assert together.usage.prompt_tokens == client.completions.create(seed=1, **fields).usage.prompt_tokens
+    texts, finishes, _ = _stream_text(client.completions.create(n=3, seed=40, stream=True, **fields))
+    assert texts == {i: c.text for i, c in enumerate(alone)} and set(finishes) == {0, 1, 2}
+    chat = client.chat.completions.create(model="smalltalk", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=6, n=2, seed=7)
+    assert [c.index for c in chat.choices] == [0, 1]
+
+
+def test_every_prompt_form_gives_the_text_of_its_string(server):
+    """A list of token ids is the prompt those ids encode; a list of prompts (strings or id lists) is a
+    batch, one choice per prompt in order, each routed on its own (each choice names its expert). Was: a
+    400 "'prompt' must be a non-empty string" (lm-eval's API models send token ids)."""
+    base, run = server
+    client = _client(base)
+    mixture = SmallTalkMixture.from_pretrained(run)
+    other = "int main(void) { return 0; }"
+    ids = [mixture.tokenizer(p, add_special_tokens=False).input_ids for p in (PROMPT, other)]
+    fields = {"model": "smalltalk", "max_tokens": 6, "temperature": 0}
+    by_string = [client.completions.create(prompt=p, **fields) for p in (PROMPT, other)]
+    assert client.completions.create(prompt=ids[0], **fields).choices[0].text == by_string[0].choices[0].text
+    for batch in ([PROMPT, other], ids):
+        answer = client.completions.create(prompt=batch, **fields)
+        assert [c.index for c in answer.choices] == [0, 1]
+        assert [c.text for c in answer.choices] == [r.choices[0].text for r in by_string]
+        assert [c.model_extra["smalltalk"]["expert"] for c in answer.choices] == \
+               [r.model_extra["smalltalk"]["expert"] for r in by_string]
+    both = client.completions.create(prompt=[PROMPT, other], n=2, seed=3, **{**fields, "temperature": 1.0})
+    assert [c.index for c in both.choices] == [0, 1, 2, 3]
+    import httpx
+
+    bad = httpx.post(f"{base}/v1/completions", json={"prompt": [5, 10**9], "max_tokens": 2},
+                     headers={"Authorization": "Bearer sk-test"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "prompt"
+
+
+def test_the_serial_engine_stops_at_stop_strings_too(pipeline_run):
+    mixture = SmallTalkMixture.from_pretrained(pipeline_run[0])
+    serial = SerialEngine(mixture, "smalltalk", 64)
+    _, (full, _, _) = _complete(serial, PROMPT, max_tokens=24, **SAMPLED)
+    stop = _a_stop_inside(full)
+    _, (text, finish, tokens) = _complete(serial, PROMPT, max_tokens=24, **SAMPLED, stop=stop)
+    assert (text, finish) == (full[:full.find(stop)], "stop") and tokens < 24
