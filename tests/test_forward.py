@@ -187,3 +187,16 @@ def test_compiled_training_on_cpu_follows_eager(prepared_run, tmp_path):
                    "--set", "train.steps=6", "--set", "train.log_every=1", "--set", f"train.compile={compile_}") == 0
         runs[name] = [json.loads(x)["loss"] for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert runs["compiled"] == pytest.approx(runs["eager"], rel=1e-3)
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_the_loss_without_gradients_is_the_scoring_helpers(autocast):
+    """Without gradients the loss goes through chunked_logprobs (router scoring's helper): the same value."""
+    torch.manual_seed(0)
+    h, w = torch.randn(150, 16), torch.randn(50, 16)
+    labels = torch.randint(0, 50, (150,))
+    labels[:9] = -100
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(h, w).float(), labels, ignore_index=-100)
+        ours = linear_cross_entropy.linear_cross_entropy(h, w, labels)
+    assert ours.item() == pytest.approx(ref.item(), rel=2e-2 if autocast else 1e-6)

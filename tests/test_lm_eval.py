@@ -105,3 +105,64 @@ def test_generate_until_with_more_new_tokens_than_the_context(pipeline_run):
     request = SimpleNamespace(args=("xyz_ {} = 1 " * 40, {"until": ["\n\n"], "max_gen_toks": 10 * lm.max_length}))
     (text,) = lm.generate_until([request])
     assert isinstance(text, str)
+
+
+GENERATE_TASK = """task: smalltalk_local_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n", ";"]
+  max_gen_toks: 6
+metric_list:
+  - metric: exact_match
+"""
+
+
+def test_lm_evals_api_models_against_the_server(pipeline_run, tmp_path):
+    """The harness as an outside client (issue #30): `local-completions` on the multiple-choice task (token-id
+    prompts, echo + logprobs) scores as the in-process `smalltalk` model does, within one item (the server
+    routes on context + continuation, the in-process model on the context); `local-chat-completions` on a
+    generate-until task with stop strings runs to the end. Was: 400 "'prompt' must be a non-empty string"."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("aiohttp")  # lm-eval's `api` extra (in ours)
+    import subprocess
+    import sys
+
+    from smalltalk.mixture.lm_harness import evaluate_downstream
+
+    from .test_serve import _start
+
+    run, tasks = pipeline_run[0], _local_task(tmp_path)
+    data = tmp_path / "gen.jsonl"
+    data.write_text("".join(json.dumps({"query": q, "answer": a}) + "\n" for q, a in
+                            (("xyz_ {} = 1 +", " 2"), ("etaoin shrdlu", " tahoe"))))
+    (tasks / "gen.yaml").write_text(GENERATE_TASK.format(data=data))
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "OPENAI_API_KEY": "unused"}
+    proc, base = _start(run)
+    try:
+        results = {}
+        for model, task, extra in (("local-completions", "smalltalk_local_mc", []),
+                                   ("local-chat-completions", "smalltalk_local_gen", ["--apply_chat_template"])):
+            endpoint = "completions" if model == "local-completions" else "chat/completions"
+            out = tmp_path / model
+            done = subprocess.run(
+                [sys.executable, "-m", "lm_eval", "--model", model, "--model_args",
+                 f"base_url={base}/v1/{endpoint},model=smalltalk,tokenizer_backend=huggingface,"
+                 f"tokenizer={run / 'tokenizer'},num_concurrent=1,max_retries=1,max_length=64",
+                 "--tasks", task, "--include_path", str(tasks), "--output_path", str(out), *extra],
+                capture_output=True, text=True, env=env, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+            (path,) = out.rglob("results_*.json")
+            results[task] = json.loads(path.read_text())["results"][task]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    in_process = evaluate_downstream(str(run), ["smalltalk_local_mc"], str(tasks))["results"]["smalltalk_local_mc"]
+    assert abs(results["smalltalk_local_mc"]["acc,none"] - in_process["acc,none"]) <= 1 / 3 + 1e-9
+    assert "exact_match,none" in results["smalltalk_local_gen"]

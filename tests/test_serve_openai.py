@@ -125,3 +125,71 @@ def test_the_serial_engine_stops_at_stop_strings_too(pipeline_run):
     stop = _a_stop_inside(full)
     _, (text, finish, tokens) = _complete(serial, PROMPT, max_tokens=24, **SAMPLED, stop=stop)
     assert (text, finish) == (full[:full.find(stop)], "stop") and tokens < 24
+
+
+def test_echo_logprobs_are_the_routed_experts_own(server):
+    """`echo` + `logprobs` + `max_tokens: 0` scores a prompt: the first token has no log-prob, every other is
+    the routed expert's own (SmallTalkMixture.score, to 1e-5), with the 2 likeliest alternatives; what
+    lm-eval's API models send for loglikelihood tasks (token-id prompts, echo, logprobs, max_tokens 1)."""
+    base, run = server
+    client = _client(base)
+    mixture = SmallTalkMixture.from_pretrained(run)
+    ids = mixture.tokenizer(PROMPT, add_special_tokens=False).input_ids
+    nll, chosen = mixture.score([ids])
+    scored = client.completions.create(model="smalltalk", prompt=PROMPT, max_tokens=0, echo=True, logprobs=2)
+    choice = scored.choices[0]
+    assert choice.text == PROMPT and scored.model_extra["smalltalk"]["expert"] == int(chosen[0])
+    lp = choice.logprobs
+    assert lp.token_logprobs[0] is None and len(lp.token_logprobs) == len(ids)
+    assert lp.token_logprobs[1:] == pytest.approx((-nll[0]).tolist(), abs=1e-5)
+    assert all(len(top) <= 2 and max(top.values()) >= value - 1e-6
+               for top, value in zip(lp.top_logprobs[1:], lp.token_logprobs[1:], strict=True))
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    harness = client.completions.create(model="smalltalk", prompt=[ids], max_tokens=1, echo=True, logprobs=1,
+                                        temperature=0)
+    assert harness.choices[0].logprobs.token_logprobs[1:len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
+    assert len(harness.choices[0].logprobs.token_logprobs) == len(ids) + 1
+
+
+def test_logprobs_of_generated_tokens_completions_and_chat(server):
+    """Greedy: each generated token is its position's likeliest (its log-prob tops its alternatives);
+    chat returns the `content` schema; streamed log-probs are not implemented yet: a 400 naming the field."""
+    import httpx
+
+    base, _ = server
+    client = _client(base)
+    greedy = client.completions.create(model="smalltalk", prompt=PROMPT, max_tokens=5, temperature=0, logprobs=3)
+    lp = greedy.choices[0].logprobs
+    assert len(lp.tokens) == greedy.usage.completion_tokens and "".join(lp.tokens).startswith(greedy.choices[0].text)
+    assert all(value == pytest.approx(max(top.values()), abs=1e-6)
+               for value, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True))
+    chat = client.chat.completions.create(model="smalltalk", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=4, temperature=0, logprobs=True, top_logprobs=2)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
+    assert client.chat.completions.create(model="smalltalk", messages=[{"role": "user", "content": PROMPT}],
+                                          max_tokens=2).choices[0].logprobs is None
+    streamed = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT, "logprobs": 1, "stream": True},
+                          headers={"Authorization": "Bearer sk-test"})
+    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "logprobs"
+    no_echo = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0},
+                         headers={"Authorization": "Bearer sk-test"})
+    assert no_echo.status_code == 400 and no_echo.json()["error"]["param"] == "max_tokens"
+
+
+def test_the_serial_engine_scores_prompts_as_the_batched_one(pipeline_run):
+    from smalltalk.serving.batching import BatchedEngine
+
+    mixture = SmallTalkMixture.from_pretrained(pipeline_run[0])
+    entries = []
+    for engine in (SerialEngine(mixture, "smalltalk", 64), BatchedEngine(mixture, "smalltalk", 64)):
+        req = engine.validate({"prompt": PROMPT, "max_tokens": 3, "echo": True, "logprobs": 2, "temperature": 0},
+                              chat=False)
+        engine.generate(req, engine.route(req))
+        entries.append((req["prompt_logprobs"], req["token_logprobs"]))
+        engine.close()
+    (serial_prompt, serial_new), (batched_prompt, batched_new) = entries
+    assert [e[0] for e in serial_prompt] == [e[0] for e in batched_prompt]
+    assert [e[0] for e in serial_new] == [e[0] for e in batched_new]
+    for a, b in zip(serial_prompt[1:] + serial_new, batched_prompt[1:] + batched_new, strict=True):
+        assert a[1] == pytest.approx(b[1], abs=1e-5)

@@ -29,6 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from smalltalk.serving.engine import Engine
+from smalltalk.serving.logprobs import chat_logprobs, completion_logprobs
 from smalltalk.serving.metrics import render_metrics
 from smalltalk.serving.protocol import Cancelled, RequestError
 from smalltalk.untrusted import BadInput, parse_json
@@ -239,9 +240,19 @@ async def _answer(engine: Engine, request: Request, body: object, chat: bool, en
     n_new = sum(r[2] for r in results)
     engine.metrics.finished(endpoint, n_new, time.perf_counter() - started)
     answers = []
+    tokenizer = engine.validator.tokenizer
     for c, (text, finish, _) in zip(choices, results, strict=True):
-        answer = ({"index": c["index"], "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                  if chat else {"index": c["index"], "text": text, "logprobs": None, "finish_reason": finish})
+        if chat:
+            answer = {"index": c["index"], "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                      "logprobs": None if c["logprobs"] is None else
+                      chat_logprobs(tokenizer, c.get("token_logprobs", []), len(text) if c["stop"] else None)}
+        else:
+            if c["echo"]:  # the prompt, then the completion; log-probs of both
+                text = (c["prompt"] if isinstance(c["prompt"], str) else tokenizer.decode(c["prompt"])) + text
+            entries = (c.get("prompt_logprobs", []) if c["echo"] else []) + c.get("token_logprobs", [])
+            answer = {"index": c["index"], "text": text, "finish_reason": finish,
+                      "logprobs": None if c["logprobs"] is None else
+                      completion_logprobs(tokenizer, entries, len(text) if c["stop"] else None)}
         if len(routings) > 1:  # a batch of prompts: each choice says where its prompt went
             answer["smalltalk"] = routings[c["prompt_index"]]
         answers.append(answer)

@@ -29,6 +29,7 @@ from transformers import DynamicCache
 
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText
+from smalltalk.serving.logprobs import token_entries
 from smalltalk.serving.protocol import Cancelled, RequestError, StopText, TextDecoder, Validator, route_on
 
 
@@ -300,12 +301,27 @@ class BatchedEngine(Engine):
             mask[i, width - lengths[i]:] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache, cache_kw = DynamicCache(), _cache_argument(model)
+        echo = any(row.req.get("echo") for row in rows)  # then every position's logits, for the prompts'
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
-                    **{cache_kw: cache}, use_cache=True, logits_to_keep=1)
-        new = _Batch(model, rows, cache, mask.to(device), torch.tensor(lengths, device=device),
+                    **{cache_kw: cache}, use_cache=True, logits_to_keep=0 if echo else 1)
+        for i, row in enumerate(rows):
+            if row.req.get("echo"):  # position t predicts token t + 1; the first token has no entry
+                prompt = row.req["ids"][0].tolist()
+                row.req["prompt_logprobs"] = [(prompt[0], None, None)] + token_entries(
+                    out.logits[i, width - lengths[i]:width - 1].cpu(), prompt[1:], row.req["logprobs"] or 0)
+        keep = [i for i, row in enumerate(rows) if row.req["max_tokens"] > 0]
+        for i in sorted(set(range(len(rows))) - set(keep)):  # echo only: scored, nothing to generate
+            self._end(rows[i], "length")
+        if not keep:
+            return
+        index = torch.tensor(keep, device=device)
+        for layer in cache.layers:
+            layer.keys, layer.values = layer.keys[index], layer.values[index]
+        rows = [rows[i] for i in keep]
+        new = _Batch(model, rows, cache, mask.to(device)[index], torch.tensor(lengths, device=device)[index],
                      torch.zeros(len(rows), dtype=torch.long, device=device), cache_kw)
         self._merge(expert, new)
-        self._emit(expert, out.logits[:, -1], first=len(self._batches[expert].rows) - len(rows))
+        self._emit(expert, out.logits[index, -1], first=len(self._batches[expert].rows) - len(rows))
 
     def _merge(self, expert: int, new: _Batch) -> None:
         """Append `new`'s rows to the expert's batch: both caches left-padded to the longer one."""
@@ -337,10 +353,14 @@ class BatchedEngine(Engine):
         """Sample the next token of rows first.. of the batch, stream it, and drop the rows that ended."""
         batch = self._batches[expert]
         rows = batch.rows[first:]
-        tokens = sample_tokens(logits.cpu(), rows)
+        logits = logits.cpu()
+        tokens = sample_tokens(logits, rows)
         batch.last[first:] = torch.tensor(tokens, device=batch.last.device)
-        for row, token in zip(rows, tokens, strict=True):
+        for i, (row, token) in enumerate(zip(rows, tokens, strict=True)):
             row.tokens.append(token)
+            if row.req.get("logprobs") is not None:
+                row.req.setdefault("token_logprobs", []).extend(
+                    token_entries(logits[i:i + 1], [token], row.req["logprobs"]))
             if row.stops is not None or row.on_text is not None:  # else decoded once at the end
                 piece = (row.stops or row.decoder).push(token)
                 if piece and row.on_text is not None:

@@ -31,10 +31,9 @@ class Cancelled(Exception):
 # means "off" (what every client sends by default). Anything else, or another value, is a 400 naming the
 # field: never a silent drop (docs/serving.md has the list).
 USED = {"model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "seed",
-        "stream", "stream_options", "stop", "n"}
+        "stream", "stream_options", "stop", "n", "logprobs", "top_logprobs", "echo"}
 IGNORED = {"user", "metadata", "store", "service_tier"}
-NEUTRAL = {"logprobs": (None, False), "top_logprobs": (None, 0),
-           "echo": (None, False), "logit_bias": (None, {}), "presence_penalty": (None, 0),
+NEUTRAL = {"logit_bias": (None, {}), "presence_penalty": (None, 0),
            "frequency_penalty": (None, 0), "suffix": (None, ""), "best_of": (None, 1),
            "response_format": (None, {"type": "text"}), "tools": (None, []),
            "tool_choice": (None, "none"), "parallel_tool_calls": (None, True, False), "functions": (None, []),
@@ -65,6 +64,7 @@ def _same(value: object, off: object) -> bool:
 ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as OpenAI
 MAX_CHOICES = 64  # prompts x n in one request: each is a row of a batch
+MAX_LOGPROBS = {"completions": 5, "chat": 20}  # alternatives per token, as OpenAI
 MIN_TEMPERATURE = 1e-5  # below it a request decodes greedily (docs/serving.md): the limit, computable in float32
 _MARKERS = tuple(f"<|{role}|>" for role in ROLES)
 
@@ -115,7 +115,9 @@ class Validator:
             raise RequestError(404, f"model {model[:80]!r} does not exist; this server has "
                                f"{self.model_name!r}", "model", "model_not_found")
         prompts = [self._chat(body.get("messages"))] if chat else _completion_prompts(body.get("prompt"))
-        req = {**self._sampling(body)}
+        req = {**self._sampling(body), **_logprobs(body, chat)}
+        if req["max_tokens"] == 0 and not req["echo"]:
+            raise RequestError(400, "'max_tokens' may be 0 only with 'echo' (scoring the prompt)", "max_tokens")
         if len(prompts) * req["n"] > MAX_CHOICES:
             raise RequestError(400, f"{len(prompts)} prompts x n = {req['n']} is over {MAX_CHOICES} completions in "
                                "one request", "n")
@@ -158,8 +160,8 @@ class Validator:
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))
         max_tokens = 16 if max_tokens is None else max_tokens
         limit = self.max_tokens_limit
-        if not _is_int(max_tokens) or not 1 <= max_tokens <= limit:
-            raise RequestError(400, f"'max_tokens' must be an integer in [1, {limit}]", "max_tokens")
+        if not _is_int(max_tokens) or not 0 <= max_tokens <= limit:
+            raise RequestError(400, f"'max_tokens' must be an integer in [1, {limit}] (0 with 'echo')", "max_tokens")
         temperature = 1.0 if body.get("temperature") is None else body["temperature"]
         top_p = 1.0 if body.get("top_p") is None else body["top_p"]
         if not _is_number(temperature) or not 0 <= temperature <= 2:
@@ -207,6 +209,37 @@ def _completion_prompts(prompt: object) -> list[str | list[int]]:
             raise RequestError(400, "each prompt must be a non-empty string or a non-empty list of token ids",
                                "prompt")
     return prompt
+
+
+def _logprobs(body: dict, chat: bool) -> dict:
+    """{"logprobs": alternatives per token or None (off), "echo": bool}. Completions: `logprobs` 0-5 and
+    `echo`; chat: `logprobs` true/false and `top_logprobs` 0-20 (no echo). Not yet streamed (a 400)."""
+    top, echo = body.get("top_logprobs"), body.get("echo")
+    limit = MAX_LOGPROBS["chat" if chat else "completions"]
+    if chat:
+        on = body.get("logprobs")
+        if on is not None and not isinstance(on, bool):
+            raise RequestError(400, "'logprobs' must be true or false", "logprobs")
+        if top is not None and (not _is_int(top) or not 0 <= top <= limit or not on):
+            raise RequestError(400, f"'top_logprobs' must be an integer in [0, {limit}], with 'logprobs': true",
+                               "top_logprobs")
+        if echo not in (None, False):
+            raise RequestError(400, "'echo' is a field of /v1/completions, not of chat", "echo")
+        count = (top or 0) if on else None
+    else:
+        count = body.get("logprobs")
+        if count is False:
+            count = None
+        if count is not None and (not _is_int(count) or not 0 <= count <= limit):
+            raise RequestError(400, f"'logprobs' must be an integer in [0, {limit}]", "logprobs")
+        if top not in (None, 0):
+            raise RequestError(400, "'top_logprobs' is a field of chat; completions take 'logprobs': N", "top_logprobs")
+        if echo is not None and not isinstance(echo, bool):
+            raise RequestError(400, "'echo' must be true or false", "echo")
+    if (count is not None or echo) and body.get("stream"):
+        raise RequestError(400, "'logprobs' and 'echo' are not yet implemented for streamed responses",
+                           "logprobs" if count is not None else "echo", "unsupported_field")
+    return {"logprobs": count, "echo": bool(echo)}
 
 
 def _stops(stop: object) -> list[str]:

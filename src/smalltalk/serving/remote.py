@@ -64,6 +64,9 @@ class RemoteEngine(RoutesEachPrompt):
         return self._names[expert]
 
     def generate(self, req: dict, routing: dict, on_text: OnText = None) -> tuple[str, str, int]:
+        if req.get("logprobs") is not None or req.get("echo"):
+            raise RequestError(400, "'logprobs' and 'echo' are not implemented with --backend openai", "logprobs",
+                               "unsupported_field")
         expert = routing["expert"]
         pieces, finish, usage = [], "length", None
         try:

@@ -15,6 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import OnText, RoutesEachPrompt
+from smalltalk.serving.logprobs import token_entries
 from smalltalk.serving.protocol import Cancelled, StopText, TextDecoder, Validator, route_on
 
 
@@ -66,11 +67,22 @@ class SerialEngine(RoutesEachPrompt):
         try:
             sink = _TextSink(StopText(TextDecoder(self.mixture.tokenizer), req.get("stop") or []), on_text)
             model = self.mixture.expert(routing["expert"])
+            ids = req["ids"].to(self.mixture.device)
+            if req.get("echo"):  # the prompt's own log-probs: position t predicts token t + 1
+                prompt = req["ids"][0].tolist()
+                with torch.inference_mode():
+                    logits = model(input_ids=ids).logits[0, :-1].cpu()
+                req["prompt_logprobs"] = [(prompt[0], None, None)] + token_entries(logits, prompt[1:],
+                                                                                   req["logprobs"] or 0)
+            if req["max_tokens"] == 0:
+                return "", "length", 0
             if req["seed"] is not None:
                 torch.manual_seed(req["seed"])
             sample = req["temperature"] > 0
             eos = self.mixture.tokenizer.eos_token_id
-            out = model.generate(req["ids"].to(self.mixture.device), max_new_tokens=req["max_tokens"],
+            scored = req.get("logprobs") is not None
+            out = model.generate(ids, max_new_tokens=req["max_tokens"], return_dict_in_generate=True,
+                                 output_logits=scored,
                                  do_sample=sample, temperature=req["temperature"] if sample else None,
                                  top_p=req["top_p"] if sample else None, streamer=sink,
                                  stopping_criteria=StoppingCriteriaList([_StopWhen(cancel, sink)]),
@@ -79,7 +91,10 @@ class SerialEngine(RoutesEachPrompt):
             self.lock.release()
         if cancel.is_set():
             raise Cancelled()
-        new = out[0, req["ids"].shape[1]:]
+        new = out.sequences[0, req["ids"].shape[1]:]
+        if scored:  # raw logits of each step (before temperature and top-p)
+            req["token_logprobs"] = token_entries(torch.cat([step.cpu() for step in out.logits]), new.tolist(),
+                                                  req["logprobs"])
         eos = self.mixture.tokenizer.eos_token_id
         finish = "stop" if sink.text.stopped or (len(new) and int(new[-1]) == eos) else "length"
         return sink.text.result, finish, len(new)

@@ -74,10 +74,14 @@ def _loss_and_gradients(h: torch.Tensor, weight: torch.Tensor, labels: torch.Ten
 
 def linear_cross_entropy(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """`F.cross_entropy(F.linear(h, weight).float(), labels, ignore_index=-100)` for h [rows, d], weight
-    [vocab, d]: the same loss and gradients, computed chunk by chunk when gradients are wanted. Under
-    torch.compile the plain expression is traced instead (Inductor fuses it itself)."""
-    if torch.compiler.is_compiling() or not (h.requires_grad or weight.requires_grad):
+    [vocab, d]: the same loss and gradients, computed chunk by chunk (without gradients, by
+    `chunked_logprobs`). Under torch.compile the plain expression is traced instead (Inductor fuses it)."""
+    if torch.compiler.is_compiling():
         return F.cross_entropy(F.linear(h, weight).float(), labels, ignore_index=-100)
+    if not (h.requires_grad or weight.requires_grad):  # no gradients: the log-probs router scoring sums
+        keep = labels != -100
+        logp = chunked_logprobs(h[keep], weight.T, labels[keep], chunk_rows(weight.shape[0], h.device))
+        return -logp.mean()
     return _LinearCrossEntropy.apply(h, weight, labels)
 
 

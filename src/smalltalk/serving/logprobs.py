@@ -1,0 +1,54 @@
+"""Per-token log-probabilities as the engines record them and as OpenAI's two schemas return them.
+
+An entry is (token id, log p(token), [(id, log p) of the `top` likeliest tokens]), from the expert's raw
+logits (before temperature or top-p), or (id, None, None) for a prompt's first token, which nothing
+predicts. Completions return the legacy schema (tokens, token_logprobs, top_logprobs, text_offset), chat
+the `content` list; with `echo`, the prompt's entries come first.
+"""
+
+from __future__ import annotations
+
+import torch
+
+Entry = tuple[int, float | None, list[tuple[int, float]] | None]
+
+
+def token_entries(logits: torch.Tensor, targets: list[int], top: int) -> list[Entry]:
+    """Entries of `targets` [T] under `logits` [T, V] (row t predicts targets[t])."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    chosen = logp[torch.arange(len(targets)), torch.tensor(targets, dtype=torch.long)].tolist()
+    if top:
+        values, ids = logp.topk(top, dim=-1)
+        alternatives = [list(zip(i, v, strict=True)) for i, v in zip(ids.tolist(), values.tolist(), strict=True)]
+    else:
+        alternatives = [[] for _ in targets]
+    return [(int(t), c, a) for t, c, a in zip(targets, chosen, alternatives, strict=True)]
+
+
+def completion_logprobs(tokenizer, entries: list[Entry], text_length: int | None = None) -> dict:
+    """The legacy schema: token strings, their log-probs, {token: log p} of the alternatives, character
+    offsets; with `text_length` (a stop string cut the text), only the entries that start inside it."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for token, logprob, alternatives in entries:
+        if text_length is not None and offset >= text_length and out["tokens"]:
+            break
+        piece = tokenizer.decode([token])
+        out["tokens"].append(piece)
+        out["token_logprobs"].append(logprob)
+        out["top_logprobs"].append(None if alternatives is None else
+                                   {tokenizer.decode([i]): v for i, v in alternatives})
+        out["text_offset"].append(offset)
+        offset += len(piece)
+    return out
+
+
+def chat_logprobs(tokenizer, entries: list[Entry], text_length: int | None = None) -> dict:
+    """The chat schema: {"content": [{token, logprob, bytes, top_logprobs: [{token, logprob, bytes}]}]}."""
+    legacy = completion_logprobs(tokenizer, entries, text_length)
+    content = []
+    for (_, logprob, alternatives), piece in zip(entries, legacy["tokens"], strict=False):
+        tops = [{"token": tokenizer.decode([i]), "logprob": v, "bytes": list(tokenizer.decode([i]).encode())}
+                for i, v in alternatives or []]
+        content.append({"token": piece, "logprob": logprob, "bytes": list(piece.encode()), "top_logprobs": tops})
+    return {"content": content}
