@@ -26,6 +26,11 @@ def test_resources_of_the_paper_335m_setting():
     router = 2 * 4.4e6 * 256  # ~2 x params FLOPs per token (the exact count adds attention)
     scoring_hours = 4 * 256_000 * 128 * 4 * router / (989e12 * ROUTER_MFU * 3600)
     assert rows["partition"]["hours"] == pytest.approx(scoring_hours, rel=0.25)
+    assert "refine (optional)" not in rows  # off unless refine.sequences > 0
+    refined = {r["stage"]: r for r in resources(load_config(CONFIGS / "paper-335m.yaml", ["refine.sequences=100000"]),
+                                                989e12, 0.4)}
+    labelling = 100_000 * 4 * 2 * 335e6 * 1024 / (989e12 * 0.4 * 3600)  # every expert over every sequence
+    assert refined["refine (optional)"]["hours"] == pytest.approx(labelling, rel=0.35)
 
 
 def test_plan_reproduces_paper_table3(capsys):

@@ -136,6 +136,12 @@ def test_routing_front_forwards_to_expert_servers_and_survives_a_dead_one(pipeli
         chat = client.chat.completions.create(model="smalltalk", max_tokens=4, temperature=0,
                                               messages=[{"role": "user", "content": prompt_for[0]}])
         assert chat.choices[0].message.role == "assistant"
+        stopped = client.completions.create(model="smalltalk", prompt=prompt_for[0], max_tokens=8, temperature=0,
+                                            stop=["never-there"], n=2)  # stop passed on, n fanned out in front
+        assert [c.index for c in stopped.choices] == [0, 1]
+        with pytest.raises(APIStatusError) as refused:  # not implemented through backends: said, not dropped
+            client.completions.create(model="smalltalk", prompt=prompt_for[0], max_tokens=2, logprobs=1)
+        assert refused.value.status_code == 400 and "unsupported_field" in str(refused.value.body)
         dead = mixture.num_experts - 1
         backends[dead][0].send_signal(signal.SIGKILL)
         backends[dead][0].wait(timeout=10)

@@ -153,7 +153,8 @@ def test_echo_logprobs_are_the_routed_experts_own(server):
 
 def test_logprobs_of_generated_tokens_completions_and_chat(server):
     """Greedy: each generated token is its position's likeliest (its log-prob tops its alternatives);
-    chat returns the `content` schema; streamed log-probs are not implemented yet: a 400 naming the field."""
+    chat returns the `content` schema; streamed, the chunks' texts and log-probs add up to the answer
+    (echo and a stop string included)."""
     import httpx
 
     base, _ = server
@@ -169,9 +170,22 @@ def test_logprobs_of_generated_tokens_completions_and_chat(server):
     assert len(content) == chat.usage.completion_tokens and all(len(t.top_logprobs) == 2 for t in content)
     assert client.chat.completions.create(model="smalltalk", messages=[{"role": "user", "content": PROMPT}],
                                           max_tokens=2).choices[0].logprobs is None
-    streamed = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT, "logprobs": 1, "stream": True},
-                          headers={"Authorization": "Bearer sk-test"})
-    assert streamed.status_code == 400 and streamed.json()["error"]["param"] == "logprobs"
+    for stop in (None, _a_stop_inside(client.completions.create(model="smalltalk", prompt=PROMPT, max_tokens=12,
+                                                                **SAMPLED).choices[0].text)):
+        fields = {"model": "smalltalk", "prompt": PROMPT, "max_tokens": 12, "logprobs": 2, "echo": True,
+                  "stop": stop, **SAMPLED}
+        whole = client.completions.create(**fields).choices[0]
+        parts = list(client.completions.create(stream=True, **fields))
+        streamed = {key: [x for p in parts for c in p.choices if c.logprobs for x in getattr(c.logprobs, key)]
+                    for key in ("tokens", "token_logprobs", "text_offset")}
+        assert "".join(c.text for p in parts for c in p.choices) == whole.text
+        assert streamed == {key: getattr(whole.logprobs, key) for key in streamed}
+    chat_fields = {"model": "smalltalk", "messages": [{"role": "user", "content": PROMPT}], "max_tokens": 4,
+                   "temperature": 0, "logprobs": True, "top_logprobs": 1}
+    whole_chat = client.chat.completions.create(**chat_fields).choices[0].logprobs.content
+    streamed_chat = [t for p in client.chat.completions.create(stream=True, **chat_fields) for c in p.choices
+                     if c.logprobs for t in c.logprobs.content]
+    assert [(t.token, t.logprob) for t in streamed_chat] == [(t.token, t.logprob) for t in whole_chat]
     no_echo = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPT, "max_tokens": 0},
                          headers={"Authorization": "Bearer sk-test"})
     assert no_echo.status_code == 400 and no_echo.json()["error"]["param"] == "max_tokens"

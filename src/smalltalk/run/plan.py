@@ -6,6 +6,8 @@ sequences plus scoring, by all E routers on the prefix, of every sequence a rout
 
 from __future__ import annotations
 
+import math
+
 from smalltalk.config import Config
 from smalltalk.flops import forward_flops, training_flops
 from smalltalk.mixture.run_flops import paper_router_overhead
@@ -74,9 +76,22 @@ def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = Non
         {"stage": "experts data (optional)", "disk": n * seq * token_bytes, "memory": framework, "hours": None},
         {"stage": "each expert job", "disk": state * tc.keep_checkpoints + count_params(expert) * 4,
          "memory": framework + state, "hours": expert_flops / rate},
+        *_refine_row(cfg, expert, router, framework, rate, router_rate),
         {"stage": "dense (matched)", "disk": state * tc.keep_checkpoints + count_params(expert) * 4,
          "memory": framework + state, "hours": experts * expert_flops / rate},
     ]
+
+
+def _refine_row(cfg: Config, expert, router, framework: float, rate: float, router_rate: float) -> list[dict]:
+    """The optional refine stage (mixture/refine.py): every expert over the sample, then the routers
+    fine-tuned on their prefixes."""
+    rf, rc = cfg.refine, cfg.routing
+    if not rf.sequences:
+        return []
+    labelling = rf.sequences * rc.experts * forward_flops(expert, cfg.data.seq_len, 1, "paper")
+    tuning = training_flops(router, rc.prefix, 1, math.ceil(rf.passes * rf.sequences), "paper")
+    return [{"stage": "refine (optional)", "disk": rc.experts * count_params(router) * 12,
+             "memory": framework + count_params(expert) * 4, "hours": labelling / rate + tuning / router_rate}]
 
 
 def format_plan(result: dict, peak: float, mfu: float) -> str:

@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.requests import ClientDisconnect
 
 from smalltalk.serving.engine import Engine
-from smalltalk.serving.logprobs import chat_logprobs, completion_logprobs
+from smalltalk.serving.logprobs import StreamedChoice, choice_logprobs, prompt_text
 from smalltalk.serving.metrics import render_metrics
 from smalltalk.serving.protocol import Cancelled, RequestError
 from smalltalk.untrusted import BadInput, parse_json
@@ -242,17 +242,12 @@ async def _answer(engine: Engine, request: Request, body: object, chat: bool, en
     answers = []
     tokenizer = engine.validator.tokenizer
     for c, (text, finish, _) in zip(choices, results, strict=True):
-        if chat:
-            answer = {"index": c["index"], "message": {"role": "assistant", "content": text}, "finish_reason": finish,
-                      "logprobs": None if c["logprobs"] is None else
-                      chat_logprobs(tokenizer, c.get("token_logprobs", []), len(text) if c["stop"] else None)}
-        else:
-            if c["echo"]:  # the prompt, then the completion; log-probs of both
-                text = (c["prompt"] if isinstance(c["prompt"], str) else tokenizer.decode(c["prompt"])) + text
-            entries = (c.get("prompt_logprobs", []) if c["echo"] else []) + c.get("token_logprobs", [])
-            answer = {"index": c["index"], "text": text, "finish_reason": finish,
-                      "logprobs": None if c["logprobs"] is None else
-                      completion_logprobs(tokenizer, entries, len(text) if c["stop"] else None)}
+        if c["echo"]:  # the prompt, then the completion; log-probs of both
+            text = prompt_text(tokenizer, c) + text
+        logprobs = choice_logprobs(tokenizer, c, chat, len(text) if c["stop"] else None)
+        answer = ({"index": c["index"], "message": {"role": "assistant", "content": text}, "finish_reason": finish,
+                   "logprobs": logprobs} if chat else
+                  {"index": c["index"], "text": text, "finish_reason": finish, "logprobs": logprobs})
         if len(routings) > 1:  # a batch of prompts: each choice says where its prompt went
             answer["smalltalk"] = routings[c["prompt_index"]]
         answers.append(answer)
@@ -300,13 +295,16 @@ async def _stream(engine: Engine, req: dict, choices: list[dict], routings: list
         return task
 
     tasks = {c["index"]: start(c) for c in choices}
+    sent = {c["index"]: StreamedChoice(engine.validator.tokenizer, c, chat) for c in choices}
     kind = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(index: int, text: str | None, finish: str | None, **extra) -> str:
+    def chunk(index: int, text: str | None, finish: str | None, logprobs: dict | None = None, **extra) -> str:
         if chat:
             choice = {"index": index, "delta": {"content": text} if text is not None else {}, "finish_reason": finish}
+            if logprobs is not None:
+                choice["logprobs"] = logprobs
         else:
-            choice = {"index": index, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
         routing = routings[choices[index]["prompt_index"]] if index < len(choices) else routings[0]
         payload = {"id": rid, "object": kind, "created": int(time.time()), "model": engine.model_name,
                    "choices": [choice], "smalltalk": routing, **extra}
@@ -328,7 +326,8 @@ async def _stream(engine: Engine, req: dict, choices: list[dict], routings: list
                 yield f"data: {json.dumps(_error_body(late))}\n\n"
                 return
             if piece is not None:
-                yield chunk(index, piece, None)
+                text, logprobs = sent[index].piece(piece)
+                yield chunk(index, text, None, logprobs)
                 continue
             open_choices.discard(index)
             try:
@@ -343,7 +342,8 @@ async def _stream(engine: Engine, req: dict, choices: list[dict], routings: list
                 yield f"data: {json.dumps(_error_body(exc))}\n\n"
                 return
             n_new += count
-            yield chunk(index, None, finish)
+            text, logprobs = sent[index].final()
+            yield chunk(index, text or None, finish, logprobs)
         engine.metrics.finished(endpoint, n_new, time.perf_counter() - started)
         if req["include_usage"]:
             yield f"data: {json.dumps({'id': rid, 'object': kind, 'choices': [], 'usage': _usage(req, n_new)})}\n\n"

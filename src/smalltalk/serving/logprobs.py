@@ -52,3 +52,54 @@ def chat_logprobs(tokenizer, entries: list[Entry], text_length: int | None = Non
                 for i, v in alternatives or []]
         content.append({"token": piece, "logprob": logprob, "bytes": list(piece.encode()), "top_logprobs": tops})
     return {"content": content}
+
+
+def prompt_text(tokenizer, choice: dict) -> str:
+    """The prompt as `echo` returns it: the string sent, or the text of the token ids sent."""
+    return choice["prompt"] if isinstance(choice["prompt"], str) else tokenizer.decode(choice["prompt"])
+
+
+def choice_logprobs(tokenizer, choice: dict, chat: bool, text_length: int | None) -> dict | None:
+    """A choice's log-probs in its endpoint's schema (None when not asked): the echoed prompt's entries
+    first, then the generated ones recorded so far."""
+    if choice["logprobs"] is None:
+        return None
+    entries = (choice.get("prompt_logprobs", []) if choice.get("echo") else []) + list(choice.get("token_logprobs", []))
+    return (chat_logprobs if chat else completion_logprobs)(tokenizer, entries, text_length)
+
+
+class StreamedChoice:
+    """What one choice of a stream has sent so far, so that its chunks' texts and log-probs add up to the
+    non-streamed answer: the echoed prompt rides on its first chunk, and each chunk carries the entries
+    whose text starts inside what has been sent (the rest, on the final chunk)."""
+
+    def __init__(self, tokenizer, choice: dict, chat: bool) -> None:
+        self.tokenizer, self.choice, self.chat = tokenizer, choice, chat
+        self.text, self.sent_entries, self.echoed = "", 0, not choice.get("echo")
+
+    def piece(self, piece: str) -> tuple[str, dict | None]:
+        text = self._echo() + piece
+        self.text += text
+        return text, self._new(len(self.text))
+
+    def final(self) -> tuple[str, dict | None]:
+        text = self._echo()
+        self.text += text
+        return text, self._new(len(self.text) if self.choice["stop"] else None)
+
+    def _echo(self) -> str:
+        if self.echoed:
+            return ""
+        self.echoed = True
+        return prompt_text(self.tokenizer, self.choice)
+
+    def _new(self, text_length: int | None) -> dict | None:
+        full = choice_logprobs(self.tokenizer, self.choice, self.chat, text_length)
+        if full is None:
+            return None
+        start = self.sent_entries
+        if self.chat:
+            self.sent_entries = len(full["content"])
+            return {"content": full["content"][start:]}
+        self.sent_entries = len(full["tokens"])
+        return {key: values[start:] for key, values in full.items()}

@@ -213,7 +213,7 @@ def _completion_prompts(prompt: object) -> list[str | list[int]]:
 
 def _logprobs(body: dict, chat: bool) -> dict:
     """{"logprobs": alternatives per token or None (off), "echo": bool}. Completions: `logprobs` 0-5 and
-    `echo`; chat: `logprobs` true/false and `top_logprobs` 0-20 (no echo). Not yet streamed (a 400)."""
+    `echo`; chat: `logprobs` true/false and `top_logprobs` 0-20 (no echo)."""
     top, echo = body.get("top_logprobs"), body.get("echo")
     limit = MAX_LOGPROBS["chat" if chat else "completions"]
     if chat:
@@ -236,9 +236,6 @@ def _logprobs(body: dict, chat: bool) -> dict:
             raise RequestError(400, "'top_logprobs' is a field of chat; completions take 'logprobs': N", "top_logprobs")
         if echo is not None and not isinstance(echo, bool):
             raise RequestError(400, "'echo' must be true or false", "echo")
-    if (count is not None or echo) and body.get("stream"):
-        raise RequestError(400, "'logprobs' and 'echo' are not yet implemented for streamed responses",
-                           "logprobs" if count is not None else "echo", "unsupported_field")
     return {"logprobs": count, "echo": bool(echo)}
 
 

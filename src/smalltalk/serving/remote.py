@@ -63,10 +63,14 @@ class RemoteEngine(RoutesEachPrompt):
             self._names[expert] = r.json()["data"][0]["id"]
         return self._names[expert]
 
+    def validate(self, body: object, chat: bool) -> dict:
+        req = super().validate(body, chat)
+        if req["logprobs"] is not None or req["echo"]:  # refused before anything is routed or streamed
+            raise RequestError(400, "'logprobs' and 'echo' are not implemented with --backend openai",
+                               "logprobs" if req["logprobs"] is not None else "echo", "unsupported_field")
+        return req
+
     def generate(self, req: dict, routing: dict, on_text: OnText = None) -> tuple[str, str, int]:
-        if req.get("logprobs") is not None or req.get("echo"):
-            raise RequestError(400, "'logprobs' and 'echo' are not implemented with --backend openai", "logprobs",
-                               "unsupported_field")
         expert = routing["expert"]
         pieces, finish, usage = [], "length", None
         try:
