@@ -16,7 +16,12 @@ mixed prompts, so mixed experts, max_tokens 8-64, sampled with a seed): output t
 tokens answered / wall time) and p50 / p99 latency, the median of --repeats rounds.
 
   python benchmarks/bench_serve.py --run runs/demo [--requests 200] [--timeout 300] [--hostile]
+With --n, the batching engine answers the same seeded samples as one request with `n: 4` per prompt and
+as four separate requests per prompt (seeds s .. s + 3: the same texts), all sent at once, in alternation:
+output tokens/s of each, medians of --repeats rounds, and their ratio.
+
   python benchmarks/bench_serve.py --run runs/demo --compare [--clients 1 8 32 128] [--repeats 3]
+  python benchmarks/bench_serve.py --run runs/demo --n [--repeats 5]
 """
 
 from __future__ import annotations
@@ -136,7 +141,10 @@ def main() -> int:
     ap.add_argument("--compare", action="store_true", help="serial vs batching engine at --clients")
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32, 128])
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--n", action="store_true", help="n: 4 in one request vs four separate requests")
     args = ap.parse_args()
+    if args.n:
+        return n_versus_separate(args)
     if args.hostile:
         return hostile_load(args)
     if args.compare:
@@ -222,6 +230,37 @@ def compare_engines(args) -> int:
         for proc, _ in servers.values():
             proc.terminate()
             proc.wait(timeout=30)
+    return 0
+
+
+async def samples(base: str, together: bool, timeout: float) -> float:
+    """Output tokens/s of 4 seeded samples of each prompt: one request with n = 4, or four requests."""
+    jobs = [{"model": "smalltalk", "prompt": p, "max_tokens": 32, "temperature": 0.8, "seed": 10 * i}
+            for i, p in enumerate(PROMPTS)]
+    bodies = [{**j, "n": 4} for j in jobs] if together else [{**j, "seed": j["seed"] + k} for j in jobs
+                                                                for k in range(4)]
+    async with httpx.AsyncClient(timeout=timeout, limits=httpx.Limits(max_connections=len(bodies))) as client:
+        wall = time.perf_counter()
+        answers = await asyncio.gather(*(client.post(f"{base}/v1/completions", json=b) for b in bodies))
+        wall = time.perf_counter() - wall
+    assert all(a.status_code == 200 for a in answers), [a.text[:200] for a in answers if a.status_code != 200]
+    return sum(a.json()["usage"]["completion_tokens"] for a in answers) / wall
+
+
+def n_versus_separate(args) -> int:
+    proc, base = start(args.run, None)
+    try:
+        rates: dict[str, list[float]] = {"n: 4": [], "4 requests": []}
+        for r in range(args.repeats):
+            for name in (list(rates) if r % 2 == 0 else list(rates)[::-1]):
+                rates[name].append(asyncio.run(samples(base, name == "n: 4", args.timeout)))
+        med = {name: statistics.median(v) for name, v in rates.items()}
+        for name, value in med.items():
+            print(f"{name}: {value:.0f} output tokens/s (median of {args.repeats})")
+        print(f"n: 4 / four requests: **{med['n: 4'] / med['4 requests']:.2f}×**")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
     return 0
 
 
