@@ -139,9 +139,14 @@ def test_routing_front_forwards_to_expert_servers_and_survives_a_dead_one(pipeli
         stopped = client.completions.create(model="smalltalk", prompt=prompt_for[0], max_tokens=8, temperature=0,
                                             stop=["never-there"], n=2)  # stop passed on, n fanned out in front
         assert [c.index for c in stopped.choices] == [0, 1]
-        with pytest.raises(APIStatusError) as refused:  # not implemented through backends: said, not dropped
-            client.completions.create(model="smalltalk", prompt=prompt_for[0], max_tokens=2, logprobs=1)
-        assert refused.value.status_code == 400 and "unsupported_field" in str(refused.value.body)
+        direct = OpenAI(base_url=f"{backends[0][1]}/v1", api_key="none", max_retries=0)
+        for fields in ({"max_tokens": 3, "logprobs": 2, "echo": True}, {"max_tokens": 0, "logprobs": 1, "echo": True},
+                       {"max_tokens": 3, "logprobs": 0}):  # the backend's own log-probs, passed through
+            own = direct.completions.create(model="expert-0", prompt=prompt_for[0], temperature=0, **fields)
+            routed = client.completions.create(model="smalltalk", prompt=prompt_for[0], temperature=0, **fields)
+            assert routed.choices[0].text == own.choices[0].text
+            assert routed.choices[0].logprobs.token_logprobs == pytest.approx(own.choices[0].logprobs.token_logprobs)
+            assert routed.choices[0].logprobs.tokens == own.choices[0].logprobs.tokens
         dead = mixture.num_experts - 1
         backends[dead][0].send_signal(signal.SIGKILL)
         backends[dead][0].wait(timeout=10)

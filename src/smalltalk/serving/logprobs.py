@@ -10,7 +10,26 @@ from __future__ import annotations
 
 import torch
 
-Entry = tuple[int, float | None, list[tuple[int, float]] | None]
+Entry = tuple[int | str, float | None, list[tuple[int | str, float]] | None]  # str: a backend's token text
+
+
+def _text(tokenizer, token: int | str) -> str:
+    return token if isinstance(token, str) else tokenizer.decode([token])
+
+
+def backend_entries(legacy: dict) -> list[Entry]:
+    """Entries from a backend's completions `logprobs` (the legacy schema; tokens as the backend's text)."""
+    tokens, values, tops = legacy["tokens"], legacy["token_logprobs"], legacy["top_logprobs"]
+    if not (isinstance(tokens, list) and isinstance(values, list) and isinstance(tops, list)
+            and len(tokens) == len(values) == len(tops)):
+        raise TypeError("the backend's logprobs are not three lists of one length")
+    out = []
+    for token, value, top in zip(tokens, values, tops, strict=True):
+        if not isinstance(token, str) or not (value is None or isinstance(value, (int, float))) or \
+                not (top is None or isinstance(top, dict)):
+            raise TypeError("a backend logprobs entry has the wrong types")
+        out.append((token, value, None if top is None else [(str(k), float(v)) for k, v in top.items()]))
+    return out
 
 
 def token_entries(logits: torch.Tensor, targets: list[int], top: int) -> list[Entry]:
@@ -33,11 +52,11 @@ def completion_logprobs(tokenizer, entries: list[Entry], text_length: int | None
     for token, logprob, alternatives in entries:
         if text_length is not None and offset >= text_length and out["tokens"]:
             break
-        piece = tokenizer.decode([token])
+        piece = _text(tokenizer, token)
         out["tokens"].append(piece)
         out["token_logprobs"].append(logprob)
         out["top_logprobs"].append(None if alternatives is None else
-                                   {tokenizer.decode([i]): v for i, v in alternatives})
+                                   {_text(tokenizer, i): v for i, v in alternatives})
         out["text_offset"].append(offset)
         offset += len(piece)
     return out
@@ -48,7 +67,7 @@ def chat_logprobs(tokenizer, entries: list[Entry], text_length: int | None = Non
     legacy = completion_logprobs(tokenizer, entries, text_length)
     content = []
     for (_, logprob, alternatives), piece in zip(entries, legacy["tokens"], strict=False):
-        tops = [{"token": tokenizer.decode([i]), "logprob": v, "bytes": list(tokenizer.decode([i]).encode())}
+        tops = [{"token": _text(tokenizer, i), "logprob": v, "bytes": list(_text(tokenizer, i).encode())}
                 for i, v in alternatives or []]
         content.append({"token": piece, "logprob": logprob, "bytes": list(piece.encode()), "top_logprobs": tops})
     return {"content": content}

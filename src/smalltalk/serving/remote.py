@@ -19,6 +19,7 @@ from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import OnText, RoutesEachPrompt
+from smalltalk.serving.logprobs import backend_entries
 from smalltalk.serving.protocol import Cancelled, RequestError, Validator, route_on
 
 
@@ -63,17 +64,23 @@ class RemoteEngine(RoutesEachPrompt):
             self._names[expert] = r.json()["data"][0]["id"]
         return self._names[expert]
 
-    def validate(self, body: object, chat: bool) -> dict:
-        req = super().validate(body, chat)
-        if req["logprobs"] is not None or req["echo"]:  # refused before anything is routed or streamed
-            raise RequestError(400, "'logprobs' and 'echo' are not implemented with --backend openai",
-                               "logprobs" if req["logprobs"] is not None else "echo", "unsupported_field")
-        return req
+    def _prompt_entries(self, expert: int, req: dict) -> list:
+        """`echo`: the prompt's log-probs from the backend itself (one scoring request, max_tokens 0)."""
+        body = {"model": self._model_name(expert), "prompt": req["prompt"], "max_tokens": 0, "echo": True,
+                "logprobs": req["logprobs"] or 0}
+        response = self.client.post(f"{self.urls[expert]}/completions", json=body)
+        if response.status_code != 200:
+            raise _backend_error(expert, response)
+        return backend_entries(response.json()["choices"][0]["logprobs"])
 
     def generate(self, req: dict, routing: dict, on_text: OnText = None) -> tuple[str, str, int]:
         expert = routing["expert"]
         pieces, finish, usage = [], "length", None
         try:
+            if req.get("echo"):
+                req["prompt_logprobs"] = self._prompt_entries(expert, req)
+            if req["max_tokens"] == 0:
+                return "", "length", 0
             body = {"model": self._model_name(expert), "prompt": req["prompt"], "max_tokens": req["max_tokens"],
                     "temperature": req["temperature"], "top_p": req["top_p"], "stream": True,
                     "stream_options": {"include_usage": True}}
@@ -81,6 +88,8 @@ class RemoteEngine(RoutesEachPrompt):
                 body["seed"] = req["seed"]
             if req.get("stop"):
                 body["stop"] = req["stop"]
+            if req.get("logprobs") is not None:
+                body["logprobs"] = req["logprobs"]
             left = req["deadline"] - time.monotonic() if "deadline" in req else 600.0  # the request's deadline
             with self.client.stream("POST", f"{self.urls[expert]}/completions", json=body,
                                     timeout=httpx.Timeout(max(left, 0.1), connect=5.0)) as response:
@@ -99,6 +108,8 @@ class RemoteEngine(RoutesEachPrompt):
                             if on_text is not None:
                                 on_text(text)
                         finish = choice.get("finish_reason") or finish
+                        if req.get("logprobs") is not None and choice.get("logprobs"):
+                            req.setdefault("token_logprobs", []).extend(backend_entries(choice["logprobs"]))
                 n_new = usage["completion_tokens"] if usage else None
                 if not isinstance(n_new, (int, type(None))) or isinstance(n_new, bool):
                     raise TypeError("usage.completion_tokens is not an integer")
