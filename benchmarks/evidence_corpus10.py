@@ -67,9 +67,9 @@ def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict 
     run = root / name
     donor = next((p for p in sorted(root.glob(f"E{experts}-*-s{seed}"))
                   if p != run and (p / "dense" / "matched-experts" / "train_manifest.json").is_file()), None)
-    share_experts_only_dense(run, donor)
-    if row == "refine":
+    if row == "refine":  # first: the fork needs `run` not to exist yet
         fork_until_experts(root / f"E{experts}-paper-em-s{seed}", run)
+    share_experts_only_dense(run, donor)
     seeds = [f"{key}={seed}" for key in ("data.order_seed", "routing.seed", "routing.train.seed", "train.seed")]
     overrides = [f"data.inputs=[{CORPUS}]", f"routing.experts={experts}", *ROWS[row], *seeds, "dense.bigger=false"]
     started = time.perf_counter()
