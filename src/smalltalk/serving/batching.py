@@ -29,7 +29,7 @@ from transformers import DynamicCache
 
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import Engine, OnText
-from smalltalk.serving.logprobs import token_entries
+from smalltalk.serving.logprobs import prompt_entries, token_entries
 from smalltalk.serving.protocol import Cancelled, RequestError, StopText, TextDecoder, Validator, route_on
 
 
@@ -305,13 +305,12 @@ class BatchedEngine(Engine):
         out = model(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=positions.to(device),
                     **{cache_kw: cache}, use_cache=True, logits_to_keep=0 if echo else 1)
         for i, row in enumerate(rows):
-            if row.req.get("echo"):  # position t predicts token t + 1; the first token has no entry
-                prompt = row.req["ids"][0].tolist()
-                row.req["prompt_logprobs"] = [(prompt[0], None, None)] + token_entries(
-                    out.logits[i, width - lengths[i]:width - 1].cpu(), prompt[1:], row.req["logprobs"] or 0)
+            if row.req.get("echo"):
+                row.req["prompt_logprobs"] = prompt_entries(out.logits[i, width - lengths[i]:width - 1].cpu(),
+                                                            row.req["ids"][0].tolist(), row.req["logprobs"] or 0)
+            if row.req["max_tokens"] == 0:  # echo only: scored, nothing to generate
+                self._end(row, "length")
         keep = [i for i, row in enumerate(rows) if row.req["max_tokens"] > 0]
-        for i in sorted(set(range(len(rows))) - set(keep)):  # echo only: scored, nothing to generate
-            self._end(rows[i], "length")
         if not keep:
             return
         index = torch.tensor(keep, device=device)

@@ -44,6 +44,12 @@ def token_entries(logits: torch.Tensor, targets: list[int], top: int) -> list[En
     return [(int(t), c, a) for t, c, a in zip(targets, chosen, alternatives, strict=True)]
 
 
+def prompt_entries(logits: torch.Tensor, prompt: list[int], top: int) -> list[Entry]:
+    """`echo`'s entries of a prompt from the logits of its positions [len(prompt) - 1, V] (position t predicts
+    token t + 1): nothing predicts the first token."""
+    return [(prompt[0], None, None)] + token_entries(logits, prompt[1:], top)
+
+
 def completion_logprobs(tokenizer, entries: list[Entry], text_length: int | None = None) -> dict:
     """The legacy schema: token strings, their log-probs, {token: log p} of the alternatives, character
     offsets; with `text_length` (a stop string cut the text), only the entries that start inside it."""

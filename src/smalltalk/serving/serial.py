@@ -15,7 +15,7 @@ from transformers import StoppingCriteria, StoppingCriteriaList
 
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.serving.engine import OnText, RoutesEachPrompt
-from smalltalk.serving.logprobs import token_entries
+from smalltalk.serving.logprobs import prompt_entries, token_entries
 from smalltalk.serving.protocol import Cancelled, StopText, TextDecoder, Validator, route_on
 
 
@@ -68,12 +68,10 @@ class SerialEngine(RoutesEachPrompt):
             sink = _TextSink(StopText(TextDecoder(self.mixture.tokenizer), req.get("stop") or []), on_text)
             model = self.mixture.expert(routing["expert"])
             ids = req["ids"].to(self.mixture.device)
-            if req.get("echo"):  # the prompt's own log-probs: position t predicts token t + 1
-                prompt = req["ids"][0].tolist()
+            if req.get("echo"):  # the prompt's own log-probs
                 with torch.inference_mode():
                     logits = model(input_ids=ids).logits[0, :-1].cpu()
-                req["prompt_logprobs"] = [(prompt[0], None, None)] + token_entries(logits, prompt[1:],
-                                                                                   req["logprobs"] or 0)
+                req["prompt_logprobs"] = prompt_entries(logits, req["ids"][0].tolist(), req["logprobs"] or 0)
             if req["max_tokens"] == 0:
                 return "", "length", 0
             if req["seed"] is not None:
