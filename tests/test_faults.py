@@ -31,7 +31,8 @@ def _command(run: Path, corpus: Path, instructions: Path) -> list[str]:
     return [sys.executable, "-m", "smalltalk.cli", "run", "--config", str(TINY_CONFIG), "--run", str(run),
             "--set", f"data.inputs=[{corpus}]", "--set", "data.max_docs=null", "--set", "routing.chunk=240",
             "--set", "routing.experts=3", "--set", "routing.rounds=3", "--set", "sft.enabled=true",
-            "--set", f"sft.data={instructions}", "--set", "sft.micro_batch_size=8", "--set", "refine.sequences=96"]
+            "--set", f"sft.data={instructions}", "--set", "sft.micro_batch_size=8", "--set", "refine.sequences=96",
+            "--set", "experts.init=trunk", "--set", "train.checkpoint_every=5"]  # a trunk stage to be killed in
 
 
 ROUNDS = 3  # EM rounds of the command below: each is a place to be killed in, like a stage

@@ -19,11 +19,13 @@ def _stage(name: str):
 
 
 def test_stage_table_is_the_pipeline_order():
-    assert STAGE_NAMES == ("tokenizer", "data", "routers", "partition", "experts", "refine", "dense", "eval", "report",
-                           "sft")
+    assert STAGE_NAMES == ("tokenizer", "data", "trunk", "routers", "partition", "experts", "refine", "dense", "eval",
+                           "report", "sft")
     assert set(LAUNCHABLE) <= set(STAGE_NAMES)
-    for earlier, later in zip(STAGES, STAGES[1:], strict=False):  # later stages depend on all earlier ones do
+    chain = [s for s in STAGES if s.name != "trunk"]  # the trunk needs the data only: off the routing chain
+    for earlier, later in zip(chain, chain[1:], strict=False):  # later stages depend on all earlier ones do
         assert set(earlier.sections) <= set(later.sections), (earlier.name, later.name)
+    assert set(_stage("data").sections) <= set(_stage("trunk").sections) <= set(_stage("experts").sections)
 
 
 def test_digest_follows_what_a_stage_depends_on():
@@ -36,7 +38,11 @@ def test_digest_follows_what_a_stage_depends_on():
     assert digest(cfg, _stage("experts")) != digest(lr, _stage("experts"))
     refined = load_config(TINY_CONFIG, ["refine.sequences=64"])
     assert [digest(cfg, s) == digest(refined, s) for s in STAGES] == [s.name in (
-        "tokenizer", "data", "routers", "partition", "experts") for s in STAGES]
+        "tokenizer", "data", "trunk", "routers", "partition", "experts") for s in STAGES]
+    trunk = load_config(TINY_CONFIG, ["experts.init=trunk"])
+    assert [digest(cfg, s) == digest(trunk, s) for s in STAGES] == [s.name in (
+        "tokenizer", "data", "routers", "partition") for s in STAGES]
+    assert "experts" not in stage_config(cfg, _stage("experts"))  # scratch: digests of older runs still match
     assert "refine" not in stage_config(cfg, _stage("eval"))  # off: digests of runs made before it still match
 
 

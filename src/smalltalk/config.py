@@ -131,7 +131,8 @@ class RoutingConfig:
 # Settings added after runs existed, left out of stage digests and EM state while at the value that
 # reproduces the old behaviour: a run made before they existed still resumes.
 ADDED_LATER = {"routing": {"router_init": "shared", "init_split": "random", "share_passes": None,
-                           "oracle_grouping": "balanced"}}
+                           "oracle_grouping": "balanced"},
+               "experts": {"init": "scratch", "trunk_fraction": 0.25, "pretrained": None}}
 
 
 @dataclass
@@ -152,6 +153,12 @@ SECTIONS_ADDED_LATER = ("refine",)
 class ExpertsConfig:
     parallel: int = 1  # expert jobs at once on this machine (threads are split between them)
     materialize: bool = False  # write each share as RUN/experts-data/KK first (expert jobs then need only it)
+    # Where every expert starts (mixture/start.py): "scratch" (the paper), "trunk" (a dense model of the
+    # experts' architecture trained on all the data first, as BTM / c-BTM) or "pretrained" (a local HF
+    # Llama checkpoint, as BTX / FlexOlmo). Departures from the paper, each a named option.
+    init: str = "scratch"
+    trunk_fraction: float = 0.25  # init=trunk: the share of the experts' budget (E x train.steps) the trunk spends
+    pretrained: str | None = None  # init=pretrained: the checkpoint directory (its tokenizer becomes the run's)
 
 
 @dataclass
@@ -264,6 +271,7 @@ def _checked(cfg: Config, source: str) -> Config:
         if train_cfg.forward not in FORWARDS:
             raise SmalltalkError(f"{key}.forward={train_cfg.forward!r}", where=source,
                                  fix=f"use one of {', '.join(FORWARDS)} (training/paths.py)")
+    _check_experts_init(cfg, source)
     rf = cfg.refine
     if rf.sequences < 0 or rf.passes <= 0 or rf.heldout_sequences < 0 or (rf.lr is not None and rf.lr <= 0):
         raise SmalltalkError(f"refine.sequences={rf.sequences}, refine.passes={rf.passes}, refine.lr={rf.lr}, "
@@ -278,6 +286,28 @@ def _checked(cfg: Config, source: str) -> Config:
         raise SmalltalkError(f"eval.prefixes {bad} are outside [2, data.seq_len={cfg.data.seq_len}]", where=source,
                              fix="drop them from eval.prefixes")
     return cfg
+
+
+EXPERT_INITS = ("scratch", "trunk", "pretrained")  # mixture/start.py
+
+
+def _check_experts_init(cfg: Config, source: str) -> None:
+    ex = cfg.experts
+    if ex.init not in EXPERT_INITS:
+        raise SmalltalkError(f"experts.init={ex.init!r}", where=source, fix=f"use one of {', '.join(EXPERT_INITS)}")
+    if ex.init == "trunk" and not 0 < ex.trunk_fraction < 1:
+        raise SmalltalkError(f"experts.trunk_fraction={ex.trunk_fraction} with experts.init=trunk", where=source,
+                             fix="use a fraction in (0, 1) of the experts' budget; experts.init=scratch for none")
+    if ex.init == "pretrained":
+        if not ex.pretrained:
+            raise SmalltalkError("experts.init=pretrained needs experts.pretrained", where=source,
+                                 fix="set experts.pretrained to a local Hugging Face Llama checkpoint directory")
+        if not Path(ex.pretrained).is_dir():
+            raise SmalltalkError(f"experts.pretrained={ex.pretrained}: no such directory", where=source,
+                                 fix="point it at a local Hugging Face Llama checkpoint directory")
+    elif ex.pretrained:
+        raise SmalltalkError(f"experts.pretrained={ex.pretrained} with experts.init={ex.init}: it would be ignored",
+                             where=source, fix="set experts.init=pretrained, or drop experts.pretrained")
 
 
 def _build(cls: type, raw: dict[str, Any], prefix: str, source: str) -> Any:

@@ -7,7 +7,9 @@ use SwiGLU with intermediate = 2/3 * 4H, which has the same parameters and FLOPs
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 from smalltalk.config import ModelConfig
 from smalltalk.errors import SmalltalkError
@@ -23,6 +25,7 @@ class ModelSpec:
     num_kv_heads: int | None = None
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-5
     paper_dff: int | None = None  # the paper's plain-MLP width, for its FLOPs formula (default 1.5 × ffn)
 
     @property
@@ -93,7 +96,7 @@ def hf_config(spec: ModelSpec, max_positions: int):
         num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
         num_key_value_heads=spec.kv_heads, max_position_embeddings=max_positions,
         tie_word_embeddings=spec.tie_embeddings, rope_theta=spec.rope_theta, hidden_act="silu",
-        rms_norm_eps=1e-5, attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
+        rms_norm_eps=spec.rms_norm_eps, attention_bias=False, mlp_bias=False, bos_token_id=None, eos_token_id=None,
         pad_token_id=None, attn_implementation="sdpa")
 
 
@@ -108,12 +111,59 @@ def build_model(spec: ModelSpec, max_positions: int, seed: int = 0):
     return LlamaForCausalLM(config)
 
 
+def rope_theta_of(config) -> float:
+    """RoPE's base from an HF config: `rope_parameters` (transformers 5) or `rope_theta` (older files)."""
+    params = getattr(config, "rope_parameters", None) or {}
+    return float(params.get("rope_theta") or getattr(config, "rope_theta", None) or 10000.0)
+
+
 def spec_from_hf(config) -> ModelSpec:
     return ModelSpec(
         hidden_size=config.hidden_size, num_layers=config.num_hidden_layers,
         num_heads=config.num_attention_heads, intermediate_size=config.intermediate_size,
         vocab_size=config.vocab_size, num_kv_heads=config.num_key_value_heads,
-        tie_embeddings=bool(config.tie_word_embeddings))
+        tie_embeddings=bool(config.tie_word_embeddings), rope_theta=rope_theta_of(config),
+        rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-5)))
+
+
+def pretrained_spec(directory: Path, vocab_size: int | None = None) -> ModelSpec:
+    """The architecture of a local HF Llama checkpoint, or one clear error saying why it cannot be an expert."""
+    config_file = directory / "config.json"
+    fix = "point experts.pretrained at a directory saved by LlamaForCausalLM.save_pretrained (safetensors)"
+    if not config_file.is_file():
+        raise SmalltalkError(f"{directory} is not a Hugging Face checkpoint: no config.json", where=str(directory),
+                             fix=fix)
+    if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
+        raise SmalltalkError(f"{directory} has no safetensors weights (model.safetensors or its index)",
+                             where=str(directory), fix=fix + "; convert .bin weights with save_pretrained")
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(str(directory))
+    except (ValueError, OSError, json.JSONDecodeError) as exc:
+        raise SmalltalkError(f"unreadable config: {exc}", where=str(config_file), fix=fix) from None
+    if config.model_type != "llama":
+        raise SmalltalkError(f"{directory} is not a plain Llama checkpoint this trainer builds (model_type "
+                             f"{config.model_type!r})", where=str(config_file), fix="use a LlamaForCausalLM checkpoint")
+    unsupported = {"hidden_act": (config.hidden_act, "silu"),
+                   "attention_bias": (getattr(config, "attention_bias", False), False),
+                   "mlp_bias": (getattr(config, "mlp_bias", False), False),
+                   "rope type": ((getattr(config, "rope_parameters", None) or {}).get("rope_type", "default"),
+                                 "default"),
+                   "head_dim": (getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                                config.hidden_size // config.num_attention_heads)}
+    bad = {k: v for k, (v, want) in unsupported.items() if v != want}
+    if bad:
+        raise SmalltalkError(f"{directory} is not a plain Llama checkpoint this trainer builds ({bad})",
+                             where=str(config_file), fix="use a LlamaForCausalLM with SiLU MLPs, no biases, "
+                             "default RoPE and head_dim = hidden_size / heads")
+    spec = spec_from_hf(config)
+    if vocab_size is not None and spec.vocab_size != vocab_size:
+        raise SmalltalkError(f"{directory} has {spec.vocab_size} embedding rows but the run's tokenizer "
+                             f"{vocab_size} tokens", where=str(config_file),
+                             fix="resize its embeddings to the tokenizer (model.resize_token_embeddings(len(tok))) "
+                                 "and save it again")
+    return spec
 
 
 def count_params(spec: ModelSpec, embeddings: bool = True) -> int:

@@ -1,4 +1,4 @@
-"""Training verbs: `experts train|add|remove`, `dense train`, `train lm`."""
+"""Training verbs: `trunk train`, `experts train|add|remove`, `dense train`, `train lm`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ import argparse
 from smalltalk.commands.common import add_common, is_main_rank, load, path_or
 from smalltalk.errors import SmalltalkError
 from smalltalk.layout import DENSE_KINDS
+
+
+def cmd_trunk_train(args: argparse.Namespace) -> None:
+    from smalltalk.mixture.start import train_trunk
+
+    cfg, run = load(args)
+    summary = train_trunk(cfg, run)
+    if is_main_rank():
+        print(f"trunk: {summary['steps']} steps on the whole train split, final loss {summary['final_loss']:.4f} "
+              f"-> {run.trunk}; every expert branches from it")
 
 
 def cmd_experts_train(args: argparse.Namespace) -> None:
@@ -99,6 +109,12 @@ def cmd_train_lm(args: argparse.Namespace) -> None:
 
 
 def register(sub) -> None:
+    trunk = sub.add_parser("trunk", help="the shared trunk (experts.init=trunk)").add_subparsers(dest="action",
+                                                                                               required=True)
+    p = trunk.add_parser("train", help="train the dense trunk every expert branches from (resumes)")
+    add_common(p)
+    p.set_defaults(func=cmd_trunk_train)
+
     experts = sub.add_parser("experts", help="expert stage").add_subparsers(dest="action", required=True)
     p = experts.add_parser("train", help="train expert K on its partition share (or --all)")
     add_common(p)
@@ -113,7 +129,7 @@ def register(sub) -> None:
     p = experts.add_parser("add", help="train a new router + expert on new documents and append the pair")
     add_common(p)
     p.add_argument("--data", nargs="+", required=True, help="new documents (jsonl/txt/parquet files or dirs)")
-    p.add_argument("--steps", type=int, help="expert steps (default: train.steps of the run)")
+    p.add_argument("--steps", type=int, help="expert steps (default: the run's experts' steps)")
     p.add_argument("--router-steps", type=int, help="router steps (default: EM rounds x routing.train.steps)")
     p.set_defaults(func=cmd_experts_add)
     p = experts.add_parser("remove", help="drop expert K and its router from the mixture")

@@ -56,7 +56,9 @@ def cmd_launch(args: argparse.Namespace) -> None:
             if merge:
                 print(submit(merge, after=job.split(";")[0]))
     elif args.stage == "experts":
-        records = launch_experts_local(run, cfg.train.steps, args.parallel or cfg.experts.parallel)
+        from smalltalk.mixture.start import expert_steps
+
+        records = launch_experts_local(run, expert_steps(cfg), args.parallel or cfg.experts.parallel)
         failed = [k for k, r in enumerate(records) if r["state"] != "done"]
         if failed:
             raise SmalltalkError(f"experts {failed} failed", where=str(run.jobs),

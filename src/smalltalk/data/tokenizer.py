@@ -17,6 +17,7 @@ from smalltalk.data.ingest import iter_documents, split_of
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
 from smalltalk.layout import TokenizerFiles, manifest_of
+from smalltalk.model import pretrained_spec
 
 
 def encode_text(tokenizer, text: str) -> list[int]:
@@ -68,7 +69,11 @@ def train_tokenizer(cfg: Config, out_dir: str | Path) -> dict:
 
 
 def make_tokenizer(cfg: Config, out_dir: str | Path, pretrained: str | Path | None = None) -> dict:
-    """The tokenizer stage: adopt `pretrained` (or tokenizer.pretrained) when given, else fit BPE."""
+    """The tokenizer stage: adopt `pretrained` (or tokenizer.pretrained, or the checkpoint the experts start
+    from with experts.init=pretrained: its embeddings fit its own tokenizer only) when given, else fit BPE."""
+    if cfg.experts.init == "pretrained" and not (pretrained or cfg.tokenizer.pretrained):
+        pretrained_spec(Path(cfg.experts.pretrained))  # a checkpoint at all? (fails before any work)
+        pretrained = cfg.experts.pretrained
     pretrained = pretrained or cfg.tokenizer.pretrained
     return adopt_pretrained(cfg, pretrained, out_dir) if pretrained else train_tokenizer(cfg, out_dir)
 

@@ -38,6 +38,11 @@ class RunLayout:
         return self.root / "partition"
 
     @property
+    def trunk(self) -> Path:
+        """The shared trunk every expert branches from (experts.init=trunk; mixture/start.py): a TrainFiles dir."""
+        return self.root / "trunk"
+
+    @property
     def experts_dir(self) -> Path:
         return self.root / "experts"
 

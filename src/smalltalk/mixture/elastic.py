@@ -30,7 +30,8 @@ from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import sha256_file, write_json
 from smalltalk.layout import RouterFiles, RunLayout, manifest_of
 from smalltalk.mixture.model import SmallTalkMixture
-from smalltalk.model import ModelSpec, resolve_spec
+from smalltalk.mixture.start import expert_spec, expert_train_config, start_model
+from smalltalk.model import ModelSpec
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import score_split
 from smalltalk.training.nll import token_nll
@@ -100,10 +101,11 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
     router_spec = ModelSpec(**routers_manifest["router_spec"])
     router_dir = RouterFiles(run.routers).router(f"{k:02d}").root
     router = train(TrainJob(router_spec, router_cfg, data, router_dir, name=f"router {k:02d}"), resume=True)
-    expert_cfg = dataclasses.replace(cfg.train, record_consumed=True, seed=cfg.train.seed + k,
-                                     steps=expert_steps or cfg.train.steps)
-    expert = train(TrainJob(resolve_spec(cfg.model, data.vocab_size), expert_cfg, data, run.expert(k),
-                            val=val if len(val) else None, name=f"expert {k:02d}"), resume=True)
+    expert_cfg = expert_train_config(cfg, k)  # branched from where the others started (mixture/start.py)
+    expert_cfg = dataclasses.replace(expert_cfg, steps=expert_steps or expert_cfg.steps)
+    expert = train(TrainJob(expert_spec(cfg, data.vocab_size), expert_cfg, data, run.expert(k),
+                            val=val if len(val) else None, name=f"expert {k:02d}", init_from=start_model(cfg, run)),
+                   resume=True)
 
     manifest["router_dirs"] = [*manifest["router_dirs"], run.router_model_rel(f"{k:02d}")]
     manifest["expert_dirs"] = [*manifest["expert_dirs"], run.expert_model_rel(k)]

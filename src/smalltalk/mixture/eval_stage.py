@@ -29,6 +29,7 @@ from smalltalk.fsutil import read_json, sha256_file, write_json
 from smalltalk.layout import DENSE_KINDS, HF_CONFIG, RunLayout, TokenizerFiles, TrainFiles, manifest_of
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.mixture.run_flops import ACCOUNTINGS, inference_flops, routing_overhead_flops
+from smalltalk.mixture.start import start_flops
 from smalltalk.mixture.tally import MixtureTally, batch_nll
 from smalltalk.model import spec_from_hf
 from smalltalk.routing.routers import score_split
@@ -175,12 +176,13 @@ def _flops(run: RunLayout, mixture: SmallTalkMixture, prefix: int, seq_len: int,
             out[acc] = {"inference": inference_flops(run, expert_spec, prefix, seq_len, acc)}
             continue
         experts = sum(s["training_flops"][acc] for s in run.expert_summaries())
-        overhead = routing_overhead_flops(run, acc)
+        overhead, trunk = routing_overhead_flops(run, acc), start_flops(run, acc)
         dense = {k: run.dense_summary(k)["training_flops"][acc] for k in DENSE_KINDS if run.dense_summary(k)}
+        # the matched models continue from the trunk (its FLOPs spent once for both); `bigger` starts afresh
         targets = {"matched": experts + overhead["total"], "matched-experts": experts,
-                   "bigger": experts + overhead["total"]}
-        out[acc] = {"experts_training": experts, "routing_overhead": overhead,
-                    "mixture_training": experts + overhead["total"],
+                   "bigger": trunk + experts + overhead["total"]}
+        out[acc] = {"trunk_training": trunk, "experts_training": experts, "routing_overhead": overhead,
+                    "mixture_training": trunk + experts + overhead["total"],
                     "training_overhead": overhead["total"] / experts, "dense_training": dense,
                     # each dense model's FLOPs over the budget it was matched to (1 up to a step's rounding)
                     "dense_budget_ratio": {k: v / targets[k] for k, v in dense.items()},
@@ -217,7 +219,8 @@ def format_results(results: dict) -> str:
     flops = results["flops"]["exact"]
     lines.append("")
     if "experts_training" in flops:  # a run (a bare mixture directory has no training records)
-        lines.append(f"training FLOPs (exact): experts {flops['experts_training']:.3e} + routing "
+        trunk = f"trunk {flops['trunk_training']:.3e} + " if flops.get("trunk_training") else ""
+        lines.append(f"training FLOPs (exact): {trunk}experts {flops['experts_training']:.3e} + routing "
                      f"{flops['routing_overhead']['total']:.3e} ({flops['training_overhead']:.1%}); dense "
                      + ", ".join(f"{k} {v:.3e}" for k, v in flops["dense_training"].items()))
     if results.get("epochs"):

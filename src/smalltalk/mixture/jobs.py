@@ -1,13 +1,16 @@
 """Expert and dense-baseline jobs.
 
-An expert trains from scratch on its partition share only, as a self-contained job (own process,
-checkpoints, logs): nothing is shared with the other experts at run time. The dense baselines train on
-the whole train split, each for a FLOPs budget:
-- `matched`: one expert's architecture, for the mixture's whole training budget: the experts' FLOPs plus
-  every routing FLOP (EM router training, EM scoring, partition scoring). At our CPU scale routing costs
-  13-16% of the experts, so leaving it out would hand the mixture free compute.
+An expert trains on its partition share only, as a self-contained job (own process, checkpoints, logs):
+nothing is shared with the other experts at run time. It starts where experts.init says (mixture/start.py):
+random weights (the paper), the run's trunk, or a pretrained checkpoint. The dense baselines train on the
+whole train split, each for a FLOPs budget:
+- `matched`: one expert's architecture, from the experts' starting point, for the mixture's whole training
+  budget after it: the experts' FLOPs plus every routing FLOP (EM router training, EM scoring, partition
+  scoring). At our CPU scale routing costs 13-16% of the experts, so leaving it out would hand the mixture
+  free compute. (A trunk's FLOPs are spent once for both, so both end at the same total.)
 - `matched-experts`: the same, for the experts' FLOPs only (the paper's match; `dense.experts_only`).
-- `bigger`: ~E x one expert's non-embedding size, for the mixture's whole training budget.
+- `bigger`: ~E x one expert's non-embedding size, from scratch, for the mixture's whole training budget
+  (trunk included). Not trained with a pretrained start: it could not start from the same weights.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from smalltalk.data.shards import SplitData, write_subset
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import training_flops
 from smalltalk.layout import DENSE_KINDS, RunLayout, manifest_of
+from smalltalk.mixture.start import expert_spec, expert_train_config, start_flops, start_model
 from smalltalk.model import ModelSpec, count_params, resolve_spec
 from smalltalk.routing.partition import load_share
 from smalltalk.training.trainer import TrainJob, train
@@ -30,6 +34,7 @@ def train_expert(cfg: Config, run: RunLayout, index: int, resume: bool = True) -
     """Train expert `index` on its share (resumes from its checkpoints when present). Reads RUN/experts-data/KK
     when `smalltalk experts data` wrote it (then RUN/data and RUN/partition need not be on this machine),
     else its share's ids of RUN/data: the same tokens in the same order either way."""
+    start = start_model(cfg, run)  # first: a wrong checkpoint or a missing trunk fails before any data is read
     own = run.expert_data(index)
     if manifest_of(own).is_file():
         data, val, ids = SplitData(own, "train"), SplitData(own, "validation"), None
@@ -39,10 +44,8 @@ def train_expert(cfg: Config, run: RunLayout, index: int, resume: bool = True) -
             raise SmalltalkError(f"expert {index} does not exist (the partition has {experts})")
         data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
         ids = load_share(run.partition, index)
-    spec = resolve_spec(cfg.model, data.vocab_size)
-    train_cfg = dataclasses.replace(cfg.train, record_consumed=True, seed=cfg.train.seed + index)
-    job = TrainJob(spec, train_cfg, data, run.expert(index), ids=ids, val=val if len(val) else None,
-                   name=f"expert {index:02d}")
+    job = TrainJob(expert_spec(cfg, data.vocab_size), expert_train_config(cfg, index), data, run.expert(index),
+                   ids=ids, val=val if len(val) else None, name=f"expert {index:02d}", init_from=start)
     return train(job, resume=resume)
 
 
@@ -60,7 +63,8 @@ def write_expert_data(cfg: Config, run: RunLayout, experts: list[int] | None = N
 
 def dense_kinds(cfg: Config) -> list[str]:
     """The dense baselines a config asks for."""
-    wanted = {"matched": True, "matched-experts": cfg.dense.experts_only, "bigger": cfg.dense.bigger}
+    bigger = cfg.dense.bigger and cfg.experts.init != "pretrained"
+    wanted = {"matched": True, "matched-experts": cfg.dense.experts_only, "bigger": bigger}
     return [kind for kind in DENSE_KINDS if wanted[kind]]
 
 
@@ -80,10 +84,11 @@ def train_dense(cfg: Config, run: RunLayout, kind: str = "matched", resume: bool
     """Dense baseline on the whole train split, sized against the trained experts."""
     experts = run.num_experts()
     data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
-    spec = resolve_spec(cfg.model, data.vocab_size)
-    tc = cfg.train
+    spec = expert_spec(cfg, data.vocab_size)
+    tc, init_from = cfg.train, None
     if kind in ("matched", "matched-experts"):
-        budget = mixture_training_flops(run) if kind == "matched" else experts_training_flops(run)
+        init_from = start_model(cfg, run)
+        budget = mixture_training_flops(run) - start_flops(run) if kind == "matched" else experts_training_flops(run)
         train_cfg = matched_config(tc, budget, training_flops(spec, tc.seq_len or data.seq_len, 1, 1), experts,
                                    cfg.dense.match)
     elif kind == "bigger":
@@ -96,10 +101,11 @@ def train_dense(cfg: Config, run: RunLayout, kind: str = "matched", resume: bool
     else:
         raise SmalltalkError(f"unknown dense kind {kind!r} (use {', '.join(DENSE_KINDS)})")
     out = run.dense_kind(kind)
-    job = TrainJob(spec, train_cfg, data, out, val=val if len(val) else None, name=f"dense {kind}")
+    job = TrainJob(spec, train_cfg, data, out, val=val if len(val) else None, name=f"dense {kind}",
+                   init_from=init_from)
     summary = train(job, resume=resume)
     summary["non_embedding_ratio_to_expert"] = count_params(spec, False) / count_params(
-        resolve_spec(cfg.model, data.vocab_size), False)
+        expert_spec(cfg, data.vocab_size), False)
     return summary
 
 
@@ -122,7 +128,9 @@ def experts_training_flops(run: RunLayout, accounting: str = "exact") -> float:
 
 
 def mixture_training_flops(run: RunLayout, accounting: str = "exact") -> float:
-    """Experts' training FLOPs plus the routing overhead (router EM + scoring): the mixture's whole budget."""
+    """The mixture's whole budget: the trunk's FLOPs (if any), the experts' and the routing overhead (router
+    EM + scoring)."""
     from smalltalk.mixture.run_flops import routing_overhead_flops
 
-    return experts_training_flops(run, accounting) + routing_overhead_flops(run, accounting)["total"]
+    return (start_flops(run, accounting) + experts_training_flops(run, accounting)
+            + routing_overhead_flops(run, accounting)["total"])

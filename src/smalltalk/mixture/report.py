@@ -167,11 +167,12 @@ def _plot_domains(results: dict, out: Path, plt) -> list[str]:
 
 
 def _flops_table(results: dict) -> list[str]:
-    lines = ["| accounting | experts training | routing overhead | overhead | dense matched in full "
+    lines = ["| accounting | trunk | experts training | routing overhead | overhead | dense matched in full "
              "| inference overhead |",
-             "|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|"]
     for acc, f in results["flops"].items():
-        lines.append(f"| {acc} | {f['experts_training']:.3e} | {f['routing_overhead']['total']:.3e} | "
+        lines.append(f"| {acc} | {f.get('trunk_training', 0.0):.3e} | {f['experts_training']:.3e} | "
+                     f"{f['routing_overhead']['total']:.3e} | "
                      f"{f['training_overhead']:.2%} | {f['dense_training'].get('matched', float('nan')):.3e} | "
                      f"{f['inference']['overhead']:.2%} |")
     return lines

@@ -23,8 +23,8 @@ from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout, manifest_of
 
 # The `smalltalk` verbs that run a stage of a run as one job; each reads RUN/config.json.
-STAGE_VERBS = {"data": ["data", "prepare"], "routers": ["routers", "train"], "partition": ["partition"],
-               "experts": ["experts", "train"],
+STAGE_VERBS = {"data": ["data", "prepare"], "trunk": ["trunk", "train"], "routers": ["routers", "train"],
+               "partition": ["partition"], "experts": ["experts", "train"],
                "refine": ["routers", "refine"], "dense": ["dense", "train"], "eval": ["eval"]}
 IN_PARTS = ("data", "partition")  # stages run as P part jobs + a merge
 LAUNCHABLE = tuple(STAGE_VERBS)
@@ -158,7 +158,7 @@ def slurm_script(run: RunLayout, stage: str, gpus: int = 1, partition: str | Non
     if tasks:
         lines.append(f"# every {'expert' if experts else 'part'} is an independent job: no communication with "
                      "the other array tasks")
-    if (tasks or stage == "partition") and stage != "data":  # data prepare is CPU work: no torchrun
+    if (tasks or stage in ("partition", "trunk")) and stage != "data":  # data prepare is CPU work: no torchrun
         lines.append(f"torchrun --standalone --nproc_per_node {gpus} -m smalltalk.cli {command}")
     else:
         lines.append(f"smalltalk {command}")
@@ -195,12 +195,13 @@ def train_all_experts(cfg: Config, run: RunLayout, parallel: int) -> dict:
     resumes; once all are done, returns mixture.json."""
     from smalltalk.mixture.jobs import write_expert_data
     from smalltalk.mixture.model import write_mixture_manifest
+    from smalltalk.mixture.start import expert_steps
 
     save_config(cfg, run.config_file)
     if cfg.experts.materialize:
         missing = [k for k in range(run.num_experts()) if not manifest_of(run.expert_data(k)).is_file()]
         write_expert_data(cfg, run, missing)
-    records = launch_experts_local(run, cfg.train.steps, parallel)
+    records = launch_experts_local(run, expert_steps(cfg), parallel)
     failed = [k for k, r in enumerate(records) if r["state"] != "done"]
     if failed:
         raise SmalltalkError(f"experts {failed} failed", where=str(run.jobs),

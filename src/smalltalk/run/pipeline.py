@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from smalltalk.config import ADDED_LATER, SECTIONS_ADDED_LATER, Config, save_config
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import remove_stale_temps, write_json
-from smalltalk.layout import RunLayout, manifest_of
+from smalltalk.layout import RunLayout, TrainFiles, manifest_of
 
 
 def _tokenizer(cfg: Config, run: RunLayout) -> None:
@@ -44,6 +44,20 @@ def _partition(cfg: Config, run: RunLayout) -> None:
     from smalltalk.routing.partition import partition_run
 
     partition_run(cfg, run)
+
+
+def _trunk(cfg: Config, run: RunLayout) -> None:
+    """Only with experts.init=trunk: otherwise a no-op that records the digest."""
+    if cfg.experts.init == "trunk":
+        from smalltalk.mixture.start import train_trunk
+
+        train_trunk(cfg, run)
+
+
+def _trunk_done(cfg: Config, run: RunLayout) -> bool:
+    from smalltalk.mixture.start import trunk_steps
+
+    return cfg.experts.init != "trunk" or TrainFiles(run.trunk).done(trunk_steps(cfg))
 
 
 def _experts(cfg: Config, run: RunLayout) -> None:
@@ -95,7 +109,9 @@ def _sft(cfg: Config, run: RunLayout) -> None:
 
 
 def _experts_done(cfg: Config, run: RunLayout) -> bool:
-    return run.has_mixture() and all(run.expert_done(k) for k in range(run.num_experts()))
+    from smalltalk.mixture.start import expert_steps
+
+    return run.has_mixture() and all(run.expert_done(k, expert_steps(cfg)) for k in range(run.num_experts()))
 
 
 def _dense_done(cfg: Config, run: RunLayout) -> bool:
@@ -114,13 +130,15 @@ class Stage:
 
 _DATA = ("data", "tokenizer")
 _ROUTING = (*_DATA, "routing")
-_EXPERTS = (*_ROUTING, "model", "train")
+_TRUNK = (*_DATA, "model", "train", "experts")
+_EXPERTS = (*_ROUTING, "model", "train", "experts")
 _REFINE = (*_EXPERTS, "refine")
 _EVAL = (*_REFINE, "dense", "eval")
 
 STAGES: tuple[Stage, ...] = (
     Stage("tokenizer", _tokenizer, lambda cfg, run: manifest_of(run.tokenizer).is_file(), _DATA),
     Stage("data", _data, lambda cfg, run: manifest_of(run.data).is_file(), _DATA),
+    Stage("trunk", _trunk, _trunk_done, _TRUNK),  # experts.init=trunk only; needs the data, not the routers
     Stage("routers", _routers, lambda cfg, run: manifest_of(run.routers).is_file(), _ROUTING),
     Stage("partition", _partition, lambda cfg, run: manifest_of(run.partition).is_file(), _ROUTING),
     Stage("experts", _experts, _experts_done, _EXPERTS),
@@ -136,7 +154,7 @@ STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # Settings that change how fast a stage runs, never what it produces: left out of the digest.
 _VOLATILE = {"train": ("num_threads", "progress", "device", "tensorboard", "forward"),
              "routing.train": ("num_threads", "progress", "device", "tensorboard", "forward"),
-             "routing": ("parallel",)}
+             "routing": ("parallel",), "experts": ("parallel", "materialize")}
 
 
 def stage_config(cfg: Config, stage: Stage) -> dict:
@@ -156,7 +174,7 @@ def stage_config(cfg: Config, stage: Stage) -> dict:
             section = section.get(part, {})
         for key in keys:
             section.pop(key, None)
-    return picked
+    return {k: v for k, v in picked.items() if v != {}}  # a section left empty: as if it were not there
 
 
 def digest(cfg: Config, stage: Stage) -> str:

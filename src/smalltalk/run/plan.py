@@ -11,6 +11,7 @@ import math
 from smalltalk.config import Config
 from smalltalk.flops import forward_flops, training_flops
 from smalltalk.mixture.run_flops import paper_router_overhead
+from smalltalk.mixture.start import expert_spec, expert_steps, trunk_steps
 from smalltalk.model import count_params, resolve_spec
 
 GPU_PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12}  # dense bf16 FLOP/s
@@ -19,27 +20,43 @@ GPU_PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12}  # 
 def plan(cfg: Config, vocab_size: int | None = None) -> dict:
     rc, tc = cfg.routing, cfg.train
     vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    expert = resolve_spec(cfg.model, vocab)
+    expert = _expert_spec(cfg, vocab)
     router = resolve_spec(rc.router, vocab)
     seq = cfg.data.seq_len
     batch = tc.micro_batch_size * tc.grad_accum
+    steps, trunk = expert_steps(cfg), trunk_steps(cfg) if cfg.experts.init == "trunk" else 0
     router_steps = rc.rounds * rc.steps_per_round()
     router_batch = rc.train.micro_batch_size * rc.train.grad_accum
-    experts_flops = rc.experts * training_flops(expert, seq, batch, tc.steps, "paper")
-    overhead = paper_router_overhead(rc.experts, router_steps, router_batch, seq, rc.prefix, tc.steps, batch) \
+    experts_flops = rc.experts * training_flops(expert, seq, batch, steps, "paper")
+    trunk_flops = training_flops(expert, seq, batch, trunk, "paper") if trunk else 0.0
+    overhead = paper_router_overhead(rc.experts, router_steps, router_batch, seq, rc.prefix, steps, batch) \
         if rc.method == "em" else 0.0
-    jobs = [f"routers: {rc.rounds} EM rounds x {rc.experts} router jobs of {rc.steps_per_round()} steps "
+    start = {"trunk": "from the trunk", "pretrained": f"from {cfg.experts.pretrained}",
+             "scratch": "from scratch"}[cfg.experts.init]
+    jobs = [*([f"trunk: {trunk} steps x batch {batch} x {seq} tokens = {trunk * batch * seq / 1e9:.2f}B tokens of "
+               f"the whole train split ({cfg.experts.trunk_fraction:.0%} of the experts' budget)"] if trunk else []),
+            f"routers: {rc.rounds} EM rounds x {rc.experts} router jobs of {rc.steps_per_round()} steps "
             f"(batch {router_batch}, prefix {rc.prefix}), chunk {rc.chunk} sequences per round",
             "partition: score every training sequence with all routers (torchrun-parallel)",
-            *[f"expert {k:02d}: {tc.steps} steps x batch {batch} x {seq} tokens = "
-              f"{tc.steps * batch * seq / 1e9:.2f}B tokens" for k in range(rc.experts)],
-            f"dense (matched in full: experts + routing FLOPs, match={cfg.dense.match}): "
+            *[f"expert {k:02d}: {steps} steps x batch {batch} x {seq} tokens = "
+              f"{steps * batch * seq / 1e9:.2f}B tokens, {start}" for k in range(rc.experts)],
+            f"dense (matched in full: experts + routing FLOPs, match={cfg.dense.match}, {start}): "
             f"{(experts_flops + overhead) / training_flops(expert, seq, 1, 1, 'paper') * seq / 1e9:.2f}B tokens"
-            + (f"; experts only: {rc.experts * tc.steps * batch * seq / 1e9:.2f}B tokens" if cfg.dense.experts_only
+            + (f"; experts only: {rc.experts * steps * batch * seq / 1e9:.2f}B tokens" if cfg.dense.experts_only
                else "")]
     return {"jobs": jobs, "expert_params": count_params(expert), "router_params": count_params(router),
-            "tokens_per_expert": tc.steps * batch * seq, "experts_training_flops": experts_flops,
-            "router_overhead_flops": overhead, "total_training_flops": experts_flops + overhead}
+            "tokens_per_expert": steps * batch * seq, "experts_training_flops": experts_flops,
+            "trunk_training_flops": trunk_flops, "router_overhead_flops": overhead,
+            "total_training_flops": trunk_flops + experts_flops + overhead}
+
+
+def _expert_spec(cfg: Config, vocab: int):
+    """The experts' architecture; a pretrained checkpoint's own (its vocabulary is the run's)."""
+    if cfg.experts.init == "pretrained":
+        from transformers import AutoConfig
+
+        return expert_spec(cfg, AutoConfig.from_pretrained(cfg.experts.pretrained).vocab_size)
+    return expert_spec(cfg, vocab)
 
 
 # Fraction of the bf16 peak that the paper's 4.4M routers reach on one H200 (d 96, head dim 8: memory- and
@@ -54,7 +71,7 @@ def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = Non
     corpus holds exactly what the experts consume (each share read once) plus the validation/test splits."""
     rc, tc = cfg.routing, cfg.train
     vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    expert, router = resolve_spec(cfg.model, vocab), resolve_spec(rc.router, vocab)
+    expert, router = _expert_spec(cfg, vocab), resolve_spec(rc.router, vocab)
     seq, batch, experts = cfg.data.seq_len, tc.micro_batch_size * tc.grad_accum, rc.experts
     n = experts * tc.steps * batch  # training sequences
     token_bytes = 2 if vocab < 65536 else 4
@@ -66,9 +83,13 @@ def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = Non
     router_train = experts * training_flops(router, seq, rc.train.micro_batch_size * rc.train.grad_accum,
                                             rc.rounds * rc.steps_per_round(), "paper")
     scoring = n * experts * forward_flops(router, rc.prefix, 1, "paper")
-    expert_flops = training_flops(expert, seq, batch, tc.steps, "paper")
+    expert_flops = training_flops(expert, seq, batch, expert_steps(cfg), "paper")
+    trunk = trunk_steps(cfg) if cfg.experts.init == "trunk" else 0
     return [
         {"stage": "data", "disk": n * seq * token_bytes * held_out, "memory": framework, "hours": None},
+        *([{"stage": "trunk", "disk": state * tc.keep_checkpoints + count_params(expert) * 4,
+             "memory": framework + state, "hours": training_flops(expert, seq, batch, trunk, "paper") / rate}]
+          if trunk else []),
         {"stage": "routers (EM)", "disk": experts * count_params(router) * 12 * (tc.keep_checkpoints + 1),
          "memory": framework + rc.chunk * experts * 4 * 3, "hours": router_train / router_rate},
         {"stage": "partition", "disk": 2 * n * 8, "memory": framework + chunk * (experts * 4 * 3 + 8 * 6),
@@ -100,7 +121,9 @@ def format_plan(result: dict, peak: float, mfu: float) -> str:
     lines = ["jobs:", *[f"  {j}" for j in result["jobs"]], "",
              f"expert {result['expert_params'] / 1e6:.1f}M params, router {result['router_params'] / 1e6:.2f}M params, "
              f"{result['tokens_per_expert'] / 1e9:.2f}B tokens per expert",
-             f"training FLOPs (paper accounting): experts {result['experts_training_flops'] / 1e19:.2f}e19 + routing "
+             "training FLOPs (paper accounting): " + (f"trunk {result['trunk_training_flops'] / 1e19:.2f}e19 + "
+                                                      if result.get("trunk_training_flops") else "")
+             + f"experts {result['experts_training_flops'] / 1e19:.2f}e19 + routing "
              f"{result['router_overhead_flops'] / 1e19:.2f}e19 = {result['total_training_flops'] / 1e19:.2f}e19",
              f"GPU-hours at {mfu:.0%} MFU of {peak / 1e12:.0f} TFLOP/s: {hours:,.0f} in all, "
              f"{per_expert / (peak * mfu) / 3600:,.0f} per expert job"]

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from smalltalk.fsutil import read_json, read_jsonl
 from smalltalk.layout import RunLayout, TrainFiles, manifest_of
+from smalltalk.mixture.start import steps_after_start
 from smalltalk.run.pipeline import STAGE_NAMES
 from smalltalk.training.checkpoint import latest_checkpoint
 
@@ -45,11 +46,15 @@ def expert_status(run: RunLayout, index: int, target_steps: int | None) -> dict:
 def run_status(run: RunLayout) -> dict:
     stages = run.stages()
     config = run.config() or {}
-    target = config.get("train", {}).get("steps")
+    target, experts_cfg = config.get("train", {}).get("steps"), config.get("experts", {})
+    init = experts_cfg.get("init", "scratch")
+    if target:
+        target = steps_after_start(target, init, experts_cfg.get("trunk_fraction", 0.0))
     out = {"run": str(run.root), "stages": {}}
-    for name, directory in {"tokenizer": run.tokenizer, "data": run.data, "routers": run.routers,
+    for name, directory in {"tokenizer": run.tokenizer, "data": run.data, "trunk": None, "routers": run.routers,
                             "partition": run.partition}.items():
-        out["stages"][name] = "done" if manifest_of(directory).is_file() else "pending"
+        out["stages"][name] = _trunk_state(run, init) if directory is None else \
+            "done" if manifest_of(directory).is_file() else "pending"
     for name in STAGE_NAMES[STAGE_NAMES.index("refine"):]:
         out["stages"][name] = "done" if name in stages else "pending"
     experts = run.num_experts() if manifest_of(run.partition).is_file() else 0
@@ -63,6 +68,16 @@ def run_status(run: RunLayout) -> dict:
     out["stages"]["experts"] = ("failed" if "failed" in states else "done" if states == {"done"}
                                 else "running" if "running" in states else "pending") if experts else "pending"
     return out
+
+
+def _trunk_state(run: RunLayout, init: str) -> str:
+    """The trunk stage (experts.init=trunk only): done, running at step S, or pending. What is on disk wins
+    over the config (a hand-run `trunk train` writes no RUN/config.json)."""
+    if init != "trunk" and not run.trunk.exists():
+        return "unused" if init == "scratch" else f"unused ({init} start)"
+    files = TrainFiles(run.trunk)
+    step = _last_metrics(files.metrics).get("step")
+    return "done" if files.done() else f"running (step {step})" if step else "pending"
 
 
 def format_status(status: dict) -> str:

@@ -316,10 +316,14 @@ def _finish(job: TrainJob, model, step: int, tokens: int, seq: int, global_batch
 
 
 def _load_weights(model: torch.nn.Module, model_dir: Path) -> None:
-    """Start from a trained HF model of the same shape (its positions may be fewer than the data's)."""
+    """Start from a trained HF model of the same shape (its positions may be fewer than the data's): one
+    safetensors file, or the shards its index names (as large checkpoints are saved)."""
     from safetensors.torch import load_file
 
-    state = load_file(str(model_dir / WEIGHTS))
+    index = model_dir / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
+    state = {name: tensor for file in files for name, tensor in load_file(str(model_dir / file)).items()
+             if not name.endswith("rotary_emb.inv_freq")}  # a buffer older checkpoints saved; recomputed here
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or [k for k in missing if k != "lm_head.weight"]:  # a tied head is saved once
         raise SmalltalkError(f"{model_dir} does not fit the model: missing {missing[:3]}, unexpected "
