@@ -25,25 +25,32 @@ def share_experts_only_dense(run: Path, donor: Path | None) -> None:
 
 
 UNTIL_EXPERTS = ("tokenizer", "data", "routers", "partition", "experts")
+STAGE_FILES = {"experts": ("experts", "mixture.json")}  # a stage's files other than its directory of that name
 
 
 def fork_until_experts(source: Path, run: Path) -> None:
-    """Start `run` from `source`'s artifacts up to its trained experts (hard links: stages replace files,
-    never edit them), for a row that differs only after the experts (refine). No-op until `source`'s
-    experts are done, or once `run` exists."""
-    stages = source / "stages.json"
-    if run.exists() or not (source / "mixture.json").is_file() or not stages.is_file():
+    """Start `run` from `source`'s artifacts up to its trained experts, for a row that differs only after the
+    experts (refine)."""
+    fork_stages(source, run, UNTIL_EXPERTS)
+
+
+def fork_stages(source: Path, run: Path, stages: tuple[str, ...]) -> None:
+    """Start `run` from `source`'s artifacts of `stages` (hard links: stages replace files, never edit them);
+    `smalltalk run` then checks their digests against its config and runs the rest. No-op until all of
+    them are done in `source`, or once `run` exists."""
+    record = source / "stages.json"
+    if run.exists() or not record.is_file():
         return
-    done = {k: v for k, v in json.loads(stages.read_text()).items() if k in UNTIL_EXPERTS}
-    if set(done) != set(UNTIL_EXPERTS):
+    done = {k: v for k, v in json.loads(record.read_text()).items() if k in stages}
+    if set(done) != set(stages) or ("experts" in stages and not (source / "mixture.json").is_file()):
         return
     tmp = run.with_name(run.name + ".forking")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for name in (*UNTIL_EXPERTS[:-1], "experts", "mixture.json"):
+    for name in (f for stage in stages for f in STAGE_FILES.get(stage, (stage,))):
         if (source / name).is_dir():
             shutil.copytree(source / name, tmp / name, copy_function=os.link)
-        else:
+        elif (source / name).is_file():
             os.link(source / name, tmp / name)
     shutil.copy2(source / "config.json", tmp / "config.json")  # the run's settings (refine reads routing.train)
     (tmp / "stages.json").write_text(json.dumps(done, indent=1))

@@ -1,0 +1,150 @@
+"""Experts that branch from a shared trunk (issue #31), studied on validation.
+
+For each corpus and E, a scratch run (experts.init=scratch: the paper) is the base: it trains the dense
+model matched in full and the ~E x bigger dense model at equal training FLOPs. Each trunk fraction f forks
+the base's tokenizer, data, routers and partition (hard links), then trains the trunk (f of the experts'
+E x train.steps budget, on the whole train split), the experts from it ((1 - f) x train.steps each) and the
+dense model matched in full from the same trunk. Total training FLOPs are the base's (the bigger model's
+budget): trunk + experts = the scratch experts' FLOPs exactly when f x E x steps is whole.
+
+Reported per row, at the main prefix after M̂ (validation): the mixture's perplexity, ÷ the dense model
+matched in full from the same start, and the share of the gap between the scratch mixture and the bigger
+dense model that the trunk closes: (mix(0) − mix(f)) / (mix(0) − bigger). The issue's target: some f beats
+scratch at both E and closes at least a third of that gap.
+
+Corpora: `demo` (configs/demo.yaml: the corpus `make demo` builds, RUN runs/demo-corpus; its E = 4 base is
+forked from runs/demo when that run is done) and `corpus10` (configs/corpus10.yaml, ../shared). Finished
+rows are skipped; rows go to --json as they finish. `--final` evaluates the test split of finished runs once.
+
+  python benchmarks/trunk_study.py [--corpora demo corpus10] [--experts 4 8] [--fractions 0.1 0.25 0.5]
+      [--root runs/trunk-study] [--json benchmarks/results/trunk_study.json] [--final] [--table-only]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from corpus10_runs import CORPUS, ROOT, fork_stages
+
+from smalltalk.cli import main as smalltalk
+
+CONFIGS = {"demo": ROOT / "configs" / "demo.yaml", "corpus10": ROOT / "configs" / "corpus10.yaml"}
+INPUTS = {"demo": ROOT / "runs" / "demo-corpus", "corpus10": CORPUS}
+DEMO_RUN = ROOT / "runs" / "demo"  # `make demo`: the demo's E = 4 scratch run, forked instead of retrained
+MAIN_PREFIX = 64
+UNTIL_PARTITION = ("tokenizer", "data", "routers", "partition")
+STUDY = ["sft.enabled=false", "dense.experts_only=false"]  # what no row of this study reads
+
+
+def _run(run: Path, corpus: str, overrides: list[str], final: bool) -> dict | None:
+    args = ["run", "--config", str(CONFIGS[corpus]), "--run", str(run), "--set", f"data.inputs=[{INPUTS[corpus]}]",
+            *[x for o in [*STUDY, *overrides] for x in ("--set", o)]]
+    code = smalltalk(args)
+    if code == 0 and final and not (run / "eval-final" / "results.json").is_file():
+        code = smalltalk(["eval", "--run", str(run), "--final"])
+    if code != 0:
+        print(f"{run.name}: failed ({code})", flush=True)
+        return None
+    results = json.loads((run / ("eval-final" if final else "eval") / "results.json").read_text())
+    assert results["split"] == ("test" if final else "validation"), run
+    return next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
+
+
+def base_run(root: Path, corpus: str, experts: int, final: bool) -> dict | None:
+    """The scratch mixture, its dense model matched in full and the bigger dense model."""
+    run = root / f"{corpus}-E{experts}-scratch"
+    if corpus == "demo" and experts == 4 and not run.exists():  # `make demo`'s own run, same config:
+        fork_stages(DEMO_RUN, run, (*UNTIL_PARTITION, "experts"))
+        if run.is_dir() and (DEMO_RUN / "dense").is_dir():  # its finished dense jobs resume as done (same budgets)
+            shutil.copytree(DEMO_RUN / "dense", run / "dense", copy_function=os.link)
+    main = _run(run, corpus, [f"routing.experts={experts}", "dense.bigger=true"], final)
+    if main is None:
+        return None
+    return {"mixture": main["mixture_after"]["ppl"], "dense": main["dense_matched_after"]["ppl"],
+            "bigger": main["dense_bigger_after"]["ppl"]}
+
+
+def trunk_run(root: Path, corpus: str, experts: int, fraction: float, final: bool) -> dict | None:
+    base, run = root / f"{corpus}-E{experts}-scratch", root / f"{corpus}-E{experts}-trunk{fraction:g}"
+    fork_stages(base, run, UNTIL_PARTITION)
+    if not run.is_dir():
+        return None
+    main = _run(run, corpus, [f"routing.experts={experts}", "experts.init=trunk", f"experts.trunk_fraction={fraction}",
+                              "dense.bigger=false"], final)
+    if main is None:
+        return None
+    return {"mixture": main["mixture_after"]["ppl"], "dense": main["dense_matched_after"]["ppl"]}
+
+
+def table(rows: list[dict]) -> str:
+    split = rows[0]["split"] if rows else "validation"
+    out = [f"{split} split, perplexity after M̂ = {MAIN_PREFIX}; every row at the same total training FLOPs",
+           "", "| corpus | E | trunk fraction | mixture | dense matched (same start) | mixture ÷ dense | "
+           "bigger dense (scratch) | gap to bigger closed |", "|---|---|---|---|---|---|---|---|"]
+    bases = {(r["corpus"], r["experts"]): r for r in rows if r["fraction"] == 0}
+    for r in sorted(rows, key=lambda r: (r["corpus"], r["experts"], r["fraction"])):
+        base = bases.get((r["corpus"], r["experts"]))
+        bigger = base["bigger"] if base else float("nan")
+        closed = (base["mixture"] - r["mixture"]) / (base["mixture"] - bigger) if base else float("nan")
+        out.append(f"| {r['corpus']} | {r['experts']} | {r['fraction']:g} | {r['mixture']:.2f} | {r['dense']:.2f} | "
+                   f"{r['mixture'] / r['dense']:.3f} | {bigger:.2f} | {closed:+.0%} |")
+    out += ["", "target: a fraction below scratch at both E, closing at least a third of the gap to the bigger model:"]
+    for (corpus, experts), base in sorted(bases.items()):
+        trunks = [r for r in rows if (r["corpus"], r["experts"]) == (corpus, experts) and r["fraction"] > 0]
+        if not trunks:
+            continue
+        best = min(trunks, key=lambda r: r["mixture"])
+        closed = (base["mixture"] - best["mixture"]) / (base["mixture"] - base["bigger"])
+        verdict = "met" if best["mixture"] < base["mixture"] and closed >= 1 / 3 else "MISSED"
+        out.append(f"- {corpus} E = {experts}: best f = {best['fraction']:g}, {best['mixture']:.2f} vs scratch "
+                   f"{base['mixture']:.2f}, {closed:.0%} of the gap to {base['bigger']:.2f} closed: {verdict}")
+    return "\n".join(out)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--root", default="runs/trunk-study")
+    ap.add_argument("--corpora", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    ap.add_argument("--experts", nargs="+", type=int, default=[4, 8])
+    ap.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.1, 0.5])
+    ap.add_argument("--json", default="benchmarks/results/trunk_study.json")
+    ap.add_argument("--final", action="store_true", help="the test split of every finished run, once")
+    ap.add_argument("--table-only", action="store_true")
+    args = ap.parse_args()
+    path = Path(args.json if not args.final else args.json.replace(".json", "_final.json"))
+    done = json.loads(path.read_text())["rows"] if path.is_file() else []
+    if args.table_only:
+        print(table(done))
+        return 0
+    seen = {(r["corpus"], r["experts"], r["fraction"]) for r in done}
+    for corpus in args.corpora:
+        if not INPUTS[corpus].is_dir():
+            print(f"{corpus}: no corpus at {INPUTS[corpus]} (skipped; `make demo` builds the demo's)")
+            continue
+        for experts in args.experts:
+            for fraction in [0.0, *args.fractions]:
+                if (corpus, experts, fraction) in seen:
+                    continue
+                started = time.perf_counter()
+                result = base_run(Path(args.root), corpus, experts, args.final) if fraction == 0 else \
+                    trunk_run(Path(args.root), corpus, experts, fraction, args.final)
+                if result is None:
+                    continue
+                done.append({"corpus": corpus, "experts": experts, "fraction": fraction,
+                             "split": "test" if args.final else "validation", **result,
+                             "minutes": round((time.perf_counter() - started) / 60, 1)})
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(json.dumps({"rows": done}, indent=1))
+                print(table(done), flush=True)
+    print(table(done))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
