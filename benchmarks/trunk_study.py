@@ -43,8 +43,9 @@ STUDY = ["sft.enabled=false", "dense.experts_only=false"]  # what no row of this
 
 
 def _run(run: Path, corpus: str, overrides: list[str], final: bool) -> dict | None:
-    args = ["run", "--config", str(CONFIGS[corpus]), "--run", str(run), "--set", f"data.inputs=[{INPUTS[corpus]}]",
-            *[x for o in [*STUDY, *overrides] for x in ("--set", o)]]
+    inputs = [] if corpus == "demo" else [f"data.inputs=[{INPUTS[corpus]}]"]  # demo.yaml's own (relative) path:
+    args = ["run", "--config", str(CONFIGS[corpus]), "--run", str(run),  # runs/demo's digests name it so
+            *[x for o in [*STUDY, *inputs, *overrides] for x in ("--set", o)]]
     code = smalltalk(args)
     if code == 0 and final and not (run / "eval-final" / "results.json").is_file():
         code = smalltalk(["eval", "--run", str(run), "--final"])
