@@ -78,8 +78,8 @@ def test_every_verb_module_registers_its_commands():
     from smalltalk.cli import build_parser
 
     verbs = set(build_parser()._subparsers._group_actions[0].choices)  # argparse keeps them only here
-    assert {"tokenizer", "data", "corpus", "routers", "partition", "experts", "dense", "train", "eval", "report",
-            "model", "sft", "generate", "export", "serve", "run", "plan", "launch", "status"} == verbs
+    assert {"tokenizer", "data", "corpus", "routers", "partition", "trunk", "experts", "dense", "train", "eval",
+            "report", "model", "sft", "generate", "export", "serve", "run", "plan", "launch", "status"} == verbs
     for path in (PACKAGE / "commands").glob("*.py"):
         if path.stem not in ("__init__", "common"):
             assert "def register(sub" in path.read_text(), path.name

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from smalltalk.config import ModelConfig
 from smalltalk.errors import SmalltalkError
+from smalltalk.layout import HF_CONFIG, WEIGHTS, WEIGHTS_INDEX
 
 
 @dataclass(frozen=True)
@@ -128,12 +129,12 @@ def spec_from_hf(config) -> ModelSpec:
 
 def pretrained_spec(directory: Path, vocab_size: int | None = None) -> ModelSpec:
     """The architecture of a local HF Llama checkpoint, or one clear error saying why it cannot be an expert."""
-    config_file = directory / "config.json"
+    config_file = directory / HF_CONFIG
     fix = "point experts.pretrained at a directory saved by LlamaForCausalLM.save_pretrained (safetensors)"
     if not config_file.is_file():
         raise SmalltalkError(f"{directory} is not a Hugging Face checkpoint: no config.json", where=str(directory),
                              fix=fix)
-    if not (directory / "model.safetensors").is_file() and not (directory / "model.safetensors.index.json").is_file():
+    if not (directory / WEIGHTS).is_file() and not (directory / WEIGHTS_INDEX).is_file():
         raise SmalltalkError(f"{directory} has no safetensors weights (model.safetensors or its index)",
                              where=str(directory), fix=fix + "; convert .bin weights with save_pretrained")
     from transformers import AutoConfig

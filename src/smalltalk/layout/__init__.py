@@ -31,6 +31,7 @@ from smalltalk.layout.artifacts import (
     STEP_DIR,
     TRAINER_STATE,
     WEIGHTS,
+    WEIGHTS_INDEX,
     DataFiles,
     PartitionFiles,
     Parts,
@@ -45,6 +46,7 @@ from smalltalk.layout.run import RunLayout
 
 __all__ = [
     "CORPUS_STATS", "DENSE_KINDS", "HF_CONFIG", "MANIFEST", "MODEL_CARD", "REPORT_PLOTS",
-    "STEP_DIR", "TRAINER_STATE", "WEIGHTS", "DataFiles", "PartitionFiles", "Parts", "RouterFiles", "SFTFiles",
+    "STEP_DIR", "TRAINER_STATE", "WEIGHTS", "WEIGHTS_INDEX", "DataFiles", "PartitionFiles", "Parts", "RouterFiles",
+    "SFTFiles",
     "TokenizerFiles", "TrainFiles", "manifest_of", "read_manifest", "RunLayout",
 ]

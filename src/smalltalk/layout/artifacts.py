@@ -12,6 +12,7 @@ from smalltalk.fsutil import read_json
 
 MANIFEST = "manifest.json"
 WEIGHTS = "model.safetensors"  # inside an HF model directory
+WEIGHTS_INDEX = "model.safetensors.index.json"  # a sharded checkpoint's map of tensors to files
 TRAINER_STATE = "trainer_state.pt"  # optimizer, scheduler, RNG and data cursor of a checkpoint
 STEP_DIR = re.compile(r"^step_(\d{8})$")
 HF_CONFIG = "config.json"  # what marks a directory as an HF model

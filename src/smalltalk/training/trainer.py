@@ -26,7 +26,7 @@ from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import measure_matmul_peak, training_flops
 from smalltalk.fsutil import atomic_dir, atomic_file, read_jsonl, write_json
-from smalltalk.layout import WEIGHTS, TrainFiles
+from smalltalk.layout import WEIGHTS, WEIGHTS_INDEX, TrainFiles
 from smalltalk.model import ModelSpec, build_model, count_params
 from smalltalk.training.checkpoint import load_latest_good, save_checkpoint
 from smalltalk.training.distributed import DistContext, init_distributed, resolve_device
@@ -320,7 +320,7 @@ def _load_weights(model: torch.nn.Module, model_dir: Path) -> None:
     safetensors file, or the shards its index names (as large checkpoints are saved)."""
     from safetensors.torch import load_file
 
-    index = model_dir / "model.safetensors.index.json"
+    index = model_dir / WEIGHTS_INDEX
     files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [WEIGHTS]
     state = {name: tensor for file in files for name, tensor in load_file(str(model_dir / file)).items()
              if not name.endswith("rotary_emb.inv_freq")}  # a buffer older checkpoints saved; recomputed here
