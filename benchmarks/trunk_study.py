@@ -12,12 +12,19 @@ matched in full from the same start, and the share of the gap between the scratc
 dense model that the trunk closes: (mix(0) − mix(f)) / (mix(0) − bigger). The issue's target: some f beats
 scratch at both E and closes at least a third of that gap.
 
+`--pretrained`: the pretrained start on the same corpora. A Llama of the experts' architecture is pretrained
+here (no download) on the *other* corpus (demo <-> corpus10) with its own tokenizer, for E x train.steps
+steps; the target run continues every expert and the dense model matched in full from it
+(experts.init=pretrained: the run's tokenizer is the checkpoint's), and a scratch run with the same tokenizer,
+forked at its partition, is its reference. The bigger dense model has no fair pretrained counterpart.
+
 Corpora: `demo` (configs/demo.yaml: the corpus `make demo` builds, RUN runs/demo-corpus; its E = 4 base is
 forked from runs/demo when that run is done) and `corpus10` (configs/corpus10.yaml, ../shared). Finished
 rows are skipped; rows go to --json as they finish. `--final` evaluates the test split of finished runs once.
 
   python benchmarks/trunk_study.py [--corpora demo corpus10] [--experts 4 8] [--fractions 0.1 0.25 0.5]
-      [--root runs/trunk-study] [--json benchmarks/results/trunk_study.json] [--final] [--table-only]
+      [--root runs/trunk-study] [--json benchmarks/results/trunk_study.json] [--pretrained] [--final]
+      [--table-only]
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from pathlib import Path
 from corpus10_runs import CORPUS, ROOT, fork_stages
 
 from smalltalk.cli import main as smalltalk
+from smalltalk.config import load_config
 
 CONFIGS = {"demo": ROOT / "configs" / "demo.yaml", "corpus10": ROOT / "configs" / "corpus10.yaml"}
 INPUTS = {"demo": ROOT / "runs" / "demo-corpus", "corpus10": CORPUS}
@@ -83,8 +91,65 @@ def trunk_run(root: Path, corpus: str, experts: int, fraction: float, final: boo
     return {"mixture": main["mixture_after"]["ppl"], "dense": main["dense_matched_after"]["ppl"]}
 
 
-def table(rows: list[dict]) -> str:
-    split = rows[0]["split"] if rows else "validation"
+def pretrained_checkpoint(root: Path, corpus: str, experts: int) -> Path | None:
+    """A Llama of `corpus`'s experts' architecture pretrained on the other corpus, as a checkpoint directory
+    (weights + its tokenizer): what a user brings."""
+    other = "corpus10" if corpus == "demo" else "demo"
+    ckpt, run = root / f"pretrained-on-{other}-for-{corpus}", root / f"pretrain-on-{other}-for-{corpus}"
+    if (ckpt / "config.json").is_file():
+        return ckpt
+    common = ["--config", str(CONFIGS[corpus]), "--run", str(run), "--set", f"data.inputs=[{INPUTS[other]}]",
+              "--set", "tokenizer.max_train_chars=20000000"]
+    steps = f"train.steps={experts * load_config(CONFIGS[corpus]).train.steps}"  # the E experts' steps
+    for verb in (["tokenizer", "train"], ["data", "prepare"]):
+        if not (run / verb[0] / "manifest.json").is_file() and smalltalk([*verb, *common]) != 0:
+            return None
+    if smalltalk(["train", "lm", *common, "--set", steps, "--set", "train.progress=false", "--resume"]) != 0:
+        return None
+    tmp = ckpt.with_name(ckpt.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(run / "lm" / "model", tmp)
+    for f in (run / "tokenizer").iterdir():
+        if f.name != "manifest.json":
+            shutil.copy2(f, tmp / f.name)
+    tmp.rename(ckpt)
+    return ckpt
+
+
+def pretrained_rows(root: Path, corpus: str, experts: int, final: bool) -> list[dict]:
+    """The mixture and its dense model from the pretrained checkpoint, and from scratch with its tokenizer."""
+    ckpt = pretrained_checkpoint(root, corpus, experts)
+    if ckpt is None:
+        return []
+    run = root / f"{corpus}-E{experts}-pretrained"
+    common = [f"routing.experts={experts}", "dense.bigger=false", f"tokenizer.pretrained={ckpt}"]  # one digest
+    main = _run(run, corpus, [*common, "experts.init=pretrained", f"experts.pretrained={ckpt}"], final)
+    if main is None:
+        return []
+    rows = [{"start": "pretrained", "mixture": main["mixture_after"]["ppl"],
+             "dense": main["dense_matched_after"]["ppl"]}]
+    scratch = root / f"{corpus}-E{experts}-scratch-same-tokenizer"
+    fork_stages(run, scratch, UNTIL_PARTITION)  # same tokenizer, data, routers, partition
+    main = _run(scratch, corpus, common, final)
+    if main is None:
+        return rows
+    return rows + [{"start": "scratch (same tokenizer)", "mixture": main["mixture_after"]["ppl"],
+                    "dense": main["dense_matched_after"]["ppl"]}]
+
+
+def pretrained_table(rows: list[dict]) -> str:
+    out = ["", "pretrained start (the other corpus's Llama, its tokenizer), perplexity after M̂ = "
+           f"{MAIN_PREFIX}:", "", "| corpus | E | experts start | mixture | dense matched (same start) | ÷ dense |",
+           "|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['corpus']} | {r['experts']} | {r['start']} | {r['mixture']:.2f} | {r['dense']:.2f} | "
+                   f"{r['mixture'] / r['dense']:.3f} |")
+    return "\n".join(out)
+
+
+def table(all_rows: list[dict]) -> str:
+    rows = [r for r in all_rows if "fraction" in r]
+    split = all_rows[0]["split"] if all_rows else "validation"
     out = [f"{split} split, perplexity after M̂ = {MAIN_PREFIX}; every row at the same total training FLOPs",
            "", "| corpus | E | trunk fraction | mixture | dense matched (same start) | mixture ÷ dense | "
            "bigger dense (scratch) | gap to bigger closed |", "|---|---|---|---|---|---|---|---|"]
@@ -105,7 +170,8 @@ def table(rows: list[dict]) -> str:
         verdict = "met" if best["mixture"] < base["mixture"] and closed >= 1 / 3 else "MISSED"
         out.append(f"- {corpus} E = {experts}: best f = {best['fraction']:g}, {best['mixture']:.2f} vs scratch "
                    f"{base['mixture']:.2f}, {closed:.0%} of the gap to {base['bigger']:.2f} closed: {verdict}")
-    return "\n".join(out)
+    pretrained = [r for r in all_rows if "start" in r]
+    return "\n".join(out) + (pretrained_table(pretrained) if pretrained else "")
 
 
 def main() -> int:
@@ -115,6 +181,7 @@ def main() -> int:
     ap.add_argument("--experts", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.1, 0.5])
     ap.add_argument("--json", default="benchmarks/results/trunk_study.json")
+    ap.add_argument("--pretrained", action="store_true", help="the pretrained start instead of trunk fractions")
     ap.add_argument("--final", action="store_true", help="the test split of every finished run, once")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
@@ -123,12 +190,20 @@ def main() -> int:
     if args.table_only:
         print(table(done))
         return 0
-    seen = {(r["corpus"], r["experts"], r["fraction"]) for r in done}
+    seen = {(r["corpus"], r["experts"], r.get("fraction", r.get("start"))) for r in done}
     for corpus in args.corpora:
         if not INPUTS[corpus].is_dir():
             print(f"{corpus}: no corpus at {INPUTS[corpus]} (skipped; `make demo` builds the demo's)")
             continue
         for experts in args.experts:
+            if args.pretrained:
+                if (corpus, experts, "pretrained") not in seen:
+                    split = "test" if args.final else "validation"
+                    done += [{"corpus": corpus, "experts": experts, "split": split, **r}
+                             for r in pretrained_rows(Path(args.root), corpus, experts, args.final)]
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    path.write_text(json.dumps({"rows": done}, indent=1))
+                continue
             for fraction in [0.0, *args.fractions]:
                 if (corpus, experts, fraction) in seen:
                     continue
