@@ -23,6 +23,8 @@ def training_curves(run: RunLayout) -> dict[str, list[dict]]:
         metrics = TrainFiles(directory).metrics
         if metrics.is_file():
             curves[f"{kind} {directory.name}"] = [r for r in _rows(metrics) if "loss" in r]
+    if TrainFiles(run.trunk).metrics.is_file():  # experts.init=trunk: what every expert branched from
+        curves["trunk"] = [r for r in _rows(TrainFiles(run.trunk).metrics) if "loss" in r]
     return curves
 
 
@@ -49,12 +51,14 @@ def _plot_loss(run: RunLayout, out: Path, plt, results: dict | None) -> list[str
     if not curves:
         return []
     routing = results["flops"]["exact"]["routing_overhead"]["total"] if results else 0.0
-    mixture = mixture_curve(run, curves, routing)
+    trunk = results["flops"]["exact"].get("trunk_training", 0.0) if results else 0.0  # spent before branching
+    mixture = mixture_curve(run, curves, routing + trunk)
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for name, rows in curves.items():
         style = "-" if name.startswith("dense") else "--"
+        start = trunk if name.startswith("dense matched") else 0.0  # matched models continue from the trunk
         axes[0].plot([r["tokens"] for r in rows], [r["loss"] for r in rows], style, label=name, alpha=0.8)
-        axes[1].plot([r["flops"] for r in rows], [r["loss"] for r in rows], style, label=name, alpha=0.8)
+        axes[1].plot([start + r["flops"] for r in rows], [r["loss"] for r in rows], style, label=name, alpha=0.8)
     if mixture:
         label = "mixture (all experts" + (" + routing)" if routing else ")")
         for ax, key in zip(axes, ["tokens", "flops"], strict=True):
