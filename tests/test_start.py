@@ -181,3 +181,23 @@ def test_plan_lists_the_trunk_and_keeps_the_total_budget():
         trunk["trunk_training_flops"] + trunk["experts_training_flops"] + trunk["router_overhead_flops"])
     rows = {r["stage"]: r for r in resources(trunk_cfg, 989e12, 0.4)}
     assert rows["trunk"]["hours"] == pytest.approx(rows["each expert job"]["hours"] * 20 / 10)
+
+
+def test_a_sharded_checkpoint_is_a_starting_point_too(prepared_run, tmp_path):
+    """Large checkpoints come as safetensors shards with an index: the start loads every shard."""
+    from transformers import LlamaForCausalLM
+
+    from smalltalk.config import TrainConfig
+    from smalltalk.data.shards import SplitData
+    from smalltalk.model import pretrained_spec
+    from smalltalk.training.trainer import TrainJob, train
+
+    whole = _checkpoint(tmp_path / "whole", RunLayout(prepared_run).tokenizer)
+    sharded = tmp_path / "sharded"
+    LlamaForCausalLM.from_pretrained(str(whole)).save_pretrained(str(sharded), max_shard_size="20KB")
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    data = SplitData(RunLayout(prepared_run).data, "train")
+    cfg = TrainConfig(steps=1, lr=0.0, warmup_steps=1, micro_batch_size=2, tensorboard=False, progress=False,
+                      num_threads=1)
+    train(TrainJob(pretrained_spec(sharded, data.vocab_size), cfg, data, tmp_path / "job", init_from=sharded))
+    assert _same(_weights(tmp_path / "job" / "model"), _weights(whole))
