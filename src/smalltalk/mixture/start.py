@@ -63,8 +63,9 @@ def start_model(cfg: Config, run: RunLayout) -> Path | None:
     if cfg.experts.init == "trunk":
         files = TrainFiles(run.trunk)
         if not files.done(trunk_steps(cfg)):
-            raise SmalltalkError(f"experts.init=trunk but the trunk is not trained ({run.trunk})",
-                                 fix="run `smalltalk trunk train --run-dir RUN` (or `smalltalk run`) first")
+            raise SmalltalkError(f"experts.init=trunk but {run.trunk} holds no finished trunk",
+                                 fix="run `smalltalk trunk train --run RUN` (or `smalltalk run`) first; an expert "
+                                     "job on another machine needs RUN/trunk copied there with its data")
         return files.model
     return None
 
