@@ -201,3 +201,11 @@ def test_a_sharded_checkpoint_is_a_starting_point_too(prepared_run, tmp_path):
                       num_threads=1)
     train(TrainJob(pretrained_spec(sharded, data.vocab_size), cfg, data, tmp_path / "job", init_from=sharded))
     assert _same(_weights(tmp_path / "job" / "model"), _weights(whole))
+
+
+def test_an_expert_without_its_trunk_stops_before_reading_data(prepared_run, capsys):
+    assert cli("experts", "train", "--expert", "0", "--config", TINY_CONFIG, "--run", prepared_run, "--set",
+               "experts.init=trunk") == 2
+    err = capsys.readouterr().err
+    assert "holds no finished trunk" in err and "smalltalk trunk train" in err
+    assert not RunLayout(prepared_run).expert(0).exists()
