@@ -117,6 +117,8 @@ def test_kill9_then_resume_is_bitwise_exact(prepared_run, tmp_path):
     b = load_file(str(killed / "model" / "model.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert _losses(ref) == _losses(killed)  # metrics past the checkpoint were rewritten, not duplicated
+    state = Path("checkpoints") / "step_00000060" / "trainer_state.pt"  # optimizer, RNG, cursor: same bytes too
+    assert (ref / state).read_bytes() == (killed / state).read_bytes()
 
 
 @pytest.mark.slow
