@@ -209,3 +209,16 @@ def test_an_expert_without_its_trunk_stops_before_reading_data(prepared_run, cap
     err = capsys.readouterr().err
     assert "holds no finished trunk" in err and "smalltalk trunk train" in err
     assert not RunLayout(prepared_run).expert(0).exists()
+
+
+def test_the_trunk_launches_as_a_job_locally_and_on_slurm(prepared_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(prepared_run, run)
+    common = ["--config", TINY_CONFIG, "--run", run, "--set", "experts.init=trunk"]
+    assert cli("launch", *common, "--stage", "trunk", "--scheduler", "slurm", "--gpus-per-expert", "4") == 0
+    script = (run / "jobs" / "trunk.sbatch").read_text()
+    subprocess.run(["bash", "-n", str(run / "jobs" / "trunk.sbatch")], check=True)
+    assert "--array" not in script  # one job, over the node's GPUs
+    assert f"torchrun --standalone --nproc_per_node 4 -m smalltalk.cli trunk train --run-dir {run}" in script
+    assert cli("launch", *common, "--stage", "trunk", "--scheduler", "local") == 0
+    assert TrainFiles(run / "trunk").done(10) and run_status(RunLayout(run))["stages"]["trunk"] == "done"
