@@ -222,3 +222,10 @@ def test_the_trunk_launches_as_a_job_locally_and_on_slurm(prepared_run, tmp_path
     assert f"torchrun --standalone --nproc_per_node 4 -m smalltalk.cli trunk train --run-dir {run}" in script
     assert cli("launch", *common, "--stage", "trunk", "--scheduler", "local") == 0
     assert TrainFiles(run / "trunk").done(10) and run_status(RunLayout(run))["stages"]["trunk"] == "done"
+
+
+def test_the_shipped_configs_start_experts_from_scratch():
+    """The paper's method stays the default until a study on validation shows another start wins
+    (docs/experts-start.md)."""
+    for name in ("demo", "corpus10", "tiny", "paper-335m", "paper-1.3b"):
+        assert load_config(ROOT / "configs" / f"{name}.yaml").experts.init == "scratch", name
