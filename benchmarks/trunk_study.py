@@ -79,16 +79,37 @@ def base_run(root: Path, corpus: str, experts: int, final: bool) -> dict | None:
             "bigger": main["dense_bigger_after"]["ppl"]}
 
 
-def trunk_run(root: Path, corpus: str, experts: int, fraction: float, final: bool) -> dict | None:
+def trunk_run(root: Path, corpus: str, experts: int, fraction: float, final: bool,
+              mixture_only: bool = False) -> dict | None:
     base, run = root / f"{corpus}-E{experts}-scratch", root / f"{corpus}-E{experts}-trunk{fraction:g}"
     fork_stages(base, run, UNTIL_PARTITION)
     if not run.is_dir():
         return None
-    main = _run(run, corpus, [f"routing.experts={experts}", "experts.init=trunk", f"experts.trunk_fraction={fraction}",
-                              "dense.bigger=false"], final)
+    overrides = [f"routing.experts={experts}", "experts.init=trunk", f"experts.trunk_fraction={fraction}",
+                 "dense.bigger=false"]
+    if mixture_only:
+        return _mixture_only(run, corpus, overrides)
+    main = _run(run, corpus, overrides, final)
     if main is None:
         return None
     return {"mixture": main["mixture_after"]["ppl"], "dense": main["dense_matched_after"]["ppl"]}
+
+
+def _mixture_only(run: Path, corpus: str, overrides: list[str]) -> dict | None:
+    """The trunk, the experts and the mixture's validation figure, before the dense model (the longest job):
+    what the target needs. The same stages as `smalltalk run`'s, which later finishes the row from them."""
+    common = ["--config", str(CONFIGS[corpus]), "--run", str(run),
+              *[x for o in [*STUDY, *overrides] for x in ("--set", o)]]
+    out = run / "eval-mixture-only"
+    for verb in (["trunk", "train"], ["experts", "train", "--all"], ["eval", "--out", str(out)]):
+        if verb[0] == "eval" and (out / "results.json").is_file():
+            continue
+        if smalltalk([*verb, *common]) != 0:
+            return None
+    results = json.loads((out / "results.json").read_text())
+    assert results["split"] == "validation", run
+    main = next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
+    return {"mixture": main["mixture_after"]["ppl"], "dense": None}
 
 
 def pretrained_checkpoint(root: Path, corpus: str, experts: int) -> Path | None:
@@ -158,8 +179,10 @@ def table(all_rows: list[dict]) -> str:
         base = bases.get((r["corpus"], r["experts"]))
         bigger = base["bigger"] if base else float("nan")
         closed = (base["mixture"] - r["mixture"]) / (base["mixture"] - bigger) if base else float("nan")
-        out.append(f"| {r['corpus']} | {r['experts']} | {r['fraction']:g} | {r['mixture']:.2f} | {r['dense']:.2f} | "
-                   f"{r['mixture'] / r['dense']:.3f} | {bigger:.2f} | {closed:+.0%} |")
+        dense, ratio = ("not yet", "-") if r["dense"] is None else \
+            (f"{r['dense']:.2f}", f"{r['mixture'] / r['dense']:.3f}")
+        out.append(f"| {r['corpus']} | {r['experts']} | {r['fraction']:g} | {r['mixture']:.2f} | {dense} | {ratio} | "
+                   f"{bigger:.2f} | {closed:+.0%} |")
     out += ["", "target: a fraction below scratch at both E, closing at least a third of the gap to the bigger model:"]
     for (corpus, experts), base in sorted(bases.items()):
         trunks = [r for r in rows if (r["corpus"], r["experts"]) == (corpus, experts) and r["fraction"] > 0]
@@ -182,6 +205,8 @@ def main() -> int:
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.1, 0.5])
     ap.add_argument("--json", default="benchmarks/results/trunk_study.json")
     ap.add_argument("--pretrained", action="store_true", help="the pretrained start instead of trunk fractions")
+    ap.add_argument("--mixture-only", action="store_true", help="trunk rows up to the mixture's figure, the dense "
+                    "model left for a later pass (which replaces the row)")
     ap.add_argument("--final", action="store_true", help="the test split of every finished run, once")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
@@ -190,7 +215,8 @@ def main() -> int:
     if args.table_only:
         print(table(done))
         return 0
-    seen = {(r["corpus"], r["experts"], r.get("fraction", r.get("start"))) for r in done}
+    seen = {(r["corpus"], r["experts"], r.get("fraction", r.get("start"))) for r in done
+            if r.get("dense") is not None or args.mixture_only or r.get("fraction") == 0}
     for corpus in args.corpora:
         if not INPUTS[corpus].is_dir():
             print(f"{corpus}: no corpus at {INPUTS[corpus]} (skipped; `make demo` builds the demo's)")
@@ -209,9 +235,11 @@ def main() -> int:
                     continue
                 started = time.perf_counter()
                 result = base_run(Path(args.root), corpus, experts, args.final) if fraction == 0 else \
-                    trunk_run(Path(args.root), corpus, experts, fraction, args.final)
+                    trunk_run(Path(args.root), corpus, experts, fraction, args.final, args.mixture_only)
                 if result is None:
                     continue
+                key = (corpus, experts, fraction)  # a mixture-only row is replaced by the finished one
+                done = [r for r in done if (r["corpus"], r["experts"], r.get("fraction")) != key]
                 done.append({"corpus": corpus, "experts": experts, "fraction": fraction,
                              "split": "test" if args.final else "validation", **result,
                              "minutes": round((time.perf_counter() - started) / 60, 1)})
