@@ -229,3 +229,12 @@ def test_the_shipped_configs_start_experts_from_scratch():
     (docs/experts-start.md)."""
     for name in ("demo", "corpus10", "tiny", "paper-335m", "paper-1.3b"):
         assert load_config(ROOT / "configs" / f"{name}.yaml").experts.init == "scratch", name
+
+
+def test_plan_sizes_a_pretrained_start_from_its_checkpoint(prepared_run, tmp_path):
+    from smalltalk.model import count_params, pretrained_spec
+
+    ckpt = _checkpoint(tmp_path / "pretrained", RunLayout(prepared_run).tokenizer)
+    result = plan(load_config(TINY_CONFIG, ["experts.init=pretrained", f"experts.pretrained={ckpt}"]))
+    assert result["expert_params"] == count_params(pretrained_spec(ckpt))  # 2 layers here, test-tiny has 1
+    assert f"from {ckpt}" in result["jobs"][-1] and result["trunk_training_flops"] == 0

@@ -19,8 +19,8 @@ GPU_PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12}  # 
 
 def plan(cfg: Config, vocab_size: int | None = None) -> dict:
     rc, tc = cfg.routing, cfg.train
-    vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    expert = _expert_spec(cfg, vocab)
+    vocab = _vocab(cfg, vocab_size)
+    expert = expert_spec(cfg, vocab)
     router = resolve_spec(rc.router, vocab)
     seq = cfg.data.seq_len
     batch = tc.micro_batch_size * tc.grad_accum
@@ -50,13 +50,13 @@ def plan(cfg: Config, vocab_size: int | None = None) -> dict:
             "total_training_flops": trunk_flops + experts_flops + overhead}
 
 
-def _expert_spec(cfg: Config, vocab: int):
-    """The experts' architecture; a pretrained checkpoint's own (its vocabulary is the run's)."""
+def _vocab(cfg: Config, vocab_size: int | None) -> int:
+    """The run's vocabulary: given, a pretrained start's (its tokenizer becomes the run's), or the config's."""
     if cfg.experts.init == "pretrained":
         from transformers import AutoConfig
 
-        return expert_spec(cfg, AutoConfig.from_pretrained(cfg.experts.pretrained).vocab_size)
-    return expert_spec(cfg, vocab)
+        return AutoConfig.from_pretrained(cfg.experts.pretrained).vocab_size
+    return vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
 
 
 # Fraction of the bf16 peak that the paper's 4.4M routers reach on one H200 (d 96, head dim 8: memory- and
@@ -70,8 +70,8 @@ def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = Non
     `router_mfu`: tiny models reach a far smaller share of the peak than the experts). Assumes the
     corpus holds exactly what the experts consume (each share read once) plus the validation/test splits."""
     rc, tc = cfg.routing, cfg.train
-    vocab = vocab_size or cfg.model.vocab_size or cfg.tokenizer.vocab_size
-    expert, router = _expert_spec(cfg, vocab), resolve_spec(rc.router, vocab)
+    vocab = _vocab(cfg, vocab_size)
+    expert, router = expert_spec(cfg, vocab), resolve_spec(rc.router, vocab)
     seq, batch, experts = cfg.data.seq_len, tc.micro_batch_size * tc.grad_accum, rc.experts
     n = experts * tc.steps * batch  # training sequences
     token_bytes = 2 if vocab < 65536 else 4
