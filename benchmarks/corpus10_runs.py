@@ -57,10 +57,11 @@ def fork_stages(source: Path, run: Path, stages: tuple[str, ...]) -> None:
     tmp.rename(run)
 
 
-def run_and_results(run: Path, overrides: list[str], final: bool = False) -> dict | None:
-    """The results of `run` after (re)running it; None if a stage failed. Refuses a split other than the
-    one asked for: a study's choices come from validation, its final table from test."""
-    code = smalltalk(["run", "--config", str(ROOT / "configs" / "corpus10.yaml"), "--run", str(run),
+def run_and_results(run: Path, overrides: list[str], final: bool = False,
+                    config: Path = ROOT / "configs" / "corpus10.yaml") -> dict | None:
+    """The results of `run` after (re)running it with `config`; None if a stage failed. Refuses a split
+    other than the one asked for: a study's choices come from validation, its final table from test."""
+    code = smalltalk(["run", "--config", str(config), "--run", str(run),
                       *[x for o in overrides for x in ("--set", o)]])
     if code == 0 and final and not (run / "eval-final" / "results.json").is_file():
         code = smalltalk(["eval", "--run", str(run), "--final"])

@@ -37,7 +37,7 @@ import sys
 import time
 from pathlib import Path
 
-from corpus10_runs import CORPUS, ROOT, fork_stages
+from corpus10_runs import CORPUS, ROOT, fork_stages, run_and_results
 
 from smalltalk.cli import main as smalltalk
 from smalltalk.config import load_config
@@ -51,18 +51,10 @@ STUDY = ["sft.enabled=false", "dense.experts_only=false"]  # what no row of this
 
 
 def _run(run: Path, corpus: str, overrides: list[str], final: bool) -> dict | None:
-    inputs = [] if corpus == "demo" else [f"data.inputs=[{INPUTS[corpus]}]"]  # demo.yaml's own (relative) path:
-    args = ["run", "--config", str(CONFIGS[corpus]), "--run", str(run),  # runs/demo's digests name it so
-            *[x for o in [*STUDY, *inputs, *overrides] for x in ("--set", o)]]
-    code = smalltalk(args)
-    if code == 0 and final and not (run / "eval-final" / "results.json").is_file():
-        code = smalltalk(["eval", "--run", str(run), "--final"])
-    if code != 0:
-        print(f"{run.name}: failed ({code})", flush=True)
-        return None
-    results = json.loads((run / ("eval-final" if final else "eval") / "results.json").read_text())
-    assert results["split"] == ("test" if final else "validation"), run
-    return next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
+    """The row's figures after M̂ (the demo keeps demo.yaml's relative data path: runs/demo's digests name it)."""
+    inputs = [] if corpus == "demo" else [f"data.inputs=[{INPUTS[corpus]}]"]
+    results = run_and_results(run, [*STUDY, *inputs, *overrides], final, CONFIGS[corpus])
+    return None if results is None else next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
 
 
 def base_run(root: Path, corpus: str, experts: int, final: bool) -> dict | None:
