@@ -14,14 +14,27 @@ ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus10"
 
 
-def share_experts_only_dense(run: Path, donor: Path | None) -> None:
+def share_experts_only_dense(run: Path, donor: Path | None, free_routing: bool = False) -> None:
     """Copy `donor`'s dense model matched to the experts' FLOPs only: it depends on data, model, train and E
-    alone, so runs that share them train it once (the one matched in full pays for each run's routing)."""
+    alone, so runs that share them train it once (the one matched in full pays for each run's routing).
+    `free_routing`: `run`'s routing costs no model FLOPs (tf-idf, random, oracle), so its dense model matched
+    in full is that same model, copied too; `check_free_routing` verifies it once the run is done."""
     source = donor / "dense" / "matched-experts" if donor is not None else None
-    if source is not None and (source / "train_manifest.json").is_file() and \
-            not (run / "dense" / "matched-experts").exists():
-        (run / "dense").mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, run / "dense" / "matched-experts")
+    if source is None or not (source / "train_manifest.json").is_file():
+        return
+    for kind in ("matched-experts", "matched") if free_routing else ("matched-experts",):
+        if not (run / "dense" / kind).exists():
+            (run / "dense").mkdir(parents=True, exist_ok=True)
+            shutil.copytree(source, run / "dense" / kind)
+
+
+def check_free_routing(results: dict) -> None:
+    """Refuse a row whose dense model matched in full was copied from the experts-only one while its routing
+    did cost FLOPs (the copy would then be the wrong baseline)."""
+    overhead = results["flops"]["exact"]["routing_overhead"]["total"]
+    if overhead:
+        raise SystemExit(f"routing cost {overhead:.3g} FLOPs: its dense model matched in full cannot be the "
+                         "experts-only one; delete dense/matched and rerun")
 
 
 UNTIL_EXPERTS = ("tokenizer", "data", "routers", "partition", "experts")

@@ -17,12 +17,14 @@ Rows, each a named configuration of configs/corpus10.yaml (docs/routing.md names
 Seed s moves the data order, the routers' and the experts' initialisation and the dense model's:
 data.order_seed = routing.seed = routing.train.seed = train.seed = s (the splits stay the same). Each run's
 dense model is matched in full (experts + every routing FLOP); the experts-only match is a second column
-(trained once per E and seed, copied to that seed's other runs). E = 2 runs paper-em and default, seed 0.
+(trained once per E and seed, copied to that seed's other runs; where routing costs no model FLOPs, tfidf,
+random and the oracles, it is also the match in full, checked). E = 2 runs paper-em and default, seed 0.
 
-Every figure is on the validation split. Seed 0 of every (E, row) runs first, then seed 1, then 2, so a
-partial grid already covers every row; runs are resumable (a rerun skips finished stages) and rows are
-appended to --json as they finish. `--final` evaluates the test split of every finished run, once, and
-prints the final table; `--table-only` prints the table of --json and runs nothing.
+Every figure is on the validation split. Seed 0 of every (E, row) runs first, then E = 2, then seeds 1 and 2
+of E = 4, then of E = 8 (oracle-similar, a reference, has one seed), so a partial grid already covers every
+row; runs are resumable (a rerun skips finished stages) and rows are appended to --json as they finish.
+`--final` evaluates the test split of every finished run, once, and prints the final table; `--table-only`
+prints the table of --json and runs nothing.
 
   python benchmarks/evidence_corpus10.py [--root runs/evidence] [--seeds 0 1 2] [--experts 4 8]
       [--rows paper-em default] [--final] [--table-only]
@@ -37,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from corpus10_runs import CORPUS, fork_until_experts, run_and_results, share_experts_only_dense
+from corpus10_runs import CORPUS, check_free_routing, fork_until_experts, run_and_results, share_experts_only_dense
 
 PAPER = ["routing.method=em", "routing.init_split=random", "routing.router_init=shared", "routing.share_passes=1"]
 ROWS = {
@@ -50,15 +52,19 @@ ROWS = {
     "oracle": ["routing.method=oracle", *PAPER[1:]],
     "oracle-similar": ["routing.method=oracle", "routing.oracle_grouping=similar", *PAPER[1:]],
 }
+FREE_ROUTING = {"tfidf", "random", "oracle", "oracle-similar"}  # no model FLOPs: matched in full = experts only
 MAIN_PREFIX = 64
 TARGETS = {4: 0.85, 8: 0.76}  # mean of 3 seeds, dense matched in full (issue #27)
 
 
 def plan(experts: list[int], seeds: list[int], rows: list[str]) -> list[tuple[int, str, int]]:
-    jobs = [(e, row, s) for s in seeds for e in experts for row in rows]
+    """The first seed of every row first (E = 2 after it), then the other seeds one E at a time: a partial grid
+    already covers every row, then one E's seeds complete. oracle-similar, a reference, runs with one seed."""
+    first, others = seeds[0], seeds[1:]
+    jobs = [(e, row, first) for e in experts for row in rows]
     if 2 not in experts:  # E = 2: the paper's EM and the default, one seed
-        jobs[len(rows) * len(experts):len(rows) * len(experts)] = [(2, r, seeds[0]) for r in ("paper-em", "default")
-                                                                   if r in rows]
+        jobs += [(2, r, first) for r in ("paper-em", "default") if r in rows]
+    jobs += [(e, row, s) for e in experts for s in others for row in rows if row != "oracle-similar"]
     return jobs
 
 
@@ -69,13 +75,16 @@ def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict 
                   if p != run and (p / "dense" / "matched-experts" / "train_manifest.json").is_file()), None)
     if row == "refine":  # first: the fork needs `run` not to exist yet
         fork_until_experts(root / f"E{experts}-paper-em-s{seed}", run)
-    share_experts_only_dense(run, donor)
+    free_routing = row in FREE_ROUTING
+    share_experts_only_dense(run, donor, free_routing)
     seeds = [f"{key}={seed}" for key in ("data.order_seed", "routing.seed", "routing.train.seed", "train.seed")]
     overrides = [f"data.inputs=[{CORPUS}]", f"routing.experts={experts}", *ROWS[row], *seeds, "dense.bigger=false"]
     started = time.perf_counter()
     results = run_and_results(run, overrides, final)
     if results is None:
         return None
+    if free_routing:
+        check_free_routing(results)
     main = next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
     flops = results["flops"]["exact"]
     return {"experts": experts, "row": row, "seed": seed, "split": results["split"],
