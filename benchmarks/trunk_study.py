@@ -20,11 +20,12 @@ forked at its partition, is its reference. The bigger dense model has no fair pr
 
 Corpora: `demo` (configs/demo.yaml: the corpus `make demo` builds, RUN runs/demo-corpus; its E = 4 base is
 forked from runs/demo when that run is done) and `corpus10` (configs/corpus10.yaml, ../shared). Finished
-rows are skipped; rows go to --json as they finish. `--final` evaluates the test split of finished runs once.
+rows are skipped; rows go to --json as they finish, the figure to --plot at the end (validation only).
+`--final` evaluates the test split of finished runs once.
 
   python benchmarks/trunk_study.py [--corpora demo corpus10] [--experts 4 8] [--fractions 0.1 0.25 0.5]
       [--root runs/trunk-study] [--json benchmarks/results/trunk_study.json] [--pretrained] [--final]
-      [--table-only]
+      [--plot docs/trunk_study.png] [--table-only]
 """
 
 from __future__ import annotations
@@ -189,6 +190,36 @@ def table(all_rows: list[dict]) -> str:
     return "\n".join(out) + (pretrained_table(pretrained) if pretrained else "")
 
 
+def plot(all_rows: list[dict], path: Path) -> None:
+    """Perplexity against the trunk fraction, one panel per (corpus, E): the mixture, the dense model matched
+    in full from the same start, and the bigger dense model (scratch) as the line to close the gap to."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in all_rows if "fraction" in r]
+    panels = sorted({(r["corpus"], r["experts"]) for r in rows})
+    if not panels:
+        return
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), squeeze=False)
+    for ax, (corpus, experts) in zip(axes[0], panels, strict=True):
+        mine = sorted((r for r in rows if (r["corpus"], r["experts"]) == (corpus, experts)),
+                      key=lambda r: r["fraction"])
+        ax.plot([r["fraction"] for r in mine], [r["mixture"] for r in mine], "o-", label="mixture")
+        dense = [r for r in mine if r["dense"] is not None]
+        ax.plot([r["fraction"] for r in dense], [r["dense"] for r in dense], "s--", label="dense matched in full")
+        bigger = next((r["bigger"] for r in mine if r["fraction"] == 0 and r.get("bigger")), None)
+        if bigger is not None:
+            ax.axhline(bigger, color="tab:red", ls=":", label="bigger dense (scratch)")
+        ax.set_title(f"{corpus}, E = {experts} ({mine[0]['split']})")
+        ax.set_xlabel("trunk fraction of the experts' budget")
+        ax.set_ylabel(f"perplexity after M̂ = {MAIN_PREFIX}")
+    axes[0][0].legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="runs/trunk-study")
@@ -200,12 +231,15 @@ def main() -> int:
     ap.add_argument("--mixture-only", action="store_true", help="trunk rows up to the mixture's figure, the dense "
                     "model left for a later pass (which replaces the row)")
     ap.add_argument("--final", action="store_true", help="the test split of every finished run, once")
-    ap.add_argument("--table-only", action="store_true")
+    ap.add_argument("--plot", default="docs/trunk_study.png", help="the figure of the validation table")
+    ap.add_argument("--table-only", action="store_true", help="print the table of --json and plot it, run nothing")
     args = ap.parse_args()
     path = Path(args.json if not args.final else args.json.replace(".json", "_final.json"))
     done = json.loads(path.read_text())["rows"] if path.is_file() else []
     if args.table_only:
         print(table(done))
+        if not args.final:
+            plot(done, Path(args.plot))
         return 0
     seen = {(r["corpus"], r["experts"], r.get("fraction", r.get("start"))) for r in done
             if r.get("dense") is not None or args.mixture_only or r.get("fraction") == 0}
@@ -239,6 +273,8 @@ def main() -> int:
                 path.write_text(json.dumps({"rows": done}, indent=1))
                 print(table(done), flush=True)
     print(table(done))
+    if not args.final:
+        plot(done, Path(args.plot))
     return 0
 
 
