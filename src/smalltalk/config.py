@@ -180,7 +180,7 @@ class EvalConfig:
     max_sequences: int | None = None
     device: str = "auto"
     top_k: list[int] = field(default_factory=lambda: [1, 2, 4])  # c-BTM-style ensembles of the top-k experts
-    top_k_temperatures: list[float] = field(default_factory=lambda: [1.0, 16.0])
+    top_k_temperatures: list[float] = field(default_factory=lambda: [1.0, 32.0])  # 32: benchmarks/demo_choices.py
     score_all_experts: bool = False  # also every expert on every sequence: the expert x domain table (E x cost)
 
 
