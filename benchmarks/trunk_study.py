@@ -19,9 +19,10 @@ steps; the target run continues every expert and the dense model matched in full
 forked at its partition, is its reference. The bigger dense model has no fair pretrained counterpart.
 
 Corpora: `demo` (configs/demo.yaml: the corpus `make demo` builds, RUN runs/demo-corpus; its E = 4 base is
-forked from runs/demo when that run is done) and `corpus10` (configs/corpus10.yaml, ../shared). Finished
-rows are skipped; rows go to --json as they finish, the figure to --plot at the end (validation only).
-`--final` evaluates the test split of finished runs once.
+forked from runs/demo when that run is done) and `corpus10` (configs/corpus10.yaml, ../shared; its bases
+are forked from benchmarks/evidence_corpus10.py's `default` rows, seed 0, once their dense models are done,
+so only the bigger dense model is trained here). Finished rows are skipped; rows go to --json as they finish,
+the figure to --plot at the end (validation only). `--final` evaluates the test split of finished runs once.
 
   python benchmarks/trunk_study.py [--corpora demo corpus10] [--experts 4 8] [--fractions 0.1 0.25 0.5]
       [--root runs/trunk-study] [--json benchmarks/results/trunk_study.json] [--pretrained] [--final]
@@ -58,13 +59,27 @@ def _run(run: Path, corpus: str, overrides: list[str], final: bool) -> dict | No
     return None if results is None else next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
 
 
-def base_run(root: Path, corpus: str, experts: int, final: bool) -> dict | None:
+def donor_run(corpus: str, experts: int, grid: Path) -> Path | None:
+    """A finished run of the same config to fork the scratch row from instead of retraining it: `make demo`'s
+    for the demo at E = 4; for corpus10 the evidence grid's `default` row, seed 0 (configs/corpus10.yaml as
+    it is; its stage digests equal this study's up to the experts, checked by `smalltalk run`)."""
+    if corpus == "demo":
+        return DEMO_RUN if experts == 4 else None
+    return grid / f"E{experts}-default-s0"
+
+
+def base_run(root: Path, corpus: str, experts: int, final: bool, grid: Path) -> dict | None:
     """The scratch mixture, its dense model matched in full and the bigger dense model."""
     run = root / f"{corpus}-E{experts}-scratch"
-    if corpus == "demo" and experts == 4 and not run.exists():  # `make demo`'s own run, same config:
-        fork_stages(DEMO_RUN, run, (*UNTIL_PARTITION, "experts"))
-        if run.is_dir() and (DEMO_RUN / "dense").is_dir():  # its finished dense jobs resume as done (same budgets)
-            shutil.copytree(DEMO_RUN / "dense", run / "dense", copy_function=os.link)
+    donor = donor_run(corpus, experts, grid)
+    if donor is not None and not run.exists():
+        if not (donor / "dense" / "matched" / "train_manifest.json").is_file():
+            print(f"{corpus} E = {experts}: waiting for {donor} to finish its dense model (skipped)", flush=True)
+            return None
+        fork_stages(donor, run, (*UNTIL_PARTITION, "experts"))
+        for kind in ("matched", "bigger") if run.is_dir() else ():  # finished dense models resume as done
+            if (donor / "dense" / kind).is_dir():  # (same budgets)
+                shutil.copytree(donor / "dense" / kind, run / "dense" / kind, copy_function=os.link)
     main = _run(run, corpus, [f"routing.experts={experts}", "dense.bigger=true"], final)
     if main is None:
         return None
@@ -227,6 +242,8 @@ def main() -> int:
     ap.add_argument("--experts", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.1, 0.5])
     ap.add_argument("--json", default="benchmarks/results/trunk_study.json")
+    ap.add_argument("--grid", default="runs/evidence", help="benchmarks/evidence_corpus10.py's root: corpus10's "
+                    "scratch rows fork its default row, seed 0")
     ap.add_argument("--pretrained", action="store_true", help="the pretrained start instead of trunk fractions")
     ap.add_argument("--mixture-only", action="store_true", help="trunk rows up to the mixture's figure, the dense "
                     "model left for a later pass (which replaces the row)")
@@ -260,7 +277,7 @@ def main() -> int:
                 if (corpus, experts, fraction) in seen:
                     continue
                 started = time.perf_counter()
-                result = base_run(Path(args.root), corpus, experts, args.final) if fraction == 0 else \
+                result = base_run(Path(args.root), corpus, experts, args.final, Path(args.grid)) if fraction == 0 else \
                     trunk_run(Path(args.root), corpus, experts, fraction, args.final, args.mixture_only)
                 if result is None:
                     continue
