@@ -189,6 +189,43 @@ def test_a_checkpoint_save_that_hits_a_full_disk_keeps_the_previous_one(prepared
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+_KILLED_WHILE_PRUNING = """
+import os, shutil, signal, sys
+from pathlib import Path
+from smalltalk.model import ModelSpec, build_model
+from smalltalk.training.checkpoint import save_checkpoint
+
+out, model = sys.argv[1], build_model(ModelSpec(16, 1, 2, 32, vocab_size=64), max_positions=16, seed=0)
+for step in (1, 2):
+    save_checkpoint(out, step, model, {"step": step})
+
+def deletes_one_file_then_dies(path, *args, **kwargs):  # SIGKILL in the middle of deleting a tree
+    next(p for p in sorted(Path(path).rglob("*")) if p.is_file()).unlink()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+shutil.rmtree = deletes_one_file_then_dies
+save_checkpoint(out, 3, model, {"step": 3})  # keep=2: prunes step 1
+"""
+
+
+def test_a_trainer_killed_while_pruning_an_old_checkpoint_leaves_no_half_checkpoint(tmp_path):
+    """SIGKILL while the oldest checkpoint is being deleted: what is left under a checkpoint's name is whole
+    (the newer two), and the half-deleted one is a temp that the next cleanup removes. Was: the pruned
+    directory kept its name with some files gone, listed as a checkpoint, and a rerun that found the
+    training finished never removed it (the kill-anywhere test saw a stray dense/matched/step_* folder)."""
+    from smalltalk.model import ModelSpec, build_model
+    from smalltalk.training.checkpoint import checkpoint_dirs, load_checkpoint
+
+    out = tmp_path / "lm"
+    proc = subprocess.run([sys.executable, "-c", _KILLED_WHILE_PRUNING, str(out)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert [d.name for d in checkpoint_dirs(out)] == ["step_00000002", "step_00000003"]
+    model = build_model(ModelSpec(16, 1, 2, 32, vocab_size=64), max_positions=16, seed=1)
+    assert all(load_checkpoint(d, model)["step"] == int(d.name[-1]) for d in checkpoint_dirs(out))
+    assert len(remove_stale_temps(out)) == 1
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000002", "step_00000003"]
+
+
 def test_a_partition_part_that_hits_a_full_disk_keeps_the_finished_parts(prepared_run, em_run, tmp_path,
                                                                          monkeypatch, capsys):
     """Part 2 of 3 fails with ENOSPC while writing: exit 2 with one clear error, part 1 intact, no temp left;

@@ -184,6 +184,20 @@ def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
     _fsync_dir(final.parent)
 
 
+def remove_tree(path: str | Path) -> None:
+    """Delete a directory so that it is never seen half-deleted under its own name (a pruned checkpoint that
+    kept its config but lost its weights): renamed to a temp of this writer first, in one step, then removed;
+    a kill in between leaves a temp that `remove_stale_temps` deletes."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    doomed = path.parent / f".{path.name}.tmp-{writer_tag()}"
+    if doomed.exists():
+        shutil.rmtree(doomed)
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def write_json(path: str | Path, obj: Any) -> None:
     """Write JSON atomically (temp file + fsync + rename)."""
     with atomic_file(path) as tmp:

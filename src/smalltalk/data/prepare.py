@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
-import shutil
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +24,7 @@ from smalltalk.data.ingest import SPLITS, iter_documents, resolve_inputs, split_
 from smalltalk.data.shards import FORMAT_VERSION, release_pages
 from smalltalk.data.tokenizer import load_tokenizer
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
+from smalltalk.fsutil import atomic_dir, read_json, remove_tree, sha256_file, write_json
 from smalltalk.layout import DataFiles, Parts, manifest_of
 
 _INDEX_BLOCK = 1 << 16  # document / sequence index entries handled at once (~3 MB of temporaries)
@@ -181,7 +180,7 @@ def merge_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) -> d
             "data_config": dataclasses.asdict(cfg.data),
         }
         write_json(manifest_of(tmp), manifest)
-    shutil.rmtree(files.parts, ignore_errors=True)
+    remove_tree(files.parts)
     return manifest
 
 

@@ -15,7 +15,6 @@ import copy
 import dataclasses
 import hashlib
 import math
-import shutil
 import time
 from pathlib import Path
 
@@ -27,7 +26,7 @@ from smalltalk.data.ingest import resolve_inputs
 from smalltalk.data.prepare import prepare_data
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import sha256_file, write_json
+from smalltalk.fsutil import remove_tree, sha256_file, write_json
 from smalltalk.layout import RouterFiles, RunLayout, manifest_of
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.mixture.start import expert_spec, expert_train_config, start_model
@@ -144,7 +143,7 @@ def remove_expert(run: RunLayout, index: int, delete: bool = False) -> dict:
     write_json(run.mixture_file, manifest)
     if delete:
         for directory in doomed:
-            shutil.rmtree(directory, ignore_errors=True)
+            remove_tree(directory)
     return {"removed": index, "expert_dir": expert_dir, "router_dir": router_dir, "manifest": manifest}
 
 

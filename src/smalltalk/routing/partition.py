@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
+from smalltalk.fsutil import atomic_dir, read_json, remove_tree, sha256_file, write_json
 from smalltalk.layout import PartitionFiles, RunLayout, manifest_of, read_manifest
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, capacities, check_finite
 from smalltalk.routing.metrics import contingency, mix_from_table, quality_from_table
@@ -255,7 +254,7 @@ def merge_parts(job: PartitionJob, settings: dict, data: SplitData) -> dict:
         manifest["sha256"] = {f: sha256_file(tmp / f) for f in manifest["files"]}
         manifest["seconds"] = round(sum(m["seconds"] for m in manifests), 3)
         write_json(manifest_of(tmp), manifest)
-    shutil.rmtree(files.parts, ignore_errors=True)
+    remove_tree(files.parts)
     return manifest
 
 

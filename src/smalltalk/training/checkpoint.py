@@ -6,7 +6,6 @@ file) is reported with the path and the way out, instead of a stack trace from d
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import torch
 
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import atomic_dir, remove_stale_temps
+from smalltalk.fsutil import atomic_dir, remove_stale_temps, remove_tree
 from smalltalk.layout import STEP_DIR, TRAINER_STATE, WEIGHTS, TrainFiles
 from smalltalk.model import quiet_transformers
 
@@ -64,7 +63,7 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
         model.save_pretrained(str(tmp), safe_serialization=True)
         torch.save(_canonical(state), tmp / TRAINER_STATE)
     for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        remove_tree(old)
     return final
 
 
