@@ -14,6 +14,9 @@ Rows, each a named configuration of configs/corpus10.yaml (docs/routing.md names
   oracle    the domain labels grouped into E balanced groups (a reference: a prompt has no label)
   oracle-similar  the labels with related domains grouped together (tf-idf domain centroids): a stronger
             reference, to show how much any routing could still gain
+  tfidf-start  paper-em with the default's first departure alone: round 0 from the tf-idf clustering
+  long-m-step  paper-em with the default's second departure alone: 100 steps per round (share_passes=null)
+The last three run with one seed (the references, and the two halves of the default: which departure helps).
 Seed s moves the data order, the routers' and the experts' initialisation and the dense model's:
 data.order_seed = routing.seed = routing.train.seed = train.seed = s (the splits stay the same). Each run's
 dense model is matched in full (experts + every routing FLOP); the experts-only match is a second column
@@ -21,7 +24,7 @@ dense model is matched in full (experts + every routing FLOP); the experts-only 
 random and the oracles, it is also the match in full, checked). E = 2 runs paper-em and default, seed 0.
 
 Every figure is on the validation split. Seed 0 of every (E, row) runs first, then E = 2, then seeds 1 and 2
-of E = 4, then of E = 8 (oracle-similar, a reference, has one seed), so a partial grid already covers every
+of E = 4, then of E = 8 (the ONE_SEED rows have one seed), so a partial grid already covers every
 row; runs are resumable (a rerun skips finished stages) and rows are appended to --json as they finish.
 `--final` evaluates the test split of every finished run, once, and prints the final table; `--table-only`
 prints the table of --json and runs nothing.
@@ -51,7 +54,10 @@ ROWS = {
     "random": ["routing.method=random", *PAPER[1:]],
     "oracle": ["routing.method=oracle", *PAPER[1:]],
     "oracle-similar": ["routing.method=oracle", "routing.oracle_grouping=similar", *PAPER[1:]],
+    "tfidf-start": [*PAPER[:1], "routing.init_split=tfidf", *PAPER[2:]],
+    "long-m-step": [*PAPER[:3], "routing.share_passes=null"],
 }
+ONE_SEED = {"oracle-similar", "tfidf-start", "long-m-step"}
 FREE_ROUTING = {"tfidf", "random", "oracle", "oracle-similar"}  # no model FLOPs: matched in full = experts only
 MAIN_PREFIX = 64
 TARGETS = {4: 0.85, 8: 0.76}  # mean of 3 seeds, dense matched in full (issue #27)
@@ -59,12 +65,12 @@ TARGETS = {4: 0.85, 8: 0.76}  # mean of 3 seeds, dense matched in full (issue #2
 
 def plan(experts: list[int], seeds: list[int], rows: list[str]) -> list[tuple[int, str, int]]:
     """The first seed of every row first (E = 2 after it), then the other seeds one E at a time: a partial grid
-    already covers every row, then one E's seeds complete. oracle-similar, a reference, runs with one seed."""
+    already covers every row, then one E's seeds complete. The ONE_SEED rows run with the first seed only."""
     first, others = seeds[0], seeds[1:]
     jobs = [(e, row, first) for e in experts for row in rows]
     if 2 not in experts:  # E = 2: the paper's EM and the default, one seed
         jobs += [(2, r, first) for r in ("paper-em", "default") if r in rows]
-    jobs += [(e, row, s) for e in experts for s in others for row in rows if row != "oracle-similar"]
+    jobs += [(e, row, s) for e in experts for s in others for row in rows if row not in ONE_SEED]
     return jobs
 
 
@@ -114,7 +120,7 @@ def table(rows: list[dict]) -> str:
         out.append(f"| {experts} | {row} | {len(group)} | {_mean_sd([r['ratio_full'] for r in group])} | "
                    f"{_mean_sd([r['ratio_experts_only'] for r in group])} | "
                    f"{statistics.mean(r['routing_flops_share'] for r in group):.1%} | {epochs:.2f} |")
-    for lever in ("default", "refine"):
+    for lever in ("default", "refine", "tfidf-start", "long-m-step"):
         out += ["", f"paired difference {lever} − paper-em (÷ dense in full, same seed; negative: {lever} is better):"]
         for experts in sorted({r["experts"] for r in rows}):
             by_seed = {(r["row"], r["seed"]): r["ratio_full"] for r in rows if r["experts"] == experts}
