@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
 from smalltalk.config import load_config
 from smalltalk.layout import RunLayout
 from smalltalk.run.launch import LAUNCHABLE
-from smalltalk.run.pipeline import STAGE_NAMES, STAGES, digest, stage_config
+from smalltalk.run.pipeline import STAGE_NAMES, STAGES, accepted_digests, digest, stage_config
 
 from .conftest import TINY_CONFIG, cli
 
@@ -54,6 +55,32 @@ def test_rerun_skips_every_stage_and_refuses_a_changed_config(pipeline_run, caps
     assert capsys.readouterr().out.count("done, skipped") == len(STAGES)
     assert cli(*args, "--set", "train.lr=0.5") == 2
     assert "different config" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_run_finished_before_a_default_changed_still_resumes(pipeline_run, tmp_path, capsys):
+    """eval.top_k_temperatures' default moved from [1, 16] to [1, 32] (chosen on validation): a run whose eval,
+    report and sft stages were recorded under the old default reruns with every stage skipped, as a run made
+    before a setting was added does; a value the user sets still counts. Was: "produced with a different
+    config" for `make demo` rerun on an existing runs/demo."""
+    source, args = pipeline_run
+    run = tmp_path / "run"
+    shutil.copytree(source, run)
+    args = [str(run) if a == source else a for a in args]
+    overrides = [str(v) for k, v in zip(args, args[1:], strict=False) if k == "--set"]
+    cfg = load_config(TINY_CONFIG, [*overrides, "eval.top_k_temperatures=[1.0, 16.0]"])  # as older code recorded
+    stages = json.loads((run / "stages.json").read_text())
+    for stage in STAGES:
+        if stage.name in stages:
+            stages[stage.name]["digest"] = digest(cfg, stage)
+    (run / "stages.json").write_text(json.dumps(stages))
+    capsys.readouterr()
+    assert cli(*args) == 0
+    assert capsys.readouterr().out.count("done, skipped") == len(STAGES)
+    assert cli(*args, "--set", "eval.top_k_temperatures=[1.0, 8.0]") == 2
+    assert "different config" in capsys.readouterr().err
+    explicit = load_config(TINY_CONFIG, ["eval.top_k_temperatures=[1.0, 8.0]"])
+    assert accepted_digests(explicit, _stage("eval")) == {digest(explicit, _stage("eval"))}
 
 
 @pytest.mark.slow

@@ -148,6 +148,10 @@ class RefineConfig:
 # Whole sections added after runs existed: left out of stage digests while at their defaults.
 SECTIONS_ADDED_LATER = ("refine",)
 
+# Defaults changed after runs existed, with the value they had: a stage finished under the old default still
+# counts as done when the config leaves the key at its new default (its figures stay the old default's).
+DEFAULTS_CHANGED = {"eval": {"top_k_temperatures": [1.0, 16.0]}}  # 32: chosen on validation (issue #27)
+
 
 @dataclass
 class ExpertsConfig:

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from smalltalk.config import ADDED_LATER, SECTIONS_ADDED_LATER, Config, save_config
+from smalltalk.config import ADDED_LATER, DEFAULTS_CHANGED, SECTIONS_ADDED_LATER, Config, save_config
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import remove_stale_temps, write_json
 from smalltalk.layout import RunLayout, TrainFiles, manifest_of
@@ -181,6 +181,18 @@ def digest(cfg: Config, stage: Stage) -> str:
     return hashlib.sha256(json.dumps(stage_config(cfg, stage), sort_keys=True).encode()).hexdigest()[:16]
 
 
+def accepted_digests(cfg: Config, stage: Stage) -> set[str]:
+    """The stage's digest, and the one it had before a default it leaves unchanged was changed
+    (DEFAULTS_CHANGED): a run finished then still counts as done."""
+    old = cfg
+    for section, keys in DEFAULTS_CHANGED.items():
+        current = getattr(cfg, section)
+        fresh = type(current)()
+        at_default = {k: v for k, v in keys.items() if getattr(current, k) == getattr(fresh, k)}
+        old = dataclasses.replace(old, **{section: dataclasses.replace(current, **at_default)})
+    return {digest(cfg, stage), digest(old, stage)}
+
+
 def run_pipeline(cfg: Config, run: RunLayout) -> None:
     run.root.mkdir(parents=True, exist_ok=True)
     for path in remove_stale_temps(run.root):  # left by a killed earlier run: never a finished artifact
@@ -190,7 +202,7 @@ def run_pipeline(cfg: Config, run: RunLayout) -> None:
     for stage in STAGES:
         want = digest(cfg, stage)
         if stage.name in record and stage.done(cfg, run):
-            if record[stage.name]["digest"] != want:
+            if record[stage.name]["digest"] not in accepted_digests(cfg, stage):
                 raise SmalltalkError(f"stage '{stage.name}' of {run.root} was produced with a different config",
                                      fix="use a new run directory (--run) for the new config")
             print(f"[{stage.name}] done, skipped", flush=True)
