@@ -3,9 +3,12 @@ validation (`final`: the test split, evaluated once by `smalltalk eval --final`)
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from smalltalk.cli import main as smalltalk
@@ -86,3 +89,60 @@ def run_and_results(run: Path, overrides: list[str], final: bool = False,
         raise SystemExit(f"{run}: results on the {results['split']} split; studies decide on validation (a run "
                          "made before issue #27 evaluated test: rerun it in a fresh --root), --final for test")
     return results
+
+
+def claim(root: Path, name: str) -> bool:
+    """Claim run `name` for this process, so that several processes can work through one grid on one machine
+    (one per core): True if it was free or its claimant is dead (killed; the run resumes from its files)."""
+    claims = root / ".claims"
+    claims.mkdir(parents=True, exist_ok=True)
+    mark = claims / name
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        pid = int(mark.read_text())
+        if pid != os.getpid() and _alive(pid):
+            return False
+        mark.unlink()
+    try:
+        fd = os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:  # another process claimed it between the check and now
+        return False
+    with os.fdopen(fd, "w") as f:
+        f.write(str(os.getpid()))
+    return True
+
+
+def claimed_by_other(root: Path, name: str) -> bool:
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        pid = int((root / ".claims" / name).read_text())
+        return pid != os.getpid() and _alive(pid)
+    return False
+
+
+def release(root: Path, name: str) -> None:
+    (root / ".claims" / name).unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@contextlib.contextmanager
+def locked_rows(path: Path) -> Iterator[list[dict]]:
+    """The rows of results file `path`, read and written under an exclusive lock (processes sharing a grid
+    append to one file): append to the list yielded; it is written back atomically on exit."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        rows = json.loads(path.read_text())["rows"] if path.is_file() else []
+        before = len(rows)
+        yield rows
+        if len(rows) != before:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text(json.dumps({"rows": rows}, indent=1))
+            tmp.replace(path)

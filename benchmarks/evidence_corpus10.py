@@ -24,9 +24,9 @@ dense model is matched in full (experts + every routing FLOP); the experts-only 
 (trained once per E and seed, copied to that seed's other runs; where routing costs no model FLOPs, tfidf,
 random and the oracles, it is also the match in full, checked). E = 2 runs paper-em and default, seed 0.
 
-Every figure is on the validation split. Seed 0 of every (E, row) runs first, then E = 2, then seeds 1 and 2
-of E = 4, then of E = 8 (the ONE_SEED rows have one seed), so a partial grid already covers every
-row; runs are resumable (a rerun skips finished stages) and rows are appended to --json as they finish.
+Every figure is on the validation split. Jobs run in the order `plan` gives (a partial grid is already
+useful); runs are resumable (a rerun skips finished stages) and rows are appended to --json as they finish.
+Start one process per core on the same --root and --json: they claim runs (ROOT/.claims) and share the file.
 `--final` evaluates the test split of every finished run, once, and prints the final table; `--table-only`
 prints the table of --json and runs nothing.
 
@@ -43,7 +43,17 @@ import sys
 import time
 from pathlib import Path
 
-from corpus10_runs import CORPUS, check_free_routing, fork_until_experts, run_and_results, share_experts_only_dense
+from corpus10_runs import (
+    CORPUS,
+    check_free_routing,
+    claim,
+    claimed_by_other,
+    fork_until_experts,
+    locked_rows,
+    release,
+    run_and_results,
+    share_experts_only_dense,
+)
 
 PAPER = ["routing.method=em", "routing.init_split=random", "routing.router_init=shared", "routing.share_passes=1"]
 ROWS = {
@@ -64,20 +74,45 @@ MAIN_PREFIX = 64
 TARGETS = {4: 0.85, 8: 0.76}  # mean of 3 seeds, dense matched in full (issue #27)
 
 
+FINDING = ("paper-em", "default", "tfidf-start", "long-m-step")  # which departure from the paper helps
+
+
 def plan(experts: list[int], seeds: list[int], rows: list[str]) -> list[tuple[int, str, int]]:
-    """The first seed of every row first (E = 2 after it), then the other seeds one E at a time: a partial grid
-    already covers every row, then one E's seeds complete. The ONE_SEED rows run with the first seed only."""
-    first, others = seeds[0], seeds[1:]
-    jobs = [(e, row, first) for e in experts for row in rows]
-    if 2 not in experts:  # E = 2: the paper's EM and the default, one seed
+    """The order a partial grid is most useful in: the first seed of every row at the smallest E; the other
+    seeds of the rows that make the finding (paper-em, the default, its two halves) there; the first seed at
+    the larger E; E = 2 (paper-em and default, one seed); the remaining seeds. ONE_SEED rows: first seed only."""
+    first, smallest = seeds[0], min(experts)
+    jobs = [(e, row, s) for e in experts for s in seeds for row in rows if s == first or row not in ONE_SEED]
+    if 2 not in experts:
         jobs += [(2, r, first) for r in ("paper-em", "default") if r in rows]
-    jobs += [(e, row, s) for e in experts for s in others for row in rows if row not in ONE_SEED]
-    return jobs
+
+    def tier(job: tuple[int, str, int]) -> int:
+        e, row, s = job
+        if e == smallest and e != 2:
+            return 0 if s == first else 1 if row in FINDING else 4
+        return 3 if e == 2 else 2 if s == first else 5
+    return sorted(jobs, key=lambda j: (tier(j), j[0], j[2], list(ROWS).index(j[1])))
+
+
+def run_name(experts: int, row: str, seed: int) -> str:
+    return f"E{experts}-{row}-s{seed}"
+
+
+def ready(root: Path, experts: int, row: str, seed: int) -> bool:
+    """Whether a job can start now, with other processes working on the same grid: refine waits for its
+    paper-em run's experts; a run waits while another of its E and seed is training the experts-only dense
+    model they share (instead of training it twice)."""
+    if row == "refine" and not (root / run_name(experts, row, seed)).exists() and \
+            not (root / run_name(experts, "paper-em", seed) / "mixture.json").is_file():
+        return False
+    runs = list(root.glob(f"E{experts}-*-s{seed}"))
+    if any((p / "dense" / "matched-experts" / "train_manifest.json").is_file() for p in runs):
+        return True
+    return not any(claimed_by_other(root, p.name) for p in runs)
 
 
 def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict | None:
-    name = f"E{experts}-{row}-s{seed}"
-    run = root / name
+    run = root / run_name(experts, row, seed)
     donor = next((p for p in sorted(root.glob(f"E{experts}-*-s{seed}"))
                   if p != run and (p / "dense" / "matched-experts" / "train_manifest.json").is_file()), None)
     if row == "refine":  # first: the fork needs `run` not to exist yet
@@ -166,21 +201,27 @@ def main() -> int:
     if not CORPUS.is_dir():
         print(f"corpus10 not found at {CORPUS} (skipping)")
         return 0
-    done = json.loads(path.read_text())["rows"] if path.is_file() else []
-    seen = {(r["experts"], r["row"], r["seed"]) for r in done}
-    for experts, row, seed in plan(args.experts, args.seeds, args.rows):
-        if (experts, row, seed) in seen:
+    jobs, failed = plan(args.experts, args.seeds, args.rows), set()
+    while True:
+        with locked_rows(path) as done:
+            pending = [j for j in jobs if j not in {(r["experts"], r["row"], r["seed"]) for r in done} | failed]
+        if not pending:
+            break
+        job = next((j for j in pending if ready(root, *j) and claim(root, run_name(*j))), None)
+        if job is None:  # the rest are being run by other processes, or wait for them
+            time.sleep(60)
             continue
-        result = run_one(root, experts, row, seed, args.final)
+        try:
+            result = run_one(root, *job, args.final)
+        finally:
+            release(root, run_name(*job))
         if result is None:
+            failed.add(job)
             continue
-        done.append(result)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"rows": done}, indent=1))
-        print(table(done), flush=True)
-    print(table(done))
-    return 0
-
+        with locked_rows(path) as done:
+            done.append(result)
+            print(table(done), flush=True)
+    return 1 if failed else 0
 
 if __name__ == "__main__":
     sys.exit(main())
