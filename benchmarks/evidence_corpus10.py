@@ -143,6 +143,30 @@ def _mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
+CANDIDATES = ("paper-em", "default", "tfidf-start", "long-m-step", "refine")  # router-LM routing: could be `em`
+
+
+def choice(groups: dict[tuple[int, str], list[dict]]) -> list[str]:
+    """The decision rule for the routing default, applied per E: a difference inside the seed spread (the
+    larger sd of the two rows) is no finding, so among the rows that tie with the best the cheapest wins."""
+    out = []
+    for experts in sorted({e for e, _ in groups}):
+        stats = {row: ([r["ratio_full"] for r in g], statistics.mean(r["routing_flops_share"] for r in g))
+                 for (e, row), g in groups.items() if e == experts and row in CANDIDATES}
+        if not stats:
+            continue
+        best = min(stats, key=lambda row: statistics.mean(stats[row][0]))
+        spread = {row: statistics.stdev(v) if len(v) > 1 else 0.0 for row, (v, _) in stats.items()}
+        ties = [row for row, (v, _) in stats.items()
+                if statistics.mean(v) - statistics.mean(stats[best][0]) <= max(spread[row], spread[best])]
+        chosen = min(ties, key=lambda row: (stats[row][1], CANDIDATES.index(row)))
+        seeds = min(len(v) for v, _ in stats.values())
+        out.append(f"- E = {experts}: best {best} {_mean_sd(stats[best][0])}; tied within the seed spread: "
+                   f"{', '.join(ties)}; chosen: {chosen} ({stats[chosen][1]:.1%} routing FLOPs)"
+                   + ("" if seeds >= 3 else f"; only {seeds} seed(s): no decision yet"))
+    return out
+
+
 def table(rows: list[dict]) -> str:
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
@@ -165,6 +189,8 @@ def table(rows: list[dict]) -> str:
             if diffs:
                 out.append(f"- E = {experts}: {_mean_sd(diffs)} over {len(diffs)} seed(s): "
                            f"{[round(d, 3) for d in diffs]}")
+    out += ["", "the routing default, decided on validation (lowest mean ÷ dense in full; rows within the seed spread "
+            "of it tie, and the tie goes to the least routing FLOPs):", *choice(groups)]
     out += ["", "targets (mean of 3 seeds, dense matched in full):"]
     for experts, target in TARGETS.items():
         best = [g for (e, row), g in groups.items() if e == experts and row == "default"]
