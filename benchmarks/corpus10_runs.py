@@ -21,7 +21,7 @@ def share_experts_only_dense(run: Path, donor: Path | None, free_routing: bool =
     """Copy `donor`'s dense model matched to the experts' FLOPs only: it depends on data, model, train and E
     alone, so runs that share them train it once (the one matched in full pays for each run's routing).
     `free_routing`: `run`'s routing costs no model FLOPs (tf-idf, random, oracle), so its dense model matched
-    in full is that same model, copied too; `check_free_routing` verifies it once the run is done."""
+    in full is that same model, copied too; `check_copied_dense` verifies it once the run is done."""
     source = donor / "dense" / "matched-experts" if donor is not None else None
     if source is None or not (source / "train_manifest.json").is_file():
         return
@@ -31,13 +31,25 @@ def share_experts_only_dense(run: Path, donor: Path | None, free_routing: bool =
             shutil.copytree(source, run / "dense" / kind)
 
 
-def check_free_routing(results: dict) -> None:
-    """Refuse a row whose dense model matched in full was copied from the experts-only one while its routing
-    did cost FLOPs (the copy would then be the wrong baseline)."""
-    overhead = results["flops"]["exact"]["routing_overhead"]["total"]
-    if overhead:
-        raise SystemExit(f"routing cost {overhead:.3g} FLOPs: its dense model matched in full cannot be the "
-                         "experts-only one; delete dense/matched and rerun")
+def share_matched_dense(run: Path, twin: Path) -> None:
+    """Copy `twin`'s dense model matched in full into `run`, whose routing costs the same FLOPs by
+    construction (rows that differ only in how round 0 is split); `check_copied_dense` verifies it."""
+    source = twin / "dense" / "matched"
+    if (source / "train_manifest.json").is_file() and not (run / "dense" / "matched").exists():
+        (run / "dense").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, run / "dense" / "matched")
+
+
+def check_copied_dense(results: dict, run: Path, source: Path) -> None:
+    """Refuse a row whose dense model matched in full, copied from `source`, is not its match: trained for
+    other steps than the copy (the trainer resumed it to more), or with a budget other than this run's whole
+    budget (rounded to a whole step it is within 1e-3; a wrong copy is off by the routing overhead, several %)."""
+    ratio = results["flops"]["exact"]["dense_budget_ratio"]["matched"]
+    steps = [json.loads((d / "train_manifest.json").read_text())["steps"] for d in (run / "dense" / "matched", source)]
+    if abs(ratio - 1) > 1e-3 or steps[0] != steps[1]:
+        raise SystemExit(f"{run}: the dense model copied from {source} has {ratio:.4f}x this run's training FLOPs "
+                         f"({steps[0]} steps, the copy {steps[1]}): it is not its match in full; delete "
+                         "dense/matched and rerun")
 
 
 UNTIL_EXPERTS = ("tokenizer", "data", "routers", "partition", "experts")

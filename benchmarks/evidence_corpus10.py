@@ -45,7 +45,7 @@ from pathlib import Path
 
 from corpus10_runs import (
     CORPUS,
-    check_free_routing,
+    check_copied_dense,
     claim,
     claimed_by_other,
     fork_until_experts,
@@ -53,6 +53,7 @@ from corpus10_runs import (
     release,
     run_and_results,
     share_experts_only_dense,
+    share_matched_dense,
 )
 
 PAPER = ["routing.method=em", "routing.init_split=random", "routing.router_init=shared", "routing.share_passes=1"]
@@ -70,6 +71,7 @@ ROWS = {
 }
 ONE_SEED = {"oracle-similar"}
 FREE_ROUTING = {"tfidf", "random", "oracle", "oracle-similar"}  # no model FLOPs: matched in full = experts only
+TWIN = {"tfidf-start": "paper-em", "long-m-step": "default"}  # same routing FLOPs: the same dense matched in full
 MAIN_PREFIX = 64
 TARGETS = {4: 0.85, 8: 0.76}  # mean of 3 seeds, dense matched in full (issue #27)
 
@@ -101,9 +103,14 @@ def run_name(experts: int, row: str, seed: int) -> str:
 def ready(root: Path, experts: int, row: str, seed: int) -> bool:
     """Whether a job can start now, with other processes working on the same grid: refine waits for its
     paper-em run's experts; a run waits while another of its E and seed is training the experts-only dense
-    model they share (instead of training it twice)."""
+    model they share, or its TWIN trains the dense model matched in full they share (instead of training either
+    twice)."""
     if row == "refine" and not (root / run_name(experts, row, seed)).exists() and \
             not (root / run_name(experts, "paper-em", seed) / "mixture.json").is_file():
+        return False
+    twin = root / run_name(experts, TWIN.get(row, row), seed)
+    if row in TWIN and claimed_by_other(root, twin.name) and \
+            not (twin / "dense" / "matched" / "train_manifest.json").is_file():
         return False
     runs = list(root.glob(f"E{experts}-*-s{seed}"))
     if any((p / "dense" / "matched-experts" / "train_manifest.json").is_file() for p in runs):
@@ -119,6 +126,8 @@ def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict 
         fork_until_experts(root / f"E{experts}-paper-em-s{seed}", run)
     free_routing = row in FREE_ROUTING
     share_experts_only_dense(run, donor, free_routing)
+    if row in TWIN:
+        share_matched_dense(run, root / run_name(experts, TWIN[row], seed))
     seeds = [f"{key}={seed}" for key in ("data.order_seed", "routing.seed", "routing.train.seed", "train.seed")]
     overrides = [f"data.inputs=[{CORPUS}]", f"routing.experts={experts}", *ROWS[row], *seeds, "dense.bigger=false"]
     started = time.perf_counter()
@@ -126,7 +135,9 @@ def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict 
     if results is None:
         return None
     if free_routing:
-        check_free_routing(results)
+        check_copied_dense(results, run, run / "dense" / "matched-experts")
+    elif row in TWIN and (twin := root / run_name(experts, TWIN[row], seed) / "dense" / "matched").is_dir():
+        check_copied_dense(results, run, twin)
     main = next(r for r in results["sweep"] if r["prefix"] == MAIN_PREFIX)
     flops = results["flops"]["exact"]
     return {"experts": experts, "row": row, "seed": seed, "split": results["split"],
