@@ -82,18 +82,19 @@ FINDING = ("paper-em", "default", "tfidf-start", "long-m-step")  # which departu
 def plan(experts: list[int], seeds: list[int], rows: list[str]) -> list[tuple[int, str, int]]:
     """The order a partial grid is most useful in: the first seed of every row at the smallest E; the other
     seeds of the rows that make the finding (paper-em, the default, its two halves) there; the first seed at
-    the larger E; E = 2 (paper-em and default, one seed); the remaining seeds. ONE_SEED rows: first seed only."""
-    first, smallest = seeds[0], min(experts)
+    the larger E, then the finding's other seeds there; E = 2 (paper-em and default, one seed); the remaining
+    seeds. ONE_SEED rows: first seed only."""
+    first, smallest = seeds[0], min(e for e in experts if e != 2) if set(experts) - {2} else 2
     jobs = [(e, row, s) for e in experts for s in seeds for row in rows if s == first or row not in ONE_SEED]
     if 2 not in experts:
         jobs += [(2, r, first) for r in ("paper-em", "default") if r in rows]
 
-    def tier(job: tuple[int, str, int]) -> int:
+    def tier(job: tuple[int, str, int]) -> tuple[int, int]:
         e, row, s = job
-        if e == smallest and e != 2:
-            return 0 if s == first else 1 if row in FINDING else 4
-        return 3 if e == 2 else 2 if s == first else 5
-    return sorted(jobs, key=lambda j: (tier(j), j[0], j[2], list(ROWS).index(j[1])))
+        if e == 2:
+            return (2, 0)
+        return (0 if s == first or row in FINDING else 3, 0 if e == smallest else 1)
+    return sorted(jobs, key=lambda j: (tier(j)[0], tier(j)[1], j[2] != first, j[0], j[2], list(ROWS).index(j[1])))
 
 
 def run_name(experts: int, row: str, seed: int) -> str:
