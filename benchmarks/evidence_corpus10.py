@@ -159,23 +159,34 @@ CANDIDATES = ("paper-em", "default", "tfidf-start", "long-m-step", "refine")  # 
 
 
 def choice(groups: dict[tuple[int, str], list[dict]]) -> list[str]:
-    """The decision rule for the routing default, applied per E: a difference inside the seed spread (the
-    larger sd of the two rows) is no finding, so among the rows that tie with the best the cheapest wins."""
-    out = []
+    """The decision rule for the routing default: a difference inside the seed spread (the larger sd of the two
+    rows) is no finding, so at each E the rows that tie with the best tie; the default, one setting for every
+    E, is the cheapest in routing FLOPs among the rows that tie at every E (the paper's order breaks ties)."""
+    out, tied_everywhere, cost, provisional = [], set(CANDIDATES), {}, False
     for experts in sorted({e for e, _ in groups}):
-        stats = {row: ([r["ratio_full"] for r in g], statistics.mean(r["routing_flops_share"] for r in g))
-                 for (e, row), g in groups.items() if e == experts and row in CANDIDATES}
+        stats = {row: [r["ratio_full"] for r in g] for (e, row), g in groups.items()
+                 if e == experts and row in CANDIDATES}
         if not stats:
             continue
-        best = min(stats, key=lambda row: statistics.mean(stats[row][0]))
-        spread = {row: statistics.stdev(v) if len(v) > 1 else 0.0 for row, (v, _) in stats.items()}
-        ties = [row for row, (v, _) in stats.items()
-                if statistics.mean(v) - statistics.mean(stats[best][0]) <= max(spread[row], spread[best])]
-        chosen = min(ties, key=lambda row: (stats[row][1], CANDIDATES.index(row)))
-        seeds = min(len(v) for v, _ in stats.values())
-        out.append(f"- E = {experts}: best {best} {_mean_sd(stats[best][0])}; tied within the seed spread: "
-                   f"{', '.join(ties)}; chosen: {chosen} ({stats[chosen][1]:.1%} routing FLOPs)"
-                   + ("" if seeds >= 3 else f"; only {seeds} seed(s): no decision yet"))
+        for (e, row), g in groups.items():
+            if e == experts and row in CANDIDATES:
+                cost.setdefault(row, []).append(statistics.mean(r["routing_flops_share"] for r in g))
+        best = min(stats, key=lambda row: statistics.mean(stats[row]))
+        spread = {row: statistics.stdev(v) if len(v) > 1 else 0.0 for row, v in stats.items()}
+        ties = [row for row, v in stats.items()
+                if statistics.mean(v) - statistics.mean(stats[best]) <= max(spread[row], spread[best])]
+        tied_everywhere &= set(ties)
+        few = [row for row in ties if len(stats[row]) < 3]
+        provisional |= bool(few)
+        out.append(f"- E = {experts}: best {best} {_mean_sd(stats[best])}; tied with it within the seed spread: "
+                   f"{', '.join(ties)}" + (f" ({', '.join(few)}: fewer than 3 seeds, no decision)" if few else ""))
+    if tied_everywhere:
+        chosen = min(tied_everywhere, key=lambda row: (statistics.mean(cost[row]), CANDIDATES.index(row)))
+        out.append(f"- chosen: {chosen}, the cheapest row tied at every E "
+                   f"({statistics.mean(cost[chosen]):.1%} routing FLOPs / experts')"
+                   + ("; provisional: some ties have fewer than 3 seeds" if provisional else ""))
+    else:
+        out.append("- no row ties with the best at every E: the choice depends on E")
     return out
 
 
