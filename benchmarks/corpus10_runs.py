@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from smalltalk.cli import main as smalltalk
+from smalltalk.fsutil import pid_alive, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus10"
@@ -111,7 +112,7 @@ def claim(root: Path, name: str) -> bool:
     mark = claims / name
     with contextlib.suppress(FileNotFoundError, ValueError):
         pid = int(mark.read_text())
-        if pid != os.getpid() and _alive(pid):
+        if pid != os.getpid() and pid_alive(pid):
             return False
         mark.unlink()
     try:
@@ -126,22 +127,12 @@ def claim(root: Path, name: str) -> bool:
 def claimed_by_other(root: Path, name: str) -> bool:
     with contextlib.suppress(FileNotFoundError, ValueError):
         pid = int((root / ".claims" / name).read_text())
-        return pid != os.getpid() and _alive(pid)
+        return pid != os.getpid() and pid_alive(pid)
     return False
 
 
 def release(root: Path, name: str) -> None:
     (root / ".claims" / name).unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager
@@ -155,6 +146,4 @@ def locked_rows(path: Path) -> Iterator[list[dict]]:
         before = len(rows)
         yield rows
         if len(rows) != before:
-            tmp = path.with_name(path.name + ".tmp")
-            tmp.write_text(json.dumps({"rows": rows}, indent=1))
-            tmp.replace(path)
+            write_json(path, {"rows": rows})
