@@ -130,7 +130,8 @@ def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict 
     if row in TWIN:
         share_matched_dense(run, root / run_name(experts, TWIN[row], seed))
     seeds = [f"{key}={seed}" for key in ("data.order_seed", "routing.seed", "routing.train.seed", "train.seed")]
-    overrides = [f"data.inputs=[{CORPUS}]", f"routing.experts={experts}", *ROWS[row], *seeds, "dense.bigger=false"]
+    overrides = [f"data.inputs=[{CORPUS}]", f"routing.experts={experts}", *ROWS[row], *seeds, "dense.bigger=false",
+                 "experts.init=scratch"]  # the paper's experts, whatever the configs' default becomes
     started = time.perf_counter()
     results = run_and_results(run, overrides, final)
     if results is None:

@@ -80,7 +80,7 @@ def base_run(root: Path, corpus: str, experts: int, final: bool, grid: Path) -> 
         for kind in ("matched", "bigger") if run.is_dir() else ():  # finished dense models resume as done
             if (donor / "dense" / kind).is_dir():  # (same budgets)
                 shutil.copytree(donor / "dense" / kind, run / "dense" / kind, copy_function=os.link)
-    main = _run(run, corpus, [f"routing.experts={experts}", "dense.bigger=true"], final)
+    main = _run(run, corpus, [f"routing.experts={experts}", "dense.bigger=true", "experts.init=scratch"], final)
     if main is None:
         return None
     return {"mixture": main["mixture_after"]["ppl"], "dense": main["dense_matched_after"]["ppl"],
@@ -159,7 +159,7 @@ def pretrained_rows(root: Path, corpus: str, experts: int, final: bool) -> list[
              "dense": main["dense_matched_after"]["ppl"]}]
     scratch = root / f"{corpus}-E{experts}-scratch-same-tokenizer"
     fork_stages(run, scratch, UNTIL_PARTITION)  # same tokenizer, data, routers, partition
-    main = _run(scratch, corpus, common, final)
+    main = _run(scratch, corpus, [*common, "experts.init=scratch"], final)
     if main is None:
         return rows
     return rows + [{"start": "scratch (same tokenizer)", "mixture": main["mixture_after"]["ppl"],
