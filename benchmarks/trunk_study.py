@@ -50,6 +50,9 @@ DEMO_RUN = ROOT / "runs" / "demo"  # `make demo`: the demo's E = 4 scratch run, 
 MAIN_PREFIX = 64
 UNTIL_PARTITION = ("tokenizer", "data", "routers", "partition")
 STUDY = ["sft.enabled=false", "dense.experts_only=false"]  # what no row of this study reads
+# the routing every row of this study was measured with (the evidence grid's `default` row), pinned so that a
+# change of the configs' routing default cannot move the study's split (or its donors' digests) silently
+STUDY += ["routing.method=em", "routing.init_split=tfidf", "routing.router_init=shared", "routing.share_passes=null"]
 
 
 def _run(run: Path, corpus: str, overrides: list[str], final: bool) -> dict | None:
