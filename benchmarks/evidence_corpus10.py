@@ -162,12 +162,17 @@ CANDIDATES = ("paper-em", "default", "tfidf-start", "long-m-step", "refine")  # 
 def choice(groups: dict[tuple[int, str], list[dict]]) -> list[str]:
     """The decision rule for the routing default: a difference inside the seed spread (the larger sd of the two
     rows) is no finding, so at each E the rows that tie with the best tie; the default, one setting for every
-    E, is the cheapest in routing FLOPs among the rows that tie at every E (the paper's order breaks ties)."""
+    E, is the cheapest in routing FLOPs among the rows that tie at every E (the paper's order breaks ties).
+    Only the E with seeds decide (TARGETS: 4 and 8); E = 2, one seed of two rows, is shown, not deciding."""
     out, tied_everywhere, cost, provisional = [], set(CANDIDATES), {}, False
     for experts in sorted({e for e, _ in groups}):
         stats = {row: [r["ratio_full"] for r in g] for (e, row), g in groups.items()
                  if e == experts and row in CANDIDATES}
         if not stats:
+            continue
+        if experts not in TARGETS:
+            out.append(f"- E = {experts} (one seed, not deciding): " +
+                       ", ".join(f"{row} {_mean_sd(v)}" for row, v in stats.items()))
             continue
         for (e, row), g in groups.items():
             if e == experts and row in CANDIDATES:
