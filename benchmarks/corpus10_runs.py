@@ -16,6 +16,9 @@ from smalltalk.fsutil import pid_alive, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 CORPUS = ROOT.parent / "shared" / "data" / "corpus10"
+# the routing configs/{demo,corpus10}.yaml ran before issue #27 (the grid's `default` row; the trunk study's)
+PRE27_ROUTING = ["routing.method=em", "routing.init_split=tfidf", "routing.router_init=shared",
+                 "routing.share_passes=null"]
 
 
 def share_experts_only_dense(run: Path, donor: Path | None, free_routing: bool = False) -> None:

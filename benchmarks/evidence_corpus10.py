@@ -45,6 +45,7 @@ from pathlib import Path
 
 from corpus10_runs import (
     CORPUS,
+    PRE27_ROUTING,
     check_copied_dense,
     claim,
     claimed_by_other,
@@ -59,8 +60,7 @@ from corpus10_runs import (
 PAPER = ["routing.method=em", "routing.init_split=random", "routing.router_init=shared", "routing.share_passes=1"]
 ROWS = {
     "paper-em": PAPER,
-    "default": ["routing.method=em", "routing.init_split=tfidf", "routing.router_init=shared",
-                "routing.share_passes=null"],
+    "default": PRE27_ROUTING,
     "refine": [*PAPER, "refine.sequences=8192"],
     "tfidf": ["routing.method=tfidf", *PAPER[1:]],
     "random": ["routing.method=random", *PAPER[1:]],

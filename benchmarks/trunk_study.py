@@ -39,7 +39,7 @@ import sys
 import time
 from pathlib import Path
 
-from corpus10_runs import CORPUS, ROOT, fork_stages, run_and_results
+from corpus10_runs import CORPUS, PRE27_ROUTING, ROOT, fork_stages, run_and_results
 
 from smalltalk.cli import main as smalltalk
 from smalltalk.config import load_config
@@ -50,9 +50,9 @@ DEMO_RUN = ROOT / "runs" / "demo"  # `make demo`: the demo's E = 4 scratch run, 
 MAIN_PREFIX = 64
 UNTIL_PARTITION = ("tokenizer", "data", "routers", "partition")
 STUDY = ["sft.enabled=false", "dense.experts_only=false"]  # what no row of this study reads
-# the routing every row of this study was measured with (the evidence grid's `default` row), pinned so that a
-# change of the configs' routing default cannot move the study's split (or its donors' digests) silently
-STUDY += ["routing.method=em", "routing.init_split=tfidf", "routing.router_init=shared", "routing.share_passes=null"]
+# the routing every row of this study was measured with, pinned so that a change of the configs' routing
+# default cannot move the study's split (or its donors' digests) silently
+STUDY += PRE27_ROUTING
 
 
 def _run(run: Path, corpus: str, overrides: list[str], final: bool) -> dict | None:
