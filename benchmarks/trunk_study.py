@@ -18,11 +18,12 @@ steps; the target run continues every expert and the dense model matched in full
 (experts.init=pretrained: the run's tokenizer is the checkpoint's), and a scratch run with the same tokenizer,
 forked at its partition, is its reference. The bigger dense model has no fair pretrained counterpart.
 
-Corpora: `demo` (configs/demo.yaml: the corpus `make demo` builds, RUN runs/demo-corpus; its E = 4 base is
-forked from runs/demo when that run is done) and `corpus10` (configs/corpus10.yaml, ../shared; its bases
-are forked from benchmarks/evidence_corpus10.py's `default` rows, seed 0, once their dense models are done,
-so only the bigger dense model is trained here). Finished rows are skipped; rows go to --json as they finish,
-the figure to --plot at the end (validation only). `--final` evaluates the test split of finished runs once.
+Corpora: `demo` (configs/demo.yaml: the corpus `make demo` builds, RUN runs/demo-corpus; its bases are trained
+here: since `make demo` runs the trunk start this study chose, runs/demo is no scratch row) and `corpus10`
+(configs/corpus10.yaml, ../shared; its bases are forked from benchmarks/evidence_corpus10.py's `default` rows,
+seed 0, once their dense models are done, so only the bigger dense model is trained here). Finished rows are
+skipped; rows go to --json as they finish, the figure to --plot at the end (validation only). `--final`
+evaluates the test split of finished runs once.
 
   python benchmarks/trunk_study.py [--corpora demo corpus10] [--experts 4 8] [--fractions 0.1 0.25 0.5]
       [--root runs/trunk-study] [--json benchmarks/results/trunk_study.json] [--pretrained] [--final]
@@ -46,7 +47,6 @@ from smalltalk.config import load_config
 
 CONFIGS = {"demo": ROOT / "configs" / "demo.yaml", "corpus10": ROOT / "configs" / "corpus10.yaml"}
 INPUTS = {"demo": ROOT / "runs" / "demo-corpus", "corpus10": CORPUS}
-DEMO_RUN = ROOT / "runs" / "demo"  # `make demo`: the demo's E = 4 scratch run, forked instead of retrained
 MAIN_PREFIX = 64
 UNTIL_PARTITION = ("tokenizer", "data", "routers", "partition")
 STUDY = ["sft.enabled=false", "dense.experts_only=false"]  # what no row of this study reads
@@ -63,12 +63,10 @@ def _run(run: Path, corpus: str, overrides: list[str], final: bool) -> dict | No
 
 
 def donor_run(corpus: str, experts: int, grid: Path) -> Path | None:
-    """A finished run of the same config to fork the scratch row from instead of retraining it: `make demo`'s
-    for the demo at E = 4; for corpus10 the evidence grid's `default` row, seed 0 (configs/corpus10.yaml as
-    it is; its stage digests equal this study's up to the experts, checked by `smalltalk run`)."""
-    if corpus == "demo":
-        return DEMO_RUN if experts == 4 else None
-    return grid / f"E{experts}-default-s0"
+    """A finished run of the same config to fork the scratch row from instead of retraining it: for corpus10
+    the evidence grid's `default` row, seed 0 (PRE27_ROUTING, scratch experts; its stage digests equal this
+    study's up to the experts, checked by `smalltalk run`). None for the demo: runs/demo branches from a trunk."""
+    return None if corpus == "demo" else grid / f"E{experts}-default-s0"
 
 
 def base_run(root: Path, corpus: str, experts: int, final: bool, grid: Path) -> dict | None:
