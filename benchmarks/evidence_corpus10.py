@@ -159,12 +159,13 @@ def _mean_sd(values: list[float]) -> str:
 CANDIDATES = ("paper-em", "default", "tfidf-start", "long-m-step", "refine")  # router-LM routing: could be `em`
 
 
-def choice(groups: dict[tuple[int, str], list[dict]]) -> list[str]:
+def choice(groups: dict[tuple[int, str], list[dict]]) -> tuple[list[str], str | None]:
     """The decision rule for the routing default: a difference inside the seed spread (the larger sd of the two
     rows) is no finding, so at each E the rows that tie with the best tie; the default, one setting for every
     E, is the cheapest in routing FLOPs among the rows that tie at every E (the paper's order breaks ties).
-    Only the E with seeds decide (TARGETS: 4 and 8); E = 2, one seed of two rows, is shown, not deciding."""
-    out, tied_everywhere, cost, provisional = [], set(CANDIDATES), {}, False
+    Only the E with seeds decide (TARGETS: 4 and 8); E = 2, one seed of two rows, is shown, not deciding.
+    Returns the lines to print and the chosen row (None when the choice depends on E)."""
+    out, tied_everywhere, cost, provisional, chosen = [], set(CANDIDATES), {}, False, None
     for experts in sorted({e for e, _ in groups}):
         stats = {row: [r["ratio_full"] for r in g] for (e, row), g in groups.items()
                  if e == experts and row in CANDIDATES}
@@ -193,7 +194,7 @@ def choice(groups: dict[tuple[int, str], list[dict]]) -> list[str]:
                    + ("; provisional: some ties have fewer than 3 seeds" if provisional else ""))
     else:
         out.append("- no row ties with the best at every E: the choice depends on E")
-    return out
+    return out, chosen
 
 
 def table(rows: list[dict]) -> str:
@@ -218,11 +219,19 @@ def table(rows: list[dict]) -> str:
             if diffs:
                 out.append(f"- E = {experts}: {_mean_sd(diffs)} over {len(diffs)} seed(s): "
                            f"{[round(d, 3) for d in diffs]}")
+    decision, chosen = choice(groups)
     out += ["", "the routing default, decided on validation (lowest mean ÷ dense in full; rows within the seed spread "
-            "of it tie, and the tie goes to the least routing FLOPs):", *choice(groups)]
-    out += ["", "targets (mean of 3 seeds, dense matched in full):"]
+            "of it tie, and the tie goes to the least routing FLOPs):", *decision]
+    out += ["", "targets (mean of 3 seeds, dense matched in full), for the chosen default and the pre-#27 one:"]
+    out += [line for default in dict.fromkeys((chosen or "default", "default")) for line in targets(groups, default)]
+    return "\n".join(out)
+
+
+def targets(groups: dict[tuple[int, str], list[dict]], default: str) -> list[str]:
+    """The issue's targets for `default`: ÷ dense under TARGETS[E], and within 0.015 of the best reference split."""
+    out = []
     for experts, target in TARGETS.items():
-        best = [g for (e, row), g in groups.items() if e == experts and row == "default"]
+        best = [g for (e, row), g in groups.items() if e == experts and row == default]
         oracle = [g for (e, row), g in groups.items() if e == experts and row in ("oracle", "oracle-similar")]
         oracle = [min(oracle, key=lambda g: statistics.mean(r["ratio_full"] for r in g))] if oracle else []
         if best:
@@ -233,9 +242,9 @@ def table(rows: list[dict]) -> str:
                 gap = mean - statistics.mean(r["ratio_full"] for r in oracle[0])
                 reference = (f"; gap to the best reference split ({oracle[0][0]['row']}) {gap:+.3f} "
                              f"(target ≤ 0.015: {'met' if gap <= 0.015 else 'MISSED'})")
-            out.append(f"- E = {experts}: default {mean:.3f} (target ≤ {target}: {verdict}, {len(best[0])} "
+            out.append(f"- E = {experts}: {default} {mean:.3f} (target ≤ {target}: {verdict}, {len(best[0])} "
                        f"seed(s)){reference}")
-    return "\n".join(out)
+    return out
 
 
 def main() -> int:
