@@ -29,6 +29,17 @@ def _weights(run, rel: str) -> str:
     return sha256_file(run / rel / "model.safetensors")
 
 
+def test_an_added_router_trains_as_many_steps_as_the_em_routers(pipeline_run, tmp_path):
+    """Not rounds x routing.train.steps: with the paper's one-pass M-step (routing.share_passes) the EM routers'
+    steps per round come from the chunk, so the count is read from their own manifests."""
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run[0], run)
+    em_steps = json.loads((run / "routers" / "00" / "train_manifest.json").read_text())["steps"]
+    assert cli("experts", "add", "--run", run, "--data", write_jsonl(tmp_path / "new.jsonl", new_domain_docs(30)),
+               "--set", "routing.train.steps=3", "--set", "train.steps=4") == 0
+    assert json.loads((run / "routers" / "03" / "train_manifest.json").read_text())["steps"] == em_steps != 3 * 2
+
+
 def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(pipeline_run[0], run)

@@ -130,7 +130,7 @@ def register(sub) -> None:
     add_common(p)
     p.add_argument("--data", nargs="+", required=True, help="new documents (jsonl/txt/parquet files or dirs)")
     p.add_argument("--steps", type=int, help="expert steps (default: the run's experts' steps)")
-    p.add_argument("--router-steps", type=int, help="router steps (default: EM rounds x routing.train.steps)")
+    p.add_argument("--router-steps", type=int, help="router steps (default: as many as each EM router trained)")
     p.set_defaults(func=cmd_experts_add)
     p = experts.add_parser("remove", help="drop expert K and its router from the mixture")
     p.add_argument("--run", "--run-dir", dest="run", required=True)

@@ -27,7 +27,7 @@ from smalltalk.data.prepare import prepare_data
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import remove_tree, sha256_file, write_json
-from smalltalk.layout import RouterFiles, RunLayout, manifest_of
+from smalltalk.layout import RouterFiles, RunLayout, TrainFiles, manifest_of
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.mixture.start import expert_spec, expert_train_config, start_model
 from smalltalk.model import ModelSpec
@@ -94,7 +94,10 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
         raise SmalltalkError(f"no training sequences in {inputs}", fix="add more documents")
 
     rc, prefix = cfg.routing, manifest["prefix"]
-    steps = router_steps or routers_manifest["rounds"] * rc.train.steps
+    # as many steps as each EM router trained in all its rounds (its own manifest: the M-step's length is
+    # routing.share_passes's, which may differ from routing.train.steps)
+    steps = router_steps or TrainFiles(RouterFiles(run.routers).router(routers_manifest["routers"][0]).root
+                                       ).summary()["steps"]
     router_cfg = dataclasses.replace(rc.train, seq_len=prefix, steps=steps, schedule_steps=steps,
                                      seed=rc.seed + k, progress=False)
     router_spec = ModelSpec(**routers_manifest["router_spec"])
