@@ -232,6 +232,21 @@ def test_sampler_is_a_cursor_over_a_seeded_order():
     assert a.state_dict()["epoch"] == 1 and np.array_equal(a.consumed(), ids)
 
 
+def test_a_kill_between_a_save_and_its_pruning_leaves_no_extra_checkpoint(prepared_run, tmp_path):
+    """Killed after the last checkpoint's save but before the older ones were pruned, a resumed trainer has no
+    step left to save at: it prunes when it resumes, and ends with the checkpoints of an uninterrupted run."""
+    every = ["--set", "train.checkpoint_every=2", "--set", "train.steps=10"]
+    ref, out = tmp_path / "ref", tmp_path / "lm"
+    assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", ref, *every) == 0
+    # the pruning that the kill prevented: one checkpoint more than keep_checkpoints (2)
+    assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, *every,
+               "--set", "train.keep_checkpoints=3") == 0
+    assert len(list((out / "checkpoints").iterdir())) == 3
+    assert cli("train", "lm", *TRAIN, "--run", prepared_run, "--out", out, *every, "--resume") == 0
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == \
+        sorted(p.name for p in (ref / "checkpoints").iterdir()) == ["step_00000008", "step_00000010"]
+
+
 def test_damaged_latest_checkpoint_falls_back_to_the_previous_one(prepared_run, tmp_path, capsys):
     """The newest checkpoint is truncated: resume warns, names both, continues from the older one, and still
     ends bitwise equal to an uninterrupted run (exact resume)."""

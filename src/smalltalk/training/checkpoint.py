@@ -62,9 +62,17 @@ def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, stat
     with atomic_dir(final) as tmp:
         model.save_pretrained(str(tmp), safe_serialization=True)
         torch.save(_canonical(state), tmp / TRAINER_STATE)
-    for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
-        remove_tree(old)
+    prune_checkpoints(out_dir, keep)
     return final
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int, resumed_from: Path | None = None) -> None:
+    """All but the newest `keep` checkpoints removed (keep 0: none), never the one a trainer resumed from (newer
+    ones may be damaged). After each save, and again on resume: a trainer killed between a save and its pruning
+    leaves one too many, which a finished resume never saves over."""
+    for old in checkpoint_dirs(out_dir)[:-keep] if keep > 0 else []:
+        if old != resumed_from:
+            remove_tree(old)
 
 
 def _canonical(obj: Any) -> Any:

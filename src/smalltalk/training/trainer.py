@@ -28,7 +28,7 @@ from smalltalk.flops import measure_matmul_peak, training_flops
 from smalltalk.fsutil import atomic_dir, atomic_file, read_jsonl, write_json
 from smalltalk.layout import WEIGHTS, WEIGHTS_INDEX, TrainFiles
 from smalltalk.model import ModelSpec, build_model, count_params
-from smalltalk.training.checkpoint import load_latest_good, save_checkpoint
+from smalltalk.training.checkpoint import load_latest_good, prune_checkpoints, save_checkpoint
 from smalltalk.training.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.training.forward import TrainingForward
 from smalltalk.training.host_memory import keep_freed_memory
@@ -216,6 +216,7 @@ def train(job: TrainJob, resume: bool = False) -> dict:
         last_loss = state.get("last_loss", float("nan"))
         if dist.is_main:
             print(f"{job.name}: resuming from {checkpoint}", flush=True)
+            prune_checkpoints(out_dir, cfg.keep_checkpoints, checkpoint)  # a kill between a save and its pruning
     elif not resume and TrainFiles(out_dir).checkpoints.exists() and dist.is_main:
         raise SmalltalkError(f"{out_dir} already holds checkpoints", fix="pass --resume, or choose a new --out")
     model.to(device)
