@@ -157,6 +157,7 @@ def _mean_sd(values: list[float]) -> str:
 
 
 CANDIDATES = ("paper-em", "default", "tfidf-start", "long-m-step", "refine")  # router-LM routing: could be `em`
+CHOSEN_ON_VALIDATION = "tfidf-start"  # what `choice` printed on the complete validation grid (2026-12-06)
 
 
 def choice(groups: dict[tuple[int, str], list[dict]]) -> tuple[list[str], str | None]:
@@ -219,6 +220,11 @@ def table(rows: list[dict]) -> str:
             if diffs:
                 out.append(f"- E = {experts}: {_mean_sd(diffs)} over {len(diffs)} seed(s): "
                            f"{[round(d, 3) for d in diffs]}")
+    if split != "validation":  # nothing is decided on test: the default is the one validation chose
+        out += ["", f"the {split} split, evaluated once: no choice is made from it; the default is validation's "
+                f"({CHOSEN_ON_VALIDATION})", "", "the targets' figures on this split, for that default and the "
+                "pre-#27 one:"]
+        return "\n".join([*out, *targets(groups, CHOSEN_ON_VALIDATION), *targets(groups, "default")])
     decision, chosen = choice(groups)
     out += ["", "the routing default, decided on validation (lowest mean ÷ dense in full; rows within the seed spread "
             "of it tie, and the tie goes to the least routing FLOPs):", *decision]
