@@ -8,14 +8,16 @@ import fcntl
 import json
 import os
 import shutil
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from smalltalk.cli import main as smalltalk
 from smalltalk.fsutil import pid_alive, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
-CORPUS = ROOT.parent / "shared" / "data" / "corpus10"
+CORPUS = ROOT / "runs" / "corpus10-data"  # built by the project: BUILD_CORPUS
+BUILD_CORPUS = f"smalltalk corpus corpus10 {CORPUS.relative_to(ROOT)} --install"
 # the routing configs/{demo,corpus10}.yaml ran before issue #27 (the grid's `default` row; the trunk study's)
 PRE27_ROUTING = ["routing.method=em", "routing.init_split=tfidf", "routing.router_init=shared",
                  "routing.share_passes=null"]
@@ -35,13 +37,14 @@ def share_experts_only_dense(run: Path, donor: Path | None, free_routing: bool =
             shutil.copytree(source, run / "dense" / kind)
 
 
-def share_matched_dense(run: Path, twin: Path) -> None:
-    """Copy `twin`'s dense model matched in full into `run`, whose routing costs the same FLOPs by
-    construction (rows that differ only in how round 0 is split); `check_copied_dense` verifies it."""
-    source = twin / "dense" / "matched"
-    if (source / "train_manifest.json").is_file() and not (run / "dense" / "matched").exists():
+def share_matched_dense(run: Path, twin: Path, kind: str = "matched") -> None:
+    """Copy `twin`'s dense model `kind` (matched in full, or matched at inference) into `run`, whose routing
+    costs the same FLOPs by construction (rows that differ only in how round 0 is split, or in the order of
+    n-gram routers); `check_copied_dense` verifies the match in full."""
+    source = twin / "dense" / kind
+    if (source / "train_manifest.json").is_file() and not (run / "dense" / kind).exists():
         (run / "dense").mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, run / "dense" / "matched")
+        shutil.copytree(source, run / "dense" / kind)
 
 
 def check_copied_dense(results: dict, run: Path, source: Path) -> None:
@@ -150,3 +153,42 @@ def locked_rows(path: Path) -> Iterator[list[dict]]:
         yield rows
         if len(rows) != before:
             write_json(path, {"rows": rows})
+
+
+def corpus_missing(corpus: Path = CORPUS) -> bool:
+    """True (and says how to build it) when the evidence corpus is not there: a study then runs nothing."""
+    if (corpus / "stats.json").is_file():
+        return False
+    print(f"corpus10 not found at {corpus}: build it with `{BUILD_CORPUS}` (skipping)")
+    return True
+
+
+Job = tuple  # (E, row, seed) or a study's own key; run_name(*job) names its run directory
+
+
+def work_through(jobs: list[Job], root: Path, path: Path, run_name: Callable[..., str],
+                 run_one: Callable[..., dict | None], key: Callable[[dict], Job],
+                 table: Callable[[list[dict]], str], ready: Callable[..., bool] = lambda *job: True) -> int:
+    """The grid loop every corpus10 study shares: take the first pending job that is ready and free (processes
+    on one machine claim runs, ROOT/.claims), run it, append its row to `path` under a lock, print the table;
+    rows already in `path` are skipped, so a killed grid resumes. Returns 1 if any job failed."""
+    failed: set = set()
+    while True:
+        with locked_rows(path) as done:
+            pending = [j for j in jobs if j not in {key(r) for r in done} | failed]
+        if not pending:
+            return 1 if failed else 0
+        job = next((j for j in pending if ready(root, *j) and claim(root, run_name(*j))), None)
+        if job is None:  # the rest are being run by other processes, or wait for them
+            time.sleep(60)
+            continue
+        try:
+            result = run_one(root, *job)
+        finally:
+            release(root, run_name(*job))
+        if result is None:
+            failed.add(job)
+            continue
+        with locked_rows(path) as done:
+            done.append(result)
+            print(table(done), flush=True)

@@ -1,9 +1,10 @@
 """Elastic experts on corpus10: hold out one domain, train E = 4 on the other nine, add the held-out domain
 as expert 5 (`smalltalk experts add`), and report
   (a) perplexity on the new domain before / after,
-  (b) the share of old-domain test sequences whose expert changed,
+  (b) the share of old-domain sequences whose expert changed,
   (c) old-domain perplexity before / after,
-all on the test splits, routed on the first M̂ = routing.prefix tokens, perplexity after the prefix.
+all on the validation splits (--final: test, once), routed on the first M̂ = routing.prefix tokens, perplexity
+after the prefix.
 Runtime on 2 cores: ~20 min (the E = 4 run without dense baselines, then ~4 min for the new pair).
 
   python benchmarks/elastic_corpus10.py [--root runs/elastic] [--holdout german_de]
@@ -36,7 +37,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="runs/elastic")
     ap.add_argument("--holdout", default="german_de", help="corpus10 file stem of the domain to add later")
-    ap.add_argument("--max-sequences", type=int, default=2000, help="test sequences per side")
+    ap.add_argument("--max-sequences", type=int, default=2000, help="sequences per side")
+    ap.add_argument("--final", action="store_true", help="the test splits, once (default: validation)")
     args = ap.parse_args()
     corpus = ROOT.parent / "shared" / "data" / "corpus10"
     if not corpus.is_dir():
@@ -65,7 +67,8 @@ def main() -> int:
     new_dir = after["expert_dirs"][-1]
     rows = {}
     for name, data_dir in (("new domain", Path(after["elastic"][-1]["data"])), ("old domains", run.data)):
-        data = SplitData(data_dir if data_dir.is_absolute() else run.root / data_dir, "test")
+        data = SplitData(data_dir if data_dir.is_absolute() else run.root / data_dir,
+                         "test" if args.final else "validation")
         ids = data.sample(args.max_sequences)  # a seeded sample over all domains, not the first n
         rows[name] = compare_mixtures(run.root, before, after, data, ids, prefix)
         rows[name]["to_new_expert"] = rows[name]["after"]["loads"].get(new_dir, 0) / len(ids)
@@ -73,7 +76,7 @@ def main() -> int:
     new, old = rows["new domain"], rows["old domains"]
     print(json.dumps(rows, indent=1))
     print(f"\nheld-out domain: {args.holdout}; routed on the first {prefix} tokens; ppl after the prefix; "
-          f"test sequences: new {new['sequences']}, old {old['sequences']}")
+          f"{'test' if args.final else 'validation'} sequences: new {new['sequences']}, old {old['sequences']}")
     print("| | before (E = 4) | after (E = 5) |\n|---|---|---|")
     print(f"| (a) new-domain ppl | {new['before']['ppl_after']:.2f} | {new['after']['ppl_after']:.2f} |")
     print(f"| new-domain sequences routed to the new expert | – | {new['to_new_expert']:.1%} |")

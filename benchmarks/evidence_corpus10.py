@@ -47,14 +47,13 @@ from corpus10_runs import (
     CORPUS,
     PRE27_ROUTING,
     check_copied_dense,
-    claim,
     claimed_by_other,
+    corpus_missing,
     fork_until_experts,
-    locked_rows,
-    release,
     run_and_results,
     share_experts_only_dense,
     share_matched_dense,
+    work_through,
 )
 
 PAPER = ["routing.method=em", "routing.init_split=random", "routing.router_init=shared", "routing.share_passes=1"]
@@ -268,30 +267,11 @@ def main() -> int:
     if args.table_only:
         print(table(json.loads(path.read_text())["rows"]))
         return 0
-    if not CORPUS.is_dir():
-        print(f"corpus10 not found at {CORPUS} (skipping)")
+    if corpus_missing():
         return 0
-    jobs, failed = plan(args.experts, args.seeds, args.rows), set()
-    while True:
-        with locked_rows(path) as done:
-            pending = [j for j in jobs if j not in {(r["experts"], r["row"], r["seed"]) for r in done} | failed]
-        if not pending:
-            break
-        job = next((j for j in pending if ready(root, *j) and claim(root, run_name(*j))), None)
-        if job is None:  # the rest are being run by other processes, or wait for them
-            time.sleep(60)
-            continue
-        try:
-            result = run_one(root, *job, args.final)
-        finally:
-            release(root, run_name(*job))
-        if result is None:
-            failed.add(job)
-            continue
-        with locked_rows(path) as done:
-            done.append(result)
-            print(table(done), flush=True)
-    return 1 if failed else 0
+    return work_through(plan(args.experts, args.seeds, args.rows), root, path, run_name,
+                        lambda root, *job: run_one(root, *job, args.final),
+                        lambda r: (r["experts"], r["row"], r["seed"]), table, ready)
 
 if __name__ == "__main__":
     sys.exit(main())

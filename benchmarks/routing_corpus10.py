@@ -1,7 +1,8 @@
 """Routing quality on ../shared/data/corpus10 with E = 10: EM routers vs tf-idf vs random.
 
 Prepares corpus10 (vocab 1024, seq 256), trains EM routers with prefix 32 and with prefix 256, the
-tf-idf and random baselines, and prints NMI / purity against the 10 domain labels on the test split
+tf-idf and random baselines, and prints NMI / purity against the 10 domain labels on the validation split
+(--final: test, once)
 at inference prefixes 32 and 256, plus the EM curve (NMI per round); then the router-size comparison (EM
 at prefix 256 with each of --sizes). Held-out sets and chunks follow the data's seeded order (never the
 first sequences of a file-ordered split). About 30-40 minutes on 2 cores.
@@ -33,9 +34,11 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=60, help="router steps per round")
     ap.add_argument("--router", default="cpu-router-0.1m")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--final", action="store_true", help="the test split, once (default: validation)")
     ap.add_argument("--sizes", nargs="*", default=["cpu-router-0.03m"],
                     help="other router presets to train at prefix 256 (router-size comparison)")
     args = ap.parse_args()
+    split = "test" if args.final else "validation"
     if not Path(args.corpus).is_dir():
         print(f"corpus not found: {args.corpus} (skipping)")
         return 0
@@ -68,7 +71,7 @@ def main() -> int:
             assert smalltalk(["routers", "train", *routing, "--method", method, "--prefix", "256",
                               "--out", str(out)]) == 0
         dirs.append(out)
-    rows = compare_routers(dirs, run / "data", "test", [32, 256])
+    rows = compare_routers(dirs, run / "data", split, [32, 256])
     print(format_table(rows))
     (run / "routing_compare.json").write_text(json.dumps(rows, indent=2) + "\n")
     for prefix in (32, 256):
@@ -76,14 +79,14 @@ def main() -> int:
         curve = [f"{r['heldout_nmi']:.3f}" for r in history]
         print(f"EM curve, prefix {prefix}: held-out NMI per round {curve}; "
               f"best-router changes {[r['best_changed_fraction'] for r in history]}")
-    print("\nrouter size (EM, prefix 256): | router | non-embedding params | held-out NMI per round | test NMI "
+    print(f"\nrouter size (EM, prefix 256): | router | non-embedding params | held-out NMI per round | {split} NMI "
           "(argmax, M̂ 256) |")
     for preset, out in sized.items():
         history = read_json(out / "em_history.json")["rounds"]
         spec = read_json(out / "manifest.json")["router_spec"]
-        test = compare_routers([out], run / "data", "test", [256])[0]["argmax"]["nmi"]
+        nmi = compare_routers([out], run / "data", split, [256])[0]["argmax"]["nmi"]
         curve = " ".join(f"{r['heldout_nmi']:.2f}" for r in history)
-        print(f"| {preset} | d={spec['hidden_size']} L={spec['num_layers']} | {curve} | {test:.3f} |")
+        print(f"| {preset} | d={spec['hidden_size']} L={spec['num_layers']} | {curve} | {nmi:.3f} |")
     return 0
 
 

@@ -1,9 +1,9 @@
 """Short prompts: continuation perplexity when routing on only k = 4/8/16/32 tokens, with and without
 re-routing once the text reaches M tokens (`--reroute-at M`, default the mixture's prefix).
 
-Teacher-forced on the test split: tokens after k are scored; without re-routing all of them by the expert
-chosen on k tokens; with re-routing, tokens k..M by that expert and tokens after M by the expert chosen on
-the first M tokens. Both columns score exactly the same tokens.
+Teacher-forced on the validation split (--final: test, once): tokens after k are scored; without re-routing
+all of them by the expert chosen on k tokens; with re-routing, tokens k..M by that expert and tokens after M
+by the expert chosen on the first M tokens. Both columns score exactly the same tokens.
 
   python benchmarks/short_prompts.py --run runs/demo [--reroute-at 64] [--max-sequences 1000]
 """
@@ -41,10 +41,11 @@ def main() -> int:
     ap.add_argument("--reroute-at", type=int)
     ap.add_argument("--ks", type=int, nargs="+", default=[4, 8, 16, 32])
     ap.add_argument("--max-sequences", type=int, default=1000)
+    ap.add_argument("--final", action="store_true", help="the test split, once (default: validation)")
     args = ap.parse_args()
     run = RunLayout(__import__("pathlib").Path(args.run))
     mixture = SmallTalkMixture.from_pretrained(run.root)
-    data = SplitData(run.data, "test")
+    data = SplitData(run.data, "test" if args.final else "validation")
     ids = data.sample(args.max_sequences)  # a seeded sample over all domains, not the first n
     m = args.reroute_at or mixture.prefix
     nll = [nll_matrix(mixture.expert(k), data, ids) for k in range(mixture.num_experts)]

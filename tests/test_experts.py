@@ -39,11 +39,15 @@ def test_dense_matches_experts_tokens_and_bigger_matches_flops(pipeline_run):
     per_token = experts_only["training_flops"]["exact"] / experts_only["tokens"]
     step = matched["global_batch"] * matched["seq_len"]
     assert abs(matched["tokens"] - experts_only["tokens"] - overhead / per_token) <= step / 2
-    bigger = json.loads((run.dense / "bigger" / "train_manifest.json").read_text())
-    assert 1.5 <= bigger["non_embedding_params"] / experts[0]["non_embedding_params"] <= 6
     results = json.loads((run.eval / "results.json").read_text())
-    flops = results["flops"]["exact"]
-    assert bigger["training_flops"]["exact"] == pytest.approx(flops["mixture_training"], rel=0.1)
+    flops, inference = results["flops"]["exact"], results["flops"]["exact"]["inference"]
+    for kind, k in (("inference", 1), ("bigger", 3)):  # per sequence: routers + k experts (c-BTM's protocol)
+        dense = json.loads((run.dense / kind / "train_manifest.json").read_text())
+        assert dense["params"] > experts[0]["params"]
+        assert inference[f"dense_{kind}"] == pytest.approx(inference["routing"] + k * inference["expert"],
+                                                           rel=0.02), kind
+        assert dense["training_flops"]["exact"] == pytest.approx(flops["mixture_training"], rel=0.1), kind
+        assert flops["dense_budget_ratio"][kind] == pytest.approx(1, rel=0.1)
 
 
 def test_dense_match_batch_variant(pipeline_run, tmp_path):

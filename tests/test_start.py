@@ -111,7 +111,7 @@ def test_trunk_experts_and_dense_branch_from_it_and_its_flops_count(corpus_file,
     shrink so that trunk + experts = the scratch experts' budget, and `bigger` trains for all of it."""
     run = RunLayout(tmp_path / "run")
     assert cli(*_run_args(run.root, corpus_file, "--set", "experts.init=trunk", "--set",
-                          "experts.trunk_fraction=0.25", "--set", "train.lr=0")) == 0
+                          "experts.trunk_fraction=0.25", "--set", "train.lr=0", "--set", "dense.from_trunk=true")) == 0
     trunk = TrainFiles(run.trunk).summary()
     assert trunk["steps"] == 10  # 0.25 x 2 experts x 20 steps
     start = _weights(TrainFiles(run.trunk).model)
@@ -119,11 +119,14 @@ def test_trunk_experts_and_dense_branch_from_it_and_its_flops_count(corpus_file,
     assert [e["steps"] for e in experts] == [15, 15]
     for k in range(2):
         assert _same(_weights(TrainFiles(run.expert(k)).model), start), k
-    assert _same(_weights(TrainFiles(run.dense_kind("matched")).model), start)
+    assert _same(_weights(TrainFiles(run.dense_kind("matched-trunk")).model), start)
+    assert not _same(_weights(TrainFiles(run.dense_kind("matched")).model), start)  # the headline: from scratch
     results = json.loads(run.results_file(run.eval).read_text())["flops"]["exact"]
     per_step = trunk["training_flops"]["exact"] / trunk["steps"]
     assert results["trunk_training"] + results["experts_training"] == pytest.approx(2 * 20 * per_step)
-    assert results["dense_budget_ratio"]["matched"] == pytest.approx(1, abs=per_step / results["mixture_training"])
+    for kind in ("matched", "matched-trunk"):  # matched: the whole budget; matched-trunk: what is left after it
+        assert results["dense_budget_ratio"][kind] == pytest.approx(1, abs=per_step / results["mixture_training"])
+    assert results["dense_training"]["matched"] == pytest.approx(results["mixture_training"], rel=0.05)
     assert results["dense_training"]["bigger"] == pytest.approx(results["mixture_training"], rel=0.05)
     assert run_status(run)["stages"]["trunk"] == "done"
     assert run_status(run)["experts"][0]["target_steps"] == 15

@@ -91,7 +91,9 @@ class TrainConfig:
 
 @dataclass
 class RoutingConfig:
-    method: str = "em"  # "em", "tfidf", "random" or "oracle" (domain labels: an upper bound for studies)
+    # "em" (the paper), "ngram" (count-based routers, the same EM), "tfidf", "random" or "oracle" (domain labels:
+    # an upper bound for studies)
+    method: str = "em"
     experts: int = 4
     prefix: int = 256  # M: tokens the routers see when training and partitioning
     rounds: int = 4  # EM rounds T
@@ -119,6 +121,11 @@ class RoutingConfig:
     # M-step length in passes over a router's share: 1 is the paper's (each sequence of the fresh chunk seen
     # once per round); null: routing.train.steps per round whatever the share (a departure, named so)
     share_passes: float | None = 1.0
+    # method=ngram (routing/ngram.py): count-based n-gram routers trained by the same EM
+    ngram_order: int = 2  # tokens per n-gram (2: each token given the one before it)
+    ngram_prior: float | None = None  # Dirichlet pseudo-counts toward the router's unigram; None: the vocabulary size
+    ngram_decay: float = 0.5  # weight of earlier rounds' counts, per round
+    ngram_buckets: int = 1 << 20  # table cells per router; above it n-grams are hashed into it
 
     def steps_per_round(self) -> int:
         """Optimizer steps of each router in each EM round (the M-step)."""
@@ -131,7 +138,8 @@ class RoutingConfig:
 # Settings added after runs existed, left out of stage digests and EM state while at the value that
 # reproduces the old behaviour: a run made before they existed still resumes.
 ADDED_LATER = {"routing": {"router_init": "shared", "init_split": "random", "share_passes": None,
-                           "oracle_grouping": "balanced"},
+                           "oracle_grouping": "balanced", "ngram_order": 2, "ngram_prior": None, "ngram_decay": 0.5,
+                           "ngram_buckets": 1 << 20},
                "experts": {"init": "scratch", "trunk_fraction": 0.25, "pretrained": None}}
 
 
@@ -167,12 +175,16 @@ class ExpertsConfig:
 
 @dataclass
 class DenseConfig:
-    # Every dense model trains for a FLOPs budget (mixture/jobs.py): `matched` for the mixture's whole budget
-    # (experts + routing), `matched-experts` for the experts' FLOPs only.
+    # Every dense model trains for a FLOPs budget with one schedule (mixture/jobs.py). `matched`, the headline
+    # baseline: one expert's architecture from scratch (or from the pretrained checkpoint the experts start
+    # from) for the mixture's whole budget: trunk + experts + every routing FLOP.
     match: str = "steps"  # spend the budget in more steps at the expert's batch; "batch": a larger batch (paper)
     experts_only: bool = True  # also train `matched-experts` (the paper's match, routing left out)
-    bigger: bool = True  # also train a dense model ~E x one expert's non-embedding size, same FLOPs
-    bigger_preset: str | None = None  # None: one expert's preset with width scaled by sqrt(E)
+    from_trunk: bool = False  # experts.init=trunk: also `matched-trunk`, continued from the experts' trunk
+    inference: bool = True  # also `inference`: per sequence the mixture's inference FLOPs (routers + one expert)
+    bigger: bool = True  # also `bigger`: per sequence the top-k mixture's inference FLOPs (c-BTM's protocol)
+    bigger_k: int | None = None  # k of that match; None: every expert (k = E)
+    bigger_preset: str | None = None  # a preset instead of the inference-matched size
 
 
 @dataclass
@@ -248,7 +260,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 FORWARDS = ("auto", "cpu-fused", "hf", "liger")  # training paths; training/paths.py decides `auto`
-ROUTING_METHODS = ("em", "tfidf", "random", "oracle")  # routing/methods.py has a trainer for each
+ROUTING_METHODS = ("em", "ngram", "tfidf", "random", "oracle")  # routing/methods.py has a trainer for each
 
 
 def _checked(cfg: Config, source: str) -> Config:

@@ -44,6 +44,8 @@ PRESETS: dict[str, ModelSpec] = {
     "paper-335m": ModelSpec(1024, 24, 16, 2736, vocab_size=32000, paper_dff=4096),
     "paper-1.3b": ModelSpec(2048, 24, 16, 5464, vocab_size=32000, paper_dff=8192),
     # CPU presets; the names give the size at a 1k vocabulary.
+    "cpu-router-0.005m": ModelSpec(8, 1, 1, 16),  # the paper's router:expert cost ratio is ~1:75 per token
+    "cpu-router-0.01m": ModelSpec(16, 1, 2, 32),
     "cpu-router-0.03m": ModelSpec(32, 1, 2, 64),
     "cpu-router-0.1m": ModelSpec(48, 2, 4, 128),
     "cpu-router-0.5m": ModelSpec(96, 4, 4, 256),

@@ -31,6 +31,23 @@ def load(args: argparse.Namespace) -> tuple[Config, RunLayout]:
     return cfg, RunLayout(Path(cfg.run_dir))
 
 
+def add_split(parser: argparse.ArgumentParser) -> None:
+    """--split (validation by default: what every choice is made on) and --final (the test split, once, for a
+    final table): the only way a command reads the test split."""
+    def not_test(value: str) -> str:
+        if value == "test":
+            raise argparse.ArgumentTypeError("the test split is read only with --final (once, for a final table); "
+                                             "every choice is made on validation")
+        return value
+    parser.add_argument("--split", type=not_test, choices=("train", "validation"), default="validation",
+                        help="split to read (default validation; the test split only with --final)")
+    parser.add_argument("--final", action="store_true", help="read the test split, once, for a final table")
+
+
+def chosen_split(args: argparse.Namespace) -> str:
+    return "test" if args.final else args.split
+
+
 def is_main_rank() -> bool:
     """Under torchrun only rank 0 prints summaries."""
     return int(os.environ.get("RANK", "0")) == 0

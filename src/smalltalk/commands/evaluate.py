@@ -7,7 +7,7 @@ import argparse
 import json
 from pathlib import Path
 
-from smalltalk.commands.common import add_common, load, path_or
+from smalltalk.commands.common import add_common, add_split, chosen_split, load, path_or
 from smalltalk.layout import RunLayout
 
 
@@ -24,7 +24,7 @@ def cmd_eval_mixture(args: argparse.Namespace) -> None:
 def cmd_eval_ppl(args: argparse.Namespace) -> None:
     from smalltalk.training.nll import perplexity
 
-    result = perplexity(args.model, args.data, args.split, args.batch_size, args.device, args.first_target,
+    result = perplexity(args.model, args.data, chosen_split(args), args.batch_size, args.device, args.first_target,
                         args.max_sequences)
     print(json.dumps(result, indent=2))
 
@@ -75,7 +75,7 @@ def register(sub) -> None:
     p = ev.add_parser("ppl", help="token-level perplexity on a split")
     p.add_argument("--model", required=True, help="HF model directory")
     p.add_argument("--data", required=True, help="prepared data directory")
-    p.add_argument("--split", default="test")
+    add_split(p)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.add_argument("--first-target", type=int, default=1, help="score tokens from this position on")

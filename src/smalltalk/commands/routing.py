@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from smalltalk.commands.common import add_common, load, parse_part, path_or
+from smalltalk.commands.common import add_common, add_split, chosen_split, load, parse_part, path_or
 from smalltalk.config import Config
 from smalltalk.errors import SmalltalkError
 from smalltalk.routing.methods import METHODS
@@ -76,7 +76,7 @@ def _parse_range(text: str) -> tuple[int, int]:
 def cmd_routers_compare(args: argparse.Namespace) -> None:
     from smalltalk.routing.compare import compare_routers, format_table
 
-    rows = compare_routers([Path(p) for p in args.routers], Path(args.data), args.split, args.prefix,
+    rows = compare_routers([Path(p) for p in args.routers], Path(args.data), chosen_split(args), args.prefix,
                            args.max_sequences)
     print(format_table(rows))
     if args.json:
@@ -107,7 +107,7 @@ def register(sub) -> None:
     p = routers.add_parser("compare", help="NMI / purity of routers against domain labels")
     p.add_argument("routers", nargs="+", help="router directories")
     p.add_argument("--data", required=True)
-    p.add_argument("--split", default="test")
+    add_split(p)
     p.add_argument("--prefix", type=int, nargs="+", default=[32, 256])
     p.add_argument("--max-sequences", type=int)
     p.add_argument("--json", help="also write the rows to this JSON file")

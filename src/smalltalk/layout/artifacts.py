@@ -18,7 +18,8 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 HF_CONFIG = "config.json"  # what marks a directory as an HF model
 CORPUS_STATS = "stats.json"  # `corpus demo` output
 MODEL_CARD = "README.md"  # of an exported mixture
-DENSE_KINDS = ("matched", "matched-experts", "bigger")  # RUN/dense/KIND (mixture/jobs.py: what each is matched to)
+# RUN/dense/KIND (mixture/jobs.py: what each is matched to); `matched` is the headline baseline
+DENSE_KINDS = ("matched", "matched-trunk", "matched-experts", "inference", "bigger")
 REPORT_PLOTS = {"loss": "loss_curves.png", "prefix": "ppl_vs_prefix.png", "loads": "expert_loads.png",
                 "domains_x_experts": "domain_expert_heatmap.png", "em": "em_curve.png",
                 "per_domain": "per_domain_ppl.png"}
@@ -120,6 +121,11 @@ class RouterFiles:
         return self.root / "tfidf.npz"
 
     @property
+    def ngram(self) -> Path:
+        """The n-gram routers' count tables (routing/ngram.py; npz: arrays only)."""
+        return self.root / "ngram.npz"
+
+    @property
     def tfidf_vocab(self) -> Path:
         return self.root / "tfidf_vocab.json"
 
@@ -158,7 +164,7 @@ class RouterFiles:
 
     def extras(self) -> list[str]:
         """Files besides the router models that an export copies."""
-        return [p.name for p in (self.tfidf, self.tfidf_vocab, self.tokenizer_json, self.em_history)]
+        return [p.name for p in (self.tfidf, self.tfidf_vocab, self.ngram, self.tokenizer_json, self.em_history)]
 
 
 @dataclass(frozen=True)

@@ -178,9 +178,9 @@ def _flops(run: RunLayout, mixture: SmallTalkMixture, prefix: int, seq_len: int,
         experts = sum(s["training_flops"][acc] for s in run.expert_summaries())
         overhead, trunk = routing_overhead_flops(run, acc), start_flops(run, acc)
         dense = {k: run.dense_summary(k)["training_flops"][acc] for k in DENSE_KINDS if run.dense_summary(k)}
-        # the matched models continue from the trunk (its FLOPs spent once for both); `bigger` starts afresh
-        targets = {"matched": experts + overhead["total"], "matched-experts": experts,
-                   "bigger": trunk + experts + overhead["total"]}
+        whole = trunk + experts + overhead["total"]  # matched-trunk continues the trunk: its FLOPs spent once
+        targets = {"matched": whole, "matched-trunk": experts + overhead["total"], "matched-experts": trunk + experts,
+                   "inference": whole, "bigger": whole}
         out[acc] = {"trunk_training": trunk, "experts_training": experts, "routing_overhead": overhead,
                     "mixture_training": trunk + experts + overhead["total"],
                     "training_overhead": overhead["total"] / experts, "dense_training": dense,
@@ -193,8 +193,9 @@ def _flops(run: RunLayout, mixture: SmallTalkMixture, prefix: int, seq_len: int,
     return out
 
 
-DENSE_LABELS = {"matched": "dense matched in full", "matched-experts": "dense matched to experts only",
-                "bigger": "dense ~E× bigger"}
+DENSE_LABELS = {"matched": "dense matched in full", "matched-trunk": "dense from the trunk",
+                "matched-experts": "dense matched to experts only", "inference": "dense matched at inference",
+                "bigger": "dense matched to top-k inference"}
 
 
 def format_results(results: dict) -> str:
@@ -236,7 +237,27 @@ def format_results(results: dict) -> str:
     inf = flops["inference"]
     timing = results.get("timing")
     lines.append(f"inference FLOPs/sequence: expert {inf['expert']:.3e} + routing {inf['routing']:.3e} "
-                 f"({inf['overhead']:.1%})" + (f"; measured routing {timing['routing_ms']:.2f} ms vs expert "
-                                              f"forward {timing['expert_forward_ms']:.2f} ms" if timing else ""))
+                 f"({inf['overhead']:.1%} of the expert, {inf['routing'] / inf['total']:.1%} of the mixture)" + (
+                     f"; measured routing {timing['routing_ms']:.2f} ms vs expert forward "
+                     f"{timing['expert_forward_ms']:.2f} ms" if timing else ""))
+    dense_inf = {k: inf[f"dense_{k}"] for k in kinds if f"dense_{k}" in inf}
+    if dense_inf:
+        lines.append("dense inference FLOPs/sequence ÷ the mixture's: " + ", ".join(
+            f"{DENSE_LABELS[k]} {v / inf['total']:.3f}" for k, v in dense_inf.items()))
+    lines.extend(_top_k_vs_bigger(results, kinds))
     return "\n".join(lines)
 
+
+
+def _top_k_vs_bigger(results: dict, kinds: list[str]) -> list[str]:
+    """c-BTM's protocol: each top-k mixture against the dense model matched to the top-k inference cost."""
+    inf = results["flops"]["exact"]["inference"]
+    if "bigger" not in kinds or not results.get("top_k") or "dense_bigger" not in inf:
+        return []
+    main = next(r for r in results["sweep"] if r["prefix"] == results["main_prefix"])
+    dense = main["dense_bigger_after"]["ppl"]
+    k_matched = round((inf["dense_bigger"] - inf["routing"]) / inf["expert"])
+    return [f"top-k vs {DENSE_LABELS['bigger']} ({dense:.2f}, k = {k_matched}): " + ", ".join(
+        f"k={r['k']} T={r['temperature']:g} {r['after']['ppl'] / dense:.3f} at "
+        f"{(inf['routing'] + r['k'] * inf['expert']) / inf['dense_bigger']:.2f}x its inference FLOPs"
+        for r in results["top_k"])]

@@ -3,14 +3,18 @@
 An expert trains on its partition share only, as a self-contained job (own process, checkpoints, logs):
 nothing is shared with the other experts at run time. It starts where experts.init says (mixture/start.py):
 random weights (the paper), the run's trunk, or a pretrained checkpoint. The dense baselines train on the
-whole train split, each for a FLOPs budget:
-- `matched`: one expert's architecture, from the experts' starting point, for the mixture's whole training
-  budget after it: the experts' FLOPs plus every routing FLOP (EM router training, EM scoring, partition
-  scoring). At our CPU scale routing costs 13-16% of the experts, so leaving it out would hand the mixture
-  free compute. (A trunk's FLOPs are spent once for both, so both end at the same total.)
-- `matched-experts`: the same, for the experts' FLOPs only (the paper's match; `dense.experts_only`).
-- `bigger`: ~E x one expert's non-embedding size, from scratch, for the mixture's whole training budget
-  (trunk included). Not trained with a pretrained start: it could not start from the same weights.
+whole train split with one schedule, each for a FLOPs budget, from where a user would start: random weights,
+or the pretrained checkpoint when the experts continue one (its FLOPs are nobody's in this run):
+- `matched` (the headline): one expert's architecture for the mixture's whole training budget: the trunk's
+  FLOPs, the experts' and every routing FLOP (EM router training, EM scoring, partition scoring, refinement).
+- `matched-trunk` (experts.init=trunk, `dense.from_trunk`): the same architecture continued from the experts'
+  trunk for the budget after it, with a restarted schedule: a second column, never the headline (it trails
+  dense from scratch at equal FLOPs).
+- `matched-experts`: the trunk's and the experts' FLOPs, routing left out (the paper's match).
+- `inference`: per sequence the mixture's inference FLOPs (routers on the prefix + one expert), the whole
+  training budget: the dense model a user with the mixture's serving cost would train.
+- `bigger`: per sequence the top-k mixture's inference FLOPs (routers + k experts, k = dense.bigger_k or E;
+  c-BTM's protocol), the whole training budget, from scratch (never from a pretrained start: other shape).
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from smalltalk.config import Config, ModelConfig
 from smalltalk.data.shards import SplitData, write_subset
 from smalltalk.errors import SmalltalkError
-from smalltalk.flops import training_flops
+from smalltalk.flops import forward_flops, training_flops
 from smalltalk.layout import DENSE_KINDS, RunLayout, manifest_of
 from smalltalk.mixture.start import expert_spec, expert_train_config, start_flops, start_model
 from smalltalk.model import ModelSpec, count_params, resolve_spec
@@ -63,8 +67,10 @@ def write_expert_data(cfg: Config, run: RunLayout, experts: list[int] | None = N
 
 def dense_kinds(cfg: Config) -> list[str]:
     """The dense baselines a config asks for."""
-    bigger = cfg.dense.bigger and cfg.experts.init != "pretrained"
-    wanted = {"matched": True, "matched-experts": cfg.dense.experts_only, "bigger": bigger}
+    pretrained = cfg.experts.init == "pretrained"
+    wanted = {"matched": True, "matched-trunk": cfg.dense.from_trunk and cfg.experts.init == "trunk",
+              "matched-experts": cfg.dense.experts_only, "inference": cfg.dense.inference and not pretrained,
+              "bigger": cfg.dense.bigger and not pretrained}
     return [kind for kind in DENSE_KINDS if wanted[kind]]
 
 
@@ -80,29 +86,63 @@ def bigger_spec(spec: ModelSpec, experts: int, preset: str | None) -> ModelSpec:
                                num_kv_heads=None if spec.num_kv_heads is None else heads)
 
 
+def spec_for_forward_flops(spec: ModelSpec, target: float, seq_len: int) -> ModelSpec:
+    """One expert's depth and head size, widened (whole heads) with the MLP width that makes a forward pass
+    over seq_len tokens cost `target` FLOPs: of the widths that reach it with a positive MLP, the one whose
+    MLP-to-hidden ratio is closest to the expert's. Matches `target` up to rounding the MLP to even units."""
+    ratio = spec.intermediate_size / spec.hidden_size
+    best = None
+    for heads in range(1, 64 * spec.num_heads + 1):
+        wide = dataclasses.replace(spec, hidden_size=heads * spec.head_dim, num_heads=heads, intermediate_size=0,
+                                   num_kv_heads=None if spec.num_kv_heads is None else heads)
+        per_unit = 6 * seq_len * wide.hidden_size * wide.num_layers  # FLOPs of one MLP unit (three matmuls)
+        ffn = int(round((target - forward_flops(wide, seq_len)) / per_unit / 2)) * 2
+        if ffn < 2:
+            break  # wider still only costs more
+        miss = abs(math.log(ffn / wide.hidden_size / ratio))
+        if best is None or miss < best[0]:
+            best = (miss, dataclasses.replace(wide, intermediate_size=ffn))
+    if best is None:
+        raise SmalltalkError(f"no model of {spec.num_layers} layers costs {target:.3e} FLOPs per sequence of "
+                             f"{seq_len}", fix="turn the inference-matched dense baselines off (dense.inference, "
+                                               "dense.bigger) or set dense.bigger_preset")
+    return best[1]
+
+
+def dense_plan(cfg: Config, run: RunLayout, kind: str, seq_len: int) -> tuple[ModelSpec, float, Path | None]:
+    """(architecture, training FLOPs budget, starting weights) of dense baseline `kind`."""
+    from smalltalk.mixture.run_flops import inference_flops
+
+    experts, vocab = run.num_experts(), SplitData(run.data, "train").vocab_size
+    spec, whole, trunk = expert_spec(cfg, vocab), mixture_training_flops(run), start_flops(run)
+    user_start = start_model(cfg, run) if cfg.experts.init == "pretrained" else None
+    if kind == "matched":
+        return spec, whole, user_start
+    if kind == "matched-trunk":
+        if cfg.experts.init != "trunk":
+            raise SmalltalkError("dense matched-trunk continues the experts' trunk; this run has none",
+                                 fix="set experts.init=trunk, or train another dense kind")
+        return spec, whole - trunk, start_model(cfg, run)
+    if kind == "matched-experts":
+        return spec, trunk + experts_training_flops(run), user_start
+    if kind in ("inference", "bigger"):
+        if kind == "bigger" and cfg.dense.bigger_preset:
+            return bigger_spec(spec, experts, cfg.dense.bigger_preset), whole, None
+        k = 1 if kind == "inference" else min(cfg.dense.bigger_k or experts, experts)
+        cost = inference_flops(run, spec, run.prefix(), seq_len, "exact")
+        return spec_for_forward_flops(spec, cost["routing"] + k * cost["expert"], seq_len), whole, None
+    raise SmalltalkError(f"unknown dense kind {kind!r} (use {', '.join(DENSE_KINDS)})")
+
+
 def train_dense(cfg: Config, run: RunLayout, kind: str = "matched", resume: bool = True) -> dict:
-    """Dense baseline on the whole train split, sized against the trained experts."""
-    experts = run.num_experts()
+    """Dense baseline `kind` on the whole train split, sized against the trained mixture (dense_plan)."""
     data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
-    spec = expert_spec(cfg, data.vocab_size)
-    tc, init_from = cfg.train, None
-    if kind in ("matched", "matched-experts"):
-        init_from = start_model(cfg, run)
-        budget = mixture_training_flops(run) - start_flops(run) if kind == "matched" else experts_training_flops(run)
-        train_cfg = matched_config(tc, budget, training_flops(spec, tc.seq_len or data.seq_len, 1, 1), experts,
-                                   cfg.dense.match)
-    elif kind == "bigger":
-        spec = bigger_spec(spec, experts, cfg.dense.bigger_preset)
-        budget = mixture_training_flops(run)
-        seq = tc.seq_len or data.seq_len
-        per_step = training_flops(spec, seq, tc.micro_batch_size * tc.grad_accum, 1)
-        steps = max(1, round(budget / per_step))
-        train_cfg = dataclasses.replace(tc, steps=steps, warmup_steps=min(steps // 10, tc.warmup_steps * experts))
-    else:
-        raise SmalltalkError(f"unknown dense kind {kind!r} (use {', '.join(DENSE_KINDS)})")
-    out = run.dense_kind(kind)
-    job = TrainJob(spec, train_cfg, data, out, val=val if len(val) else None, name=f"dense {kind}",
-                   init_from=init_from)
+    seq = cfg.train.seq_len or data.seq_len
+    spec, budget, init_from = dense_plan(cfg, run, kind, seq)
+    train_cfg = matched_config(cfg.train, budget, training_flops(spec, seq, 1, 1), run.num_experts(),
+                               cfg.dense.match if spec == expert_spec(cfg, data.vocab_size) else "steps")
+    job = TrainJob(spec, train_cfg, data, run.dense_kind(kind), val=val if len(val) else None,
+                   name=f"dense {kind}", init_from=init_from)
     summary = train(job, resume=resume)
     summary["non_embedding_ratio_to_expert"] = count_params(spec, False) / count_params(
         expert_spec(cfg, data.vocab_size), False)

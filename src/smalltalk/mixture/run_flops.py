@@ -15,25 +15,37 @@ from smalltalk.model import PRESETS, ModelSpec
 ACCOUNTINGS = ("exact", "paper")
 
 
-def router_spec(run: RunLayout) -> ModelSpec | None:
-    spec = run.routers_manifest().get("router_spec")
-    return ModelSpec(**spec) if spec else None
+def router_prefix_flops(manifest: dict, prefix: int, accounting: str = "exact") -> float:
+    """FLOPs of one router scoring one prefix of `prefix` tokens: a router LM's forward pass, the n-gram
+    routers' look-ups (routing/ngram.OPS_PER_TOKEN per scored token), 0 for tf-idf / random / oracle."""
+    if manifest.get("router_spec"):
+        return forward_flops(ModelSpec(**manifest["router_spec"]), prefix, 1, accounting)
+    if manifest["method"] == "ngram":
+        from smalltalk.routing.ngram import OPS_PER_TOKEN
+
+        return float(OPS_PER_TOKEN * (prefix - 1))
+    return 0.0
 
 
 def routing_overhead_flops(run: RunLayout, accounting: str = "exact") -> dict:
     """FLOPs the routing adds to training (0 for tf-idf / random, which train no LM)."""
     manifest = run.routers_manifest()
-    spec = router_spec(run)
-    if spec is None:
-        return {"router_training": 0.0, "em_scoring": 0.0, "partition_scoring": 0.0, "refinement": 0.0, "total": 0.0}
+    zero = {"router_training": 0.0, "em_scoring": 0.0, "partition_scoring": 0.0, "refinement": 0.0, "total": 0.0}
+    if not router_prefix_flops(manifest, manifest["prefix"], accounting):
+        return zero
     experts, prefix = manifest["experts"], manifest["prefix"]
-    files = RouterFiles(run.routers)
-    training = sum(read_json(files.router(name).manifest)["training_flops"][accounting] for name in manifest["routers"])
+    if manifest["method"] == "ngram":  # the M-step counts each token of the chunks once
+        training = manifest["counted_tokens"] * router_prefix_flops(manifest, 2, accounting)
+    else:
+        files = RouterFiles(run.routers)
+        training = sum(read_json(files.router(name).manifest)["training_flops"][accounting]
+                       for name in manifest["routers"])
     training += sum(s["training_flops"][accounting] for s in run.added_router_summaries())  # elastic pairs
-    per_prefix = forward_flops(spec, prefix, 1, accounting)
+    per_prefix = router_prefix_flops(manifest, prefix, accounting)
     em_scoring = (manifest["rounds"] - 1) * manifest["chunk"] * experts * per_prefix
     partition = run.partition_manifest()
-    partition_scoring = partition["sequences"] * experts * forward_flops(spec, partition["prefix"], 1, accounting)
+    per_partition_prefix = router_prefix_flops(manifest, partition["prefix"], accounting)
+    partition_scoring = partition["sequences"] * experts * per_partition_prefix
     refined = manifest_of(run.routers_refined)
     refinement = read_json(refined)["flops"][accounting]["total"] if refined.is_file() else 0.0
     return {"router_training": training, "em_scoring": em_scoring, "partition_scoring": partition_scoring,
@@ -53,8 +65,8 @@ def paper_router_overhead(experts: int, router_steps: int, router_batch: int, ro
 def inference_flops(run: RunLayout, expert_spec: ModelSpec, routing_prefix: int, seq_len: int,
                     accounting: str) -> dict:
     """Per test sequence of seq_len tokens: routers on the prefix + one expert on the full sequence."""
-    spec = router_spec(run)
+    manifest = read_json(manifest_of(run.mixture_routers())) if run.has_mixture() else run.routers_manifest()
     routers = run.mixture()["experts"] if run.has_mixture() else run.routers_manifest()["experts"]  # one per expert
-    routing = 0.0 if spec is None else routers * forward_flops(spec, routing_prefix, 1, accounting)
+    routing = routers * router_prefix_flops(manifest, routing_prefix, accounting)
     expert = forward_flops(expert_spec, seq_len, 1, accounting)
     return {"routing": routing, "expert": expert, "total": routing + expert, "overhead": routing / expert}

@@ -19,6 +19,12 @@ def _em(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     return train_em_routers(cfg, data_dir, out_dir)
 
 
+def _ngram(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
+    from smalltalk.routing.ngram import train_ngram_routers
+
+    return train_ngram_routers(cfg, data_dir, out_dir)
+
+
 def _tfidf(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     from smalltalk.routing.baselines import train_tfidf_router
 
@@ -38,8 +44,8 @@ def _oracle(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
 
 
 # oracle: routing by domain label, an upper bound for studies (not servable: a prompt has no label)
-TRAINERS: dict[str, Callable[[Config, Path, Path], dict]] = {"em": _em, "tfidf": _tfidf, "random": _random,
-                                                             "oracle": _oracle}
+TRAINERS: dict[str, Callable[[Config, Path, Path], dict]] = {"em": _em, "ngram": _ngram, "tfidf": _tfidf,
+                                                             "random": _random, "oracle": _oracle}
 METHODS = ROUTING_METHODS
 assert set(TRAINERS) == set(METHODS), "every routing method in config.ROUTING_METHODS needs a trainer here"
 

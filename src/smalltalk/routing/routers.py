@@ -173,6 +173,10 @@ def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int =
     if method == "em":
         return LMRouters.from_model_dirs([files.router(name).model for name in manifest["routers"]], device,
                                          batch_size, compile, workers, dtype)
+    if method == "ngram":
+        from smalltalk.routing.ngram import NgramRouters
+
+        return NgramRouters.load(routers_dir, manifest)
     if method == "random":
         return RandomRouter(manifest["experts"], manifest["seed"])
     if method == "oracle":
@@ -207,7 +211,7 @@ def routers_checksum(routers_dir: Path) -> str:
     where = ("data", "tokenizer_dir")  # where the routers were made, not what they are: a moved run keeps its sum
     digest.update(json.dumps({k: v for k, v in manifest.items() if k not in where}, sort_keys=True).encode())
     files = [*[layout.router(name).model / WEIGHTS for name in sorted(manifest.get("routers", []))],
-             *[p for p in (layout.tfidf, layout.tfidf_vocab) if p.is_file()]]
+             *[p for p in (layout.tfidf, layout.tfidf_vocab, layout.ngram) if p.is_file()]]
     for path in files:
         digest.update(sha256_file(path).encode())
     return digest.hexdigest()

@@ -1,0 +1,119 @@
+"""SmallTalk at its own proportions: n-gram routers (routing/ngram.py), inference-matched dense sizing
+(mixture/jobs.py) and the commands that may read the test split only with --final."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from smalltalk.data.shards import SplitData
+from smalltalk.flops import forward_flops
+from smalltalk.mixture.jobs import spec_for_forward_flops
+from smalltalk.model import PRESETS
+from smalltalk.routing.ngram import NgramRouters, _table_sizes
+from smalltalk.routing.routers import load_routers, score_split
+
+from .conftest import ROUTING, cli
+
+
+def _reference_loglik(rows: list[list[int]], scored: list[int], order: int, prior: float, vocab: int) -> float:
+    """log p(scored) under a Dirichlet-smoothed n-gram LM counted from `rows` with dicts: no tables, no hashing."""
+    pairs, contexts, unigrams = Counter(), Counter(), Counter()
+    pad = [vocab] * (order - 1)
+    for row in rows:
+        padded = pad + row
+        for s in range(1, len(row)):
+            context = tuple(padded[s:s + order - 1])
+            pairs[context, row[s]] += 1
+            contexts[context] += 1
+            unigrams[row[s]] += 1
+    total = sum(unigrams.values()) + vocab
+    out, padded = 0.0, pad + scored
+    for s in range(1, len(scored)):
+        context = tuple(padded[s:s + order - 1])
+        p_unigram = (unigrams[scored[s]] + 1) / total
+        out += math.log((pairs[context, scored[s]] + prior * p_unigram) / (contexts[context] + prior))
+    return out
+
+
+@pytest.mark.parametrize("order,buckets", [(2, 1 << 20), (3, 1 << 20), (3, 1 << 16)])
+def test_ngram_scores_equal_a_dict_counted_reference(order, buckets):
+    """Direct tables equal the reference to float rounding; hashed ones (buckets below V^order) differ only by
+    collisions, which add counts: close, never the same code path."""
+    rng = np.random.default_rng(0)
+    vocab = 50
+    rows = rng.integers(0, vocab, size=(40, 12))
+    routers = NgramRouters.empty(2, vocab, order, 8.0, buckets)
+    routers.count(0, rows[:20])
+    routers.count(1, rows[20:])
+    scored = rng.integers(0, vocab, size=(5, 12))
+    got = routers.score(scored)
+    for e, share in enumerate((rows[:20], rows[20:])):
+        want = [_reference_loglik(share.tolist(), row.tolist(), order, 8.0, vocab) for row in scored]
+        direct = _table_sizes(vocab, order, buckets)[0] == (vocab + 1) ** (order - 1) * vocab
+        assert got[:, e] == pytest.approx(want, rel=1e-5 if direct else 0.01), (order, buckets, e)
+
+
+def test_ngram_routers_route_a_domain_to_the_router_that_counted_it():
+    rng = np.random.default_rng(1)
+    low, high = rng.integers(0, 20, size=(30, 16)), rng.integers(20, 40, size=(30, 16))
+    routers = NgramRouters.empty(2, 40, 2, 8.0, 1 << 20)
+    routers.count(0, low)
+    routers.count(1, high)
+    test = np.concatenate([rng.integers(0, 20, size=(10, 16)), rng.integers(20, 40, size=(10, 16))])
+    assert routers.score(test).argmax(axis=1).tolist() == [0] * 10 + [1] * 10
+
+
+def test_ngram_em_trains_partitions_and_is_counted_as_lookups(prepared_run, tmp_path):
+    """`routers train --method ngram`: the paper's EM with count tables; loaded back it scores what it scored
+    in training; the domains separate (synthetic domains of disjoint alphabets); its FLOPs are look-ups."""
+    out = tmp_path / "ngram"
+    assert cli("routers", "train", *ROUTING, "--run", prepared_run, "--out", out, "--method", "ngram") == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"] == "ngram" and manifest["order"] == 2
+    history = json.loads((out / "em_history.json").read_text())["rounds"]
+    assert len(history) == 3 and history[-1]["heldout_nmi"] > 0.8, history[-1]
+    routers = load_routers(out)
+    val = SplitData(prepared_run / "data", "validation")
+    ids = val.sample(40)
+    scores = score_split(routers, val, ids, 16)
+    assert scores.shape == (40, 3) and np.isfinite(scores).all()
+    from smalltalk.mixture.run_flops import router_prefix_flops
+    from smalltalk.routing.ngram import OPS_PER_TOKEN
+
+    assert router_prefix_flops(manifest, 16) == OPS_PER_TOKEN * 15
+    assert router_prefix_flops({"method": "tfidf"}, 16) == 0.0
+
+
+def test_spec_for_forward_flops_hits_the_target_and_keeps_the_shape():
+    expert = dataclasses.replace(PRESETS["cpu-expert-0.04m"], vocab_size=512)
+    base = forward_flops(expert, 256)
+    for factor in (1.01, 1.42, 1.8, 4.0):
+        spec = spec_for_forward_flops(expert, factor * base, 256)
+        assert spec.num_layers == expert.num_layers and spec.head_dim == expert.head_dim
+        unit = 6 * 256 * spec.hidden_size * spec.num_layers * 2  # one rounding step of the MLP width
+        assert abs(forward_flops(spec, 256) - factor * base) <= unit, factor
+    paper = PRESETS["paper-335m"]
+    spec = spec_for_forward_flops(paper, 1.013 * forward_flops(paper, 1024), 1024)
+    assert spec.hidden_size == paper.hidden_size and spec.intermediate_size > paper.intermediate_size
+
+
+@pytest.mark.parametrize("command", [["routers", "compare", "R", "--data", "D", "--split", "test"],
+                                     ["eval", "ppl", "--model", "M", "--data", "D", "--split", "test"]])
+def test_the_test_split_needs_final(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(*command)
+    assert exit_info.value.code == 2
+    assert "the test split is read only with --final" in capsys.readouterr().err
+
+
+def test_eval_ppl_defaults_to_validation(pipeline_run, capsys):
+    run = pipeline_run[0]
+    assert cli("eval", "ppl", "--model", run / "experts" / "00" / "model", "--data", run / "data",
+               "--max-sequences", "8") == 0
+    assert json.loads(capsys.readouterr().out)["split"] == "validation"
