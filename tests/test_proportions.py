@@ -18,7 +18,7 @@ from smalltalk.model import PRESETS
 from smalltalk.routing.ngram import NgramRouters, _table_sizes
 from smalltalk.routing.routers import load_routers, score_split
 
-from .conftest import ROUTING, cli
+from .conftest import ROUTING, TINY_CONFIG, cli
 
 
 def _reference_loglik(rows: list[list[int]], scored: list[int], order: int, prior: float, vocab: int) -> float:
@@ -117,3 +117,21 @@ def test_eval_ppl_defaults_to_validation(pipeline_run, capsys):
     assert cli("eval", "ppl", "--model", run / "experts" / "00" / "model", "--data", run / "data",
                "--max-sequences", "8") == 0
     assert json.loads(capsys.readouterr().out)["split"] == "validation"
+
+
+@pytest.mark.slow
+def test_a_run_routed_by_ngram_routers_costs_lookups_and_shares_its_dense_job(corpus_file, tmp_path):
+    """`smalltalk run` with routing.method=ngram: partition, experts, eval; routing is a rounding error of
+    the budget, so the inference-matched dense model is the matched one (hard links, not a second training)."""
+    run = tmp_path / "run"
+    assert cli("run", "--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]", "--set",
+               "data.max_docs=null", "--set", "routing.method=ngram", "--set", "routing.chunk=240", "--set",
+               "routing.experts=3", "--set", "dense.bigger=false", "--set", "sft.enabled=false") == 0
+    results = json.loads((run / "eval" / "results.json").read_text())
+    inference = results["flops"]["exact"]["inference"]
+    assert 0 < inference["routing"] / inference["total"] < 1e-3
+    assert results["method"] == "ngram"
+    matched, same = run / "dense" / "matched" / "model", run / "dense" / "inference" / "model"
+    assert (matched / "model.safetensors").stat().st_ino == (same / "model.safetensors").stat().st_ino
+    row = next(r for r in results["sweep"] if r["prefix"] == 16)
+    assert row["dense_inference_after"]["ppl"] == row["dense_matched_after"]["ppl"]

@@ -21,12 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+import shutil
 from pathlib import Path
 
 from smalltalk.config import Config, ModelConfig
 from smalltalk.data.shards import SplitData, write_subset
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import forward_flops, training_flops
+from smalltalk.fsutil import atomic_dir
 from smalltalk.layout import DENSE_KINDS, RunLayout, manifest_of
 from smalltalk.mixture.start import expert_spec, expert_train_config, start_flops, start_model
 from smalltalk.model import ModelSpec, count_params, resolve_spec
@@ -135,18 +138,31 @@ def dense_plan(cfg: Config, run: RunLayout, kind: str, seq_len: int) -> tuple[Mo
 
 
 def train_dense(cfg: Config, run: RunLayout, kind: str = "matched", resume: bool = True) -> dict:
-    """Dense baseline `kind` on the whole train split, sized against the trained mixture (dense_plan)."""
+    """Dense baseline `kind` on the whole train split, sized against the trained mixture (dense_plan). A kind
+    whose job equals one already trained (routing that costs no model FLOPs makes `inference` the `matched`
+    job) is that job's directory, hard-linked: the same seeded job would train the same weights again."""
     data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
+    job = _dense_job(cfg, run, kind, data, val)
+    for other in DENSE_KINDS[:DENSE_KINDS.index(kind)]:
+        if run.dense_summary(other) is not None and not run.dense_kind(kind).exists() and \
+                _dense_job(cfg, run, other, data, val) == dataclasses.replace(job, out_dir=run.dense_kind(other),
+                                                                              name=f"dense {other}"):
+            with atomic_dir(run.dense_kind(kind)) as tmp:
+                shutil.copytree(run.dense_kind(other), tmp, dirs_exist_ok=True, copy_function=os.link)
+            break
+    summary = run.dense_summary(kind) or train(job, resume=resume)  # a finished job is not resumed (rewritten)
+    summary["non_embedding_ratio_to_expert"] = count_params(job.spec, False) / count_params(
+        expert_spec(cfg, data.vocab_size), False)
+    return summary
+
+
+def _dense_job(cfg: Config, run: RunLayout, kind: str, data: SplitData, val: SplitData) -> TrainJob:
     seq = cfg.train.seq_len or data.seq_len
     spec, budget, init_from = dense_plan(cfg, run, kind, seq)
     train_cfg = matched_config(cfg.train, budget, training_flops(spec, seq, 1, 1), run.num_experts(),
                                cfg.dense.match if spec == expert_spec(cfg, data.vocab_size) else "steps")
-    job = TrainJob(spec, train_cfg, data, run.dense_kind(kind), val=val if len(val) else None,
-                   name=f"dense {kind}", init_from=init_from)
-    summary = train(job, resume=resume)
-    summary["non_embedding_ratio_to_expert"] = count_params(spec, False) / count_params(
-        expert_spec(cfg, data.vocab_size), False)
-    return summary
+    return TrainJob(spec, train_cfg, data, run.dense_kind(kind), val=val if len(val) else None,
+                    name=f"dense {kind}", init_from=init_from)
 
 
 def matched_config(tc, budget: float, flops_per_sequence: float, experts: int, match: str):
