@@ -8,11 +8,12 @@ LM gives the same kind of score for E x (M - 1) look-ups and no matmul, and its 
 
 with c_s the (order - 1) tokens before x_s (left-padded), n_e the counts of router e, beta the Dirichlet prior
 (routing.ngram_prior; by default the vocabulary size: a weaker prior lets the sparse counts of a few thousand
-prefixes decide, and EM then amplifies noise instead of domains) and p_e the add-one unigram. EM is the paper's
-loop (round 0 split at random or from the tf-idf clustering, each round's M-step over the router's share of a
-fresh chunk, the next chunk re-split by balanced assignment); counts of earlier rounds are kept at weight
-routing.ngram_decay per round, as a neural router keeps what it learned. Contexts index a table directly while V^order fits routing.ngram_buckets, else
-a multiplicative hash folds them into it (collisions add counts of unrelated n-grams, never lose any).
+prefixes decide, and EM then amplifies noise instead of domains) and p_e the add-one unigram. EM is the
+paper's loop (round 0 split at random or from the tf-idf clustering, each round's M-step over the router's
+share of a fresh chunk, the next chunk re-split by balanced assignment); counts of earlier rounds are kept at
+weight routing.ngram_decay per round, as a neural router keeps what it learned. Contexts index a table
+directly while V^order fits routing.ngram_buckets, else a multiplicative hash folds them into it (collisions
+add counts of unrelated n-grams, never lose any).
 """
 
 from __future__ import annotations
