@@ -29,7 +29,7 @@ from smalltalk.routing.routers import LMRouters
 from smalltalk.routing.scoring import default_workers
 from smalltalk.training.host_memory import keep_freed_memory
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus10"
+CORPUS = Path(__file__).resolve().parents[1] / "runs" / "corpus10-data"  # smalltalk corpus corpus10
 
 
 def median_time(fn, repeats: int = 3) -> float:

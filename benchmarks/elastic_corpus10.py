@@ -17,6 +17,8 @@ import json
 import sys
 from pathlib import Path
 
+from corpus10_runs import CORPUS
+
 from smalltalk.cli import main as smalltalk
 from smalltalk.data.shards import SplitData
 from smalltalk.fsutil import read_json, write_json
@@ -40,7 +42,7 @@ def main() -> int:
     ap.add_argument("--max-sequences", type=int, default=2000, help="sequences per side")
     ap.add_argument("--final", action="store_true", help="the test splits, once (default: validation)")
     args = ap.parse_args()
-    corpus = ROOT.parent / "shared" / "data" / "corpus10"
+    corpus = CORPUS
     if not corpus.is_dir():
         print(f"corpus10 not found at {corpus} (skipping)")
         return 0

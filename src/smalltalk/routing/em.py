@@ -1,4 +1,4 @@
-"""EM training of the router LMs (the paper's Algorithm 1).
+"""EM training of the routers (the paper's Algorithm 1): router LMs, or count-based n-gram routers.
 
 Round 0 splits a first chunk of N sequences at random into E equal shares. In every round each router
 trains on its share with next-token loss on the first M tokens only (an independent job; one optimizer
@@ -21,11 +21,12 @@ from smalltalk.config import ADDED_LATER, Config
 from smalltalk.data.order import ChunkStream
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import atomic_file, read_json, write_json
+from smalltalk.fsutil import atomic_dir, atomic_file, read_json, write_json
 from smalltalk.layout import RouterFiles, manifest_of
 from smalltalk.model import ModelSpec, resolve_spec
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, check_finite
 from smalltalk.routing.metrics import split_quality
+from smalltalk.routing.ngram import NgramRouters
 from smalltalk.routing.routers import LMRouters, score_split
 from smalltalk.routing.scoring import score_batches
 
@@ -194,3 +195,48 @@ def _round_metrics(r: int, epoch: int, routers: LMRouters, data: SplitData, val:
                      | {"heldout_nmi": row.get("heldout_nmi")}), flush=True)
     return row
 
+
+def train_ngram_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
+    """The paper's EM with count-based n-gram routers (routing/ngram.py): seconds of CPU, no model FLOPs.
+    Written whole (atomic) at the end."""
+    rc = cfg.routing
+    data, val = SplitData(data_dir, "train"), SplitData(data_dir, "validation")
+    prior = float(data.vocab_size if rc.ngram_prior is None else rc.ngram_prior)
+    if rc.ngram_order < 1 or prior <= 0 or not 0 <= rc.ngram_decay <= 1 or rc.ngram_buckets < 1024 or \
+            rc.ngram_buckets & (rc.ngram_buckets - 1):
+        raise SmalltalkError(f"routing.ngram_order={rc.ngram_order}, ngram_prior={rc.ngram_prior}, ngram_decay="
+                             f"{rc.ngram_decay}, ngram_buckets={rc.ngram_buckets}",
+                             fix="order >= 1, prior > 0, decay in [0, 1], buckets a power of two >= 1024")
+    routers = NgramRouters.empty(rc.experts, data.vocab_size, rc.ngram_order, prior, rc.ngram_buckets)
+    stream, heldout = ChunkStream(data, rc.chunk), val.sample(rc.heldout_sequences)
+    history = []
+    with atomic_dir(out_dir) as tmp:
+        for r in range(rc.rounds):
+            ids, assignment, epoch = _share(cfg, data_dir, tmp, stream, r)
+            routers.decay(rc.ngram_decay)
+            prefixes = data.batch(ids, rc.prefix)
+            for e in range(rc.experts):
+                routers.count(e, prefixes[assignment == e])
+            row = {"round": r, "epoch": epoch, "loads": np.bincount(assignment, minlength=rc.experts).tolist(),
+                   **{f"share_{k}": v for k, v in split_quality(assignment, data.seq_domains[ids]).items()}}
+            if len(heldout):
+                best = routers.score(val.batch(heldout, rc.prefix)).argmax(axis=1)
+                row.update({f"heldout_{k}": v for k, v in split_quality(best, val.seq_domains[heldout]).items()})
+            if r + 1 < rc.rounds:
+                next_ids, _ = stream.chunk(r + 1)
+                scores = routers.score(data.batch(next_ids, rc.prefix))
+                check_finite(scores, next_ids)
+                with open(RouterFiles(tmp).round_share(r + 1), "wb") as f:
+                    np.savez(f, ids=next_ids, assignment=balanced_assignment(scores))
+            history.append(row)
+            print(json.dumps({k: row.get(k) for k in ("round", "loads", "share_nmi", "heldout_nmi")}), flush=True)
+        routers.save(tmp)
+        manifest = {"kind": "routers", "method": "ngram", "experts": rc.experts, "prefix": rc.prefix,
+                    "order": rc.ngram_order, "prior": prior, "decay": rc.ngram_decay,
+                    "buckets": rc.ngram_buckets, "rounds": rc.rounds, "chunk": rc.chunk, "seed": rc.seed,
+                    "counted_tokens": int(rc.rounds * min(rc.chunk, len(data)) * rc.prefix),
+                    "data": str(Path(data_dir).resolve()), "data_sha256": data.manifest["splits"]["train"]["sha256"],
+                    "tokenizer_dir": data.manifest.get("tokenizer_dir")}
+        write_json(RouterFiles(tmp).em_history, {"rounds": history})
+        write_json(manifest_of(tmp), manifest)
+    return manifest

@@ -20,7 +20,7 @@ def _em(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
 
 
 def _ngram(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
-    from smalltalk.routing.ngram import train_ngram_routers
+    from smalltalk.routing.em import train_ngram_routers
 
     return train_ngram_routers(cfg, data_dir, out_dir)
 

@@ -18,19 +18,11 @@ add counts of unrelated n-grams, never lose any).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from smalltalk.config import Config
-from smalltalk.data.order import ChunkStream
-from smalltalk.data.shards import SplitData
-from smalltalk.errors import SmalltalkError
-from smalltalk.fsutil import atomic_dir, write_json
-from smalltalk.layout import RouterFiles, manifest_of
-from smalltalk.routing.assignment import balanced_assignment, check_finite
-from smalltalk.routing.metrics import split_quality
+from smalltalk.layout import RouterFiles
 
 # Operations per scored token and router (a hash, three look-ups, a division and a log), counted as FLOPs so
 # that the n-gram routers' share of a budget is stated, not left out.
@@ -114,50 +106,3 @@ def _fold(keys: np.ndarray, size: int, space: int) -> np.ndarray:
         return keys.astype(np.int64)
     bits = size.bit_length() - 1  # size: a power of two (routing.ngram_buckets, checked)
     return ((keys * _HASH) >> np.uint64(64 - bits)).astype(np.int64)  # Fibonacci hashing: the top bits
-
-
-def train_ngram_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
-    """The paper's EM with n-gram routers: seconds of CPU, no model FLOPs. Written whole (atomic) at the end."""
-    from smalltalk.routing.em import _share
-
-    rc = cfg.routing
-    data, val = SplitData(data_dir, "train"), SplitData(data_dir, "validation")
-    prior = float(data.vocab_size if rc.ngram_prior is None else rc.ngram_prior)
-    if rc.ngram_order < 1 or prior <= 0 or not 0 <= rc.ngram_decay <= 1 or rc.ngram_buckets < 1024 or \
-            rc.ngram_buckets & (rc.ngram_buckets - 1):
-        raise SmalltalkError(f"routing.ngram_order={rc.ngram_order}, ngram_prior={rc.ngram_prior}, ngram_decay="
-                             f"{rc.ngram_decay}, ngram_buckets={rc.ngram_buckets}",
-                             fix="order >= 1, prior > 0, decay in [0, 1], buckets a power of two >= 1024")
-    routers = NgramRouters.empty(rc.experts, data.vocab_size, rc.ngram_order, prior, rc.ngram_buckets)
-    stream, heldout = ChunkStream(data, rc.chunk), val.sample(rc.heldout_sequences)
-    history = []
-    with atomic_dir(out_dir) as tmp:
-        for r in range(rc.rounds):
-            ids, assignment, epoch = _share(cfg, data_dir, tmp, stream, r)
-            routers.decay(rc.ngram_decay)
-            prefixes = data.batch(ids, rc.prefix)
-            for e in range(rc.experts):
-                routers.count(e, prefixes[assignment == e])
-            row = {"round": r, "epoch": epoch, "loads": np.bincount(assignment, minlength=rc.experts).tolist(),
-                   **{f"share_{k}": v for k, v in split_quality(assignment, data.seq_domains[ids]).items()}}
-            if len(heldout):
-                best = routers.score(val.batch(heldout, rc.prefix)).argmax(axis=1)
-                row.update({f"heldout_{k}": v for k, v in split_quality(best, val.seq_domains[heldout]).items()})
-            if r + 1 < rc.rounds:
-                next_ids, _ = stream.chunk(r + 1)
-                scores = routers.score(data.batch(next_ids, rc.prefix))
-                check_finite(scores, next_ids)
-                with open(RouterFiles(tmp).round_share(r + 1), "wb") as f:
-                    np.savez(f, ids=next_ids, assignment=balanced_assignment(scores))
-            history.append(row)
-            print(json.dumps({k: row.get(k) for k in ("round", "loads", "share_nmi", "heldout_nmi")}), flush=True)
-        routers.save(tmp)
-        manifest = {"kind": "routers", "method": "ngram", "experts": rc.experts, "prefix": rc.prefix,
-                    "order": rc.ngram_order, "prior": prior, "decay": rc.ngram_decay,
-                    "buckets": rc.ngram_buckets, "rounds": rc.rounds, "chunk": rc.chunk, "seed": rc.seed,
-                    "counted_tokens": int(rc.rounds * min(rc.chunk, len(data)) * rc.prefix),
-                    "data": str(Path(data_dir).resolve()), "data_sha256": data.manifest["splits"]["train"]["sha256"],
-                    "tokenizer_dir": data.manifest.get("tokenizer_dir")}
-        write_json(RouterFiles(tmp).em_history, {"rounds": history})
-        write_json(manifest_of(tmp), manifest)
-    return manifest

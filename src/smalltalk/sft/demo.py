@@ -26,7 +26,7 @@ import re
 from collections import Counter
 from pathlib import Path
 
-from smalltalk.data.corpus import _STOP, _WORD
+from smalltalk.data.corpora.demo import STOP_WORDS, WORD
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, write_json
 from smalltalk.layout import CORPUS_STATS
@@ -46,8 +46,8 @@ _SENTENCE = re.compile(r"^(.{30,200}?[.!?])\s+(.{40,})$", re.S)
 
 
 def _language(text: str) -> str:
-    words = [w.lower() for w in _WORD.findall(text)]
-    hits = {lang: sum(w in stop for w in words) for lang, stop in _STOP.items()}
+    words = [w.lower() for w in WORD.findall(text)]
+    hits = {lang: sum(w in stop for w in words) for lang, stop in STOP_WORDS.items()}
     return max(hits, key=lambda lang: (hits[lang], lang == "en"))
 
 
@@ -81,7 +81,7 @@ def _documents(corpus: Path):
     files = sorted(corpus.glob("*.jsonl.gz"))
     if not files:
         raise SmalltalkError(f"no *.jsonl.gz in {corpus}", fix="build one with `smalltalk corpus demo DIR` or pass "
-                             "corpus10 (../shared/data/corpus10)")
+                             "corpus10 (smalltalk corpus corpus10 DIR)")
     for path in files:
         with gzip.open(path, "rt", encoding="utf-8") as handle:
             for number, line in enumerate(handle, 1):

@@ -1,6 +1,6 @@
 """`smalltalk corpus demo OUT`: a real multi-domain corpus from text already on a Debian machine.
 
-Based on ../shared/tools/build_corpus.py (the recipe of corpus10), reduced to sources that need no
+A reduction of the corpus10 recipe (corpora/corpus10.py) to sources that need no
 download: English and translated (de/fr/es) man pages rendered by groff, the Python standard library,
 C headers, and licence texts. `--install` first apt-gets the packages that provide them when run as
 root. Every domain that yields at least `min_docs` documents is written; fewer than 4 is an error.
@@ -29,13 +29,13 @@ from smalltalk.layout import CORPUS_STATS
 APT_PACKAGES = ["groff-base", "manpages", "manpages-dev", "manpages-de", "manpages-fr", "manpages-es"]
 GROFF = "preconv -e UTF-8 | groff -t -mandoc -Tutf8 -P-cbou -rLL=100n -rHY=0"
 _PRELUDE = b".ad l\n.nh\n"
-_STOP = {
+STOP_WORDS = {
     "en": set("the and of to is that for with are this be if by it from or not".split()),
     "de": set("der die das und ist nicht mit von zu den ein eine für auf sich wird".split()),
     "fr": set("le la les et est des une un pour dans que qui pas sur avec ce".split()),
     "es": set("el la los las y es de que en un una para con por se del".split()),
 }
-_WORD = re.compile(r"[^\W\d_]+")
+WORD = re.compile(r"[^\W\d_]+")
 
 
 def clean(text: str) -> str:
@@ -64,9 +64,9 @@ def drop_english(text: str, lang: str) -> str:
     """Translated man pages keep untranslated English paragraphs; drop those."""
     keep = []
     for para in text.split("\n\n"):
-        words = [w.lower() for w in _WORD.findall(para)]
-        english = sum(w in _STOP["en"] for w in words)
-        if not (english >= 3 and english > 2 * sum(w in _STOP[lang] for w in words)):
+        words = [w.lower() for w in WORD.findall(para)]
+        english = sum(w in STOP_WORDS["en"] for w in words)
+        if not (english >= 3 and english > 2 * sum(w in STOP_WORDS[lang] for w in words)):
             keep.append(para)
     return "\n\n".join(keep)
 
