@@ -1,4 +1,5 @@
-"""`smalltalk export` (mixture/export.py): a self-contained mixture that loads elsewhere with the same outputs."""
+"""`smalltalk export --format smalltalk` (mixture/export.py): our layout, which loads elsewhere with the same
+outputs (the Hugging Face layout, the default: tests/test_export_hf.py)."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ def test_export_loads_in_a_fresh_process_with_the_same_logits(pipeline_run, tmp_
 
     run = pipeline_run[0]
     out = tmp_path / "export"
-    assert cli("export", "--run", run, "--out", out) == 0
+    assert cli("export", "--run", run, "--out", out, "--format", "smalltalk") == 0
     assert "Evaluation" in (out / "README.md").read_text()
     AutoTokenizer.from_pretrained(str(out / "tokenizer"))
     tokens = SplitData(run / "data", "test").batch(np.arange(4))
@@ -63,5 +64,5 @@ def test_export_never_overwrites_a_run_and_asks_before_replacing(pipeline_run, t
     (taken / "notes.txt").write_text("mine")
     assert cli("export", "--run", run, "--out", taken) == 2
     assert "not empty" in capsys.readouterr().err and (taken / "notes.txt").read_text() == "mine"
-    assert cli("export", "--run", run, "--out", taken, "--force") == 0
+    assert cli("export", "--run", run, "--out", taken, "--force", "--format", "smalltalk") == 0
     assert (taken / "mixture.json").is_file() and not (taken / "notes.txt").exists()

@@ -88,7 +88,7 @@ def test_lm_eval_local_task_matches_direct_expert_scoring(pipeline_run, tmp_path
         assert len(experts) == 1, "all choices of an item go to the same expert"
         model = lm.mixture.expert(experts.pop())
         for (context, continuation), response in zip(pairs, sample["resps"], strict=True):
-            ctx, cont = lm._encode(context), lm._encode(continuation)
+            ctx, cont = lm._encode_pair(context, continuation)
             with torch.no_grad():
                 logits = model(input_ids=torch.tensor([ctx + cont[:-1]])).logits[0, -len(cont):]
             direct = torch.log_softmax(logits.float(), -1).gather(1, torch.tensor(cont)[:, None]).sum().item()

@@ -90,7 +90,7 @@ def test_refined_routers_replaced_are_refused(refined_run, tmp_path):
 def test_an_export_of_a_refined_run_routes_as_the_run_does(refined_run, tmp_path):
     """Was: export and SFT copied RUN/routers whatever mixture.json named, so the copy routed by the
     unrefined routers (and failed its checksum)."""
-    assert cli("export", "--run", refined_run, "--out", tmp_path / "export") == 0
+    assert cli("export", "--run", refined_run, "--out", tmp_path / "export", "--format", "smalltalk") == 0
     exported = SmallTalkMixture.from_pretrained(tmp_path / "export")
     original = SmallTalkMixture.from_pretrained(refined_run)
     tokens = np.random.default_rng(0).integers(0, 300, size=(16, 12))

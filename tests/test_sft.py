@@ -137,7 +137,7 @@ def test_run_with_sft_stage_tunes_each_expert_on_its_examples(pipeline_run, inst
 
     (logprob, _), = SmallTalkLM(str(sft)).loglikelihood([SimpleNamespace(args=("etaoin shrdlu", " xyz"))])
     assert logprob < 0
-    assert cli("export", "--run", sft, "--out", tmp_path / "export") == 0
+    assert cli("export", "--run", sft, "--out", tmp_path / "export", "--format", "smalltalk") == 0
     assert SmallTalkMixture.from_pretrained(tmp_path / "export").tokenizer.chat_template == CHAT_TEMPLATE
     # `smalltalk eval` takes the SFT mixture on prepared pre-training text (it has no data/ of its own)
     assert cli("eval", "--run", sft, "--out", tmp_path / "no-data") == 2

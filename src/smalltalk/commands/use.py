@@ -13,7 +13,9 @@ from smalltalk.layout import RunLayout
 def cmd_export(args: argparse.Namespace) -> None:
     from smalltalk.mixture.export import export_mixture
 
-    print(f"exported -> {export_mixture(RunLayout(Path(args.run)), Path(args.out), args.force)}")
+    out = export_mixture(RunLayout(Path(args.run)), Path(args.out), args.force, args.format, args.top_k,
+                         args.temperature)
+    print(f"exported ({args.format}) -> {out}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -113,9 +115,14 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (a GPU when there is one)")
     p.set_defaults(func=cmd_generate)
 
-    p = sub.add_parser("export", help="write a self-contained mixture directory")
+    p = sub.add_parser("export", help="write a self-contained mixture directory (default: the Hugging Face layout)")
     p.add_argument("--run", required=True)
     p.add_argument("--out", required=True)
+    p.add_argument("--format", choices=("hf", "smalltalk"), default="hf",
+                   help="hf: AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True) loads it; smalltalk: "
+                        "our layout, what `smalltalk serve/eval/generate --run OUT` read")
+    p.add_argument("--top-k", type=int, default=1, help="hf: mix the top k experts (c-BTM); 1: the paper")
+    p.add_argument("--temperature", type=float, default=1.0, help="hf: softmax temperature of the top-k weights")
     p.add_argument("--force", action="store_true", help="replace an existing export at --out")
     p.set_defaults(func=cmd_export)
 

@@ -12,15 +12,26 @@ from pathlib import Path
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, write_json
 from smalltalk.layout import MODEL_CARD, RouterFiles, RunLayout, manifest_of
+from smalltalk.mixture.model_card import model_card
+
+FORMATS = ("hf", "smalltalk")
 
 
-def export_mixture(run: RunLayout, out: Path, force: bool = False) -> Path:
-    """Write the mixture of `run` to `out` (replaced atomically). An existing non-empty `out` is refused
-    unless `force`; a run directory, or a directory holding the run, never."""
+def export_mixture(run: RunLayout, out: Path, force: bool = False, format: str = "hf", top_k: int = 1,
+                   temperature: float = 1.0) -> Path:
+    """Write the mixture of `run` to `out` (replaced atomically): the Hugging Face layout (`hf`,
+    mixture/export_hf.py) or ours (`smalltalk`: what `smalltalk serve/eval/generate --run` read). An existing
+    non-empty `out` is refused unless `force`; a run directory, or a directory holding the run, never."""
+    if format not in FORMATS:
+        raise SmalltalkError(f"--format {format!r}", fix=f"use one of {', '.join(FORMATS)}")
     _check_target(run, Path(out), force)
     manifest = run.mixture()
     _refuse_links_out(run, [run.tokenizer, run.mixture_routers(), *(run.root / rel for rel in
                                                            manifest["expert_dirs"] + manifest.get("router_dirs", []))])
+    if format == "hf":
+        from smalltalk.mixture.export_hf import export_hf
+
+        return export_hf(run, Path(out), top_k, temperature)
     with atomic_dir(out) as tmp:
         staged = RunLayout(tmp)  # written under the temp name, renamed to `out` when complete
         shutil.copytree(run.tokenizer, staged.tokenizer)
@@ -67,20 +78,3 @@ def _check_target(run: RunLayout, out: Path, force: bool) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not force:
         raise SmalltalkError(f"--out {out} exists and is not empty", fix="choose a new directory, or pass --force "
                              "to replace it")
-
-
-def model_card(run: RunLayout, manifest: dict) -> str:
-    lines = [f"# SmallTalk LM mixture: {run.root.name}", "",
-             f"{manifest['experts']} experts routed by {manifest['method']} routers on the first "
-             f"{manifest['prefix']} tokens (argmax of router log-likelihoods).", "",
-             "```python", "from smalltalk.mixture.model import SmallTalkMixture",
-             "mixture = SmallTalkMixture.from_pretrained('.')", "```", "",
-             "Each `experts/NN/model` is a plain Hugging Face `LlamaForCausalLM`; `tokenizer/` loads with "
-             "`AutoTokenizer`.", ""]
-    final = run.results_file(run.eval_final)
-    results = final if final.is_file() else run.results_file(run.eval)
-    if results.is_file():
-        from smalltalk.mixture.eval_stage import format_results
-
-        lines += ["## Evaluation of the training run", "", format_results(read_json(results)), ""]
-    return "\n".join(lines) + "\n"

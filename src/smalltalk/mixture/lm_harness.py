@@ -13,22 +13,31 @@ routed with the continuation's first tokens appended (the router needs one score
 from __future__ import annotations
 
 import torch
-from lm_eval.api.model import LM
+from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from smalltalk.mixture.model import SmallTalkMixture
 
 
 @register_model("smalltalk")
-class SmallTalkLM(LM):
+class SmallTalkLM(TemplateLM):
+    """Requests are tokenized as lm-eval's own `hf` model does (TemplateLM: the pair encoded whole, then split;
+    an empty context becomes end-of-text), so its figures equal `--model hf` on the exported mixture's."""
+
+    backend = "causal"
+
     def __init__(self, run: str, device: str = "cpu", max_resident: int | None = None, **kwargs) -> None:
         super().__init__()
         self.mixture = SmallTalkMixture.from_pretrained(run, device, max_resident)
         self.tok = self.mixture.tokenizer
         self.max_length = self.mixture.expert(0).config.max_position_embeddings
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tok(text, add_special_tokens=False).input_ids
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_token_id
+
+    def tok_encode(self, string: str, **kwargs) -> list[int]:
+        return self.tok(string, add_special_tokens=False).input_ids
 
     def _route(self, ids: list[int]) -> int:
         chosen, _ = self.mixture.route([ids[: self.mixture.prefix]])
@@ -44,27 +53,25 @@ class SmallTalkLM(LM):
         total = logprobs.gather(1, target[:, None]).sum().item()
         return total, bool((logprobs.argmax(dim=-1) == target).all())
 
-    def route_request(self, context: str, continuation: str = "") -> int:
-        """The expert a (context, continuation) request goes to (public, for tests and debugging)."""
-        ids = self._encode(context)
-        if len(ids) < 2:
-            ids = ids + self._encode(continuation)[: 2 - len(ids)]
+    def _route_tokens(self, context: list[int], continuation: list[int]) -> int:
+        """The expert of a request: its context's first M tokens (shorter than 2: the continuation's first)."""
+        ids = context if len(context) >= 2 else context + continuation[: 2 - len(context)]
         return self._route(ids)
 
-    def loglikelihood(self, requests) -> list[tuple[float, bool]]:
-        out = []
-        for request in requests:
-            context, continuation = request.args
-            ctx = self._encode(context) or [self.tok.eos_token_id]
-            cont = self._encode(continuation)
-            out.append(self._continuation_logprob(self.route_request(context, continuation), ctx, cont))
-        return out
+    def route_request(self, context: str, continuation: str = "") -> int:
+        """The expert a (context, continuation) request goes to (public, for tests and debugging)."""
+        if not context:
+            return self._route_tokens([self.eot_token_id], self.tok_encode(continuation))
+        return self._route_tokens(*self._encode_pair(context, continuation))
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False) -> list[tuple[float, bool]]:
+        return [self._continuation_logprob(self._route_tokens(ctx, cont), ctx, cont) for _, ctx, cont in requests]
 
     @torch.inference_mode()
-    def loglikelihood_rolling(self, requests) -> list[float]:
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
         out = []
         for request in requests:
-            ids = [self.tok.eos_token_id] + self._encode(request.args[0])
+            ids = [self.tok.eos_token_id] + self.tok_encode(request.args[0])
             expert = self.mixture.expert(self._route(ids[1:] if len(ids) > 2 else ids))
             total, start = 0.0, 1
             while start < len(ids):  # disjoint windows of up to max_length predicted tokens
@@ -80,14 +87,14 @@ class SmallTalkLM(LM):
         return out
 
     @torch.inference_mode()
-    def generate_until(self, requests) -> list[str]:
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         out = []
         for request in requests:
             context, kwargs = request.args
             until = kwargs.get("until", []) or []
             until = [until] if isinstance(until, str) else until
             max_new = max(1, min(int(kwargs.get("max_gen_toks", 64)), self.max_length - 1))  # leave room for context
-            ids = self._encode(context) or [self.tok.eos_token_id]
+            ids = self.tok_encode(context) or [self.tok.eos_token_id]
             ids = ids[-(self.max_length - max_new):]
             expert = self.mixture.expert(self.route_request(context))
             generated = expert.generate(torch.tensor([ids], device=self.mixture.device), max_new_tokens=max_new,

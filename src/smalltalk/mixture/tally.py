@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from smalltalk.hub.modeling_smalltalk import choose_experts
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.training.nll import token_nll
 
@@ -172,9 +173,8 @@ def _ensemble(scores: np.ndarray, stacked: np.ndarray, k: int, temperature: floa
     """c-BTM's rule: log of the top-k experts' next-token probabilities mixed with softmax(score / T) weights;
     each expert's probability of the actual next token, so no extra forward passes."""
     rows = np.arange(scores.shape[0])
-    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    logits = np.take_along_axis(scores, top, axis=1).astype(np.float64) / temperature
-    log_w = logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)
+    top, weights = (t.numpy() for t in choose_experts(torch.from_numpy(np.asarray(scores, np.float64)), k, temperature))
+    log_w = np.log(weights)
     parts = [log_w[:, j, None] - stacked[top[:, j], rows] for j in range(k)]  # stacked: [E, rows, S-1] NLL
     return np.logaddexp.reduce(parts, axis=0)
 

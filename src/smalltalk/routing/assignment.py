@@ -27,8 +27,13 @@ def capacities(n: int, experts: int, first: int = 0) -> np.ndarray:
 
 
 def argmax_assignment(scores: np.ndarray) -> np.ndarray:
-    """Inference routing: each sequence to its highest-scoring expert (lowest index on ties)."""
-    return np.asarray(scores).argmax(axis=1)
+    """Inference routing: each sequence to its highest-scoring expert (lowest index on ties), by the rule the
+    exported Hugging Face model runs (hub/modeling_smalltalk.choose_experts): one rule, never two."""
+    import torch
+
+    from smalltalk.hub.modeling_smalltalk import choose_experts
+
+    return choose_experts(torch.from_numpy(np.asarray(scores, dtype=np.float64)))[0][:, 0].numpy()
 
 
 def greedy_order(scores: np.ndarray) -> np.ndarray:
