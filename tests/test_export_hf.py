@@ -179,3 +179,81 @@ def test_the_package_routes_with_the_exported_rule():
 
     scores = np.array([[1.0, 3.0, 3.0], [-2.0, -1.0, -5.0], [0.0, 0.0, 0.0]])
     assert argmax_assignment(scores).tolist() == [1, 1, 0] == choose_experts(torch.from_numpy(scores))[0][:, 0].tolist()
+
+
+MC_TASK = """task: smalltalk_hf_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{query}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{gold}}}}"
+metric_list:
+  - metric: acc
+"""
+GEN_TASK = """task: smalltalk_hf_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{query}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 8
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+
+
+def _tasks(tmp_path: Path) -> Path:
+    """24 items from the three synthetic domains; every context is longer than the routing prefix (16 tokens),
+    so both sides route on the same tokens (lm-eval's `hf` model passes no attention mask: a shorter row would
+    be routed with its padding)."""
+    docs = make_documents(24, seed=9)
+    words = [d["text"].split() for d in docs]
+    mc = [{"query": " ".join(w[:24]), "choices": [" " + " ".join(words[(i + j) % 24][24:27]) for j in range(3)],
+           "gold": 0} for i, w in enumerate(words)]
+    gen = [{"query": " ".join(w[:24]), "answer": " ".join(w[24:26])} for w in words]
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    for name, rows, template in (("mc", mc, MC_TASK), ("gen", gen, GEN_TASK)):
+        data = tmp_path / f"{name}.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        (tasks / f"{name}.yaml").write_text(template.format(data=data))
+    return tasks
+
+
+def test_lm_evals_hf_model_on_the_export_equals_smalltalk_eval_downstream(hf_export, pipeline_run, tmp_path):
+    """`lm_eval --model hf --model_args pretrained=DIR,trust_remote_code=True` (our package not importable) and
+    `smalltalk eval downstream` on the run: the same log-likelihood for every choice of 24 items (1e-4) and the
+    same generated text for 24 generate-until items."""
+    pytest.importorskip("lm_eval")
+    pytest.importorskip("accelerate")
+    tasks, out = _tasks(tmp_path), tmp_path / "out"
+    args = ["--model", "hf", "--model_args", f"pretrained={hf_export},trust_remote_code=True,dtype=float32",
+            "--device", "cpu", "--tasks", "smalltalk_hf_mc,smalltalk_hf_gen", "--include_path", str(tasks),
+            "--output_path", str(out), "--log_samples", "--batch_size", "1"]
+    _child(f"import sys\nsys.argv = ['lm_eval', *{args!r}]\nfrom lm_eval.__main__ import cli_evaluate\n"
+           "cli_evaluate()\n", tmp_path)
+    theirs = {}
+    for task in ("smalltalk_hf_mc", "smalltalk_hf_gen"):
+        (path,) = out.rglob(f"samples_{task}_*.jsonl")
+        theirs[task] = {s["doc_id"]: s for s in map(json.loads, path.read_text().splitlines())}
+    from smalltalk.mixture.lm_harness import evaluate_downstream
+
+    os.environ["HF_DATASETS_OFFLINE"] = "1"
+    ours = evaluate_downstream(str(pipeline_run[0]), ["smalltalk_hf_mc", "smalltalk_hf_gen"], str(tasks))["samples"]
+    assert len(ours["smalltalk_hf_mc"]) == len(theirs["smalltalk_hf_mc"]) == 24
+    for sample in ours["smalltalk_hf_mc"]:
+        other = theirs["smalltalk_hf_mc"][sample["doc_id"]]
+        for mine, their in zip(sample["resps"], other["resps"], strict=True):
+            assert float(mine[0][0]) == pytest.approx(float(their[0][0]), abs=1e-4)
+    for sample in ours["smalltalk_hf_gen"]:
+        assert sample["resps"][0][0] == theirs["smalltalk_hf_gen"][sample["doc_id"]]["resps"][0][0]

@@ -79,6 +79,6 @@ def export_hf(run: RunLayout, out: Path, top_k: int = 1, temperature: float = 1.
             tokenizer.pad_token = tokenizer.eos_token
         tokenizer.save_pretrained(tmp)  # with its class named: AutoTokenizer then needs no remote code
         # as `smalltalk generate`: pad with the end-of-text token, no early stop (the experts' configs set none)
-        GenerationConfig(pad_token_id=tokenizer.eos_token_id, max_new_tokens=64).save_pretrained(tmp)
+        GenerationConfig(pad_token_id=tokenizer.eos_token_id).save_pretrained(tmp)  # lengths: the caller's
         (tmp / MODEL_CARD).write_text(model_card(run, manifest, hf=True))
     return out
