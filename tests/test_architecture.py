@@ -145,3 +145,18 @@ def test_packages_depend_one_way():
         graph.setdefault(a, set()).add(b)
     back = _back_edges(graph)
     assert not back, back
+
+
+def test_no_private_names_cross_a_package():
+    """A module imports another package's public names only: what starts with _ is its owner's business."""
+    modules = _modules()
+    offenders = []
+    for name, path in modules.items():
+        package = (name.split(".") + [""])[1]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("smalltalk."):
+                other = node.module.split(".")[1]
+                private = [a.name for a in node.names if a.name.startswith("_")]
+                if other != package and private:
+                    offenders.append(f"{name}: {node.module} {private}")
+    assert not offenders, offenders

@@ -13,13 +13,13 @@ from tokenizers import Tokenizer, processors
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from smalltalk.config import load_config
+from smalltalk.data.chat import CHAT_TEMPLATE, encode
 from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
 from smalltalk.layout import RunLayout
 from smalltalk.mixture.model import SmallTalkMixture, write_mixture_manifest
 from smalltalk.serving.protocol import Validator
 from smalltalk.sft.job import routing_ids
-from smalltalk.sft.template import CHAT_TEMPLATE, encode
 
 from .conftest import TINY_CONFIG, cli
 

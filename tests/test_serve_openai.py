@@ -207,3 +207,22 @@ def test_the_serial_engine_scores_prompts_as_the_batched_one(pipeline_run):
     assert [e[0] for e in serial_new] == [e[0] for e in batched_new]
     for a, b in zip(serial_prompt[1:] + serial_new, batched_prompt[1:] + batched_new, strict=True):
         assert a[1] == pytest.approx(b[1], abs=1e-5)
+
+
+def test_chat_content_as_text_parts_answers_as_the_string_and_other_parts_are_a_400(server):
+    """Was: content given as a list of parts (what current OpenAI clients and vLLM accept) got a 400. Now text
+    parts are joined with newlines (as vLLM joins them): the answer equals the one to the joined string; a part
+    of another type is a 400 that names it."""
+    import openai
+
+    client = _client(server[0])
+    parts = [{"type": "text", "text": "xyz_ {} ="}, {"type": "text", "text": "1 + 2"}]
+    as_parts = client.chat.completions.create(model="smalltalk", messages=[{"role": "user", "content": parts}],
+                                              max_tokens=8, temperature=0)
+    as_text = client.chat.completions.create(model="smalltalk", messages=[{"role": "user", "content":
+                                             "xyz_ {} =\n1 + 2"}], max_tokens=8, temperature=0)
+    assert as_parts.choices[0].message.content == as_text.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as error:
+        client.chat.completions.create(model="smalltalk", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
+    assert "image_url" in str(error.value) and error.value.status_code == 400

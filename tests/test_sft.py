@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from safetensors.torch import load_file
 
+from smalltalk.data.chat import CHAT_TEMPLATE, encode
 from smalltalk.errors import SmalltalkError
 from smalltalk.layout import TrainFiles
 from smalltalk.mixture.model import SmallTalkMixture
@@ -15,7 +16,6 @@ from smalltalk.serving.protocol import Validator, chat_prompt
 from smalltalk.sft.data import IGNORE, pack_rows
 from smalltalk.sft.demo import build_sft_demo
 from smalltalk.sft.examples import read_examples
-from smalltalk.sft.template import CHAT_TEMPLATE, encode
 
 from .conftest import cli
 

@@ -11,6 +11,7 @@ import threading
 
 import torch
 
+from smalltalk.data.chat import ChatFormatError, normalize, prompt_text
 from smalltalk.data.tokenizer import encode_text
 
 
@@ -61,27 +62,21 @@ def _same(value: object, off: object) -> bool:
     return type(value) is type(off) and value == off
 
 
-ROLES = ("system", "user", "assistant")
 MAX_STOPS = 4  # as OpenAI
 MAX_CHOICES = 64  # prompts x n in one request: each is a row of a batch
 MAX_LOGPROBS = {"completions": 5, "chat": 20}  # alternatives per token, as OpenAI
 MIN_TEMPERATURE = 1e-5  # below it a request decodes greedily (docs/serving.md): the limit, computable in float32
-_MARKERS = tuple(f"<|{role}|>" for role in ROLES)
-
-
 def chat_prompt(messages: object) -> str:
-    if not isinstance(messages, list) or not messages:
-        raise RequestError(400, "'messages' must be a non-empty list", "messages")
-    parts = []
-    for m in messages:
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str) or not isinstance(m.get("role"), str):
-            raise RequestError(400, "each message needs string 'role' and 'content'", "messages")
-        if m["role"] not in ROLES:
-            raise RequestError(400, f"role {m['role'][:40]!r} is not one of {', '.join(ROLES)}", "messages")
-        if any(marker in m["content"] for marker in _MARKERS):
-            raise RequestError(400, "message content may not contain a role marker such as <|user|>", "messages")
-        parts.append(f"<|{m['role']}|>\n{m['content']}\n")
-    return "".join(parts) + "<|assistant|>\n"
+    """The prompt text of a chat request (data/chat.py, the one chat format); a 400 naming what is wrong."""
+    return prompt_text(chat_messages(messages))
+
+
+def chat_messages(messages: object) -> list[dict]:
+    """The request's messages checked, each content as text (text parts joined)."""
+    try:
+        return normalize(messages)
+    except ChatFormatError as exc:
+        raise RequestError(400, str(exc), "messages") from None
 
 
 def _is_int(value: object) -> bool:
@@ -143,18 +138,18 @@ class Validator:
                                f"context of {self.context} tokens", "max_tokens", "context_length_exceeded")
         route_ids = ids
         if chat and self.route_on == "user_text":
-            user = next((m["content"] for m in body["messages"] if m["role"] == "user"), "")
+            user = next((m["content"] for m in chat_messages(body["messages"]) if m["role"] == "user"), "")
             user_ids = torch.tensor([encode_text(self.tokenizer, user)], dtype=torch.long)
             route_ids = user_ids if user_ids.shape[1] >= 2 else ids  # a 1-token message: the whole prompt
         return {"prompt": prompt, "ids": ids, "route_ids": route_ids}
 
     def _chat(self, messages: object) -> str:
         """The checks of chat_prompt; the text of the tokenizer's own chat template when it has one (an SFT
-        mixture's: sft/template.py), so the server formats a conversation as the experts were tuned on."""
-        prompt = chat_prompt(messages)
+        mixture's: data/chat.py's), so the server formats a conversation as the experts were tuned on."""
+        checked = chat_messages(messages)
         if getattr(self.tokenizer, "chat_template", None):
-            return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        return prompt
+            return self.tokenizer.apply_chat_template(checked, tokenize=False, add_generation_prompt=True)
+        return prompt_text(checked)
 
     def _sampling(self, body: dict) -> dict:
         max_tokens = body.get("max_tokens", body.get("max_completion_tokens"))

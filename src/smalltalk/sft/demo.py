@@ -26,11 +26,11 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from smalltalk.data.chat import MARKERS
 from smalltalk.data.corpora.demo import STOP_WORDS, WORD
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, write_json
 from smalltalk.layout import CORPUS_STATS
-from smalltalk.serving.protocol import _MARKERS
 from smalltalk.untrusted import BadInput, parse_json
 
 ASK_COMMAND = {"en": "What does the command `{}` do?", "de": "Was macht der Befehl `{}`?",
@@ -74,7 +74,7 @@ def extract(text: str) -> list[tuple[str, str, str]]:
     for paragraph in text.split("\n\n")[:40]:
         if (m := _SENTENCE.match(_flat(paragraph, 700))) is not None:
             found.append(("continue", ASK_CONTINUE.format(m.group(1)), m.group(2)[:300]))
-    return [(k, q, a) for k, q, a in found if not any(marker in q + a for marker in _MARKERS)]
+    return [(k, q, a) for k, q, a in found if not any(marker in q + a for marker in MARKERS)]
 
 
 def _documents(corpus: Path):

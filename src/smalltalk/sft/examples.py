@@ -12,8 +12,8 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+from smalltalk.data.chat import ROLES, ChatFormatError, normalize
 from smalltalk.errors import SmalltalkError
-from smalltalk.serving.protocol import ROLES, RequestError, chat_prompt
 from smalltalk.untrusted import BadInput, parse_json
 
 SPLITS = ("train", "validation", "test")
@@ -73,10 +73,10 @@ def _example(row: object, where: str) -> dict:
     else:
         raise SmalltalkError("an example needs \"messages\" or string \"prompt\" and \"completion\"", where=where)
     try:
-        chat_prompt(messages)  # the server's checks: roles, string contents, no forged role markers
-    except RequestError as exc:
-        raise SmalltalkError(f"bad messages: {exc.message}", where=where,
-                             fix=f"roles are {', '.join(ROLES)}; contents are strings") from None
+        messages = normalize(messages)  # the server's checks: roles, text contents, no forged role markers
+    except ChatFormatError as exc:
+        raise SmalltalkError(f"bad messages: {exc}", where=where,
+                             fix=f"roles are {', '.join(ROLES)}; contents are strings or lists of text parts") from None
     if messages[-1]["role"] != "assistant" or not messages[-1]["content"].strip():
         raise SmalltalkError("the last message must be a non-empty assistant answer", where=where)
     if not any(m["role"] == "user" for m in messages):

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from smalltalk.config import Config
+from smalltalk.data.chat import CHAT_TEMPLATE, encode
 from smalltalk.data.shards import SplitData
 from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
@@ -33,7 +34,6 @@ from smalltalk.model import spec_from_hf
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.sft.data import SFTData, pack_rows, write_rows
 from smalltalk.sft.examples import read_examples, split_files
-from smalltalk.sft.template import CHAT_TEMPLATE, encode
 from smalltalk.training.trainer import TrainJob, train
 
 
