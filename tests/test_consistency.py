@@ -97,7 +97,7 @@ def test_dense_is_matched_to_the_whole_budget_and_results_say_so(pipeline_run):
         assert flops["dense_training"]["matched"] == pytest.approx(flops["mixture_training"], rel=slack + 1e-9)
         assert flops["dense_training"]["matched-experts"] == pytest.approx(flops["experts_training"], rel=slack)
         assert abs(flops["dense_budget_ratio"]["matched"] - 1) <= slack
-    assert set(results["epochs"]) == {"experts", "matched", "matched-experts", "bigger"}
+    assert set(results["epochs"]) == {"experts", "matched", "matched-experts", "inference", "bigger"}
     assert all(e > 0 for e in results["epochs"]["experts"])
     routing_prefix = results["routing_prefix"]
     assert [r["extrapolated"] for r in results["sweep"]] == [r["prefix"] > routing_prefix for r in results["sweep"]]

@@ -61,6 +61,7 @@ class MixtureState:
 
     experts: torch.Tensor
     weights: torch.Tensor
+    groups: list  # (expert, its rows, the slot of each row's k that it fills), fixed for the whole generation
     caches: dict
     length: int
 
@@ -139,30 +140,38 @@ class SmallTalkForCausalLM(PreTrainedModel, GenerationMixin):
         scores = None
         if mixture_state is None:
             experts, weights, scores = self.route(input_ids, attention_mask)
+            groups = [(e, *(experts == e).nonzero(as_tuple=True)) for e in torch.unique(experts).tolist()]
         else:
-            experts, weights = mixture_state.experts, mixture_state.weights
+            experts, weights, groups = mixture_state.experts, mixture_state.weights, mixture_state.groups
         positions = (attention_mask.long().cumsum(dim=1) - 1).clamp(min=0)[:, -input_ids.shape[1]:]
-        single = experts.shape[1] == 1
+        single, whole = experts.shape[1] == 1, len(groups) == 1 and experts.shape[1] == 1
         logits, caches = None, {}
-        for e in torch.unique(experts).tolist():
-            rows, slot = (experts == e).nonzero(as_tuple=True)
+        for e, rows, slot in groups:
             extra = {self._cache_keyword: mixture_state.caches[e]} if mixture_state is not None else {}
-            out = self.experts[e](input_ids=input_ids[rows], attention_mask=attention_mask[rows],
-                                  position_ids=positions[rows], use_cache=bool(use_cache), **extra)
+            def take(t: torch.Tensor, rows: torch.Tensor = rows) -> torch.Tensor:  # one expert for all rows: no gather
+                return t if whole else t[rows]
+
+            out = self.experts[e](input_ids=take(input_ids), attention_mask=take(attention_mask),
+                                  position_ids=take(positions), use_cache=bool(use_cache), **extra)
+            if use_cache:
+                caches[e] = getattr(out, self._cache_keyword, None) or getattr(out, "past_key_values", None)
+            if whole:
+                logits = out.logits
+                break
             part = out.logits.float()
             if not single:  # log of the weighted mixture of the k experts' probabilities
                 part = torch.log_softmax(part, dim=-1) + weights[rows, slot].float().log()[:, None, None]
             if logits is None:
-                logits = part.new_full((input_ids.shape[0], experts.shape[1], *part.shape[1:]), float("-inf"))
+                fill = float("-inf") if not single else 0.0
+                logits = part.new_full((input_ids.shape[0], experts.shape[1], *part.shape[1:]), fill)
             logits[rows, slot] = part
-            if use_cache:
-                caches[e] = getattr(out, self._cache_keyword, None) or getattr(out, "past_key_values", None)
-        logits = logits[:, 0] if single else torch.logsumexp(logits, dim=1)
+        if not whole:
+            logits = logits[:, 0] if single else torch.logsumexp(logits, dim=1)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
                                    ignore_index=-100)
-        state = MixtureState(experts, weights, caches, past + input_ids.shape[1]) if use_cache else None
+        state = MixtureState(experts, weights, groups, caches, past + input_ids.shape[1]) if use_cache else None
         return SmallTalkCausalLMOutput(loss=loss, logits=logits, routed_experts=experts, routing_weights=weights,
                                        router_scores=scores, mixture_state=state)
 
