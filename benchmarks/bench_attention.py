@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from smalltalk.config import ModelConfig
-from smalltalk.model import build_model, resolve_spec
+from smalltalk.llama import build_model, resolve_spec
 from smalltalk.training import forward as training_forward
 from smalltalk.training.cpu.attention import causal_attention
 from smalltalk.training.host_memory import keep_freed_memory

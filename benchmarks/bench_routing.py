@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from smalltalk.config import ModelConfig
 from smalltalk.flops import forward_flops, measure_matmul_peak
-from smalltalk.model import build_model, resolve_spec
+from smalltalk.llama import build_model, resolve_spec
 from smalltalk.routing.assignment import balanced_assignment
 from smalltalk.routing.routers import LMRouters
 from smalltalk.routing.scoring import default_workers

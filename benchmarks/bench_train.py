@@ -23,7 +23,7 @@ from smalltalk.config import ModelConfig, TrainConfig
 from smalltalk.data.shards import SplitData
 from smalltalk.flops import measure_matmul_peak
 from smalltalk.fsutil import write_json
-from smalltalk.model import count_params, resolve_spec
+from smalltalk.llama import count_params, resolve_spec
 from smalltalk.training.trainer import TrainJob, train
 
 

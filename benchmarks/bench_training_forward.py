@@ -23,7 +23,7 @@ import time
 import torch
 
 from smalltalk.config import ModelConfig
-from smalltalk.model import build_model, resolve_spec
+from smalltalk.llama import build_model, resolve_spec
 from smalltalk.training.forward import TrainingForward
 from smalltalk.training.paths import liger_available
 

@@ -42,7 +42,7 @@ import torch.nn.functional as F
 
 from smalltalk.config import ModelConfig, TrainConfig
 from smalltalk.data.shards import SplitData
-from smalltalk.model import ModelSpec, build_model, count_params, resolve_spec
+from smalltalk.llama import ModelSpec, build_model, count_params, resolve_spec
 from smalltalk.training.host_memory import keep_freed_memory
 from smalltalk.training.trainer import TrainJob, train
 

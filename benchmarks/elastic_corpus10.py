@@ -21,9 +21,9 @@ from corpus10_runs import CORPUS
 
 from smalltalk.cli import main as smalltalk
 from smalltalk.data.shards import SplitData
+from smalltalk.experts.elastic import compare_mixtures, read_mixture
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout
-from smalltalk.mixture.elastic import compare_mixtures, read_mixture
 
 ROOT = Path(__file__).resolve().parents[1]
 

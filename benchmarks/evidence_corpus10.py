@@ -6,7 +6,7 @@ Rows, each a named configuration of configs/corpus10.yaml (docs/routing.md names
   default   the configs' current choice: EM from the tf-idf clustering, 100 steps per round (~3 passes at
             E = 4; routing.share_passes=null); decided on test figures before issue #27, re-decided here
   refine    paper-em, then the routers fine-tuned on the experts' own choices (8,192 training sequences
-            relabelled by the lowest expert loss; mixture/refine.py): forked from the paper-em run of the same
+            relabelled by the lowest expert loss; experts/refine.py): forked from the paper-em run of the same
             E and seed once its experts are trained (same routers, partition and experts), its cost counted
             in the dense model's budget
   tfidf     tf-idf routing (balanced k-means on the prefix's tf-idf)

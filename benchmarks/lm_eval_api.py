@@ -25,7 +25,7 @@ from pathlib import Path
 from bench_serve import start
 
 from smalltalk.data.shards import SplitData
-from smalltalk.mixture.lm_harness import evaluate_downstream
+from smalltalk.evaluation.lm_harness import evaluate_downstream
 from smalltalk.mixture.model import SmallTalkMixture
 
 TASK = """task: smalltalk_api_mc

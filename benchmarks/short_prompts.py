@@ -19,9 +19,9 @@ import numpy as np
 from smalltalk.data.shards import SplitData
 from smalltalk.layout import RunLayout
 from smalltalk.mixture.model import SmallTalkMixture
-from smalltalk.mixture.tally import batch_nll
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import score_split
+from smalltalk.training.nll import batch_nll
 
 
 def nll_matrix(model, data: SplitData, ids: np.ndarray, batch: int = 32) -> np.ndarray:

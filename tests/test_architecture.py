@@ -100,7 +100,7 @@ def test_one_module_is_named_for_eval():
     `eval` verb's module in commands/ is named for the verb)."""
     named = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
              if "eval" in p.stem and p.parent.name != "commands"]
-    assert named == ["mixture/eval_stage.py"], named
+    assert named == ["evaluation/eval_stage.py"], named
 
 
 def test_library_code_never_starts_the_cli():
@@ -126,7 +126,7 @@ def test_the_training_path_is_decided_in_one_place():
     assert chooser == {"smalltalk.training.paths", "smalltalk.training.trainer"}, chooser
     malloc = {name for name, path in modules.items() if "keep_freed_memory()" in path.read_text()}
     assert malloc == {"smalltalk.training.host_memory", "smalltalk.training.trainer", "smalltalk.routing.partition",
-                      "smalltalk.mixture.eval_stage"}, malloc
+                      "smalltalk.evaluation.eval_stage"}, malloc
 
 
 def test_packages_depend_one_way():

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from smalltalk.data.shards import SplitData
+from smalltalk.experts.elastic import routing_shift
 from smalltalk.fsutil import sha256_file
-from smalltalk.mixture.elastic import routing_shift
 from smalltalk.mixture.model import SmallTalkMixture
 
 from .conftest import cli, write_jsonl

@@ -1,4 +1,4 @@
-"""`smalltalk eval` (mixture/eval_stage.py): perplexities on the right tokens, top-k ensembles."""
+"""`smalltalk eval` (evaluation/eval_stage.py): perplexities on the right tokens, top-k ensembles."""
 
 from __future__ import annotations
 

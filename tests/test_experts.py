@@ -1,4 +1,4 @@
-"""Expert and dense-baseline jobs (mixture/jobs.py): each expert reads only its share; dense is matched."""
+"""Expert and dense-baseline jobs (experts/dense.py): each expert reads only its share; dense is matched."""
 
 from __future__ import annotations
 

@@ -246,7 +246,7 @@ def test_lm_evals_hf_model_on_the_export_equals_smalltalk_eval_downstream(hf_exp
     for task in ("smalltalk_hf_mc", "smalltalk_hf_gen"):
         (path,) = out.rglob(f"samples_{task}_*.jsonl")
         theirs[task] = {s["doc_id"]: s for s in map(json.loads, path.read_text().splitlines())}
-    from smalltalk.mixture.lm_harness import evaluate_downstream
+    from smalltalk.evaluation.lm_harness import evaluate_downstream
 
     os.environ["HF_DATASETS_OFFLINE"] = "1"
     ours = evaluate_downstream(str(pipeline_run[0]), ["smalltalk_hf_mc", "smalltalk_hf_gen"], str(tasks))["samples"]

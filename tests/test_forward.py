@@ -9,7 +9,7 @@ import torch
 
 from smalltalk.config import ModelConfig
 from smalltalk.errors import SmalltalkError
-from smalltalk.model import build_model, resolve_spec
+from smalltalk.llama import build_model, resolve_spec
 from smalltalk.training import linear_cross_entropy
 from smalltalk.training.cpu import attention as causal_attention
 from smalltalk.training.cpu import sublayers as chunked_sublayers

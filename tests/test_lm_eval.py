@@ -73,7 +73,7 @@ def test_dense_baseline_through_lm_evals_own_hf_model(pipeline_run, tmp_path):
 def test_lm_eval_local_task_matches_direct_expert_scoring(pipeline_run, tmp_path, monkeypatch):
     pytest.importorskip("lm_eval")
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
-    from smalltalk.mixture.lm_harness import SmallTalkLM, evaluate_downstream
+    from smalltalk.evaluation.lm_harness import SmallTalkLM, evaluate_downstream
 
     tasks = _local_task(tmp_path)
     run = str(pipeline_run[0])
@@ -99,7 +99,7 @@ def test_generate_until_with_more_new_tokens_than_the_context(pipeline_run):
     """lm-eval may ask for max_gen_toks >= the model's length: the context is cut to leave room, no error."""
     from types import SimpleNamespace
 
-    from smalltalk.mixture.lm_harness import SmallTalkLM
+    from smalltalk.evaluation.lm_harness import SmallTalkLM
 
     lm = SmallTalkLM(str(pipeline_run[0]))
     request = SimpleNamespace(args=("xyz_ {} = 1 " * 40, {"until": ["\n\n"], "max_gen_toks": 10 * lm.max_length}))
@@ -134,7 +134,7 @@ def test_lm_evals_api_models_against_the_server(pipeline_run, tmp_path):
     import subprocess
     import sys
 
-    from smalltalk.mixture.lm_harness import evaluate_downstream
+    from smalltalk.evaluation.lm_harness import evaluate_downstream
 
     from .test_serve import _start
 

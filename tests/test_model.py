@@ -6,7 +6,7 @@ import torch
 from smalltalk.config import ModelConfig
 from smalltalk.errors import SmalltalkError
 from smalltalk.flops import exact_forward_flops, forward_flops, paper_forward_flops
-from smalltalk.model import PRESETS, count_params, hf_config, resolve_spec
+from smalltalk.llama import PRESETS, count_params, hf_config, resolve_spec
 
 
 @pytest.mark.parametrize("name", list(PRESETS))

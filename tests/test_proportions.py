@@ -1,5 +1,5 @@
 """SmallTalk at its own proportions: n-gram routers (routing/ngram.py), inference-matched dense sizing
-(mixture/jobs.py) and the commands that may read the test split only with --final."""
+(experts/dense.py) and the commands that may read the test split only with --final."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from smalltalk.data.shards import SplitData
+from smalltalk.experts.dense import spec_for_forward_flops
 from smalltalk.flops import forward_flops
-from smalltalk.mixture.jobs import spec_for_forward_flops
-from smalltalk.model import PRESETS
+from smalltalk.llama import PRESETS
 from smalltalk.routing.ngram import NgramRouters, _table_sizes
 from smalltalk.routing.routers import load_routers, score_split
 
@@ -83,7 +83,7 @@ def test_ngram_em_trains_partitions_and_is_counted_as_lookups(prepared_run, tmp_
     ids = val.sample(40)
     scores = score_split(routers, val, ids, 16)
     assert scores.shape == (40, 3) and np.isfinite(scores).all()
-    from smalltalk.mixture.run_flops import router_prefix_flops
+    from smalltalk.experts.budget import router_prefix_flops
     from smalltalk.routing.ngram import OPS_PER_TOKEN
 
     assert router_prefix_flops(manifest, 16) == OPS_PER_TOKEN * 15

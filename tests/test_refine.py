@@ -1,4 +1,4 @@
-"""Router refinement from the experts (mixture/refine.py, issue #27 item 5): relabel training sequences by
+"""Router refinement from the experts (experts/refine.py, issue #27 item 5): relabel training sequences by
 the expert with the lowest loss, fine-tune the routers on them, route the mixture with them, and count
 the cost in the routing budget the dense baseline is matched to."""
 
@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from smalltalk.errors import SmalltalkError
+from smalltalk.experts.refine import expert_nll
 from smalltalk.layout import RunLayout
 from smalltalk.mixture.model import SmallTalkMixture
-from smalltalk.mixture.refine import expert_nll
 
 from .conftest import cli
 

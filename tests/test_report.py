@@ -1,4 +1,4 @@
-"""`smalltalk report` (mixture/report.py): every figure, and the mixture's training curve."""
+"""`smalltalk report` (evaluation/report.py): every figure, and the mixture's training curve."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_report_has_every_figure(pipeline_run):
 
 
 def test_report_mixture_curve_weights_experts_by_share(pipeline_run):
-    from smalltalk.mixture.report import mixture_curve, training_curves
+    from smalltalk.evaluation.report import mixture_curve, training_curves
 
     run = RunLayout(pipeline_run[0])
     curves = training_curves(run)

@@ -9,7 +9,7 @@ import torch
 
 from smalltalk.config import ModelConfig
 from smalltalk.data.shards import SplitData
-from smalltalk.model import build_model, resolve_spec
+from smalltalk.llama import build_model, resolve_spec
 from smalltalk.routing import scoring
 from smalltalk.routing.routers import LMRouters, load_routers
 from smalltalk.routing.scoring import score_batches

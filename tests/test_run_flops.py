@@ -1,10 +1,10 @@
-"""FLOPs of a run (mixture/run_flops.py) against the paper's Table 3."""
+"""FLOPs of a run (experts/budget.py) against the paper's Table 3."""
 
 from __future__ import annotations
 
 import pytest
 
-from smalltalk.mixture.run_flops import paper_router_overhead
+from smalltalk.experts.budget import paper_router_overhead
 
 
 def test_paper_table3_router_overhead():

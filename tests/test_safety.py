@@ -142,7 +142,7 @@ def test_status_resume_and_report_survive_a_torn_metrics_line(prepared_run, tmp_
     try:
         metrics.write_bytes(before + b'{"step": 99, "lo')
         assert cli("status", pipeline_run[0]) == 0
-        from smalltalk.mixture.report import training_curves
+        from smalltalk.evaluation.report import training_curves
 
         assert training_curves(RunLayout(pipeline_run[0]))["expert 00"][-1]["step"] != 99
     finally:
@@ -192,7 +192,7 @@ def test_a_checkpoint_save_that_hits_a_full_disk_keeps_the_previous_one(prepared
 _KILLED_WHILE_PRUNING = """
 import os, shutil, signal, sys
 from pathlib import Path
-from smalltalk.model import ModelSpec, build_model
+from smalltalk.llama import ModelSpec, build_model
 from smalltalk.training.checkpoint import save_checkpoint
 
 out, model = sys.argv[1], build_model(ModelSpec(16, 1, 2, 32, vocab_size=64), max_positions=16, seed=0)
@@ -213,7 +213,7 @@ def test_a_trainer_killed_while_pruning_an_old_checkpoint_leaves_no_half_checkpo
     (the newer two), and the half-deleted one is a temp that the next cleanup removes. Was: the pruned
     directory kept its name with some files gone, listed as a checkpoint, and a rerun that found the
     training finished never removed it (the kill-anywhere test saw a stray dense/matched/step_* folder)."""
-    from smalltalk.model import ModelSpec, build_model
+    from smalltalk.llama import ModelSpec, build_model
     from smalltalk.training.checkpoint import checkpoint_dirs, load_checkpoint
 
     out = tmp_path / "lm"

@@ -133,7 +133,7 @@ def test_run_with_sft_stage_tunes_each_expert_on_its_examples(pipeline_run, inst
     assert cli("generate", "--run", sft, "etaoin shrdlu", "--max-new-tokens", "4") == 0
     from types import SimpleNamespace
 
-    from smalltalk.mixture.lm_harness import SmallTalkLM  # `smalltalk eval downstream --run RUN/sft`'s model
+    from smalltalk.evaluation.lm_harness import SmallTalkLM  # `smalltalk eval downstream --run RUN/sft`'s model
 
     (logprob, _), = SmallTalkLM(str(sft)).loglikelihood([SimpleNamespace(args=("etaoin shrdlu", " xyz"))])
     assert logprob < 0

@@ -1,4 +1,4 @@
-"""Where experts start (mixture/start.py): a shared trunk or a pretrained checkpoint instead of random weights,
+"""Where experts start (experts/start.py): a shared trunk or a pretrained checkpoint instead of random weights,
 with the dense baselines starting from the same place and the trunk's FLOPs in the mixture's budget."""
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from smalltalk.config import load_config
 from smalltalk.layout import RunLayout, TrainFiles
-from smalltalk.model import ModelSpec, build_model
+from smalltalk.llama import ModelSpec, build_model
 from smalltalk.run.plan import plan, resources
 from smalltalk.run.status import run_status
 
@@ -192,7 +192,7 @@ def test_a_sharded_checkpoint_is_a_starting_point_too(prepared_run, tmp_path):
 
     from smalltalk.config import TrainConfig
     from smalltalk.data.shards import SplitData
-    from smalltalk.model import pretrained_spec
+    from smalltalk.llama import pretrained_spec
     from smalltalk.training.trainer import TrainJob, train
 
     whole = _checkpoint(tmp_path / "whole", RunLayout(prepared_run).tokenizer)
@@ -239,7 +239,7 @@ def test_the_shipped_configs_start_experts_where_the_validation_study_chose():
 
 
 def test_plan_sizes_a_pretrained_start_from_its_checkpoint(prepared_run, tmp_path):
-    from smalltalk.model import count_params, pretrained_spec
+    from smalltalk.llama import count_params, pretrained_spec
 
     ckpt = _checkpoint(tmp_path / "pretrained", RunLayout(prepared_run).tokenizer)
     result = plan(load_config(TINY_CONFIG, ["experts.init=pretrained", f"experts.pretrained={ckpt}"]))

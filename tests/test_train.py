@@ -43,7 +43,7 @@ def test_checkpoint_loads_with_automodel_and_same_logits(prepared_run, tmp_path,
     from transformers import AutoModelForCausalLM
 
     from smalltalk.config import ModelConfig
-    from smalltalk.model import build_model, resolve_spec
+    from smalltalk.llama import build_model, resolve_spec
     from smalltalk.training.checkpoint import latest_checkpoint, load_checkpoint
 
     out = tmp_path / "lm"

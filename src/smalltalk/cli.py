@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from smalltalk.model import quiet_transformers
+    from smalltalk.llama import quiet_transformers
 
     quiet_transformers()  # our own bars say more
     try:

@@ -145,7 +145,7 @@ ADDED_LATER = {"routing": {"router_init": "shared", "init_split": "random", "sha
 
 @dataclass
 class RefineConfig:
-    """Router refinement from the experts (mixture/refine.py): a departure from the paper, off at 0."""
+    """Router refinement from the experts (experts/refine.py): a departure from the paper, off at 0."""
 
     sequences: int = 0  # training sequences relabelled by the expert with the lowest loss; 0: off (the paper)
     passes: float = 1.0  # fine-tuning passes of each router over the prefixes labelled with its expert
@@ -165,7 +165,7 @@ DEFAULTS_CHANGED = {"eval": {"top_k_temperatures": [1.0, 16.0]}}  # 32: chosen o
 class ExpertsConfig:
     parallel: int = 1  # expert jobs at once on this machine (threads are split between them)
     materialize: bool = False  # write each share as RUN/experts-data/KK first (expert jobs then need only it)
-    # Where every expert starts (mixture/start.py): "scratch" (the paper), "trunk" (a dense model of the
+    # Where every expert starts (experts/start.py): "scratch" (the paper), "trunk" (a dense model of the
     # experts' architecture trained on all the data first, as BTM / c-BTM) or "pretrained" (a local HF
     # Llama checkpoint, as BTX / FlexOlmo). Departures from the paper, each a named option.
     init: str = "scratch"
@@ -175,7 +175,7 @@ class ExpertsConfig:
 
 @dataclass
 class DenseConfig:
-    # Every dense model trains for a FLOPs budget with one schedule (mixture/jobs.py). `matched`, the headline
+    # Every dense model trains for a FLOPs budget with one schedule (experts/dense.py). `matched`, the headline
     # baseline: one expert's architecture from scratch (or from the pretrained checkpoint the experts start
     # from) for the mixture's whole budget: trunk + experts + every routing FLOP.
     match: str = "steps"  # spend the budget in more steps at the expert's batch; "batch": a larger batch (paper)
@@ -304,7 +304,7 @@ def _checked(cfg: Config, source: str) -> Config:
     return cfg
 
 
-EXPERT_INITS = ("scratch", "trunk", "pretrained")  # mixture/start.py
+EXPERT_INITS = ("scratch", "trunk", "pretrained")  # experts/start.py
 
 
 def _check_experts_init(cfg: Config, source: str) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from smalltalk.model import ModelSpec
+from smalltalk.llama import ModelSpec
 
 
 def paper_forward_flops(B: int, S: int, H: int, L: int, Dff: int, V: int) -> float:

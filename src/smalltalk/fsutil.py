@@ -204,6 +204,12 @@ def write_json(path: str | Path, obj: Any) -> None:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
 
 
+def write_text(path: str | Path, text: str) -> None:
+    """Write text atomically (temp file + fsync + rename)."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(text)
+
+
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text())
 

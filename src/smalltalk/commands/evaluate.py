@@ -12,7 +12,7 @@ from smalltalk.layout import RunLayout
 
 
 def cmd_eval_mixture(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.eval_stage import evaluate_run, format_results
+    from smalltalk.evaluation.eval_stage import evaluate_run, format_results
 
     cfg, run = load(args)
     out = path_or(args.eval_out, run.eval_final if args.final else run.eval)
@@ -30,7 +30,7 @@ def cmd_eval_ppl(args: argparse.Namespace) -> None:
 
 
 def cmd_eval_downstream(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.lm_harness import evaluate_downstream
+    from smalltalk.evaluation.lm_harness import evaluate_downstream
 
     results = evaluate_downstream(args.run, args.tasks, args.include_path, args.limit, args.device,
                                   args.num_fewshot)
@@ -42,7 +42,7 @@ def cmd_eval_downstream(args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.report import write_report
+    from smalltalk.evaluation.report import write_report
 
     print(f"report -> {write_report(RunLayout(Path(args.run_dir)))}")
 
@@ -50,7 +50,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 def cmd_model_info(args: argparse.Namespace) -> None:
     from smalltalk.config import ModelConfig
     from smalltalk.flops import forward_flops
-    from smalltalk.model import PRESETS, describe, resolve_spec
+    from smalltalk.llama import PRESETS, describe, resolve_spec
 
     for name in args.presets or list(PRESETS):
         spec = resolve_spec(ModelConfig(preset=name), PRESETS.get(name, PRESETS["test-tiny"]).vocab_size

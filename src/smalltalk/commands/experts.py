@@ -10,7 +10,7 @@ from smalltalk.layout import DENSE_KINDS
 
 
 def cmd_trunk_train(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.start import train_trunk
+    from smalltalk.experts.start import train_trunk
 
     cfg, run = load(args)
     summary = train_trunk(cfg, run)
@@ -20,7 +20,7 @@ def cmd_trunk_train(args: argparse.Namespace) -> None:
 
 
 def cmd_experts_train(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.jobs import train_expert
+    from smalltalk.experts.expert import train_expert
     from smalltalk.mixture.model import write_mixture_manifest
     from smalltalk.run.launch import train_all_experts
 
@@ -42,7 +42,7 @@ def cmd_experts_train(args: argparse.Namespace) -> None:
 def cmd_experts_add(args: argparse.Namespace) -> None:
 
     from smalltalk.data.shards import SplitData
-    from smalltalk.mixture.elastic import add_expert, read_mixture, routing_shift
+    from smalltalk.experts.elastic import add_expert, read_mixture, routing_shift
 
     cfg, run = load(args)  # the run's own config.json: same tokenizer, presets
     before = read_mixture(run)
@@ -54,14 +54,14 @@ def cmd_experts_add(args: argparse.Namespace) -> None:
         val = SplitData(data_dir, "validation")
         if len(val):
             ids = val.sample(512)
-            shift = routing_shift(run.root, before, added["manifest"], val, ids, before["prefix"])
+            shift = routing_shift(run.root, before, added["manifest"], val, ids, run.prefix())
             new_dir = added["manifest"]["expert_dirs"][-1]
             print(f"{name} validation sequences routed to the new expert: "
                   f"{(shift['chosen_after'] == new_dir).mean():.1%} (of {len(ids)})")
 
 
 def cmd_experts_remove(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.elastic import remove_expert
+    from smalltalk.experts.elastic import remove_expert
 
     _, run = load(args)
     removed = remove_expert(run, args.expert, args.delete)
@@ -71,7 +71,7 @@ def cmd_experts_remove(args: argparse.Namespace) -> None:
 
 
 def cmd_experts_data(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.jobs import write_expert_data
+    from smalltalk.experts.expert import write_expert_data
 
     cfg, run = load(args)
     for path in write_expert_data(cfg, run, args.expert):
@@ -80,7 +80,7 @@ def cmd_experts_data(args: argparse.Namespace) -> None:
 
 
 def cmd_dense_train(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.jobs import dense_kinds, train_dense
+    from smalltalk.experts.dense import dense_kinds, train_dense
 
     cfg, run = load(args)
     if args.match:
@@ -93,7 +93,7 @@ def cmd_dense_train(args: argparse.Namespace) -> None:
 
 def cmd_train_lm(args: argparse.Namespace) -> None:
     from smalltalk.data.shards import SplitData
-    from smalltalk.model import resolve_spec
+    from smalltalk.llama import resolve_spec
     from smalltalk.training.trainer import TrainJob, train
 
     cfg, run = load(args)

@@ -56,7 +56,7 @@ def cmd_launch(args: argparse.Namespace) -> None:
             if merge:
                 print(submit(merge, after=job.split(";")[0]))
     elif args.stage == "experts":
-        from smalltalk.mixture.start import expert_steps
+        from smalltalk.experts.start import expert_steps
 
         records = launch_experts_local(run, expert_steps(cfg), args.parallel or cfg.experts.parallel)
         failed = [k for k, r in enumerate(records) if r["state"] != "done"]

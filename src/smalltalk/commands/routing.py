@@ -35,7 +35,7 @@ def cmd_routers_train(args: argparse.Namespace) -> None:
 
 
 def cmd_routers_refine(args: argparse.Namespace) -> None:
-    from smalltalk.mixture.refine import refine_routers
+    from smalltalk.experts.refine import refine_routers
 
     cfg, run = load(args)
     if args.sequences is not None:

@@ -17,7 +17,7 @@ from smalltalk.data.ingest import iter_documents, split_of
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, sha256_file, write_json
 from smalltalk.layout import TokenizerFiles, manifest_of
-from smalltalk.model import pretrained_spec
+from smalltalk.llama import pretrained_spec
 
 
 def encode_text(tokenizer, text: str) -> list[int]:

@@ -18,7 +18,7 @@ STEP_DIR = re.compile(r"^step_(\d{8})$")
 HF_CONFIG = "config.json"  # what marks a directory as an HF model
 CORPUS_STATS = "stats.json"  # `corpus demo` output
 MODEL_CARD = "README.md"  # of an exported mixture
-# RUN/dense/KIND (mixture/jobs.py: what each is matched to); `matched` is the headline baseline
+# RUN/dense/KIND (experts/dense.py: what each is matched to); `matched` is the headline baseline
 DENSE_KINDS = ("matched", "matched-trunk", "matched-experts", "inference", "bigger")
 REPORT_PLOTS = {"loss": "loss_curves.png", "prefix": "ppl_vs_prefix.png", "loads": "expert_loads.png",
                 "domains_x_experts": "domain_expert_heatmap.png", "em": "em_curve.png",
@@ -153,7 +153,7 @@ class RouterFiles:
 
     @property
     def refine_labels(self) -> Path:
-        """Refinement's sample (mixture/refine.py): the sequence ids and each one's lowest-loss expert."""
+        """Refinement's sample (experts/refine.py): the sequence ids and each one's lowest-loss expert."""
         return self.root / "labels.npz"
 
     def round_share(self, r: int) -> Path:

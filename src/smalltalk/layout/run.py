@@ -30,7 +30,7 @@ class RunLayout:
 
     @property
     def routers_refined(self) -> Path:
-        """The routers fine-tuned on the experts' own choices (refine.sequences > 0; mixture/refine.py)."""
+        """The routers fine-tuned on the experts' own choices (refine.sequences > 0; experts/refine.py)."""
         return self.root / "routers-refined"
 
     @property
@@ -39,7 +39,7 @@ class RunLayout:
 
     @property
     def trunk(self) -> Path:
-        """The shared trunk every expert branches from (experts.init=trunk; mixture/start.py): a TrainFiles dir."""
+        """The shared trunk every expert branches from (experts.init=trunk; experts/start.py): a TrainFiles dir."""
         return self.root / "trunk"
 
     @property
@@ -92,6 +92,11 @@ class RunLayout:
     @staticmethod
     def results_file(eval_dir: Path) -> Path:
         return Path(eval_dir) / "results.json"
+
+    @staticmethod
+    def results_table(eval_dir: Path) -> Path:
+        """The printed table of results.json (what `smalltalk eval` prints; an export's model card shows it)."""
+        return Path(eval_dir) / "results.md"
 
     @property
     def report(self) -> Path:

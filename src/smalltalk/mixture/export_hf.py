@@ -49,7 +49,7 @@ def build_hf_model(run: RunLayout, top_k: int = 1, temperature: float = 1.0):
     def plain(config) -> dict:  # where the weights came from is the run's business, not the export's
         return {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
 
-    config = SmallTalkConfig(num_experts=manifest["experts"], routing_prefix=manifest["prefix"],
+    config = SmallTalkConfig(num_experts=manifest["experts"], routing_prefix=run.prefix(),
                              routing_dtype=manifest.get("routing_dtype", "float32"), routing_top_k=top_k,
                              routing_temperature=temperature, expert_config=plain(experts[0].config),
                              router_config=plain(routers[0].config),

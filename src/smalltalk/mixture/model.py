@@ -18,7 +18,7 @@ from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout, manifest_of
-from smalltalk.model import quiet_transformers
+from smalltalk.llama import quiet_transformers
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import LMRouters, load_routers, routers_checksum
 from smalltalk.training.distributed import resolve_device
@@ -51,7 +51,7 @@ def write_mixture_manifest(run: RunLayout) -> dict | None:
         "expert_dirs": [run.expert_model_rel(k) for k in range(experts)],
     }
     refined = manifest_of(run.routers_refined)
-    if refined.is_file() and read_json(refined).get("refined_from") == checksum:  # mixture/refine.py
+    if refined.is_file() and read_json(refined).get("refined_from") == checksum:  # experts/refine.py
         manifest.update({"routers": _rel(run, run.routers_refined), "routers_sha256": routers_checksum(
             run.routers_refined), "refined": True, "partition_routers_sha256": checksum})
     write_json(run.mixture_file, manifest)

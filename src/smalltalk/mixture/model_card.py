@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from smalltalk.fsutil import read_json
 from smalltalk.layout import RunLayout
 
 
@@ -22,12 +21,10 @@ def model_card(run: RunLayout, manifest: dict, hf: bool = False) -> str:
              f"{manifest['prefix']} tokens (argmax of router log-likelihoods), after SmallTalk LM (Filippova et "
              "al., \"No Need to Talk: Asynchronous Mixture of Language Models\", ICLR 2025): each expert trained "
              "alone on the sequences its router claimed.", "", *usage, "", *_training(run)]
-    final = run.results_file(run.eval_final)
-    results = final if final.is_file() else run.results_file(run.eval)
-    if results.is_file():
-        from smalltalk.mixture.eval_stage import format_results
-
-        lines += ["## Evaluation of the training run", "", format_results(read_json(results)), ""]
+    for eval_dir in (run.eval_final, run.eval):  # the final table when there is one
+        if run.results_table(eval_dir).is_file():
+            lines += ["## Evaluation of the training run", "", run.results_table(eval_dir).read_text(), ""]
+            break
     return "\n".join(lines) + "\n"
 
 

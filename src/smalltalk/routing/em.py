@@ -23,7 +23,7 @@ from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, atomic_file, read_json, write_json
 from smalltalk.layout import RouterFiles, manifest_of
-from smalltalk.model import ModelSpec, resolve_spec
+from smalltalk.llama import ModelSpec, resolve_spec
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, check_finite
 from smalltalk.routing.metrics import split_quality
 from smalltalk.routing.ngram import NgramRouters

@@ -193,9 +193,9 @@ def train_all_experts(cfg: Config, run: RunLayout, parallel: int) -> dict:
     split evenly: two 1-thread jobs beat one 2-thread job by ~1/3 on 2 cores). The children read
     RUN/config.json, written here. A failed expert does not stop the others and a rerun re-attaches or
     resumes; once all are done, returns mixture.json."""
-    from smalltalk.mixture.jobs import write_expert_data
+    from smalltalk.experts.expert import write_expert_data
+    from smalltalk.experts.start import expert_steps
     from smalltalk.mixture.model import write_mixture_manifest
-    from smalltalk.mixture.start import expert_steps
 
     save_config(cfg, run.config_file)
     if cfg.experts.materialize:

@@ -49,13 +49,13 @@ def _partition(cfg: Config, run: RunLayout) -> None:
 def _trunk(cfg: Config, run: RunLayout) -> None:
     """Only with experts.init=trunk: otherwise a no-op that records the digest."""
     if cfg.experts.init == "trunk":
-        from smalltalk.mixture.start import train_trunk
+        from smalltalk.experts.start import train_trunk
 
         train_trunk(cfg, run)
 
 
 def _trunk_done(cfg: Config, run: RunLayout) -> bool:
-    from smalltalk.mixture.start import trunk_steps
+    from smalltalk.experts.start import trunk_steps
 
     return cfg.experts.init != "trunk" or TrainFiles(run.trunk).done(trunk_steps(cfg))
 
@@ -69,26 +69,26 @@ def _experts(cfg: Config, run: RunLayout) -> None:
 def _refine(cfg: Config, run: RunLayout) -> None:
     """Off unless refine.sequences > 0: a no-op that records the digest."""
     if cfg.refine.sequences:
-        from smalltalk.mixture.refine import refine_routers
+        from smalltalk.experts.refine import refine_routers
 
         refine_routers(cfg, run)
 
 
 def _dense(cfg: Config, run: RunLayout) -> None:
-    from smalltalk.mixture.jobs import dense_kinds, train_dense
+    from smalltalk.experts.dense import dense_kinds, train_dense
 
     for kind in dense_kinds(cfg):
         train_dense(cfg, run, kind)
 
 
 def _eval(cfg: Config, run: RunLayout) -> None:
-    from smalltalk.mixture.eval_stage import evaluate_run, format_results
+    from smalltalk.evaluation.eval_stage import evaluate_run, format_results
 
     print(format_results(evaluate_run(cfg, run)))
 
 
 def _report(cfg: Config, run: RunLayout) -> None:
-    from smalltalk.mixture.report import write_report
+    from smalltalk.evaluation.report import write_report
 
     print(write_report(run))
 
@@ -109,13 +109,13 @@ def _sft(cfg: Config, run: RunLayout) -> None:
 
 
 def _experts_done(cfg: Config, run: RunLayout) -> bool:
-    from smalltalk.mixture.start import expert_steps
+    from smalltalk.experts.start import expert_steps
 
     return run.has_mixture() and all(run.expert_done(k, expert_steps(cfg)) for k in range(run.num_experts()))
 
 
 def _dense_done(cfg: Config, run: RunLayout) -> bool:
-    from smalltalk.mixture.jobs import dense_kinds
+    from smalltalk.experts.dense import dense_kinds
 
     return all(run.dense_summary(kind) is not None for kind in dense_kinds(cfg))
 

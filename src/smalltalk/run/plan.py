@@ -9,10 +9,10 @@ from __future__ import annotations
 import math
 
 from smalltalk.config import Config
+from smalltalk.experts.budget import paper_router_overhead
+from smalltalk.experts.start import expert_spec, expert_steps, trunk_steps
 from smalltalk.flops import forward_flops, training_flops
-from smalltalk.mixture.run_flops import paper_router_overhead
-from smalltalk.mixture.start import expert_spec, expert_steps, trunk_steps
-from smalltalk.model import count_params, resolve_spec
+from smalltalk.llama import count_params, resolve_spec
 
 GPU_PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12}  # dense bf16 FLOP/s
 
@@ -104,7 +104,7 @@ def resources(cfg: Config, peak: float, mfu: float, vocab_size: int | None = Non
 
 
 def _refine_row(cfg: Config, expert, router, framework: float, rate: float, router_rate: float) -> list[dict]:
-    """The optional refine stage (mixture/refine.py): every expert over the sample, then the routers
+    """The optional refine stage (experts/refine.py): every expert over the sample, then the routers
     fine-tuned on their prefixes."""
     rf, rc = cfg.refine, cfg.routing
     if not rf.sequences:

@@ -6,9 +6,9 @@ import os
 import time
 from pathlib import Path
 
+from smalltalk.experts.start import steps_after_start
 from smalltalk.fsutil import read_json, read_jsonl
 from smalltalk.layout import RunLayout, TrainFiles, manifest_of
-from smalltalk.mixture.start import steps_after_start
 from smalltalk.run.pipeline import STAGE_NAMES
 from smalltalk.training.checkpoint import latest_checkpoint
 

@@ -28,9 +28,9 @@ from smalltalk.data.tokenizer import encode_text
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, read_json, write_json
 from smalltalk.layout import RunLayout, SFTFiles, TrainFiles, manifest_of
+from smalltalk.llama import spec_from_hf
 from smalltalk.mixture.export import copy_routers
 from smalltalk.mixture.model import SmallTalkMixture
-from smalltalk.model import spec_from_hf
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.sft.data import SFTData, pack_rows, write_rows
 from smalltalk.sft.examples import read_examples, split_files

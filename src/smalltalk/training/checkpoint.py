@@ -15,7 +15,7 @@ import torch
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, remove_stale_temps, remove_tree
 from smalltalk.layout import STEP_DIR, TRAINER_STATE, WEIGHTS, TrainFiles
-from smalltalk.model import quiet_transformers
+from smalltalk.llama import quiet_transformers
 
 
 def checkpoint_dirs(out_dir: str | Path) -> list[Path]:

@@ -59,3 +59,10 @@ def perplexity(model_dir: str | Path, data_dir: str | Path, split: str = "test",
     nll, tokens = sequence_nll(model, data, ids, batch_size, device, first_target=first_target)
     return {"model": str(model_dir), "split": split, "sequences": n, "tokens": tokens, "nll": nll,
             "loss": nll / tokens, "perplexity": math.exp(nll / tokens), "first_target": first_target}
+
+
+@torch.inference_mode()
+def batch_nll(model, tokens: np.ndarray, rows: np.ndarray, device, out: np.ndarray) -> None:
+    """Fill out[rows] with the model's per-token NLL of tokens[rows] (float64)."""
+    if len(rows):
+        out[rows] = token_nll(model, torch.from_numpy(tokens[rows]).to(device)).cpu().numpy().astype(np.float64)

@@ -27,7 +27,7 @@ from smalltalk.errors import SmalltalkError
 from smalltalk.flops import measure_matmul_peak, training_flops
 from smalltalk.fsutil import atomic_dir, atomic_file, read_jsonl, write_json
 from smalltalk.layout import WEIGHTS, WEIGHTS_INDEX, TrainFiles
-from smalltalk.model import ModelSpec, build_model, count_params
+from smalltalk.llama import ModelSpec, build_model, count_params
 from smalltalk.training.checkpoint import load_latest_good, prune_checkpoints, save_checkpoint
 from smalltalk.training.distributed import DistContext, init_distributed, resolve_device
 from smalltalk.training.forward import TrainingForward

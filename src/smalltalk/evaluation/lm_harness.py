@@ -6,7 +6,7 @@ they go to the same expert and their log-likelihoods are comparable. Contexts sh
 routed with the continuation's first tokens appended (the router needs one scored token).
 
   smalltalk eval downstream --run RUN --tasks TASK [--include-path DIR]
-  python -m smalltalk.mixture.lm_harness --model smalltalk --model_args run=RUN --tasks TASK --include_path DIR
+  python -m smalltalk.evaluation.lm_harness --model smalltalk --model_args run=RUN --tasks TASK --include_path DIR
       (the lm_eval CLI itself, with this model registered; lm-eval has no plugin entry point)
 """
 
@@ -118,7 +118,7 @@ def evaluate_downstream(run: str, tasks: list[str], include_path: str | None = N
 
 
 if __name__ == "__main__":  # the full lm_eval CLI with the model registered:
-    # python -m smalltalk.mixture.lm_harness --model smalltalk --model_args run=RUN --tasks T --include_path DIR
+    # python -m smalltalk.evaluation.lm_harness --model smalltalk --model_args run=RUN --tasks T --include_path DIR
     from lm_eval.__main__ import cli_evaluate
 
     cli_evaluate()

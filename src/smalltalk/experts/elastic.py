@@ -26,11 +26,11 @@ from smalltalk.data.ingest import resolve_inputs
 from smalltalk.data.prepare import prepare_data
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
+from smalltalk.experts.start import expert_spec, expert_train_config, start_model
 from smalltalk.fsutil import remove_tree, sha256_file, write_json
 from smalltalk.layout import RouterFiles, RunLayout, TrainFiles, manifest_of
+from smalltalk.llama import ModelSpec
 from smalltalk.mixture.model import SmallTalkMixture
-from smalltalk.mixture.start import expert_spec, expert_train_config, start_model
-from smalltalk.model import ModelSpec
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import score_split
 from smalltalk.training.nll import token_nll
@@ -93,7 +93,7 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
     if len(data) == 0:
         raise SmalltalkError(f"no training sequences in {inputs}", fix="add more documents")
 
-    rc, prefix = cfg.routing, manifest["prefix"]
+    rc, prefix = cfg.routing, run.prefix()
     # as many steps as each EM router trained in all its rounds (its own manifest: the M-step's length is
     # routing.share_passes's, which may differ from routing.train.steps)
     steps = router_steps or TrainFiles(RouterFiles(run.routers).router(routers_manifest["routers"][0]).root
@@ -103,7 +103,7 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
     router_spec = ModelSpec(**routers_manifest["router_spec"])
     router_dir = RouterFiles(run.routers).router(f"{k:02d}").root
     router = train(TrainJob(router_spec, router_cfg, data, router_dir, name=f"router {k:02d}"), resume=True)
-    expert_cfg = expert_train_config(cfg, k)  # branched from where the others started (mixture/start.py)
+    expert_cfg = expert_train_config(cfg, k)  # branched from where the others started (experts/start.py)
     expert_cfg = dataclasses.replace(expert_cfg, steps=expert_steps or expert_cfg.steps)
     expert = train(TrainJob(expert_spec(cfg, data.vocab_size), expert_cfg, data, run.expert(k),
                             val=val if len(val) else None, name=f"expert {k:02d}", init_from=start_model(cfg, run)),

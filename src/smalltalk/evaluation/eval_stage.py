@@ -24,17 +24,17 @@ from transformers import AutoConfig
 from smalltalk.config import Config
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
+from smalltalk.evaluation.tally import MixtureTally
+from smalltalk.experts.budget import ACCOUNTINGS, inference_flops, routing_overhead_flops, start_flops
 from smalltalk.flops import forward_flops
-from smalltalk.fsutil import read_json, sha256_file, write_json
+from smalltalk.fsutil import read_json, sha256_file, write_json, write_text
 from smalltalk.layout import DENSE_KINDS, HF_CONFIG, RunLayout, TokenizerFiles, TrainFiles, manifest_of
+from smalltalk.llama import spec_from_hf
 from smalltalk.mixture.model import SmallTalkMixture
-from smalltalk.mixture.run_flops import ACCOUNTINGS, inference_flops, routing_overhead_flops
-from smalltalk.mixture.start import start_flops
-from smalltalk.mixture.tally import MixtureTally, batch_nll
-from smalltalk.model import spec_from_hf
 from smalltalk.routing.routers import score_split
 from smalltalk.training.distributed import resolve_device
 from smalltalk.training.host_memory import keep_freed_memory
+from smalltalk.training.nll import batch_nll
 
 
 def _dense_models(run: RunLayout, device) -> dict:
@@ -69,7 +69,7 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
                  final: bool = False) -> dict:
     """The mixture vs the dense baselines on `data_dir` (default RUN/data; e.g. RUN/added/NN/data after
     `experts add`), written to `out_dir`/results.json (default RUN/eval). Streams over the split in
-    batches (mixture/tally.py): memory does not grow with the split. The split is eval.split (validation:
+    batches (evaluation/tally.py): memory does not grow with the split. The split is eval.split (validation:
     what every choice is made on); `final` evaluates the test split instead, for the final table only."""
     ec = cfg.eval
     if final:
@@ -133,7 +133,7 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
     }
     for row in results["sweep"]:  # routers trained on M tokens: scoring more is outside what they learned
         row["extrapolated"] = row["prefix"] > mixture.prefix
-    if mixture.manifest.get("refined"):  # routed by routers refined from the experts (mixture/refine.py)
+    if mixture.manifest.get("refined"):  # routed by routers refined from the experts (experts/refine.py)
         refined = read_json(manifest_of(run.routers_refined))
         results["refine"] = {**refined["refine"], "heldout": refined["heldout"]}
     if ec.score_all_experts:
@@ -141,6 +141,7 @@ def evaluate_run(cfg: Config, run: RunLayout, data_dir: Path | None = None, out_
     if data_dir != run.data:
         results["data"] = str(data_dir)
     write_json(run.results_file(out_dir or run.eval), results)
+    write_text(run.results_table(out_dir or run.eval), format_results(results) + "\n")
     return results
 
 

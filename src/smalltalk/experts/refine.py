@@ -8,7 +8,7 @@ fine-tuned on the prefixes labelled with its expert, with the same prefix next-t
 stay as they are; only inference routing changes: mixture.json then names RUN/routers-refined.
 
 Its cost is routing cost: the experts' forward passes over the sample and the fine-tuning count in the
-routing FLOPs (mixture/run_flops.py), so the dense model matched in full gets them too. The manifest's
+routing FLOPs (experts/budget.py), so the dense model matched in full gets them too. The manifest's
 `heldout` figures, on validation sequences: how often the routers' argmax agrees with the experts' own
 choice before and after, and the mixture's perplexity routed by each and by the experts' choice (a bound no
 router reaches: it reads the whole sequence).
@@ -28,12 +28,12 @@ from smalltalk.errors import SmalltalkError
 from smalltalk.flops import forward_flops
 from smalltalk.fsutil import atomic_dir, atomic_file, read_json, write_json
 from smalltalk.layout import RouterFiles, RunLayout, TrainFiles, manifest_of
+from smalltalk.llama import ModelSpec, spec_from_hf
 from smalltalk.mixture.model import write_mixture_manifest
-from smalltalk.mixture.tally import batch_nll
-from smalltalk.model import ModelSpec, spec_from_hf
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.routers import LMRouters, routers_checksum, score_split
 from smalltalk.training.distributed import resolve_device
+from smalltalk.training.nll import batch_nll
 
 
 def expert_nll(expert_dirs: list, data: SplitData, ids: np.ndarray, device, batch_size: int = 64) -> np.ndarray:
@@ -74,7 +74,8 @@ def refine_routers(cfg: Config, run: RunLayout) -> dict:
         with atomic_file(labels_path) as tmp:
             np.savez(tmp, ids=ids, labels=labels)
     spec = ModelSpec(**base["router_spec"])
-    summaries = [_fine_tune(cfg, run, spec, data, name, ids[labels == e], base["prefix"])
+    prefix = run.prefix()
+    summaries = [_fine_tune(cfg, run, spec, data, name, ids[labels == e], prefix)
                  for e, name in enumerate(base["routers"])]
     manifest = {**{k: base[k] for k in ("kind", "method", "experts", "prefix", "routers", "router_spec", "data",
                                          "data_sha256", "tokenizer_dir") if k in base},
@@ -82,8 +83,8 @@ def refine_routers(cfg: Config, run: RunLayout) -> dict:
                 "refine": {**dataclasses.asdict(rf), "steps": [s["steps"] for s in summaries],
                            "labelled": np.bincount(labels, minlength=len(expert_dirs)).tolist()},
                 "flops": _flops(spec, spec_from_hf(_hf_config(expert_dirs[0])), len(ids), data.seq_len,
-                                base["prefix"], len(expert_dirs), summaries),
-                "heldout": _heldout(run, expert_dirs, val, rf.heldout_sequences, base["prefix"], device)}
+                                prefix, len(expert_dirs), summaries),
+                "heldout": _heldout(run, expert_dirs, val, rf.heldout_sequences, prefix, device)}
     write_json(manifest_of(out), manifest)
     write_mixture_manifest(run)  # the mixture now routes with the refined routers
     print(f"refine: {len(ids)} sequences relabelled, per expert {manifest['refine']['labelled']}; held-out "

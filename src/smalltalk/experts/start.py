@@ -9,7 +9,7 @@ all the data, BTX and FlexOlmo from a pretrained model. `experts.init` names the
   schedule, as an independent job. The total training compute is the scratch mixture's.
 - `pretrained`: every expert continues from a local HF Llama checkpoint for train.steps steps; its
   architecture replaces `model`, its tokenizer is the run's (the routers are trained with it).
-The dense baselines start where the experts start (mixture/jobs.py), so mixture and dense stay matched.
+The dense baselines start where the experts start (experts/dense.py), so mixture and dense stay matched.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from pathlib import Path
 from smalltalk.config import Config, TrainConfig
 from smalltalk.errors import SmalltalkError
 from smalltalk.layout import RunLayout, TokenizerFiles, TrainFiles
-from smalltalk.model import ModelSpec, pretrained_spec, resolve_spec
+from smalltalk.llama import ModelSpec, pretrained_spec, resolve_spec
 
 TRUNK_SEED_OFFSET = 7919  # the trunk's order and init differ from every expert's (seed + k) and the dense model's
 
@@ -68,13 +68,6 @@ def start_model(cfg: Config, run: RunLayout) -> Path | None:
                                      "job on another machine needs RUN/trunk copied there with its data")
         return files.model
     return None
-
-
-def start_flops(run: RunLayout, accounting: str = "exact") -> float:
-    """Training FLOPs spent before the experts branch, in the mixture's budget: the trunk's (0 without one; a
-    pretrained model's are not this run's and not counted, as the dense baseline starts from it too)."""
-    summary = TrainFiles(run.trunk).summary()
-    return summary["training_flops"][accounting] if summary else 0.0
 
 
 def train_trunk(cfg: Config, run: RunLayout, resume: bool = True) -> dict:

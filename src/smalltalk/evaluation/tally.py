@@ -17,7 +17,6 @@ import torch
 
 from smalltalk.hub.modeling_smalltalk import choose_experts
 from smalltalk.routing.assignment import argmax_assignment
-from smalltalk.training.nll import token_nll
 
 
 @dataclass
@@ -177,10 +176,3 @@ def _ensemble(scores: np.ndarray, stacked: np.ndarray, k: int, temperature: floa
     log_w = np.log(weights)
     parts = [log_w[:, j, None] - stacked[top[:, j], rows] for j in range(k)]  # stacked: [E, rows, S-1] NLL
     return np.logaddexp.reduce(parts, axis=0)
-
-
-@torch.inference_mode()
-def batch_nll(model, tokens: np.ndarray, rows: np.ndarray, device, out: np.ndarray) -> None:
-    """Fill out[rows] with the model's per-token NLL of tokens[rows] (float64)."""
-    if len(rows):
-        out[rows] = token_nll(model, torch.from_numpy(tokens[rows]).to(device)).cpu().numpy().astype(np.float64)

@@ -1,7 +1,7 @@
 """FLOPs of a whole SmallTalk run: routing overhead, experts, dense baselines, inference per sequence.
 
 Routing overhead = router training (EM) + scoring the fresh EM chunks + scoring every training sequence
-for the partition + refining the routers from the experts (mixture/refine.py), when done. Held-out
+for the partition + refining the routers from the experts (experts/refine.py), when done. Held-out
 diagnostics computed during EM and refinement are not counted (they are optional).
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from smalltalk.flops import forward_flops
 from smalltalk.fsutil import read_json
-from smalltalk.layout import RouterFiles, RunLayout, manifest_of
-from smalltalk.model import PRESETS, ModelSpec
+from smalltalk.layout import RouterFiles, RunLayout, TrainFiles, manifest_of
+from smalltalk.llama import PRESETS, ModelSpec
 
 ACCOUNTINGS = ("exact", "paper")
 
@@ -70,3 +70,21 @@ def inference_flops(run: RunLayout, expert_spec: ModelSpec, routing_prefix: int,
     routing = routers * router_prefix_flops(manifest, routing_prefix, accounting)
     expert = forward_flops(expert_spec, seq_len, 1, accounting)
     return {"routing": routing, "expert": expert, "total": routing + expert, "overhead": routing / expert}
+
+
+def start_flops(run: RunLayout, accounting: str = "exact") -> float:
+    """Training FLOPs spent before the experts branch, in the mixture's budget: the trunk's (0 without one; a
+    pretrained model's are not this run's and not counted, as the dense baseline starts from it too)."""
+    summary = TrainFiles(run.trunk).summary()
+    return summary["training_flops"][accounting] if summary else 0.0
+
+
+def experts_training_flops(run: RunLayout, accounting: str = "exact") -> float:
+    return sum(s["training_flops"][accounting] for s in run.expert_summaries())
+
+
+def mixture_training_flops(run: RunLayout, accounting: str = "exact") -> float:
+    """The mixture's whole budget: the trunk's FLOPs (if any), the experts' and the routing overhead (router
+    EM + scoring)."""
+    return (start_flops(run, accounting) + experts_training_flops(run, accounting)
+            + routing_overhead_flops(run, accounting)["total"])

@@ -1,7 +1,7 @@
 """Expert and dense-baseline jobs.
 
 An expert trains on its partition share only, as a self-contained job (own process, checkpoints, logs):
-nothing is shared with the other experts at run time. It starts where experts.init says (mixture/start.py):
+nothing is shared with the other experts at run time. It starts where experts.init says (experts/start.py):
 random weights (the paper), the run's trunk, or a pretrained checkpoint. The dense baselines train on the
 whole train split with one schedule, each for a FLOPs budget, from where a user would start: random weights,
 or the pretrained checkpoint when the experts continue one (its FLOPs are nobody's in this run):
@@ -26,46 +26,15 @@ import shutil
 from pathlib import Path
 
 from smalltalk.config import Config, ModelConfig
-from smalltalk.data.shards import SplitData, write_subset
+from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
+from smalltalk.experts.budget import experts_training_flops, mixture_training_flops, start_flops
+from smalltalk.experts.start import expert_spec, start_model
 from smalltalk.flops import forward_flops, training_flops
 from smalltalk.fsutil import atomic_dir
-from smalltalk.layout import DENSE_KINDS, RunLayout, manifest_of
-from smalltalk.mixture.start import expert_spec, expert_train_config, start_flops, start_model
-from smalltalk.model import ModelSpec, count_params, resolve_spec
-from smalltalk.routing.partition import load_share
+from smalltalk.layout import DENSE_KINDS, RunLayout
+from smalltalk.llama import ModelSpec, count_params, resolve_spec
 from smalltalk.training.trainer import TrainJob, train
-
-
-def train_expert(cfg: Config, run: RunLayout, index: int, resume: bool = True) -> dict:
-    """Train expert `index` on its share (resumes from its checkpoints when present). Reads RUN/experts-data/KK
-    when `smalltalk experts data` wrote it (then RUN/data and RUN/partition need not be on this machine),
-    else its share's ids of RUN/data: the same tokens in the same order either way."""
-    start = start_model(cfg, run)  # first: a wrong checkpoint or a missing trunk fails before any data is read
-    own = run.expert_data(index)
-    if manifest_of(own).is_file():
-        data, val, ids = SplitData(own, "train"), SplitData(own, "validation"), None
-    else:
-        experts = run.num_experts()
-        if not 0 <= index < experts:
-            raise SmalltalkError(f"expert {index} does not exist (the partition has {experts})")
-        data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
-        ids = load_share(run.partition, index)
-    job = TrainJob(expert_spec(cfg, data.vocab_size), expert_train_config(cfg, index), data, run.expert(index),
-                   ids=ids, val=val if len(val) else None, name=f"expert {index:02d}", init_from=start)
-    return train(job, resume=resume)
-
-
-def write_expert_data(cfg: Config, run: RunLayout, experts: list[int] | None = None) -> list[Path]:
-    """Each expert's share of RUN/data, plus the validation sample its trainer scores, as RUN/experts-data/KK:
-    copy that directory (and RUN/config.json) to a machine and the expert trains there without the corpus."""
-    data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
-    val_ids = val.sample(cfg.train.eval_batches * cfg.train.micro_batch_size)  # what train's _val_loss draws
-    written = []
-    for k in range(run.num_experts()) if experts is None else experts:
-        write_subset(data, load_share(run.partition, k), run.expert_data(k), val, val_ids)
-        written.append(run.expert_data(k))
-    return written
 
 
 def dense_kinds(cfg: Config) -> list[str]:
@@ -114,7 +83,7 @@ def spec_for_forward_flops(spec: ModelSpec, target: float, seq_len: int) -> Mode
 
 def dense_plan(cfg: Config, run: RunLayout, kind: str, seq_len: int) -> tuple[ModelSpec, float, Path | None]:
     """(architecture, training FLOPs budget, starting weights) of dense baseline `kind`."""
-    from smalltalk.mixture.run_flops import inference_flops
+    from smalltalk.experts.budget import inference_flops
 
     experts, vocab = run.num_experts(), SplitData(run.data, "train").vocab_size
     spec, whole, trunk = expert_spec(cfg, vocab), mixture_training_flops(run), start_flops(run)
@@ -177,16 +146,3 @@ def matched_config(tc, budget: float, flops_per_sequence: float, experts: int, m
         micro = max(1, round(budget / (flops_per_sequence * tc.steps * tc.grad_accum)))
         return dataclasses.replace(tc, micro_batch_size=micro)
     raise SmalltalkError(f"dense.match must be 'steps' or 'batch', got {match!r}")
-
-
-def experts_training_flops(run: RunLayout, accounting: str = "exact") -> float:
-    return sum(s["training_flops"][accounting] for s in run.expert_summaries())
-
-
-def mixture_training_flops(run: RunLayout, accounting: str = "exact") -> float:
-    """The mixture's whole budget: the trunk's FLOPs (if any), the experts' and the routing overhead (router
-    EM + scoring)."""
-    from smalltalk.mixture.run_flops import routing_overhead_flops
-
-    return (start_flops(run, accounting) + experts_training_flops(run, accounting)
-            + routing_overhead_flops(run, accounting)["total"])

@@ -188,7 +188,7 @@ def write_report(run: RunLayout) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from smalltalk.mixture.eval_stage import format_results
+    from smalltalk.evaluation.eval_stage import format_results
 
     with atomic_dir(run.report) as out:  # report.md is the stage's done-marker: all or nothing
         _write_report(run, out, plt, format_results)
