@@ -41,12 +41,12 @@ demo: setup
 	test -f $(RUN)/sft/results-final.json || $(VENV)/bin/smalltalk sft --run $(RUN) --final
 
 bench: setup
-	$(PY) benchmarks/bench_data.py
-	$(PY) benchmarks/bench_train.py
-	$(PY) benchmarks/bench_training_forward.py
-	$(PY) benchmarks/bench_vs_nanogpt.py
-	$(PY) benchmarks/bench_attention.py
-	$(PY) benchmarks/bench_routing.py
+	$(PY) benchmarks/speed/bench_data.py
+	$(PY) benchmarks/speed/bench_train.py
+	$(PY) benchmarks/speed/bench_training_forward.py
+	$(PY) benchmarks/speed/bench_vs_nanogpt.py
+	$(PY) benchmarks/speed/bench_attention.py
+	$(PY) benchmarks/speed/bench_routing.py
 
 clean:
 	rm -rf runs .pytest_cache

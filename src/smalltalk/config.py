@@ -112,7 +112,7 @@ class RoutingConfig:
     parallel: int = 1  # router jobs run at once within a round
     seed: int = 0
     compile: bool = False  # torch.compile the routers for `partition` (~20 s per router; 0-10% on CPU)
-    # EM levers (docs/routing.md, benchmarks/routing_study.py)
+    # EM levers (docs/routing.md, benchmarks/studies/routing_study.py)
     router_init: str = "shared"  # "shared": every router from routing.train.seed; "distinct": router e from seed + e
     init_split: str = "random"  # round 0's split: "random" (the paper) or "tfidf" (balanced k-means, as c-BTM)
     # the oracle reference's groups of domain labels: "balanced" (near-equal sizes) or "similar" (related
@@ -196,7 +196,7 @@ class EvalConfig:
     max_sequences: int | None = None
     device: str = "auto"
     top_k: list[int] = field(default_factory=lambda: [1, 2, 4])  # c-BTM-style ensembles of the top-k experts
-    top_k_temperatures: list[float] = field(default_factory=lambda: [1.0, 32.0])  # 32: benchmarks/demo_choices.py
+    top_k_temperatures: list[float] = field(default_factory=lambda: [1.0, 32.0])  # 32: studies/demo_choices.py
     score_all_experts: bool = False  # also every expert on every sequence: the expert x domain table (E x cost)
 
 

@@ -21,7 +21,7 @@ from smalltalk.training.linear_cross_entropy import chunked_logprobs
 # Logits per LM-head block and intra-op thread. On CPU 256k fp32 logits (1 MB) stay in a core's L2
 # between the matmul that writes them and the cross-entropy that reads them: at V = 1k and d = 48, one
 # thread runs 256-row blocks at 66% of its matmul peak and 2,048-row ones at 54%
-# (benchmarks/bench_routing.py --head). On GPU, blocks only bound memory.
+# (benchmarks/speed/bench_routing.py --head). On GPU, blocks only bound memory.
 HEAD_BLOCK_LOGITS = {"cpu": 1 << 18, "cuda": 1 << 26}
 
 

@@ -60,7 +60,7 @@ def _vocab(cfg: Config, vocab_size: int | None) -> int:
 
 
 # Fraction of the bf16 peak that the paper's 4.4M routers reach on one H200 (d 96, head dim 8: memory- and
-# launch-bound): 26 TFLOP/s scoring prefixes of 256 tokens under bf16 autocast (benchmarks/gpu_check.sh).
+# launch-bound): 26 TFLOP/s scoring prefixes of 256 tokens under bf16 autocast (benchmarks/checks/gpu_check.sh).
 ROUTER_MFU = 0.027
 
 

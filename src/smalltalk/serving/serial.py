@@ -1,6 +1,6 @@
 """The reference engine: one HF `generate` at a time behind a lock (`serve --engine serial`).
 
-Kept as the baseline `benchmarks/bench_serve.py` measures the batching engine against, and as the
+Kept as the baseline `benchmarks/speed/bench_serve.py` measures the batching engine against, and as the
 simplest correct thing: the sampled text is exactly HF `generate`'s with `torch.manual_seed(seed)`.
 Routing shares the lock: on a few CPU cores, running it beside a generation only oversubscribes the
 cores (measured: 37 ms p50 instead of ~3 ms).

@@ -1,7 +1,7 @@
 """The training forward pass of our Llama: HF's weights and math in fewer, cheaper kernels.
 
 What HF's general-purpose forward does that training on our models pays for, and what this does instead
-(each measured on CPU, benchmarks/bench_vs_nanogpt.py):
+(each measured on CPU, benchmarks/speed/bench_vs_nanogpt.py):
 - q, k and v are three matmuls and their input gradients three more plus two sums: here one matmul over
   the three weights concatenated (the same FLOPs in fewer, larger calls). Gate and up stay two: fused,
   they measured slower.

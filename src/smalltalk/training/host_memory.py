@@ -5,7 +5,7 @@ its trim threshold is free, and serves large blocks with fresh mmaps, unmapped a
 thresholds adapt to recent frees. Each fresh page then costs a page fault on first touch, on memory the
 kernel must zero:
 - a training step frees most of its activations at the end of the backward pass, so the next step asks
-  for them again: ~20k faults a step on the cpu-expert-2m batch (benchmarks/bench_vs_nanogpt.py),
+  for them again: ~20k faults a step on the cpu-expert-2m batch (benchmarks/speed/bench_vs_nanogpt.py),
   several percent of its time;
 - tiny models (routers, d = 32-48) allocate and free multi-megabyte activations for every op: 15-25% of
   router-scoring wall time was system time.

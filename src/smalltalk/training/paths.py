@@ -12,7 +12,7 @@
 Each is compiled when `train.compile` asks.
 
 `cpu-fused` runs only on CPU: its kernels are tuned to CPU caches, and no GPU measurement has shown it
-faster than the field's GPU path (benchmarks/gpu_check.sh `forward` measures each path the GPU can take:
+faster than the field's GPU path (benchmarks/checks/gpu_check.sh `forward` measures each path the GPU can take:
 loss and gradients against HF's, forward + backward time). Any path can be named in `train.forward` to
 measure or work around one; a path that cannot run where asked is an error, never a silent fallback.
 """

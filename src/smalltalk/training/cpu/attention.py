@@ -11,7 +11,7 @@ log-sum-exp as flash does: one matmul of six fewer, for B·H·T·(T/2 + 32) floa
 (3 × head dim) times the layer's q, k and v. Hence this path only while T <= 8 × head dim (at head dim
 32, 1.7× q, k and v; at cpu-expert-7m +44% of a layer's kept activations, 335 MB for the 32 × 256
 batch); longer sequences, GPUs and autocast run PyTorch's kernel (a compiled graph calls this one eagerly).
-Measured by benchmarks/bench_attention.py (alternating pairs, medians): forward + backward 1.29× and
+Measured by benchmarks/speed/bench_attention.py (alternating pairs, medians): forward + backward 1.29× and
 1.42× faster than that kernel at the cpu-expert-2m and 7m shapes, a training step 1.067× and 1.035×.
 """
 

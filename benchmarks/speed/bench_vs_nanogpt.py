@@ -18,7 +18,7 @@ On CPU `train()` fixes glibc's malloc thresholds for its process (host_memory.py
 kept for the next step instead of being page-faulted in again); nanoGPT runs with glibc's defaults, as its
 train.py does. `--same-allocator` gives nanoGPT's process the same setting.
 
-  python benchmarks/bench_vs_nanogpt.py [--presets cpu-expert-2m cpu-expert-7m] [--compile] [--rounds 3]
+  python benchmarks/speed/bench_vs_nanogpt.py [--presets cpu-expert-2m cpu-expert-7m] [--compile] [--rounds 3]
       [--mlp-width N] [--same-allocator]
 """
 

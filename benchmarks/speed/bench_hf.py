@@ -7,7 +7,7 @@ it (the sum of those calls). Greedy, exactly --new-tokens new tokens on both sid
 --prompt-tokens tokens of a seeded sample of validation sequences. Targets: export under 10 s; the export's
 tokens/s at least half the experts' own at batch 1 and 8.
 
-  python benchmarks/bench_hf.py --run runs/demo [--prompts 16] [--new-tokens 32] [--threads 2]
+  python benchmarks/speed/bench_hf.py --run runs/demo [--prompts 16] [--new-tokens 32] [--threads 2]
 """
 
 from __future__ import annotations

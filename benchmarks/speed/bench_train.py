@@ -4,7 +4,7 @@ MFU = exact model training FLOPs per second (3 × forward, see smalltalk/flops.p
 peak measured in the same run with the same thread count. Target: MFU >= 55% at ~7M parameters.
 Figures are medians over the logged windows after the first (warm-up) one.
 
-  python benchmarks/bench_train.py [--steps 24] [--threads 2] [--seq-len 256] [--batch 32]
+  python benchmarks/speed/bench_train.py [--steps 24] [--threads 2] [--seq-len 256] [--batch 32]
 """
 
 from __future__ import annotations

@@ -17,7 +17,8 @@ twin's dense model (copied, checked) and its routers and partition (hard links).
 The rule printed: for each (routing, start), the regime is the cheapest point (fewest training FLOPs) whose mean
 ratio is within the seed spread of the best point's. The figure: docs/regime_map.png (--plot).
 
-  python benchmarks/regime_corpus10.py [--root runs/regime] [--seeds 0 1] [--points ...] [--table-only] [--plot PNG]
+  python benchmarks/studies/regime_corpus10.py [--root runs/regime] [--seeds 0 1] [--points ...] [--table-only]
+      [--plot PNG]
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Teacher-forced on the validation split (--final: test, once): tokens after k are
 all of them by the expert chosen on k tokens; with re-routing, tokens k..M by that expert and tokens after M
 by the expert chosen on the first M tokens. Both columns score exactly the same tokens.
 
-  python benchmarks/short_prompts.py --run runs/demo [--reroute-at 64] [--max-sequences 1000]
+  python benchmarks/studies/short_prompts.py --run runs/demo [--reroute-at 64] [--max-sequences 1000]
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ of --rounds, paths stepped in alternation, synchronised) and tokens/s. Paths: `c
 Liger patches transformers' Llama code). gpu_check.sh runs it on the GPU; on CPU it is the per-step view
 of bench_vs_nanogpt.py's gain. Exit 1 if any path disagrees with HF's loss or gradients.
 
-  python benchmarks/bench_training_forward.py [--preset cpu-expert-2m] [--vocab 1024] [--batch 32]
+  python benchmarks/speed/bench_training_forward.py [--preset cpu-expert-2m] [--vocab 1024] [--batch 32]
       [--seq-len 256] [--device cuda] [--dtype bfloat16] [--rounds 7]
 """
 

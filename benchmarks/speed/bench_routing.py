@@ -5,7 +5,7 @@ For the CPU router presets at E = 4 and 10 and prefix 32 and 256: prefixes/s and
 Then balanced assignment for N = 1M, E = 32, and the partition of corpus10 (E = 10, prefix 256) through
 the real `smalltalk partition`. Targets: scoring >= 40% of peak; assignment < 10 s. Medians of 3.
 
-  python benchmarks/bench_routing.py [--threads 2] [--run runs/routing10]
+  python benchmarks/speed/bench_routing.py [--threads 2] [--run runs/routing10]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from smalltalk.routing.routers import LMRouters
 from smalltalk.routing.scoring import default_workers
 from smalltalk.training.host_memory import keep_freed_memory
 
-CORPUS = Path(__file__).resolve().parents[1] / "runs" / "corpus10-data"  # smalltalk corpus corpus10
+CORPUS = Path(__file__).resolve().parents[2] / "runs" / "corpus10-data"  # smalltalk corpus corpus10
 
 
 def median_time(fn, repeats: int = 3) -> float:

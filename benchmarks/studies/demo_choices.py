@@ -11,7 +11,7 @@ ensembles at the chosen temperatures on the test split, once; the chosen SFT set
 `sft` stage's own (`smalltalk sft --final`, which `make demo` runs). Finished steps are skipped; results go
 to --json.
 
-  python benchmarks/demo_choices.py [--run runs/demo] [--sft-data runs/demo-sft] [--root runs/demo-choices]
+  python benchmarks/studies/demo_choices.py [--run runs/demo] [--sft-data runs/demo-sft] [--root runs/demo-choices]
       [--json benchmarks/results/demo_choices.json] [--final] [--table-only]
 """
 

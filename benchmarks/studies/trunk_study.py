@@ -20,12 +20,12 @@ forked at its partition, is its reference. The bigger dense model has no fair pr
 
 Corpora: `demo` (configs/demo.yaml: the corpus `make demo` builds, RUN runs/demo-corpus; its bases are trained
 here: since `make demo` runs the trunk start this study chose, runs/demo is no scratch row) and `corpus10`
-(configs/corpus10.yaml, runs/corpus10-data; its bases are forked from benchmarks/evidence_corpus10.py's `default` rows,
-seed 0, once their dense models are done, so only the bigger dense model is trained here). Finished rows are
-skipped; rows go to --json as they finish, the figure to --plot at the end (validation only). `--final`
-evaluates the test split of finished runs once.
+(configs/corpus10.yaml, runs/corpus10-data; its bases are forked from benchmarks/studies/evidence_corpus10.py's
+`default` rows, seed 0, once their dense models are done, so only the bigger dense model is trained here).
+Finished rows are skipped; rows go to --json as they finish, the figure to --plot at the end (validation only).
+`--final` evaluates the test split of finished runs once.
 
-  python benchmarks/trunk_study.py [--corpora demo corpus10] [--experts 4 8] [--fractions 0.1 0.25 0.5]
+  python benchmarks/studies/trunk_study.py [--corpora demo corpus10] [--experts 4 8] [--fractions 0.1 0.25 0.5]
       [--root runs/trunk-study] [--json benchmarks/results/trunk_study.json] [--pretrained] [--final]
       [--plot docs/trunk_study.png] [--table-only]
 """
@@ -243,7 +243,7 @@ def main() -> int:
     ap.add_argument("--experts", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--fractions", nargs="+", type=float, default=[0.25, 0.1, 0.5])
     ap.add_argument("--json", default="benchmarks/results/trunk_study.json")
-    ap.add_argument("--grid", default="runs/evidence", help="benchmarks/evidence_corpus10.py's root: corpus10's "
+    ap.add_argument("--grid", default="runs/evidence", help="evidence_corpus10.py's root: corpus10's "
                     "scratch rows fork its default row, seed 0")
     ap.add_argument("--pretrained", action="store_true", help="the pretrained start instead of trunk fractions")
     ap.add_argument("--mixture-only", action="store_true", help="trunk rows up to the mixture's figure, the dense "

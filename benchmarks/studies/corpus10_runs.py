@@ -15,7 +15,7 @@ from pathlib import Path
 from smalltalk.cli import main as smalltalk
 from smalltalk.fsutil import pid_alive, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "runs" / "corpus10-data"  # built by the project: BUILD_CORPUS
 BUILD_CORPUS = f"smalltalk corpus corpus10 {CORPUS.relative_to(ROOT)} --install"
 # the routing configs/{demo,corpus10}.yaml ran before issue #27 (the grid's `default` row; the trunk study's)

@@ -17,8 +17,8 @@
 #                installed) vs HF's own loss (paper-335m, bf16 autocast, eager): loss and gradient
 #                agreement, forward+backward time and tokens/s of each (~30 s). Section 1 trains by the
 #                path `auto` picks there (its train_manifest.json records which).
-# Usage: bash benchmarks/gpu_check.sh [PEAK_FLOPS]      (logs also under $OUT when that is set)
-# Dry run on a CPU machine: DEVICE=cpu DTYPE=float32 SKIP=train,scoring bash benchmarks/gpu_check.sh
+# Usage: bash benchmarks/checks/gpu_check.sh [PEAK_FLOPS]      (logs also under $OUT when that is set)
+# Dry run on a CPU machine: DEVICE=cpu DTYPE=float32 SKIP=train,scoring bash benchmarks/checks/gpu_check.sh
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PEAK=${1:-989e12}
@@ -43,17 +43,17 @@ section() {  # section NAME COMMAND...: run unless skipped, time it, record ok/F
 }
 
 train() {
-  "$PY" benchmarks/bench_train.py --presets paper-335m --vocab 32000 --seq-len 1024 --batch 8 --steps 36 \
+  "$PY" benchmarks/speed/bench_train.py --presets paper-335m --vocab 32000 --seq-len 1024 --batch 8 --steps 36 \
     --device "$DEVICE" --dtype "$DTYPE" --compile --peak "$PEAK"
 }
 
 forward() {
-  "$PY" benchmarks/bench_training_forward.py --preset paper-335m --vocab 32000 --seq-len 1024 --batch 8 \
+  "$PY" benchmarks/speed/bench_training_forward.py --preset paper-335m --vocab 32000 --seq-len 1024 --batch 8 \
     --device "$DEVICE" --dtype "$DTYPE"
 }
 
 scoring() {  # ~90 s on an H200 (fp32 and 262k-token batches took > 4 minutes: docs/scaling.md has them)
-  "$PY" benchmarks/bench_routing.py --device "$DEVICE" --dtype "$DTYPE" --presets paper-router-4.4m \
+  "$PY" benchmarks/speed/bench_routing.py --device "$DEVICE" --dtype "$DTYPE" --presets paper-router-4.4m \
     --vocab 32000 --experts 4 32 --batch-tokens 65536 --skip-partition
 }
 

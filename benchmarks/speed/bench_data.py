@@ -4,7 +4,7 @@ Prints text MB/s for (1) BPE tokenizer training, (2) raw `tokenizers.encode_batc
 already in memory, (3) our whole `data prepare` (read + split + encode + pack + write), and the ratio
 (3)/(2). Target: ratio >= 0.80. Medians of --repeats runs.
 
-  python benchmarks/bench_data.py [--corpus runs/corpus10-data] [--vocab 1024] [--repeats 3]
+  python benchmarks/speed/bench_data.py [--corpus runs/corpus10-data] [--vocab 1024] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from smalltalk.data.ingest import iter_documents
 from smalltalk.data.prepare import prepare_data
 from smalltalk.data.tokenizer import load_tokenizer, train_tokenizer
 
-DEFAULT_CORPUS = Path(__file__).resolve().parents[1] / "runs" / "corpus10-data"  # smalltalk corpus corpus10
+DEFAULT_CORPUS = Path(__file__).resolve().parents[2] / "runs" / "corpus10-data"  # smalltalk corpus corpus10
 
 
 def main() -> int:

@@ -15,7 +15,7 @@ A first version cut the experts to 400 steps to fit in an hour: there every mixt
 was worse than dense (1.07 and 1.10): too few tokens per parameter for specialisation to pay
 (docs/studies/regime.md), so the levers must be compared at the full budget.
 
-  python benchmarks/routing_study.py [--root runs/routing-study] [--seeds 0 1] [--only distinct-init]
+  python benchmarks/studies/routing_study.py [--root runs/routing-study] [--seeds 0 1] [--only distinct-init]
       [--reuse-grid runs/corpus10] [--table-only]
 """
 

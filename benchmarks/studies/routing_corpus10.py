@@ -7,7 +7,7 @@ at inference prefixes 32 and 256, plus the EM curve (NMI per round); then the ro
 at prefix 256 with each of --sizes). Held-out sets and chunks follow the data's seeded order (never the
 first sequences of a file-ordered split). About 30-40 minutes on 2 cores.
 
-  python benchmarks/routing_corpus10.py [--run runs/routing10] [--rounds 6] [--chunk 8192]
+  python benchmarks/studies/routing_corpus10.py [--run runs/routing10] [--rounds 6] [--chunk 8192]
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from smalltalk.cli import main as smalltalk
 from smalltalk.fsutil import read_json
 from smalltalk.routing.compare import compare_routers, format_table
 
-CORPUS = Path(__file__).resolve().parents[1] / "runs" / "corpus10-data"  # smalltalk corpus corpus10
+CORPUS = Path(__file__).resolve().parents[2] / "runs" / "corpus10-data"  # smalltalk corpus corpus10
 
 
 def main() -> int:

@@ -7,7 +7,7 @@ exactly --new-tokens tokens (min_new_tokens = max_new_tokens) on both sides, so 
 tokens and the difference is the routing step and the wrapper. Target (issue 14): routing adds < 5% at
 64 new tokens. Also times one `smalltalk generate` process (load + route + generate) for reference.
 
-  python benchmarks/bench_generate.py --run runs/demo [--prompts 24] [--new-tokens 64] [--threads 2]
+  python benchmarks/speed/bench_generate.py --run runs/demo [--prompts 24] [--new-tokens 64] [--threads 2]
 """
 
 from __future__ import annotations

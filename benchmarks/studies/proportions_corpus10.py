@@ -21,7 +21,7 @@ dense model beaten at E = 4 and 8.
 
 Resumable and shareable like the evidence grid (one process per core on one --root; rows appended to --json).
 
-  python benchmarks/proportions_corpus10.py [--root runs/proportions] [--seeds 0 1 2] [--experts 4 8]
+  python benchmarks/studies/proportions_corpus10.py [--root runs/proportions] [--seeds 0 1 2] [--experts 4 8]
       [--rows ...] [--final] [--table-only]
 """
 

@@ -7,7 +7,7 @@ all on the validation splits (--final: test, once), routed on the first M̂ = ro
 after the prefix.
 Runtime on 2 cores: ~20 min (the E = 4 run without dense baselines, then ~4 min for the new pair).
 
-  python benchmarks/elastic_corpus10.py [--root runs/elastic] [--holdout german_de]
+  python benchmarks/studies/elastic_corpus10.py [--root runs/elastic] [--holdout german_de]
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from smalltalk.experts.elastic import compare_mixtures, read_mixture
 from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def run_stage(args: list, done: Path) -> None:

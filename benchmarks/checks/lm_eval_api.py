@@ -7,7 +7,7 @@ the continuations of three other sampled sequences. The server routes each reque
 sequence (context + continuation), the in-process model on the context, so the two may differ on a few
 items; both print their accuracy and wall time.
 
-  python benchmarks/lm_eval_api.py --run runs/demo [--items 100] [--context 32] [--continuation 16]
+  python benchmarks/checks/lm_eval_api.py --run runs/demo [--items 100] [--context 32] [--continuation 16]
 """
 
 from __future__ import annotations
@@ -22,7 +22,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench_serve import start
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "speed"))
+from bench_serve import start  # noqa: E402
 
 from smalltalk.data.shards import SplitData
 from smalltalk.evaluation.lm_harness import evaluate_downstream

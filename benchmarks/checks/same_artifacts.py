@@ -4,7 +4,7 @@ Weights (*.safetensors), token and partition files (*.bin, *.npy, *.npz) must be
 JSONL must be equal once paths (anything naming either run's directory) and timings are dropped. Other files
 (plots, HTML, logs, checkpoints' pickled trainer state) are listed as not compared. Exit 1 on any difference.
 
-  python benchmarks/same_artifacts.py RUN_A RUN_B [--ignore KEY ...]   (KEY: a JSON key one side added)
+  python benchmarks/checks/same_artifacts.py RUN_A RUN_B [--ignore KEY ...]   (KEY: a JSON key one side added)
 """
 
 from __future__ import annotations

@@ -1,16 +1,16 @@
 """Router refinement from the experts (issue #27 item 5) as a lever, studied on validation on finished runs.
 
 For each run given (e.g. runs/demo from `make demo`, and a corpus10 paper-em run of
-benchmarks/evidence_corpus10.py) and each setting (training sequences relabelled, fine-tuning passes), the
+benchmarks/studies/evidence_corpus10.py) and each setting (training sequences relabelled, fine-tuning passes), the
 run is forked at its trained experts (hard links, nothing of it is changed) and `smalltalk routers refine`
 runs there. Reported per setting, on the run's validation sequences (refine.heldout_sequences): agreement of
 the routers' argmax with the experts' own choice (the expert of lowest loss on the whole sequence) before
 and after, the mixture's perplexity over all tokens routed by each and by the experts' choice (a bound no
 prefix router reaches), and the refinement's FLOPs over the experts' training FLOPs (routing cost: the
 dense model matched in full gets it too). Mixture ÷ dense with the dense baseline re-matched is the
-`refine` row of benchmarks/evidence_corpus10.py. Finished settings are skipped; rows go to --json.
+`refine` row of benchmarks/studies/evidence_corpus10.py. Finished settings are skipped; rows go to --json.
 
-  python benchmarks/refine_study.py --runs runs/demo runs/evidence/E4-paper-em-s0 \
+  python benchmarks/studies/refine_study.py --runs runs/demo runs/evidence/E4-paper-em-s0 \
       [--root runs/refine-study] [--json benchmarks/results/refine_study.json]
 """
 

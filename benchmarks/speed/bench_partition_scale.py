@@ -9,7 +9,7 @@ With --eval, the same for `smalltalk eval` of one small mixture on 100k..1.6M te
 --prepare, the same for `smalltalk data prepare` on 100k..1.6M JSONL documents (4 input files, one
 process that encodes and merges; its document indexes are streamed, so RSS must stay flat).
 
-  python benchmarks/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4] [--eval] [--prepare]
+  python benchmarks/speed/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4] [--eval] [--prepare]
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ import numpy as np
 
 from smalltalk.data.shards import write_pretokenized
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEQ, VOCAB, DOMAINS = 16, 256, 4
 
 

@@ -15,13 +15,13 @@ sending its next request when the last is answered (closed loop; the same seeded
 mixed prompts, so mixed experts, max_tokens 8-64, sampled with a seed): output tokens/s (completion
 tokens answered / wall time) and p50 / p99 latency, the median of --repeats rounds.
 
-  python benchmarks/bench_serve.py --run runs/demo [--requests 200] [--timeout 300] [--hostile]
+  python benchmarks/speed/bench_serve.py --run runs/demo [--requests 200] [--timeout 300] [--hostile]
 With --n, the batching engine answers the same seeded samples as one request with `n: 4` per prompt and
 as four separate requests per prompt (seeds s .. s + 3: the same texts), all sent at once, in alternation:
 output tokens/s of each, medians of --repeats rounds, and their ratio.
 
-  python benchmarks/bench_serve.py --run runs/demo --compare [--clients 1 8 32 128] [--repeats 3]
-  python benchmarks/bench_serve.py --run runs/demo --n [--repeats 5]
+  python benchmarks/speed/bench_serve.py --run runs/demo --compare [--clients 1 8 32 128] [--repeats 3]
+  python benchmarks/speed/bench_serve.py --run runs/demo --n [--repeats 5]
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
    change is worth.
 Pairs, not separate runs, because this 2-core VM drifts by ±10% within minutes: a pair sees one state.
 
-  python benchmarks/bench_attention.py [--presets cpu-expert-2m cpu-expert-7m] [--pairs 40] [--steps 24]
+  python benchmarks/speed/bench_attention.py [--presets cpu-expert-2m cpu-expert-7m] [--pairs 40] [--steps 24]
 """
 
 from __future__ import annotations

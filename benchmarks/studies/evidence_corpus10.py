@@ -30,7 +30,7 @@ Start one process per core on the same --root and --json: they claim runs (ROOT/
 `--final` evaluates the test split of every finished run, once, and prints the final table; `--table-only`
 prints the table of --json and runs nothing.
 
-  python benchmarks/evidence_corpus10.py [--root runs/evidence] [--seeds 0 1 2] [--experts 4 8]
+  python benchmarks/studies/evidence_corpus10.py [--root runs/evidence] [--seeds 0 1 2] [--experts 4 8]
       [--rows paper-em default] [--final] [--table-only]
 """
 

@@ -4,8 +4,8 @@ The batching engine is driven in-process: each round sends 24 seeded, sampled re
 so mixed experts; temperatures 0.7-1.3, top_p 0.9 or 1.0, 8-32 new tokens) one at a time, then all at
 once with staggered arrivals, and counts the texts that came out identical.
 
-  python benchmarks/batch_equality.py --run runs/demo [--rounds 10]
-  python benchmarks/batch_equality.py --run RUN --synthetic   # a run of the tests' synthetic documents
+  python benchmarks/checks/batch_equality.py --run runs/demo [--rounds 10]
+  python benchmarks/checks/batch_equality.py --run RUN --synthetic   # a run of the tests' synthetic documents
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "speed"))  # bench_serve
 from bench_serve import PROMPTS  # noqa: E402
 
 from smalltalk.mixture.model import SmallTalkMixture  # noqa: E402
@@ -27,7 +27,7 @@ from smalltalk.serving.batching import BatchedEngine  # noqa: E402
 def _prompts(synthetic: bool) -> list[str]:
     if not synthetic:
         return PROMPTS
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     from tests.conftest import make_documents
 
     return [" ".join(d["text"].split()[:4]) for d in make_documents(40, seed=3)]
