@@ -112,6 +112,8 @@ def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
     back = routing_shift(run, before, removed, old_val, np.arange(len(old_val)), before["prefix"])
     assert back["changed"] == 0.0
     assert (run / "experts" / "03" / "model").is_dir()  # kept on disk without --delete
+    now = {p: sha256_file(p) for p in untouched if p.is_file()}
+    assert now == untouched, "experts remove changed the run's routers, partition or EM history"
 
     assert cli("experts", "remove", "--run", run, "--expert", "7") == 2
     assert "does not exist" in capsys.readouterr().err
@@ -162,3 +164,25 @@ def test_killed_add_resumes_and_mixture_changes_only_when_done(pipeline_run, tmp
                                              "elastic": done["elastic"]}
     for rel in ("routers/03/model", "experts/03/model"):
         assert _weights(runs["killed"], rel) == _weights(runs["whole"], rel), rel
+
+
+def test_removing_an_original_expert_routes_among_the_others_and_leaves_the_run(pipeline_run, tmp_path):
+    """`experts remove --expert 0` of the partition's own experts: mixture.json drops expert 0 and its router;
+    routers/, partition/ and em_history.json stay byte-identical; every sequence is routed to one of the
+    remaining experts, by the same router scores (the argmax over the remaining routers)."""
+    from smalltalk.mixture.model import SmallTalkMixture
+
+    run = tmp_path / "run"
+    shutil.copytree(pipeline_run[0], run)
+    untouched = {p: sha256_file(p) for d in ("routers", "partition") for p in sorted((run / d).rglob("*"))
+                 if p.is_file()}
+    full = SmallTalkMixture.from_pretrained(run)
+    val = SplitData(run / "data", "validation")
+    tokens = val.batch(np.arange(min(40, len(val))))
+    _, scores = full.route(tokens)
+    assert cli("experts", "remove", "--run", run, "--expert", "0") == 0
+    removed = json.loads((run / "mixture.json").read_text())
+    assert removed["experts"] == 2 and removed["expert_dirs"] == ["experts/01/model", "experts/02/model"]
+    assert {p: sha256_file(p) for p in untouched} == untouched
+    chosen, _ = SmallTalkMixture.from_pretrained(run).route(tokens)
+    assert chosen.tolist() == (scores[:, 1:].argmax(axis=1)).tolist()

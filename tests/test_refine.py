@@ -15,7 +15,7 @@ from smalltalk.experts.refine import expert_nll
 from smalltalk.layout import RunLayout
 from smalltalk.mixture.model import SmallTalkMixture
 
-from .conftest import cli
+from .conftest import TINY_CONFIG, cli
 
 UNTIL_EXPERTS = ("tokenizer", "data", "routers", "partition", "experts")
 
@@ -101,3 +101,51 @@ def test_refinement_needs_router_lms(capsys):
     assert cli("run", "--set", "routing.method=tfidf", "--set", "refine.sequences=8") == 2
     assert "fine-tunes router LMs" in capsys.readouterr().err
     assert cli("run", "--set", "refine.passes=0") == 2
+
+
+@pytest.fixture(scope="module")
+def weak_routers_refined(corpus_file, tmp_path_factory):
+    """A run whose EM routers barely trained (2 steps a round at a low learning rate): they disagree with the
+    experts' own choice on many sequences, which refinement (160 relabelled sequences, 3 passes) can fix."""
+    run = tmp_path_factory.mktemp("weak") / "run"
+    assert cli("run", "--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]", "--set",
+               "data.max_docs=null", "--set", "routing.chunk=240", "--set", "routing.experts=3", "--set",
+               "routing.train.steps=2", "--set", "routing.train.lr=3e-4", "--set", "refine.sequences=160",
+               "--set", "refine.passes=3", "--set", "dense.bigger=false", "--set", "dense.inference=false",
+               "--set", "dense.experts_only=false", "--set", "sft.enabled=false") == 0
+    return run
+
+
+def test_refinement_judged_by_plain_hf_forwards_moves_routing_toward_the_experts_choice(weak_routers_refined):
+    """Judged without our scoring code: every validation sequence's NLL under each expert from HF's own forward
+    (log_softmax, gather), each router's prefix log-likelihood from HF (conftest.hf_prefix_loglik). Where the
+    routers disagreed with the experts' own choice (the lowest NLL), refinement must agree more often and
+    route to a lower perplexity than the routers it started from."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from smalltalk.data.shards import SplitData
+
+    from .conftest import hf_prefix_loglik, router_model_dirs
+
+    refined_run = weak_routers_refined
+    mixture = json.loads((refined_run / "mixture.json").read_text())
+    val = SplitData(refined_run / "data", "validation")
+    tokens = torch.from_numpy(val.batch(np.arange(len(val)))).long()
+    nll = []
+    for rel in mixture["expert_dirs"]:
+        model = AutoModelForCausalLM.from_pretrained(str(refined_run / rel)).eval()
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=tokens).logits.double(), -1)
+        nll.append(-logp[:, :-1].gather(-1, tokens[:, 1:, None]).squeeze(-1).sum(-1))
+    nll = torch.stack(nll, dim=1).numpy()  # [N, E]
+    best = nll.argmin(axis=1)
+    prefix = mixture["prefix"]
+    choice = {name: hf_prefix_loglik(router_model_dirs(refined_run / name), tokens[:, :prefix]).argmax(axis=1)
+              for name in ("routers", "routers-refined")}
+    agreement = {name: float((c == best).mean()) for name, c in choice.items()}
+    ppl = {name: float(np.exp(nll[np.arange(len(c)), c].sum() / (len(c) * (tokens.shape[1] - 1))))
+           for name, c in choice.items()}
+    assert agreement["routers"] < 1, "no disagreement to refine: the test would prove nothing"
+    assert agreement["routers-refined"] > agreement["routers"], agreement
+    assert ppl["routers-refined"] < ppl["routers"], ppl
