@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
@@ -123,11 +124,25 @@ def atomic_file(final: str | Path) -> Iterator[Path]:
     try:
         yield tmp
         _fsync(tmp)
+        kill_point(f"file:{final.name}")
         os.replace(tmp, final)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_dir(final.parent)
+
+
+KILL_AT = "SMALLTALK_KILL_AT"  # tests/test_faults.py: SIGKILL this process at a named point of a write
+KILLED_MARK = "SMALLTALK_KILLED_MARK"  # and say so in this file first (the process killed may be a child job)
+
+
+def kill_point(name: str) -> None:
+    """A real SIGKILL at a pinned moment, for the fault tests: when $SMALLTALK_KILL_AT names this point (`file:X`
+    before the temp file of X is renamed into place, `dir:X` before the temp directory of X is)."""
+    if os.environ.get(KILL_AT) == name:
+        if os.environ.get(KILLED_MARK):
+            Path(os.environ[KILLED_MARK]).write_text(f"{name} {os.getpid()}\n")
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 _RENAME_EXCHANGE, _AT_FDCWD = 2, -100
@@ -168,6 +183,7 @@ def atomic_dir(final: str | Path, replace: bool = True) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    kill_point(f"dir:{final.name}")
     if final.exists():
         if not replace:
             shutil.rmtree(tmp)

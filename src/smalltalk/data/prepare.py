@@ -98,7 +98,8 @@ def encode_part(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path, fir
         manifest = {"kind": "data-part", "files": [first, last], "dtype": dtype.name,
                     "tokenizer_sha256": tok_manifest["sha256"], "domains": sorted(domains, key=domains.get),
                     "documents": stats["documents"], "empty_documents_skipped": stats["empty_documents_skipped"],
-                    "chars": chars, "seconds": round(time.perf_counter() - start, 3)}
+                    "chars": chars, "seconds": round(time.perf_counter() - start, 3),
+                    "tokens": {s: DataFiles(tmp).tokens(s).stat().st_size // dtype.itemsize for s in SPLITS}}
         write_json(manifest_of(tmp), manifest)
     return manifest
 
@@ -163,7 +164,7 @@ def merge_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) -> d
     remaps = [np.array([domains.setdefault(d, len(domains)) for d in m["domains"]] + [-1], np.int16) for m in found]
     seq_len, dtype = cfg.data.seq_len, np.dtype(found[0]["dtype"])
     with atomic_dir(out_dir) as tmp:
-        info = {s: _merge_split(tmp, parts, remaps, s, seq_len, dtype) for s in SPLITS}
+        info = {s: _merge_split(tmp, parts, found, remaps, s, seq_len, dtype) for s in SPLITS}
         if info["train"]["sequences"] == 0:
             raise SmalltalkError(f"the train split holds fewer than seq_len={seq_len} tokens",
                                  fix="add documents or lower data.seq_len")
@@ -184,15 +185,20 @@ def merge_data(cfg: Config, tokenizer_dir: str | Path, out_dir: str | Path) -> d
     return manifest
 
 
-def _merge_split(out: Path, parts: list[Path], remaps: list[np.ndarray], split: str, seq_len: int,
-                 dtype: np.dtype) -> dict:
-    """Concatenate one split's streams, cut them into whole sequences (the tail is recorded), index them."""
+def _merge_split(out: Path, parts: list[Path], found: list[dict], remaps: list[np.ndarray], split: str,
+                 seq_len: int, dtype: np.dtype) -> dict:
+    """Concatenate one split's streams, cut them into whole sequences (the tail is recorded), index them.
+    Each part's token count is its manifest's (parts written before it was recorded: the file's size)."""
     streams = [DataFiles(p).tokens(split) for p in parts]
-    total = sum(s.stat().st_size for s in streams) // dtype.itemsize
+    total = sum(m["tokens"][split] if "tokens" in m else s.stat().st_size // dtype.itemsize
+                for m, s in zip(found, streams, strict=True))
     n_seq = total // seq_len
     keep, digest = n_seq * seq_len * dtype.itemsize, hashlib.sha256()
-    if len(streams) == 1:  # one process: move the stream into place instead of copying it
-        os.replace(streams[0], DataFiles(out).tokens(split))
+    if len(streams) == 1:
+        # One process: link the stream into place instead of copying it. A link, not a move: killed before the
+        # merged directory is renamed into place, the part keeps its stream (cut to whole sequences, which its
+        # manifest's count makes harmless) and the merge can run again; a move left the part without it.
+        os.link(streams[0], DataFiles(out).tokens(split))
         with open(DataFiles(out).tokens(split), "r+b") as handle:
             handle.truncate(keep)
         streams = []
