@@ -61,7 +61,7 @@ def test_checkpoint_loads_with_automodel_and_same_logits(prepared_run, tmp_path,
     losses = _losses(out)
     assert losses[-1] < losses[0]  # it learns
     # eval ppl on the same model agrees with a direct computation
-    assert cli("eval", "ppl", "--model", out / "model", "--data", prepared_run / "data", "--split", "test") == 0
+    assert cli("eval", "ppl", "--model", out / "model", "--data", prepared_run / "data") == 0  # validation
 
 
 def test_eval_ppl_matches_direct_computation(prepared_run, tmp_path):
