@@ -18,6 +18,7 @@ from smalltalk.fsutil import pid_alive, write_json
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "runs" / "corpus10-data"  # built by the project: BUILD_CORPUS
 BUILD_CORPUS = f"smalltalk corpus corpus10 {CORPUS.relative_to(ROOT)} --install"
+RESULTS = ROOT / "benchmarks" / "results"  # the grids' rows, committed
 # the routing configs/{demo,corpus10}.yaml ran before issue #27 (the grid's `default` row; the trunk study's)
 PRE27_ROUTING = ["routing.method=em", "routing.init_split=tfidf", "routing.router_init=shared",
                  "routing.share_passes=null"]

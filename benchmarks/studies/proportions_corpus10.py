@@ -36,6 +36,7 @@ from pathlib import Path
 
 from corpus10_runs import (
     CORPUS,
+    RESULTS,
     check_copied_dense,
     claimed_by_other,
     corpus_missing,
@@ -181,12 +182,14 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--experts", nargs="+", type=int, default=[4, 8])
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    ap.add_argument("--json", help="default ROOT/proportions.json (ROOT/proportions-final.json with --final)")
+    ap.add_argument("--json", help="default benchmarks/results/proportions_corpus10.json (_final.json with --final): "
+                    "committed, so the next session skips the rows it holds")
     ap.add_argument("--final", action="store_true", help="the test split of every finished run, once")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
     root = Path(args.root)
-    path = Path(args.json or root / ("proportions-final.json" if args.final else "proportions.json"))
+    default = RESULTS / ("proportions_corpus10_final.json" if args.final else "proportions_corpus10.json")
+    path = Path(args.json) if args.json else default
     if args.table_only:
         print(table(json.loads(path.read_text())["rows"]))
         return 0

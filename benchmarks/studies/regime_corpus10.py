@@ -32,6 +32,7 @@ from pathlib import Path
 
 from corpus10_runs import (
     CORPUS,
+    RESULTS,
     check_copied_dense,
     claimed_by_other,
     corpus_missing,
@@ -199,13 +200,15 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     ap.add_argument("--points", nargs="+", choices=list(POINTS), default=list(POINTS))
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
-    ap.add_argument("--json", help="default ROOT/regime.json (ROOT/regime-final.json with --final)")
+    ap.add_argument("--json", help="default benchmarks/results/regime_corpus10.json (_final.json with --final): "
+                    "committed, so the next session skips the rows it holds")
     ap.add_argument("--final", action="store_true", help="the test split of every finished run, once")
     ap.add_argument("--table-only", action="store_true")
     ap.add_argument("--plot", help="write the figure here (from --json) and exit")
     args = ap.parse_args()
     root = Path(args.root)
-    path = Path(args.json or root / ("regime-final.json" if args.final else "regime.json"))
+    default = RESULTS / ("regime_corpus10_final.json" if args.final else "regime_corpus10.json")
+    path = Path(args.json) if args.json else default
     if args.table_only or args.plot:
         rows = json.loads(path.read_text())["rows"]
         if args.plot:
