@@ -54,6 +54,13 @@ def test_killed_launcher_relaunch_finishes_without_retraining(pipeline_run, tmp_
 
 
 def test_relaunch_reattaches_to_running_jobs(pipeline_run, tmp_path):
+    """The launcher is SIGKILLed while expert 00 trains; the orphan is stopped (SIGSTOP), so it is provably alive
+    when the relaunch looks; the relaunch says it re-attached, the orphan then continues (SIGCONT) and finishes
+    under the same pid, never restarted; the weights equal an uninterrupted launch's."""
+    from safetensors.torch import load_file
+
+    ref = _fresh_copy(pipeline_run, tmp_path / "ref")
+    subprocess.run(_launch_cmd(ref), check=True, cwd=ROOT, timeout=600, stdout=subprocess.DEVNULL)
     run = _fresh_copy(pipeline_run, tmp_path / "attach")
     launcher = subprocess.Popen(_launch_cmd(run), cwd=ROOT)
     deadline = time.time() + 120
@@ -63,10 +70,25 @@ def test_relaunch_reattaches_to_running_jobs(pipeline_run, tmp_path):
     pid = json.loads((run / "jobs" / "experts-00.json").read_text())["pid"]
     os.kill(launcher.pid, signal.SIGKILL)  # the expert keeps running as an orphan
     launcher.wait()
-    subprocess.run(_launch_cmd(run), check=True, cwd=ROOT, timeout=600)
+    os.kill(pid, signal.SIGSTOP)  # alive for sure until the relaunch has looked
+    relaunch = subprocess.Popen(_launch_cmd(run), cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        for line in relaunch.stdout:
+            if line.startswith("expert 00: re-attached"):
+                assert f"(pid {pid})" in line
+                break
+        else:
+            raise AssertionError("the relaunch never re-attached to the running expert 00")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    relaunch.stdout.read()
+    assert relaunch.wait(timeout=600) == 0
     log = (run / "jobs" / "experts-00.log").read_text()
     assert "resuming from" not in log, "the running job was re-attached, not restarted"
     assert json.loads((run / "jobs" / "experts-00.json").read_text())["pid"] == pid
+    for k in range(3):
+        a, b = (load_file(str(r / "experts" / f"{k:02d}" / "model" / "model.safetensors")) for r in (ref, run))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), k
 
 
 def test_sbatch_script_runs_the_same_jobs_as_local(pipeline_run, tmp_path, capsys):

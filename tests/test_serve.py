@@ -270,8 +270,9 @@ def test_a_cancelled_request_never_generates_and_frees_the_lock(pipeline_run):
 
 
 def test_workers_serve_concurrently_and_metrics_sum_over_them(pipeline_run):
-    """`serve --workers 2`: two processes on one port answer the openai client; /metrics, whichever worker
-    answers it, sums both workers' counters; SIGTERM to the parent ends every worker."""
+    """`serve --workers 2`: two processes on one port answer the openai client, each answer the mixture's own
+    greedy text; both workers answer (X-Smalltalk-Worker names the process, a child of the parent); /metrics,
+    whichever worker answers it, sums both workers' counters (polled, no fixed sleep); SIGTERM ends every worker."""
     from concurrent.futures import ThreadPoolExecutor
 
     import psutil
@@ -281,21 +282,25 @@ def test_workers_serve_concurrently_and_metrics_sum_over_them(pipeline_run):
         client = _client(base)
         prompts = [f"xyz_ {{}} = {i} +" for i in range(12)]
         with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(lambda p: client.completions.create(model="smalltalk", prompt=p, max_tokens=4,
-                                                                         temperature=0), prompts))
-        assert all(a.choices[0].text is not None for a in answers)
+            answers = list(pool.map(lambda p: client.completions.with_raw_response.create(
+                model="smalltalk", prompt=p, max_tokens=4, temperature=0), prompts))
+        texts = [a.parse().choices[0].text for a in answers]
+        own = SmallTalkMixture.from_pretrained(pipeline_run[0])
+        assert texts == [own.generate(p, max_new_tokens=4, do_sample=False)["text"] for p in prompts]
+        workers = {a.headers["x-smalltalk-worker"] for a in answers}
+        for _ in range(40):  # fresh connections until the kernel has handed one to each worker (2^-40 to fail)
+            if len(workers) == 2:
+                break
+            workers.add(httpx.get(f"{base}/health", timeout=5).headers["x-smalltalk-worker"])
+        assert len(workers) == 2, workers
         children = psutil.Process(proc.pid).children(recursive=True)
-        assert len([c for c in children if "python" in c.name()]) >= 2
+        assert {str(c.pid) for c in children} >= workers  # the answering processes are the parent's workers
         total = 'smalltalk_requests_total{endpoint="completions",status="200"} 12'
-        deadline = time.time() + 20  # every worker publishes its counters each second (later on a loaded machine)
-        while time.time() < deadline and not all(x in httpx.get(f"{base}/metrics", timeout=5).text
-                                                 for x in ("smalltalk_workers 2", total)):
-            time.sleep(0.5)
-        time.sleep(1.5)  # both workers' snapshots are now at least as new as the total
-        for _ in range(6):  # /metrics from whichever worker the kernel picks: the same total
+        seen, deadline = 0, time.time() + 30
+        while seen < 6:  # /metrics from whichever worker the kernel picks, six times in a row: the same total
+            assert time.time() < deadline, httpx.get(f"{base}/metrics", timeout=5).text[-1500:]
             text = httpx.get(f"{base}/metrics", timeout=5).text
-            assert "smalltalk_workers 2" in text
-            assert 'smalltalk_requests_total{endpoint="completions",status="200"} 12' in text
+            seen = seen + 1 if "smalltalk_workers 2" in text and total in text else 0
     finally:
         proc.terminate()
         proc.wait(timeout=30)

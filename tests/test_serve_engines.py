@@ -133,12 +133,21 @@ def test_routing_front_forwards_to_expert_servers_and_survives_a_dead_one(pipeli
             streamed = client.completions.create(model="smalltalk", prompt=prompt, max_tokens=8, temperature=0,
                                                  stream=True)
             assert "".join(c.choices[0].text for c in streamed) == own.choices[0].text
-        chat = client.chat.completions.create(model="smalltalk", max_tokens=4, temperature=0,
-                                              messages=[{"role": "user", "content": prompt_for[0]}])
-        assert chat.choices[0].message.role == "assistant"
+        for _, prompt in sorted(prompt_for.items()):  # chat: the routed expert's own chat answer
+            messages = [{"role": "user", "content": prompt}]
+            chat = client.chat.completions.create(model="smalltalk", max_tokens=6, temperature=0, messages=messages)
+            routed_to = chat.model_extra["smalltalk"]["expert"]
+            direct = OpenAI(base_url=f"{backends[routed_to][1]}/v1", api_key="none", max_retries=0)
+            own = direct.chat.completions.create(model=f"expert-{routed_to}", max_tokens=6, temperature=0,
+                                                 messages=messages)
+            assert chat.choices[0].message.role == "assistant"
+            assert chat.choices[0].message.content == own.choices[0].message.content
         stopped = client.completions.create(model="smalltalk", prompt=prompt_for[0], max_tokens=8, temperature=0,
                                             stop=["never-there"], n=2)  # stop passed on, n fanned out in front
+        direct = OpenAI(base_url=f"{backends[0][1]}/v1", api_key="none", max_retries=0)
+        own = direct.completions.create(model="expert-0", prompt=prompt_for[0], max_tokens=8, temperature=0)
         assert [c.index for c in stopped.choices] == [0, 1]
+        assert [c.text for c in stopped.choices] == [own.choices[0].text] * 2  # greedy: each the expert's own
         direct = OpenAI(base_url=f"{backends[0][1]}/v1", api_key="none", max_retries=0)
         for fields in ({"max_tokens": 3, "logprobs": 2, "echo": True}, {"max_tokens": 0, "logprobs": 1, "echo": True},
                        {"max_tokens": 3, "logprobs": 0}):  # the backend's own log-probs, passed through

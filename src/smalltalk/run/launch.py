@@ -83,6 +83,7 @@ def launch_experts_local(run: RunLayout, steps: int, parallel: int) -> list[dict
         marker = f"--expert {k} "
         if record.get("state") == "running" and _alive(record.get("pid", -1), marker):
             running[k] = (None, record)  # re-attach: someone else's child, watched through /proc
+            print(f"expert {k:02d}: re-attached to its running job (pid {record['pid']})", flush=True)
         elif run.expert_done(k, steps):
             write_json(path, {**record, "state": "done"})
         else:

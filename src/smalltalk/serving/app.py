@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import hmac
 import json
+import os
 import sys
 import time
 import traceback
@@ -33,6 +34,25 @@ from smalltalk.serving.logprobs import StreamedChoice, choice_logprobs, prompt_t
 from smalltalk.serving.metrics import render_metrics
 from smalltalk.serving.protocol import Cancelled, RequestError
 from smalltalk.untrusted import BadInput, parse_json
+
+
+class _WorkerHeader:
+    """Every answer says which server process gave it (`X-Smalltalk-Worker: PID`): with --workers N, what a
+    client or a test needs to tell the workers apart. Plain ASGI, so streams and disconnects pass untouched."""
+
+    def __init__(self, app, worker: bytes) -> None:
+        self.app, self.worker = app, worker
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+
+        async def send_named(message):
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-smalltalk-worker", self.worker)]}
+            await send(message)
+
+        return await self.app(scope, receive, send_named)
 
 
 def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int = 1 << 20, shared_metrics=None,
@@ -53,6 +73,7 @@ def create_app(engine: Engine, api_key: str | None = None, max_body_bytes: int =
 
     app = FastAPI(title="smalltalk-lm", version="0.1.0", lifespan=lifespan)
     app.state.engine = engine
+    app.add_middleware(_WorkerHeader, worker=str(os.getpid()).encode())
     if shared_metrics is not None:
         shared_metrics.start(lambda: engine.metrics.snapshot(engine.gauges()))
 
