@@ -17,6 +17,7 @@ import torch
 from smalltalk.mixture.model import SmallTalkMixture
 
 from .conftest import cli, make_documents
+from .test_lm_eval import TASK
 
 pytestmark = pytest.mark.slow
 
@@ -181,19 +182,7 @@ def test_the_package_routes_with_the_exported_rule():
     assert argmax_assignment(scores).tolist() == [1, 1, 0] == choose_experts(torch.from_numpy(scores))[0][:, 0].tolist()
 
 
-MC_TASK = """task: smalltalk_hf_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{query}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{gold}}}}"
-metric_list:
-  - metric: acc
-"""
+MC_TASK = TASK.replace("smalltalk_local_mc", "smalltalk_hf_mc")  # the multiple-choice task of test_lm_eval
 GEN_TASK = """task: smalltalk_hf_gen
 dataset_path: json
 dataset_kwargs:

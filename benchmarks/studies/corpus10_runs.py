@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import shutil
+import statistics
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -154,6 +155,13 @@ def locked_rows(path: Path) -> Iterator[list[dict]]:
         yield rows
         if len(rows) != before:
             write_json(path, {"rows": rows})
+
+
+def mean_sd(values: list[float]) -> str:
+    """A row's figure over its seeds, as every study table prints it."""
+    if len(values) == 1:
+        return f"{values[0]:.3f} (1 seed)"
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
 
 
 def corpus_missing(corpus: Path = CORPUS) -> bool:

@@ -50,6 +50,7 @@ from corpus10_runs import (
     claimed_by_other,
     corpus_missing,
     fork_until_experts,
+    mean_sd,
     run_and_results,
     share_experts_only_dense,
     share_matched_dense,
@@ -149,12 +150,6 @@ def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict 
             "epochs": results["epochs"], "minutes": round((time.perf_counter() - started) / 60, 1)}
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 CANDIDATES = ("paper-em", "default", "tfidf-start", "long-m-step", "refine")  # router-LM routing: could be `em`
 CHOSEN_ON_VALIDATION = "tfidf-start"  # what `choice` printed on the complete validation grid (2026-12-06)
 
@@ -173,7 +168,7 @@ def choice(groups: dict[tuple[int, str], list[dict]]) -> tuple[list[str], str | 
             continue
         if experts not in TARGETS:
             out.append(f"- E = {experts} (one seed, not deciding): " +
-                       ", ".join(f"{row} {_mean_sd(v)}" for row, v in stats.items()))
+                       ", ".join(f"{row} {mean_sd(v)}" for row, v in stats.items()))
             continue
         for (e, row), g in groups.items():
             if e == experts and row in CANDIDATES:
@@ -185,7 +180,7 @@ def choice(groups: dict[tuple[int, str], list[dict]]) -> tuple[list[str], str | 
         tied_everywhere &= set(ties)
         few = [row for row in ties if len(stats[row]) < 3]
         provisional |= bool(few)
-        out.append(f"- E = {experts}: best {best} {_mean_sd(stats[best])}; tied with it within the seed spread: "
+        out.append(f"- E = {experts}: best {best} {mean_sd(stats[best])}; tied with it within the seed spread: "
                    f"{', '.join(ties)}" + (f" ({', '.join(few)}: fewer than 3 seeds, no decision)" if few else ""))
     if tied_everywhere:
         chosen = min(tied_everywhere, key=lambda row: (statistics.mean(cost[row]), CANDIDATES.index(row)))
@@ -207,8 +202,8 @@ def table(rows: list[dict]) -> str:
            "experts' | expert epochs |", "|---|---|---|---|---|---|---|"]
     for (experts, row), group in sorted(groups.items(), key=lambda kv: (kv[0][0], list(ROWS).index(kv[0][1]))):
         epochs = statistics.mean(statistics.mean(r["epochs"]["experts"]) for r in group)
-        out.append(f"| {experts} | {row} | {len(group)} | {_mean_sd([r['ratio_full'] for r in group])} | "
-                   f"{_mean_sd([r['ratio_experts_only'] for r in group])} | "
+        out.append(f"| {experts} | {row} | {len(group)} | {mean_sd([r['ratio_full'] for r in group])} | "
+                   f"{mean_sd([r['ratio_experts_only'] for r in group])} | "
                    f"{statistics.mean(r['routing_flops_share'] for r in group):.1%} | {epochs:.2f} |")
     for lever in ("default", "refine", "tfidf-start", "long-m-step"):
         out += ["", f"paired difference {lever} − paper-em (÷ dense in full, same seed; negative: {lever} is better):"]
@@ -217,7 +212,7 @@ def table(rows: list[dict]) -> str:
             diffs = [by_seed[(lever, s)] - by_seed[("paper-em", s)] for (row, s) in by_seed
                      if row == lever and ("paper-em", s) in by_seed]
             if diffs:
-                out.append(f"- E = {experts}: {_mean_sd(diffs)} over {len(diffs)} seed(s): "
+                out.append(f"- E = {experts}: {mean_sd(diffs)} over {len(diffs)} seed(s): "
                            f"{[round(d, 3) for d in diffs]}")
     if split != "validation":  # nothing is decided on test: the default is the one validation chose
         out += ["", f"the {split} split, evaluated once: no choice is made from it; the default is validation's "

@@ -40,6 +40,7 @@ from corpus10_runs import (
     check_copied_dense,
     claimed_by_other,
     corpus_missing,
+    mean_sd,
     run_and_results,
     share_matched_dense,
     work_through,
@@ -106,12 +107,6 @@ def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict 
             "minutes": round((time.perf_counter() - started) / 60, 1)}
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def table(rows: list[dict]) -> str:
     groups: dict[tuple[int, str], list[dict]] = {}
     for r in rows:
@@ -123,8 +118,8 @@ def table(rows: list[dict]) -> str:
            "routing / training FLOPs | routing / inference FLOPs |", "|---|---|---|---|---|---|---|---|"]
     for (experts, row), group in sorted(groups.items(), key=lambda kv: (kv[0][0], list(ROWS).index(kv[0][1]))):
         only = [r["ratio_experts_only"] for r in group if r["ratio_experts_only"] is not None]
-        out.append(f"| {experts} | {row} | {len(group)} | {_mean_sd([r['ratio_full'] for r in group])} | "
-                   f"{_mean_sd([r['ratio_inference'] for r in group])} | {_mean_sd(only) if only else '–'} | "
+        out.append(f"| {experts} | {row} | {len(group)} | {mean_sd([r['ratio_full'] for r in group])} | "
+                   f"{mean_sd([r['ratio_inference'] for r in group])} | {mean_sd(only) if only else '–'} | "
                    f"{statistics.mean(r['routing_training_share'] for r in group):.2%} | "
                    f"{statistics.mean(r['routing_inference_share'] for r in group):.2%} |")
     if split != "validation":
@@ -148,7 +143,7 @@ def decision(groups: dict[tuple[int, str], list[dict]]) -> list[str]:
         for row in stats:
             cost.setdefault(row, []).extend(r["routing_inference_share"] for r in groups[(experts, row)])
         few = [row for row in ties if len(stats[row]) < 3]
-        out.append(f"- E = {experts}: best {best} {_mean_sd(stats[best])}; tied within the seed spread: "
+        out.append(f"- E = {experts}: best {best} {mean_sd(stats[best])}; tied within the seed spread: "
                    f"{', '.join(ties)}" + (f" ({', '.join(few)}: fewer than 3 seeds, provisional)" if few else ""))
     tied &= set(cost)
     if not tied:

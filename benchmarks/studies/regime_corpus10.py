@@ -37,6 +37,7 @@ from corpus10_runs import (
     claimed_by_other,
     corpus_missing,
     fork_stages,
+    mean_sd,
     run_and_results,
     share_matched_dense,
     work_through,
@@ -114,12 +115,6 @@ def _groups(rows: list[dict]) -> dict[tuple[str, str], list[dict]]:
     return groups
 
 
-def _mean_sd(values: list[float]) -> str:
-    if len(values) == 1:
-        return f"{values[0]:.3f} (1 seed)"
-    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}"
-
-
 def table(rows: list[dict]) -> str:
     groups = _groups(rows)
     split = rows[0]["split"] if rows else "validation"
@@ -131,7 +126,7 @@ def table(rows: list[dict]) -> str:
                                                                     g_tokens(kv[1]))):
         out.append(f"| {row} | {point} | {g_tokens(g):.0f} | {statistics.mean(r['epochs'] for r in g):.2f} | "
                    f"{len(g)} | {statistics.mean(r['mixture_ppl'] for r in g):.2f} | "
-                   f"{_mean_sd([r['ratio'] for r in g])} |")
+                   f"{mean_sd([r['ratio'] for r in g])} |")
     if split == "validation":
         out += ["", "the regime per row, decided on validation (the cheapest point within the seed spread of the "
                 "best):", *regime(groups)]
@@ -156,7 +151,7 @@ def regime(groups: dict[tuple[str, str], list[dict]]) -> list[str]:
         wins = [p for p in ratio if ratio[p] < 1]
         first_win = min(wins, key=lambda p: g_tokens(stats[p])) if wins else None
         few = any(len(stats[p]) < 2 for p in tied)
-        out.append(f"- {row}: best {best} ({_mean_sd([r['ratio'] for r in stats[best]])}); chosen {cheapest} "
+        out.append(f"- {row}: best {best} ({mean_sd([r['ratio'] for r in stats[best]])}); chosen {cheapest} "
                    f"({g_tokens(stats[cheapest]):.0f} tokens/param); the mixture wins from "
                    f"{f'{g_tokens(stats[first_win]):.0f} tokens/param ({first_win})' if first_win else 'no point'}"
                    + ("; provisional: fewer than 2 seeds" if few else ""))
