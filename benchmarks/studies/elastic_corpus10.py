@@ -8,6 +8,8 @@ after the prefix.
 Runtime on 2 cores: ~20 min (the E = 4 run without dense baselines, then ~4 min for the new pair).
 
   python benchmarks/studies/elastic_corpus10.py [--root runs/elastic] [--holdout german_de]
+
+Data: `smalltalk corpus corpus10 runs/corpus10-data --install` builds corpus10 (docs/corpus10.md).
 """
 
 from __future__ import annotations

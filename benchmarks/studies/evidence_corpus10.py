@@ -32,6 +32,8 @@ prints the table of --json and runs nothing.
 
   python benchmarks/studies/evidence_corpus10.py [--root runs/evidence] [--seeds 0 1 2] [--experts 4 8]
       [--rows paper-em default] [--final] [--table-only]
+
+Data: `smalltalk corpus corpus10 runs/corpus10-data --install` builds corpus10 (docs/corpus10.md).
 """
 
 from __future__ import annotations

@@ -23,6 +23,8 @@ Resumable and shareable like the evidence grid (one process per core on one --ro
 
   python benchmarks/studies/proportions_corpus10.py [--root runs/proportions] [--seeds 0 1 2] [--experts 4 8]
       [--rows ...] [--final] [--table-only]
+
+Data: `smalltalk corpus corpus10 runs/corpus10-data --install` builds corpus10 (docs/corpus10.md).
 """
 
 from __future__ import annotations

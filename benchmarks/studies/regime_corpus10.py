@@ -19,6 +19,8 @@ ratio is within the seed spread of the best point's. The figure: docs/regime_map
 
   python benchmarks/studies/regime_corpus10.py [--root runs/regime] [--seeds 0 1] [--points ...] [--table-only]
       [--plot PNG]
+
+Data: `smalltalk corpus corpus10 runs/corpus10-data --install` builds corpus10 (docs/corpus10.md).
 """
 
 from __future__ import annotations

@@ -8,6 +8,8 @@ at prefix 256 with each of --sizes). Held-out sets and chunks follow the data's 
 first sequences of a file-ordered split). About 30-40 minutes on 2 cores.
 
   python benchmarks/studies/routing_corpus10.py [--run runs/routing10] [--rounds 6] [--chunk 8192]
+
+Data: `smalltalk corpus corpus10 runs/corpus10-data --install` builds corpus10 (docs/corpus10.md).
 """
 
 from __future__ import annotations

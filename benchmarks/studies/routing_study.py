@@ -17,6 +17,8 @@ was worse than dense (1.07 and 1.10): too few tokens per parameter for specialis
 
   python benchmarks/studies/routing_study.py [--root runs/routing-study] [--seeds 0 1] [--only distinct-init]
       [--reuse-grid runs/corpus10] [--table-only]
+
+Data: `smalltalk corpus corpus10 runs/corpus10-data --install` builds corpus10 (docs/corpus10.md).
 """
 
 from __future__ import annotations

@@ -28,6 +28,8 @@ Finished rows are skipped; rows go to --json as they finish, the figure to --plo
   python benchmarks/studies/trunk_study.py [--corpora demo corpus10] [--experts 4 8] [--fractions 0.1 0.25 0.5]
       [--root runs/trunk-study] [--json benchmarks/results/trunk_study.json] [--pretrained] [--final]
       [--plot docs/trunk_study.png] [--table-only]
+
+Data: `smalltalk corpus corpus10 runs/corpus10-data --install` builds corpus10 (docs/corpus10.md).
 """
 
 from __future__ import annotations
