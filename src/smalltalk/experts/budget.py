@@ -53,10 +53,11 @@ def routing_overhead_flops(run: RunLayout, accounting: str = "exact") -> dict:
 
 
 def paper_router_overhead(experts: int, router_steps: int, router_batch: int, router_seq: int, prefix: int,
-                          expert_steps: int, expert_batch: int) -> float:
-    """The paper's Table 3 router overhead: E routers trained at (steps, batch, seq); every sequence a router
-    trains on and every sequence an expert trains on is scored by all E routers on its prefix."""
-    spec = PRESETS["paper-router-4.4m"]
+                          expert_steps: int, expert_batch: int, spec: ModelSpec | None = None) -> float:
+    """The paper's Table 3 router overhead: E routers (`spec`, the paper's 4.4M by default) trained at (steps,
+    batch, seq); every sequence a router trains on and every sequence an expert trains on is scored by all E
+    routers on its prefix."""
+    spec = spec or PRESETS["paper-router-4.4m"]
     training = experts * 3 * forward_flops(spec, router_seq, router_batch, "paper") * router_steps
     scored = experts * router_steps * router_batch + experts * expert_steps * expert_batch
     return training + scored * experts * forward_flops(spec, prefix, 1, "paper")

@@ -29,7 +29,7 @@ def plan(cfg: Config, vocab_size: int | None = None) -> dict:
     router_batch = rc.train.micro_batch_size * rc.train.grad_accum
     experts_flops = rc.experts * training_flops(expert, seq, batch, steps, "paper")
     trunk_flops = training_flops(expert, seq, batch, trunk, "paper") if trunk else 0.0
-    overhead = paper_router_overhead(rc.experts, router_steps, router_batch, seq, rc.prefix, steps, batch) \
+    overhead = paper_router_overhead(rc.experts, router_steps, router_batch, seq, rc.prefix, steps, batch, router) \
         if rc.method == "em" else 0.0
     start = {"trunk": "from the trunk", "pretrained": f"from {cfg.experts.pretrained}",
              "scratch": "from scratch"}[cfg.experts.init]
@@ -40,8 +40,10 @@ def plan(cfg: Config, vocab_size: int | None = None) -> dict:
             "partition: score every training sequence with all routers (torchrun-parallel)",
             *[f"expert {k:02d}: {steps} steps x batch {batch} x {seq} tokens = "
               f"{steps * batch * seq / 1e9:.2f}B tokens, {start}" for k in range(rc.experts)],
-            f"dense (matched in full: experts + routing FLOPs, match={cfg.dense.match}, {start}): "
-            f"{(experts_flops + overhead) / training_flops(expert, seq, 1, 1, 'paper') * seq / 1e9:.2f}B tokens"
+            f"dense (matched in full: trunk + experts + routing FLOPs, match={cfg.dense.match}, "
+            f"{'from ' + str(cfg.experts.pretrained) if cfg.experts.init == 'pretrained' else 'from scratch'}): "
+            f"{(trunk_flops + experts_flops + overhead) / training_flops(expert, seq, 1, 1, 'paper') * seq / 1e9:.2f}"
+            "B tokens"
             + (f"; experts only: {rc.experts * steps * batch * seq / 1e9:.2f}B tokens" if cfg.dense.experts_only
                else "")]
     return {"jobs": jobs, "expert_params": count_params(expert), "router_params": count_params(router),
