@@ -201,15 +201,16 @@ metric_list:
 """
 
 
-def _tasks(tmp_path: Path) -> Path:
+def _tasks(tmp_path: Path, query_words: int = 24) -> Path:
     """24 items from the three synthetic domains; every context is longer than the routing prefix (16 tokens),
     so both sides route on the same tokens (lm-eval's `hf` model passes no attention mask: a shorter row would
-    be routed with its padding)."""
+    be routed with its padding). `query_words`: the words of each context."""
     docs = make_documents(24, seed=9)
     words = [d["text"].split() for d in docs]
-    mc = [{"query": " ".join(w[:24]), "choices": [" " + " ".join(words[(i + j) % 24][24:27]) for j in range(3)],
+    n = query_words
+    mc = [{"query": " ".join(w[:n]), "choices": [" " + " ".join(words[(i + j) % 24][n:n + 3]) for j in range(3)],
            "gold": 0} for i, w in enumerate(words)]
-    gen = [{"query": " ".join(w[:24]), "answer": " ".join(w[24:26])} for w in words]
+    gen = [{"query": " ".join(w[:n]), "answer": " ".join(w[n:n + 2])} for w in words]
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     for name, rows, template in (("mc", mc, MC_TASK), ("gen", gen, GEN_TASK)):
