@@ -123,6 +123,7 @@ def test_lm_evals_api_models_against_the_server(pipeline_run, tmp_path):
     import subprocess
     import sys
 
+    import httpx
     from transformers import AutoTokenizer
 
     from smalltalk.evaluation.lm_harness import evaluate_downstream
@@ -153,6 +154,28 @@ def test_lm_evals_api_models_against_the_server(pipeline_run, tmp_path):
              "--output_path", str(out),
              "--log_samples"], capture_output=True, text=True, env=env, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
+        (tmp_path / "chat").mkdir()
+        chat_tasks = _tasks(tmp_path / "chat", query_words=4)  # chat template (23 tokens) + 4 words + 8 fit in 64
+        chat = subprocess.run(  # the docs' chat command: its texts are the chat endpoint's own greedy answers
+            [sys.executable, "-m", "lm_eval", "--model", "local-chat-completions", "--apply_chat_template",
+             "--model_args", f"base_url={base}/v1/chat/completions,model=smalltalk,num_concurrent=1,max_retries=1",
+             "--tasks", "smalltalk_hf_gen", "--include_path", str(chat_tasks), "--output_path", str(tmp_path / "chat"),
+             "--log_samples"], capture_output=True, text=True, env=env, timeout=900)
+        assert chat.returncode == 0, chat.stderr[-3000:]
+        (path,) = (tmp_path / "chat").rglob("samples_smalltalk_hf_gen_*.jsonl")
+        chatted = [json.loads(line) for line in path.read_text().splitlines()]
+        assert len(chatted) == 24
+        for sample in chatted:
+            arguments = sample["arguments"]
+            messages = arguments["gen_args_0"]["arg_0"] if isinstance(arguments, dict) else arguments[0][0]
+            messages = messages[0] if isinstance(messages, list) and isinstance(messages[0], str) else messages
+            messages = json.loads(messages) if isinstance(messages, str) else messages  # logged as JSON text
+            answer = httpx.post(f"{base}/v1/chat/completions", json={
+                "model": "smalltalk", "messages": messages, "max_tokens": 8, "temperature": 0, "stop": ["\n"]},
+                timeout=60)
+            assert answer.status_code == 200, (messages, answer.text)
+            own = answer.json()["choices"][0]["message"]["content"]
+            assert sample["resps"][0][0] == own, (messages, sample["resps"][0][0], own)
     finally:
         proc.terminate()
         proc.wait(timeout=20)

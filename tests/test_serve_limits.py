@@ -80,6 +80,7 @@ class _Backend(BaseHTTPRequestHandler):
     server: we test what our front does with its replies, not the backend)."""
 
     mode = "garbage"
+    seen: list[tuple[str | None, str, str]] = []  # (Authorization, the body's model, the path) of each POST
 
     def log_message(self, *args) -> None:
         pass
@@ -90,7 +91,8 @@ class _Backend(BaseHTTPRequestHandler):
     trickled: list[int] = []  # chunks each "trickle" reply managed to write before its reader went away
 
     def do_POST(self) -> None:  # noqa: N802
-        self.rfile.read(int(self.headers["Content-Length"]))
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.seen.append((self.headers.get("Authorization"), body.get("model"), self.path))
         if self.mode == "trickle":
             return self._trickle()
         if self.mode == "slow":
@@ -167,6 +169,29 @@ def test_a_malformed_or_slow_backend_gives_502_or_504_and_health_hides_its_url(p
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
         assert time.perf_counter() - started < 10
+    finally:
+        front.terminate()
+        front.wait(timeout=20)
+        backend.shutdown()
+
+
+def test_the_front_sends_the_backend_key_and_the_model_id_the_backend_lists(pipeline_run):
+    """docs/serving.md: the key for the backends comes from SMALLTALK_BACKEND_API_KEY, and each request names
+    the model id the backend's /v1/models lists (vLLM names a model after its path)."""
+    run = pipeline_run[0]
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{backend.server_address[1]}/v1"
+    experts = SmallTalkMixture.from_pretrained(run).num_experts
+    urls = [x for k in range(experts) for x in ("--expert-url", f"{k}={url}")]
+    front, base = _start(run, "--backend", "openai", *urls,
+                         env={**os.environ, "SMALLTALK_BACKEND_API_KEY": "bk-s3cret"})
+    try:
+        _Backend.mode, _Backend.seen[:] = "garbage", []
+        r = httpx.post(f"{base}/v1/completions", json={"model": "smalltalk", "prompt": "xyz_ {} = 1",
+                                                       "max_tokens": 4}, timeout=30)
+        assert r.status_code == 502  # the reply is garbage; what matters is what the backend was sent
+        assert _Backend.seen == [("Bearer bk-s3cret", "x", "/v1/completions")]
     finally:
         front.terminate()
         front.wait(timeout=20)

@@ -226,3 +226,52 @@ def test_chat_content_as_text_parts_answers_as_the_string_and_other_parts_are_a_
         client.chat.completions.create(model="smalltalk", max_tokens=4, messages=[{"role": "user", "content": [
             {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}])
     assert "image_url" in str(error.value) and error.value.status_code == 400
+
+
+def test_include_usage_adds_one_usage_chunk_equal_to_the_unstreamed_usage(server):
+    """docs/serving.md: `stream_options: {"include_usage": true}` adds a usage chunk before [DONE]."""
+    base, _ = server
+    client = _client(base)
+    fields = {"model": "smalltalk", "prompt": PROMPT, "max_tokens": 6, "n": 2, **SAMPLED}
+    whole = client.completions.create(**fields)
+    chunks = list(client.completions.create(stream=True, stream_options={"include_usage": True}, **fields))
+    assert chunks[-1].usage is not None and not chunks[-1].choices
+    assert all(c.usage is None for c in chunks[:-1])
+    assert chunks[-1].usage.model_dump() == whole.usage.model_dump()
+    plain = list(client.completions.create(stream=True, **fields))
+    assert all(c.usage is None for c in plain)
+
+
+def test_token_ids_outside_the_vocabulary_are_a_400(server):
+    import httpx
+
+    base, run = server
+    vocab = len(SmallTalkMixture.from_pretrained(run).tokenizer)
+    for prompt in ([5, 6, vocab], [[5, 6, 7], [5, -1, 7]]):
+        r = httpx.post(f"{base}/v1/completions", headers={"Authorization": "Bearer sk-test"},
+                       json={"model": "smalltalk", "prompt": prompt, "max_tokens": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+        assert "outside the vocabulary" in r.json()["error"]["message"]
+
+
+def test_a_bug_of_ours_is_a_counted_json_500_and_the_server_goes_on(pipeline_run):
+    """A fault injected where a bug would raise (the engine's generate): a JSON 500 `internal_error`, an error
+    event inside a stream that already began, both counted in /metrics; the next request answers 200."""
+    from fastapi.testclient import TestClient
+
+    from smalltalk.serving.app import create_app
+
+    engine = SerialEngine(SmallTalkMixture.from_pretrained(pipeline_run[0]), "smalltalk", 64)
+    generate = engine.generate
+    body = {"model": "smalltalk", "prompt": PROMPT, "max_tokens": 3}
+    with TestClient(create_app(engine), raise_server_exceptions=False) as http:
+        engine.generate = lambda *a, **k: 1 / 0
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
+        assert "ZeroDivisionError" in r.json()["error"]["message"]
+        streamed = http.post("/v1/completions", json={**body, "stream": True})
+        assert streamed.status_code == 200 and '"internal_error"' in streamed.text
+        metrics = http.get("/metrics").text
+        assert 'smalltalk_requests_total{endpoint="completions",status="500"} 2' in metrics, metrics
+        engine.generate = generate
+        assert http.post("/v1/completions", json=body).status_code == 200
