@@ -97,15 +97,29 @@ def test_lm_eval_local_task_matches_direct_expert_scoring(pipeline_run, tmp_path
 
 
 def test_generate_until_with_more_new_tokens_than_the_context(pipeline_run):
-    """lm-eval may ask for max_gen_toks >= the model's length: the context is cut to leave room, no error."""
+    """lm-eval may ask for max_gen_toks >= the model's length: the request is routed on its context's first M
+    tokens, the context is cut to its last token to leave room for max_length - 1 new ones, no error. Reference:
+    HF routers pick the expert, HF `generate` of that plain Llama directory continues the last token."""
     from types import SimpleNamespace
+
+    from transformers import AutoModelForCausalLM
 
     from smalltalk.evaluation.lm_harness import SmallTalkLM
 
-    lm = SmallTalkLM(str(pipeline_run[0]))
-    request = SimpleNamespace(args=("xyz_ {} = 1 " * 40, {"until": ["\n\n"], "max_gen_toks": 10 * lm.max_length}))
+    from .conftest import hf_prefix_loglik, router_model_dirs
+
+    run = pipeline_run[0]
+    lm = SmallTalkLM(str(run))
+    context = "xyz_ {} = 1 " * 40
+    request = SimpleNamespace(args=(context, {"until": ["\n\n"], "max_gen_toks": 10 * lm.max_length}))
     (text,) = lm.generate_until([request])
-    assert isinstance(text, str)
+    ids = lm.tok(context, add_special_tokens=False, return_tensors="pt").input_ids
+    assert ids.shape[1] > lm.max_length  # the context alone overflows the model
+    expert = int(hf_prefix_loglik(router_model_dirs(run / "routers"), ids[:, :lm.mixture.prefix]).argmax())
+    model = AutoModelForCausalLM.from_pretrained(str(run / lm.mixture.manifest["expert_dirs"][expert])).eval()
+    own = model.generate(ids[:, -1:], max_new_tokens=lm.max_length - 1, do_sample=False,
+                         pad_token_id=lm.tok.eos_token_id, eos_token_id=lm.tok.eos_token_id)
+    assert text == lm.tok.decode(own[0, 1:], skip_special_tokens=True).split("\n\n")[0]
 
 
 def test_lm_evals_api_models_against_the_server(pipeline_run, tmp_path):

@@ -275,3 +275,41 @@ def test_a_bug_of_ours_is_a_counted_json_500_and_the_server_goes_on(pipeline_run
         assert 'smalltalk_requests_total{endpoint="completions",status="500"} 2' in metrics, metrics
         engine.generate = generate
         assert http.post("/v1/completions", json=body).status_code == 200
+
+
+def _metric(text: str, name: str) -> float:
+    """The value of the Prometheus line `name VALUE` (labels included in `name`); 0 when the line is absent."""
+    values = [float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.rsplit(" ", 1)[0] == name]
+    return values[0] if values else 0.0
+
+
+def test_metrics_count_each_request_its_tokens_and_expert_behind_the_key_and_health_says_counts_only(server):
+    """docs/serving.md's /metrics and /health: one answered completion moves the request, token, latency, routing
+    and per-expert counters by exactly its own usage; /metrics needs the key, /health does not and holds counts
+    only; `smalltalk serve` without --host listens on loopback alone."""
+    import httpx
+    import psutil
+
+    base, _ = server
+    key = {"Authorization": "Bearer sk-test"}
+    assert httpx.get(f"{base}/metrics").status_code == 401
+    before = httpx.get(f"{base}/metrics", headers=key).text
+    answer = _client(base).completions.create(model="smalltalk", prompt=PROMPT, max_tokens=5, temperature=0)
+    after = httpx.get(f"{base}/metrics", headers=key).text
+    expert = answer.model_extra["smalltalk"]["expert"]
+    moved = {name: _metric(after, name) - _metric(before, name) for name in (
+        'smalltalk_requests_total{endpoint="completions",status="200"}', "smalltalk_prompt_tokens_total",
+        "smalltalk_completion_tokens_total", "smalltalk_request_latency_seconds_count",
+        f'smalltalk_expert_requests_total{{expert="{expert}"}}', "smalltalk_routing_seconds_sum",
+        "smalltalk_request_latency_seconds_sum")}
+    assert moved.pop('smalltalk_requests_total{endpoint="completions",status="200"}') == 1
+    assert moved.pop("smalltalk_prompt_tokens_total") == answer.usage.prompt_tokens
+    assert moved.pop("smalltalk_completion_tokens_total") == answer.usage.completion_tokens
+    assert moved.pop("smalltalk_request_latency_seconds_count") == 1
+    assert moved.pop(f'smalltalk_expert_requests_total{{expert="{expert}"}}') == 1
+    assert 0 < moved["smalltalk_routing_seconds_sum"] <= moved["smalltalk_request_latency_seconds_sum"]
+    health = httpx.get(f"{base}/health").json()  # no key
+    assert health["status"] == "ok" and all(isinstance(v, int | list) for k, v in health.items() if k != "status")
+    port = int(base.rsplit(":", 1)[1])
+    listening = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port}
+    assert listening == {"127.0.0.1"}, listening
