@@ -126,3 +126,17 @@ def test_the_paper_em_sees_each_sequence_of_its_share_once_per_round():
     assert cfg8.routing.steps_per_round() == 16
     pinned = load_config(TINY_CONFIG)  # the tests' fixed M-step is a named departure
     assert pinned.routing.share_passes is None and pinned.routing.steps_per_round() == pinned.routing.train.steps
+
+
+def test_the_chat_prompt_is_role_marker_lines_for_serving_and_sft_alike(prepared_run):
+    """docs/serving.md's chat template, literally: each message "<|role|>\\ncontent\\n", then "<|assistant|>\\n".
+    The server's prompt ids are those of that text, and SFT's example of the same turns plus an answer begins
+    with them (one format below both)."""
+    tok = AutoTokenizer.from_pretrained(prepared_run / "tokenizer")
+    messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "etaoin shrdlu"}]
+    text = "<|system|>\nbe brief\n<|user|>\netaoin shrdlu\n<|assistant|>\n"
+    served = Validator(tok, "smalltalk", 64, 8)({"messages": messages, "max_tokens": 2}, chat=True)["ids"][0]
+    assert served.tolist() == encode_text(tok, text)
+    tok.chat_template = CHAT_TEMPLATE  # what a run's tokenizer directory carries
+    ids, _ = encode(tok, [*messages, {"role": "assistant", "content": "abc"}])
+    assert ids[:len(served)] == served.tolist()

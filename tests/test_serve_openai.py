@@ -313,3 +313,36 @@ def test_metrics_count_each_request_its_tokens_and_expert_behind_the_key_and_hea
     port = int(base.rsplit(":", 1)[1])
     listening = {c.laddr.ip for c in psutil.net_connections("inet") if c.status == "LISTEN" and c.laddr.port == port}
     assert listening == {"127.0.0.1"}, listening
+
+
+def test_a_request_past_the_request_timeout_is_cancelled_with_504_streamed_too(pipeline_run):
+    """docs/serving.md: past `--request-timeout` a request's generation is cancelled and answered 504
+    `request_timeout` (streamed: an error event); the engine sees the cancel, and the next request answers 200.
+    The engine's generate is made to wait for its cancel event (at most 30 s), as a long generation would."""
+    import time
+
+    from fastapi.testclient import TestClient
+
+    from smalltalk.serving.app import create_app
+    from smalltalk.serving.protocol import Cancelled
+
+    engine = SerialEngine(SmallTalkMixture.from_pretrained(pipeline_run[0]), "smalltalk", 64)
+    generate, cancelled = engine.generate, []
+
+    def never_done(req, routing, on_text=None):
+        cancelled.append(req["cancel"].wait(30))
+        raise Cancelled
+
+    body = {"model": "smalltalk", "prompt": PROMPT, "max_tokens": 3}
+    with TestClient(create_app(engine, request_timeout=1.0), raise_server_exceptions=False) as http:
+        engine.generate = never_done
+        started = time.monotonic()
+        r = http.post("/v1/completions", json=body)
+        assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
+        assert time.monotonic() - started < 10
+        streamed = http.post("/v1/chat/completions", json={"model": "smalltalk", "stream": True, "max_tokens": 3,
+                                                           "messages": [{"role": "user", "content": "hi"}]})
+        assert streamed.status_code == 200 and '"request_timeout"' in streamed.text, streamed.text
+        assert cancelled == [True, True]  # the engine was told, both times
+        engine.generate = generate
+        assert http.post("/v1/completions", json=body).status_code == 200
