@@ -4,6 +4,7 @@ while batches run. Tests marked "Was:" failed on the code before issue #28's fix
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -130,18 +131,29 @@ class _Backend(BaseHTTPRequestHandler):
             pass
 
 
+@contextlib.contextmanager
+def _front_on_fake_backend(run, userinfo: str = "", *args: str, env: dict | None = None):
+    """`serve --backend openai` with every expert's URL on one `_Backend` (URL user info `userinfo`): (front's
+    base URL, the backend server); both stopped on exit."""
+    backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+    url = f"http://{userinfo}127.0.0.1:{backend.server_address[1]}/v1"
+    experts = SmallTalkMixture.from_pretrained(run).num_experts
+    urls = [x for k in range(experts) for x in ("--expert-url", f"{k}={url}")]
+    front, base = _start(run, "--backend", "openai", *urls, *args, env=env)
+    try:
+        yield base, backend
+    finally:
+        front.terminate()
+        front.wait(timeout=20)
+        backend.shutdown()
+
+
 def test_a_malformed_or_slow_backend_gives_502_or_504_and_health_hides_its_url(pipeline_run):
     """Was: a malformed backend reply gave a 500 (or a cut stream), a silent backend held the request for
     600 s, and the unauthenticated /health listed backend URLs with their credentials. Also: a client that
     leaves mid-stream stops the generation (here: the front stops reading a backend that streams for 5 s)."""
-    run = pipeline_run[0]
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-    url = f"http://user:s3cret@127.0.0.1:{backend.server_address[1]}/v1"
-    experts = SmallTalkMixture.from_pretrained(run).num_experts
-    urls = [x for k in range(experts) for x in ("--expert-url", f"{k}={url}")]
-    front, base = _start(run, "--backend", "openai", *urls, "--request-timeout", "2")
-    try:
+    with _front_on_fake_backend(pipeline_run[0], "user:s3cret@", "--request-timeout", "2") as (base, backend):
         health = httpx.get(f"{base}/health").text
         assert "s3cret" not in health and str(backend.server_address[1]) not in health
         body = {"model": "smalltalk", "prompt": "xyz_ {} = 1", "max_tokens": 4}
@@ -169,33 +181,18 @@ def test_a_malformed_or_slow_backend_gives_502_or_504_and_health_hides_its_url(p
         r = httpx.post(f"{base}/v1/completions", json=body, timeout=60)
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout"
         assert time.perf_counter() - started < 10
-    finally:
-        front.terminate()
-        front.wait(timeout=20)
-        backend.shutdown()
 
 
 def test_the_front_sends_the_backend_key_and_the_model_id_the_backend_lists(pipeline_run):
     """docs/serving.md: the key for the backends comes from SMALLTALK_BACKEND_API_KEY, and each request names
     the model id the backend's /v1/models lists (vLLM names a model after its path)."""
-    run = pipeline_run[0]
-    backend = ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
-    threading.Thread(target=backend.serve_forever, daemon=True).start()
-    url = f"http://127.0.0.1:{backend.server_address[1]}/v1"
-    experts = SmallTalkMixture.from_pretrained(run).num_experts
-    urls = [x for k in range(experts) for x in ("--expert-url", f"{k}={url}")]
-    front, base = _start(run, "--backend", "openai", *urls,
-                         env={**os.environ, "SMALLTALK_BACKEND_API_KEY": "bk-s3cret"})
-    try:
+    env = {**os.environ, "SMALLTALK_BACKEND_API_KEY": "bk-s3cret"}
+    with _front_on_fake_backend(pipeline_run[0], env=env) as (base, _):
         _Backend.mode, _Backend.seen[:] = "garbage", []
         r = httpx.post(f"{base}/v1/completions", json={"model": "smalltalk", "prompt": "xyz_ {} = 1",
                                                        "max_tokens": 4}, timeout=30)
         assert r.status_code == 502  # the reply is garbage; what matters is what the backend was sent
         assert _Backend.seen == [("Bearer bk-s3cret", "x", "/v1/completions")]
-    finally:
-        front.terminate()
-        front.wait(timeout=20)
-        backend.shutdown()
 
 
 # ---- memory bound of the batched engine -------------------------------------------------------------------
