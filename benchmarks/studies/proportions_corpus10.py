@@ -22,7 +22,13 @@ dense model beaten at E = 4 and 8.
 Resumable and shareable like the evidence grid (one process per core on one --root; rows appended to --json).
 
   python benchmarks/studies/proportions_corpus10.py [--root runs/proportions] [--seeds 0 1 2] [--experts 4 8]
-      [--rows ...] [--final] [--table-only]
+      [--rows ...] [--steps N] [--final] [--table-only]
+
+--steps N: a named cheaper variant, each expert trained N steps instead of the config's 1600 (its runs in
+ROOT/stepsN, its rows in proportions_corpus10_stepsN.json, never mixed with the grid's): a row of the grid costs
+~4 h of one core (three dense models of the whole budget each), more than a working session's machine lives.
+With fewer expert steps the routing's fixed cost is a larger share of the budget: judge routing quality there,
+the share targets at the config's steps.
 
 Data: `smalltalk corpus corpus10 runs/corpus10-data --install` builds corpus10 (docs/corpus10.md).
 """
@@ -79,14 +85,15 @@ def ready(root: Path, experts: int, row: str, seed: int) -> bool:
     return not (row in TWIN and claimed_by_other(root, twin.name) and not (twin / "eval" / "results.json").is_file())
 
 
-def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict | None:
+def run_one(root: Path, experts: int, row: str, seed: int, final: bool, steps: int | None = None) -> dict | None:
     run = root / run_name(experts, row, seed)
     if row in TWIN:
         for kind in ("matched", "inference"):
             share_matched_dense(run, root / run_name(experts, TWIN[row], seed), kind)
     seeds = [f"{key}={seed}" for key in ("data.order_seed", "routing.seed", "routing.train.seed", "train.seed")]
     overrides = [f"data.inputs=[{CORPUS}]", f"routing.experts={experts}", "dense.bigger=false",
-                 "dense.inference=true", "dense.experts_only=false", *ROWS[row], *seeds]
+                 "dense.inference=true", "dense.experts_only=false", *ROWS[row], *seeds,
+                 *([f"train.steps={steps}"] if steps else [])]
     started = time.perf_counter()
     results = run_and_results(run, overrides, final)
     if results is None:
@@ -97,7 +104,8 @@ def run_one(root: Path, experts: int, row: str, seed: int, final: bool) -> dict 
     flops = results["flops"]["exact"]
     inference = flops["inference"]
     mixture = main["mixture_after"]["ppl"]
-    return {"experts": experts, "row": row, "seed": seed, "split": results["split"], "mixture_ppl": mixture,
+    return {"experts": experts, "row": row, "seed": seed, "steps": steps, "split": results["split"],
+            "mixture_ppl": mixture,
             "dense_ppl": main["dense_matched_after"]["ppl"], "ratio_full": mixture / main["dense_matched_after"]["ppl"],
             "ratio_inference": mixture / main["dense_inference_after"]["ppl"],
             "ratio_experts_only": (mixture / main["dense_matched-experts_after"]["ppl"]
@@ -114,7 +122,9 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         groups.setdefault((r["experts"], r["row"]), []).append(r)
     split = rows[0]["split"] if rows else "validation"
-    out = [f"{split} split, mixture ppl ÷ dense ppl after M̂ = {MAIN_PREFIX}; mean ± sd over seeds; dense from "
+    steps = {r.get("steps") for r in rows} - {None}
+    variant = f"the variant of {', '.join(map(str, sorted(steps)))} steps per expert; " if steps else ""
+    out = [f"{variant}{split} split, mixture ppl ÷ dense ppl after M̂ = {MAIN_PREFIX}; mean ± sd over seeds; dense from "
            "scratch, one schedule, the whole budget", "",
            "| E | row | seeds | ÷ dense matched in full | ÷ dense matched at inference | ÷ dense experts only | "
            "routing / training FLOPs | routing / inference FLOPs |", "|---|---|---|---|---|---|---|---|"]
@@ -181,11 +191,13 @@ def main() -> int:
     ap.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     ap.add_argument("--json", help="default benchmarks/results/proportions_corpus10.json (_final.json with --final): "
                     "committed, so the next session skips the rows it holds")
+    ap.add_argument("--steps", type=int, help="the cheaper variant: N steps per expert (see above)")
     ap.add_argument("--final", action="store_true", help="the test split of every finished run, once")
     ap.add_argument("--table-only", action="store_true")
     args = ap.parse_args()
-    root = Path(args.root)
-    default = RESULTS / ("proportions_corpus10_final.json" if args.final else "proportions_corpus10.json")
+    variant = f"_steps{args.steps}" if args.steps else ""
+    root = Path(args.root) / variant.lstrip("_")
+    default = RESULTS / f"proportions_corpus10{variant}{'_final' if args.final else ''}.json"
     path = Path(args.json) if args.json else default
     if args.table_only:
         print(table(json.loads(path.read_text())["rows"]))
@@ -193,7 +205,7 @@ def main() -> int:
     if corpus_missing():
         return 0
     return work_through(plan(args.experts, args.seeds, args.rows), root, path, run_name,
-                        lambda root, *job: run_one(root, *job, args.final),
+                        lambda root, *job: run_one(root, *job, args.final, args.steps),
                         lambda r: (r["experts"], r["row"], r["seed"]), table, ready)
 
 
