@@ -2,6 +2,8 @@
 (a string, a list of strings, token ids, lists of token ids), streamed and not; and `stop` in the serial
 engine too."""
 
+import contextlib
+
 import pytest
 
 from smalltalk.mixture.model import SmallTalkMixture
@@ -13,6 +15,7 @@ from .test_serve_engines import _complete
 pytestmark = pytest.mark.slow
 PROMPT = "xyz_ {} = 1 + 2"
 SAMPLED = {"temperature": 1.0, "seed": 5}  # seeded: the same draws with and without a stop string
+BODY = {"model": "smalltalk", "prompt": PROMPT, "max_tokens": 3}
 
 
 @pytest.fixture(scope="module")
@@ -254,27 +257,33 @@ def test_token_ids_outside_the_vocabulary_are_a_400(server):
         assert "outside the vocabulary" in r.json()["error"]["message"]
 
 
-def test_a_bug_of_ours_is_a_counted_json_500_and_the_server_goes_on(pipeline_run):
-    """A fault injected where a bug would raise (the engine's generate): a JSON 500 `internal_error`, an error
-    event inside a stream that already began, both counted in /metrics; the next request answers 200."""
+@contextlib.contextmanager
+def _app_whose_generate_is(run, fault, **app_settings):
+    """The real app in process over a serial engine whose generate is `fault`; on leaving, generate is restored
+    and the next request must answer 200 (the server goes on)."""
     from fastapi.testclient import TestClient
 
     from smalltalk.serving.app import create_app
 
-    engine = SerialEngine(SmallTalkMixture.from_pretrained(pipeline_run[0]), "smalltalk", 64)
-    generate = engine.generate
-    body = {"model": "smalltalk", "prompt": PROMPT, "max_tokens": 3}
-    with TestClient(create_app(engine), raise_server_exceptions=False) as http:
-        engine.generate = lambda *a, **k: 1 / 0
-        r = http.post("/v1/completions", json=body)
+    engine = SerialEngine(SmallTalkMixture.from_pretrained(run), "smalltalk", 64)
+    generate, engine.generate = engine.generate, fault
+    with TestClient(create_app(engine, **app_settings), raise_server_exceptions=False) as http:
+        yield http
+        engine.generate = generate
+        assert http.post("/v1/completions", json=BODY).status_code == 200
+
+
+def test_a_bug_of_ours_is_a_counted_json_500_and_the_server_goes_on(pipeline_run):
+    """A fault injected where a bug would raise (the engine's generate): a JSON 500 `internal_error`, an error
+    event inside a stream that already began, both counted in /metrics; the next request answers 200."""
+    with _app_whose_generate_is(pipeline_run[0], lambda *a, **k: 1 / 0) as http:
+        r = http.post("/v1/completions", json=BODY)
         assert r.status_code == 500 and r.json()["error"]["code"] == "internal_error", r.text
         assert "ZeroDivisionError" in r.json()["error"]["message"]
-        streamed = http.post("/v1/completions", json={**body, "stream": True})
+        streamed = http.post("/v1/completions", json={**BODY, "stream": True})
         assert streamed.status_code == 200 and '"internal_error"' in streamed.text
         metrics = http.get("/metrics").text
         assert 'smalltalk_requests_total{endpoint="completions",status="500"} 2' in metrics, metrics
-        engine.generate = generate
-        assert http.post("/v1/completions", json=body).status_code == 200
 
 
 def _metric(text: str, name: str) -> float:
@@ -321,28 +330,20 @@ def test_a_request_past_the_request_timeout_is_cancelled_with_504_streamed_too(p
     The engine's generate is made to wait for its cancel event (at most 30 s), as a long generation would."""
     import time
 
-    from fastapi.testclient import TestClient
-
-    from smalltalk.serving.app import create_app
     from smalltalk.serving.protocol import Cancelled
 
-    engine = SerialEngine(SmallTalkMixture.from_pretrained(pipeline_run[0]), "smalltalk", 64)
-    generate, cancelled = engine.generate, []
+    cancelled = []
 
     def never_done(req, routing, on_text=None):
         cancelled.append(req["cancel"].wait(30))
         raise Cancelled
 
-    body = {"model": "smalltalk", "prompt": PROMPT, "max_tokens": 3}
-    with TestClient(create_app(engine, request_timeout=1.0), raise_server_exceptions=False) as http:
-        engine.generate = never_done
+    with _app_whose_generate_is(pipeline_run[0], never_done, request_timeout=1.0) as http:
         started = time.monotonic()
-        r = http.post("/v1/completions", json=body)
+        r = http.post("/v1/completions", json=BODY)
         assert r.status_code == 504 and r.json()["error"]["code"] == "request_timeout", r.text
         assert time.monotonic() - started < 10
         streamed = http.post("/v1/chat/completions", json={"model": "smalltalk", "stream": True, "max_tokens": 3,
                                                            "messages": [{"role": "user", "content": "hi"}]})
         assert streamed.status_code == 200 and '"request_timeout"' in streamed.text, streamed.text
         assert cancelled == [True, True]  # the engine was told, both times
-        engine.generate = generate
-        assert http.post("/v1/completions", json=body).status_code == 200
