@@ -110,6 +110,33 @@ def test_sbatch_script_runs_the_same_jobs_as_local(pipeline_run, tmp_path, capsy
         assert task == local
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs 2 cores to pin this process to one of them")
+def test_launched_jobs_split_the_cores_this_process_may_use_not_the_machines(pipeline_run, tmp_path):
+    """A launcher pinned to one core (taskset, SLURM's CPU binding) gives its one job one thread: split from
+    os.cpu_count(), every pinned grid process ran as many threads as the machine has cores."""
+    run = _fresh_copy(pipeline_run, tmp_path / "pinned")
+    allowed = os.sched_getaffinity(0)
+    os.sched_setaffinity(0, {min(allowed)})
+    try:
+        assert cli("launch", "--config", TINY_CONFIG, "--run", run, "--stage", "experts", "--parallel", "1") == 0
+    finally:
+        os.sched_setaffinity(0, allowed)
+    for k in range(3):
+        command = json.loads((run / "jobs" / f"experts-{k:02d}.json").read_text())["command"]
+        assert "train.num_threads=1 " in command, command
+
+
+def test_a_process_given_one_thread_gives_its_jobs_one(monkeypatch):
+    from smalltalk.host import threads_per_job, usable_cores
+
+    cores = usable_cores()
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert usable_cores() == 1 and threads_per_job(1) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "64")  # more than the process has: its cores
+    assert usable_cores() == cores and threads_per_job(2) == max(1, cores // 2)
+
+
 def test_status_reports_a_failed_expert(pipeline_run, tmp_path, capsys):
     run = _fresh_copy(pipeline_run, tmp_path / "failing")
     (run / "partition" / "expert_01.npy").write_bytes(b"not a numpy file")

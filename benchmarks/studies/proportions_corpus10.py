@@ -19,7 +19,8 @@ inference FLOPs. Targets (issue #40, 3 seeds): at E = 4 routing <= 10% of the mi
 <= 3% of its training FLOPs; mixture / dense <= 0.85 at E = 4 and <= 0.76 at E = 8; the inference-matched
 dense model beaten at E = 4 and 8.
 
-Resumable and shareable like the evidence grid (one process per core on one --root; rows appended to --json).
+Resumable and shareable like the evidence grid (one process per core on one --root, each with OMP_NUM_THREADS=1;
+rows appended to --json).
 
   python benchmarks/studies/proportions_corpus10.py [--root runs/proportions] [--seeds 0 1 2] [--experts 4 8]
       [--rows ...] [--steps N] [--final] [--table-only]

@@ -16,6 +16,7 @@ twin's dense model (copied, checked) and its routers and partition (hard links).
 
 The rule printed: for each (routing, start), the regime is the cheapest point (fewest training FLOPs) whose mean
 ratio is within the seed spread of the best point's. The figure: docs/regime_map.png (--plot).
+Resumable: one process per core on one --root, each with OMP_NUM_THREADS=1; rows appended to --json.
 
   python benchmarks/studies/regime_corpus10.py [--root runs/regime] [--seeds 0 1] [--points ...] [--table-only]
       [--plot PNG]

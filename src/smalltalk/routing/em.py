@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
@@ -22,6 +21,7 @@ from smalltalk.data.order import ChunkStream
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import atomic_dir, atomic_file, read_json, write_json
+from smalltalk.host import threads_per_job
 from smalltalk.layout import RouterFiles, manifest_of
 from smalltalk.llama import ModelSpec, resolve_spec
 from smalltalk.routing.assignment import argmax_assignment, balanced_assignment, check_finite
@@ -151,7 +151,7 @@ def _run_round(cfg: Config, spec: ModelSpec, data_dir: Path, out_dir: Path, chun
     train_cfg = dataclasses.replace(rc.train, seq_len=rc.prefix, steps=(r + 1) * steps,
                                     schedule_steps=rc.rounds * steps, progress=False)
     distinct = rc.router_init == "distinct"  # else every router starts from the same weights
-    threads = max(1, (os.cpu_count() or 1) // rc.parallel) if rc.parallel > 1 else rc.train.num_threads
+    threads = threads_per_job(rc.parallel) if rc.parallel > 1 else rc.train.num_threads
     jobs = [(spec, dataclasses.replace(train_cfg, seed=train_cfg.seed + e) if distinct else train_cfg, str(data_dir),
              str(RouterFiles(out_dir).router(name).root), chunk_ids[assignment == e], f"router {name} round {r}",
              threads) for e, name in enumerate(names)]

@@ -20,6 +20,7 @@ from pathlib import Path
 from smalltalk.config import Config, save_config
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json, write_json
+from smalltalk.host import threads_per_job
 from smalltalk.layout import RunLayout, manifest_of
 
 # The `smalltalk` verbs that run a stage of a run as one job; each reads RUN/config.json.
@@ -72,7 +73,7 @@ def _last_error(log: Path) -> str | None:
 def launch_experts_local(run: RunLayout, steps: int, parallel: int) -> list[dict]:
     """Run (or re-attach to) every expert job of the run's partition; returns the final job records."""
     experts = run.num_experts()
-    threads = max(1, (os.cpu_count() or 1) // max(1, parallel))
+    threads = threads_per_job(parallel)
     local = ["--set", f"train.num_threads={threads}", "--set", "train.progress=false"]  # this machine's cores
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     run.jobs.mkdir(parents=True, exist_ok=True)
@@ -122,7 +123,7 @@ def run_stage_local(run: RunLayout, stage: str) -> None:
 def parts_local(run: RunLayout, stage: str, parts: int) -> None:
     """A stage of IN_PARTS as `parts` processes at once (part K of P each, threads split evenly), then the
     merge. A rerun skips finished parts: each is written atomically."""
-    threads = max(1, (os.cpu_count() or 1) // parts)
+    threads = threads_per_job(parts)
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     procs = [subprocess.Popen([sys.executable, "-m", "smalltalk.cli", *stage_args(run, stage, k, parts)],
                               env=env) for k in range(parts)]
