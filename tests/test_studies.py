@@ -83,6 +83,12 @@ def test_the_proportions_rule_says_when_no_routing_ties_at_every_e_and_marks_few
     assert proportions.table(rows).startswith("the variant of 800 steps per expert; ")
 
 
+def test_the_paper_row_alone_decides_nothing():
+    text = proportions.table([_proportions_row(4, "paper", 0, 0.854, 0.29)])
+    assert "- no row of the routing candidates (default, router-0.01m, ngram-2, ngram-1) yet" in text, text
+    assert "no row ties" not in text
+
+
 def test_the_test_split_is_tabled_without_a_decision():
     rows = [{**_proportions_row(4, "default", 0, 0.8, 0.4), "split": "test"}]
     text = proportions.table(rows)

@@ -158,6 +158,8 @@ def decision(groups: dict[tuple[int, str], list[dict]]) -> list[str]:
         few = [row for row in ties if len(stats[row]) < 3]
         out.append(f"- E = {experts}: best {best} {mean_sd(stats[best])}; tied within the seed spread: "
                    f"{', '.join(ties)}" + (f" ({', '.join(few)}: fewer than 3 seeds, provisional)" if few else ""))
+    if not cost:
+        return [*out, f"- no row of the routing candidates ({', '.join(CANDIDATES)}) yet"]
     tied &= set(cost)
     if not tied:
         return [*out, "- no row ties with the best at every E: the choice depends on E"]
