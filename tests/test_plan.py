@@ -39,6 +39,31 @@ def test_plan_reproduces_paper_table3(capsys):
 
     root = CONFIGS
     assert main(["plan", "--config", str(root / "paper-335m.yaml")]) == 0
-    assert "experts 31.02e19 + routing 0.22e19" in capsys.readouterr().out
+    assert "experts 31.02e19 + routing 0.22e19 = 31.24e19 (routing 0.71%)" in capsys.readouterr().out
     assert main(["plan", "--config", str(root / "paper-1.3b.yaml")]) == 0
     assert "experts 1770.65e19 + routing 18.94e19" in capsys.readouterr().out
+
+
+def test_routing_without_router_lms_costs_no_gpu_hours_and_its_own_flops(capsys):
+    """n-gram routers: no GPU stage, the look-ups' operations counted as the run's FLOPs accounting counts
+    them (experts/budget.py); tf-idf / random / oracle: no routing FLOPs at all."""
+    from smalltalk.cli import main
+    from smalltalk.routing.ngram import OPS_PER_TOKEN, table_sizes
+    from smalltalk.run.plan import plan
+
+    cfg = load_config(CONFIGS / "paper-335m.yaml", ["routing.method=ngram"])
+    rc = cfg.routing
+    rows = {r["stage"]: r for r in resources(cfg, 989e12, 0.4)}
+    assert rows["routers (ngram)"]["hours"] is None and rows["partition"]["hours"] is None
+    pairs, contexts = table_sizes(cfg.model.vocab_size or cfg.tokenizer.vocab_size, rc.ngram_order, rc.ngram_buckets)
+    assert rows["routers (ngram)"]["disk"] == pytest.approx(4 * 4 * (pairs + contexts + 32_000), rel=0.01)
+    counted = rc.rounds * rc.chunk
+    scored = counted + 4 * 256_000 * 128  # every sequence EM counts and every one the experts train on
+    expected = OPS_PER_TOKEN * (counted * rc.prefix + scored * 4 * (rc.prefix - 1))
+    assert plan(cfg)["router_overhead_flops"] == pytest.approx(expected)
+    assert main(["plan", "--config", str(CONFIGS / "paper-335m.yaml"), "--set", "routing.method=ngram"]) == 0
+    out = capsys.readouterr().out
+    assert "n-gram routers of order 2, 4.5 MB of tables each" in out and "(routing < 0.01%)" in out, out
+    oracle = load_config(CONFIGS / "paper-335m.yaml", ["routing.method=oracle"])
+    assert plan(oracle)["router_overhead_flops"] == 0
+    assert {r["stage"]: r for r in resources(oracle, 989e12, 0.4)}["partition"]["hours"] is None

@@ -15,7 +15,7 @@ from smalltalk.data.shards import SplitData
 from smalltalk.experts.dense import spec_for_forward_flops
 from smalltalk.flops import forward_flops
 from smalltalk.llama import PRESETS
-from smalltalk.routing.ngram import NgramRouters, _table_sizes
+from smalltalk.routing.ngram import NgramRouters, table_sizes
 from smalltalk.routing.routers import load_routers, score_split
 
 from .conftest import ROUTING, TINY_CONFIG, cli
@@ -55,7 +55,7 @@ def test_ngram_scores_equal_a_dict_counted_reference(order, buckets):
     got = routers.score(scored)
     for e, share in enumerate((rows[:20], rows[20:])):
         want = [_reference_loglik(share.tolist(), row.tolist(), order, 8.0, vocab) for row in scored]
-        direct = _table_sizes(vocab, order, buckets)[0] == (vocab + 1) ** (order - 1) * vocab
+        direct = table_sizes(vocab, order, buckets)[0] == (vocab + 1) ** (order - 1) * vocab
         assert got[:, e] == pytest.approx(want, rel=1e-5 if direct else 0.01), (order, buckets, e)
 
 

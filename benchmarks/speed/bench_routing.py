@@ -6,6 +6,7 @@ Then balanced assignment for N = 1M, E = 32, and the partition of corpus10 (E = 
 the real `smalltalk partition`. Targets: scoring >= 40% of peak; assignment < 10 s. Medians of 3.
 
   python benchmarks/speed/bench_routing.py [--threads 2] [--run runs/routing10]
+  python benchmarks/speed/bench_routing.py --ngram    # count-based n-gram routers only
 """
 
 from __future__ import annotations
@@ -127,6 +128,28 @@ def bench_prompt(run: Path, repeats: int = 41) -> None:
           f"(target grouped <= 0.6x: {'met' if med['grouped'] <= 0.6 * med['expert'] else 'MISSED'})")
 
 
+def bench_ngram() -> None:
+    """Count-based n-gram routers (routing/ngram.py, bigrams): prefixes scored per second on this process's
+    threads (numpy: one core), at the demo's size and at paper-1.3b's (E = 32, 32k vocabulary, prefix 256,
+    hashed into 2^20 cells per router), and what partitioning paper-1.3b's 2.1B sequences would take."""
+    from smalltalk.routing.ngram import NgramRouters
+
+    print("| n-gram routers | E | vocab | prefix | prefixes/s | router-tokens/s |\n|---|---|---|---|---|---|")
+    rng = np.random.default_rng(0)
+    for experts, vocab, prefix in ((4, 512, 64), (32, 32000, 256)):
+        routers = NgramRouters.empty(experts, vocab, 2, float(vocab), 1 << 20)
+        for table in (routers.pairs, routers.contexts, routers.unigrams):
+            table[:] = rng.random(table.shape, dtype=np.float32)  # every cell counted: no cache-friendly zeros
+        tokens = rng.integers(0, vocab, (2048, prefix))
+        routers.score(tokens[:64])
+        rate = len(tokens) / median_time(lambda r=routers, t=tokens: r.score(t))
+        tokens_rate = rate * experts * (prefix - 1)
+        print(f"| order 2 | {experts} | {vocab} | {prefix} | {rate:,.0f} | {tokens_rate / 1e6:.0f}M |")
+    sequences = 32 * 512_000 * 128  # paper-1.3b: what its 32 experts train on
+    print(f"partitioning paper-1.3b ({sequences / 1e9:.1f}B sequences) at the last rate: "
+          f"{sequences / rate / 3600:,.0f} core-hours")
+
+
 def bench_assignment() -> None:
     scores = np.random.default_rng(0).normal(size=(1_000_000, 32)).astype(np.float32)
     scores -= np.linspace(0, 1, 32, dtype=np.float32)[None]  # some experts more popular than others
@@ -175,7 +198,11 @@ def main() -> int:
     ap.add_argument("--experts", nargs="+", type=int, default=[4, 10])
     ap.add_argument("--batch-tokens", type=int, default=16384, help="prefix tokens per scoring batch")
     ap.add_argument("--prompt", help="only time routing one prompt on this trained run (e.g. runs/demo)")
+    ap.add_argument("--ngram", action="store_true", help="only time count-based n-gram routers (one core)")
     args = ap.parse_args()
+    if args.ngram:
+        bench_ngram()
+        return 0
     if args.prompt:
         torch.set_num_threads(args.threads)
         bench_prompt(Path(args.prompt))

@@ -41,7 +41,7 @@ class NgramRouters:
 
     @classmethod
     def empty(cls, experts: int, vocab_size: int, order: int, prior: float, buckets: int) -> NgramRouters:
-        pair_size, context_size = _table_sizes(vocab_size, order, buckets)
+        pair_size, context_size = table_sizes(vocab_size, order, buckets)
         return cls(np.zeros((experts, pair_size), np.float32), np.zeros((experts, context_size), np.float32),
                    np.zeros((experts, vocab_size), np.float32), order, prior)
 
@@ -92,7 +92,7 @@ class NgramRouters:
             return cls(state["pairs"], state["contexts"], state["unigrams"], manifest["order"], manifest["prior"])
 
 
-def _table_sizes(vocab_size: int, order: int, buckets: int) -> tuple[int, int]:
+def table_sizes(vocab_size: int, order: int, buckets: int) -> tuple[int, int]:
     """Direct tables while every n-gram (and context) has its own cell within `buckets`, else `buckets`."""
     contexts = (vocab_size + 1) ** (order - 1)
     return min(contexts * vocab_size, buckets), min(contexts, buckets)
