@@ -50,6 +50,25 @@ def test_dense_matches_experts_tokens_and_bigger_matches_flops(pipeline_run):
         assert flops["dense_budget_ratio"][kind] == pytest.approx(1, rel=0.1)
 
 
+def test_dense_kinds_trained_side_by_side_equal_one_after_another(pipeline_run, tmp_path):
+    """The pipeline (experts.parallel = 2) trains the dense baselines as side-by-side jobs; `dense train` in
+    one process, one after another, gives every kind the same weights."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    src = RunLayout(pipeline_run[0])
+    kinds = sorted(d.name for d in src.dense.iterdir())
+    assert len(kinds) >= 3 and all(src.dense_job_log(k).is_file() for k in kinds), kinds
+    copy = RunLayout(tmp_path / "copy")
+    shutil.copytree(src.root, copy.root, ignore=shutil.ignore_patterns("dense", "jobs"))
+    assert cli("dense", "train", "--run", copy.root) == 0
+    assert not copy.jobs.exists() or not any(copy.jobs.glob("dense-*.log"))
+    for kind in kinds:
+        a, b = (load_file(str(r.dense_kind(kind) / "model" / "model.safetensors")) for r in (src, copy))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), kind
+
+
 def test_dense_match_batch_variant(pipeline_run, tmp_path):
     import shutil
 

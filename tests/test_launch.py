@@ -1,5 +1,6 @@
 """The local launcher survives its own death, SLURM scripts run the same jobs, status shows failures."""
 
+import contextlib
 import json
 import os
 import shlex
@@ -8,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -89,6 +91,44 @@ def test_relaunch_reattaches_to_running_jobs(pipeline_run, tmp_path):
     for k in range(3):
         a, b = (load_file(str(r / "experts" / f"{k:02d}" / "model" / "model.safetensors")) for r in (ref, run))
         assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), k
+
+
+def _processes_naming(text: str) -> list[int]:
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if text in (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode():
+                    pids.append(int(proc.name))
+    return pids
+
+
+def test_a_killed_dense_stage_leaves_no_job_behind_and_its_rerun_gives_the_same_weights(pipeline_run, tmp_path):
+    """`smalltalk run` trains the dense baselines side by side as child jobs; SIGKILLed (the run alone, not its
+    group: an OOM kill or a node's scheduler), its jobs die with it, and the rerun ends with the weights of
+    the uninterrupted run."""
+    from safetensors.torch import load_file
+
+    src, args = pipeline_run
+    run = tmp_path / "dense-killed"
+    shutil.copytree(src, run, ignore=shutil.ignore_patterns("dense", "jobs"))
+    command = [sys.executable, "-m", "smalltalk.cli", *[str(run) if a == src else str(a) for a in args]]
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    deadline = time.time() + 300
+    while len(_processes_naming(f"{run} --kind")) < 2:
+        assert proc.poll() is None and time.time() < deadline, "the dense jobs never started side by side"
+        time.sleep(0.05)
+    time.sleep(1.0)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.time() + 10
+    while _processes_naming(f"{run} --kind"):
+        assert time.time() < deadline, "dense jobs kept training after their stage was killed"
+        time.sleep(0.05)
+    subprocess.run(command, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, timeout=600)
+    for kind in sorted(d.name for d in (src / "dense").iterdir()):
+        a, b = (load_file(str(r / "dense" / kind / "model" / "model.safetensors")) for r in (src, run))
+        assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a), kind
 
 
 def test_sbatch_script_runs_the_same_jobs_as_local(pipeline_run, tmp_path, capsys):

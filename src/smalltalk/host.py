@@ -24,3 +24,16 @@ def usable_cores() -> int:
 def threads_per_job(jobs: int) -> int:
     """Threads for each of `jobs` processes run at once on this process's cores (at least 1)."""
     return max(1, usable_cores() // max(1, jobs))
+
+
+def die_with_parent() -> None:
+    """In a child process (Popen's preexec_fn): be killed when the process that started it dies (Linux's
+    PR_SET_PDEATHSIG), so a SIGKILLed stage leaves no job training on behind it; its rerun resumes the job
+    from its checkpoints. Elsewhere a no-op."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    except (AttributeError, OSError):
+        pass

@@ -125,6 +125,22 @@ def train_dense(cfg: Config, run: RunLayout, kind: str = "matched", resume: bool
     return summary
 
 
+def kinds_to_train(cfg: Config, run: RunLayout) -> list[str]:
+    """The dense kinds of the config not trained yet, one per distinct job: a kind whose job equals an earlier
+    kind's is linked to that one by `train_dense`, never trained itself."""
+    data, val = SplitData(run.data, "train"), SplitData(run.data, "validation")
+    seen: list[TrainJob] = []
+    pending = []
+    for kind in dense_kinds(cfg):
+        job = dataclasses.replace(_dense_job(cfg, run, kind, data, val), out_dir=run.dense, name="dense")
+        if any(job == other for other in seen):
+            continue
+        seen.append(job)
+        if run.dense_summary(kind) is None:
+            pending.append(kind)
+    return pending
+
+
 def _dense_job(cfg: Config, run: RunLayout, kind: str, data: SplitData, val: SplitData) -> TrainJob:
     seq = cfg.train.seq_len or data.seq_len
     spec, budget, init_from = dense_plan(cfg, run, kind, seq)

@@ -149,6 +149,9 @@ class RunLayout:
     def job_log(self, expert: int) -> Path:
         return self.jobs / f"experts-{expert:02d}.log"
 
+    def dense_job_log(self, kind: str) -> Path:
+        return self.jobs / f"dense-{kind}.log"
+
     def sbatch(self, stage: str) -> Path:
         return self.jobs / f"{stage}.sbatch"
 

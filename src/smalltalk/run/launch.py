@@ -20,7 +20,7 @@ from pathlib import Path
 from smalltalk.config import Config, save_config
 from smalltalk.errors import SmalltalkError
 from smalltalk.fsutil import read_json, write_json
-from smalltalk.host import threads_per_job
+from smalltalk.host import die_with_parent, threads_per_job
 from smalltalk.layout import RunLayout, manifest_of
 
 # The `smalltalk` verbs that run a stage of a run as one job; each reads RUN/config.json.
@@ -118,6 +118,33 @@ def run_stage_local(run: RunLayout, stage: str) -> None:
     command = [sys.executable, "-m", "smalltalk.cli", *stage_args(run, stage)]
     if subprocess.run(command).returncode != 0:
         raise SmalltalkError(f"stage {stage} failed", fix="read its output above")
+
+
+def dense_side_by_side(run: RunLayout, kinds: list[str], parallel: int) -> None:
+    """Dense baselines `kinds` as `smalltalk dense train --kind K` processes, `parallel` at a time (this
+    process's cores split evenly): they are independent jobs of the whole budget each, and a small model gains
+    little from a second thread (docs/benchmarks.md). Each writes RUN/jobs/dense-KIND.log, dies with this
+    process, and resumes from its checkpoints when rerun."""
+    threads = threads_per_job(min(parallel, len(kinds)))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    local = ["--set", f"train.num_threads={threads}", "--set", "train.progress=false"]
+    run.jobs.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for start in range(0, len(kinds), max(1, parallel)):
+        procs = {}
+        for kind in kinds[start:start + max(1, parallel)]:
+            with open(run.dense_job_log(kind), "a") as log:
+                procs[kind] = subprocess.Popen([sys.executable, "-m", "smalltalk.cli", *stage_args(run, "dense"),
+                                                "--kind", kind, *local], env=env, stdout=log,
+                                               stderr=subprocess.STDOUT, preexec_fn=die_with_parent)
+        for kind, proc in procs.items():
+            code = proc.wait()
+            print(f"dense {kind}: {'done' if code == 0 else 'failed'}", flush=True)
+            if code != 0:
+                failed.append(f"{kind} ({_last_error(run.dense_job_log(kind))})")
+    if failed:
+        raise SmalltalkError(f"dense baselines failed: {'; '.join(failed)}", where=str(run.jobs),
+                             fix="read RUN/jobs/dense-KIND.log, fix, and rerun (finished ones are kept)")
 
 
 def parts_local(run: RunLayout, stage: str, parts: int) -> None:

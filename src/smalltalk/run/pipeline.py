@@ -75,8 +75,16 @@ def _refine(cfg: Config, run: RunLayout) -> None:
 
 
 def _dense(cfg: Config, run: RunLayout) -> None:
-    from smalltalk.experts.dense import dense_kinds, train_dense
+    """The dense baselines: side by side as local jobs when `experts.parallel` > 1 (as the experts are), then
+    each kind in this process (a trained one is read, a duplicate job linked)."""
+    from smalltalk.experts.dense import dense_kinds, kinds_to_train, train_dense
 
+    pending = kinds_to_train(cfg, run) if cfg.experts.parallel > 1 else []
+    if len(pending) > 1:
+        from smalltalk.run.launch import dense_side_by_side
+
+        save_config(cfg, run.config_file)  # what the jobs read
+        dense_side_by_side(run, pending, cfg.experts.parallel)
     for kind in dense_kinds(cfg):
         train_dense(cfg, run, kind)
 
