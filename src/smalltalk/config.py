@@ -163,7 +163,7 @@ DEFAULTS_CHANGED = {"eval": {"top_k_temperatures": [1.0, 16.0]}}  # 32: chosen o
 
 @dataclass
 class ExpertsConfig:
-    parallel: int = 1  # expert jobs at once on this machine (threads are split between them)
+    parallel: int = 1  # expert (and dense) jobs at once on this machine (threads are split between them)
     materialize: bool = False  # write each share as RUN/experts-data/KK first (expert jobs then need only it)
     # Where every expert starts (experts/start.py): "scratch" (the paper), "trunk" (a dense model of the
     # experts' architecture trained on all the data first, as BTM / c-BTM) or "pretrained" (a local HF
