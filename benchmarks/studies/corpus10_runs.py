@@ -15,6 +15,7 @@ from pathlib import Path
 
 from smalltalk.cli import main as smalltalk
 from smalltalk.fsutil import pid_alive, write_json
+from smalltalk.host import usable_cores
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = ROOT / "runs" / "corpus10-data"  # built by the project: BUILD_CORPUS
@@ -181,6 +182,10 @@ def work_through(jobs: list[Job], root: Path, path: Path, run_name: Callable[...
     """The grid loop every corpus10 study shares: take the first pending job that is ready and free (processes
     on one machine claim runs, ROOT/.claims), run it, append its row to `path` under a lock, print the table;
     rows already in `path` are skipped, so a killed grid resumes. Returns 1 if any job failed."""
+    if usable_cores() > 1:
+        print(f"this grid process may use {usable_cores()} cores: when several share the machine, start each with "
+              "OMP_NUM_THREADS=1 (or under taskset), or their threads oversubscribe the cores "
+              "(docs/benchmarks.md)", flush=True)
     failed: set = set()
     while True:
         with locked_rows(path) as done:
