@@ -70,12 +70,18 @@ def _last_error(log: Path) -> str | None:
     return (errors or lines or [None])[-1]
 
 
+def _job_threads(jobs: int) -> tuple[dict, list[str]]:
+    """The environment and `--set`s of one of `jobs` local child jobs run at once: an equal share of this
+    process's cores (smalltalk.host), no progress bars in its log."""
+    threads = threads_per_job(jobs)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return env, ["--set", f"train.num_threads={threads}", "--set", "train.progress=false"]
+
+
 def launch_experts_local(run: RunLayout, steps: int, parallel: int) -> list[dict]:
     """Run (or re-attach to) every expert job of the run's partition; returns the final job records."""
     experts = run.num_experts()
-    threads = threads_per_job(parallel)
-    local = ["--set", f"train.num_threads={threads}", "--set", "train.progress=false"]  # this machine's cores
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env, local = _job_threads(parallel)  # this process's cores
     run.jobs.mkdir(parents=True, exist_ok=True)
     pending, running = [], {}
     for k in range(experts):
@@ -125,9 +131,7 @@ def dense_side_by_side(run: RunLayout, kinds: list[str], parallel: int) -> None:
     process's cores split evenly): they are independent jobs of the whole budget each, and a small model gains
     little from a second thread (docs/benchmarks.md). Each writes RUN/jobs/dense-KIND.log, dies with this
     process, and resumes from its checkpoints when rerun."""
-    threads = threads_per_job(min(parallel, len(kinds)))
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    local = ["--set", f"train.num_threads={threads}", "--set", "train.progress=false"]
+    env, local = _job_threads(min(parallel, len(kinds)))
     run.jobs.mkdir(parents=True, exist_ok=True)
     failed = []
     for start in range(0, len(kinds), max(1, parallel)):
@@ -150,8 +154,7 @@ def dense_side_by_side(run: RunLayout, kinds: list[str], parallel: int) -> None:
 def parts_local(run: RunLayout, stage: str, parts: int) -> None:
     """A stage of IN_PARTS as `parts` processes at once (part K of P each, threads split evenly), then the
     merge. A rerun skips finished parts: each is written atomically."""
-    threads = threads_per_job(parts)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    env, _ = _job_threads(parts)
     procs = [subprocess.Popen([sys.executable, "-m", "smalltalk.cli", *stage_args(run, stage, k, parts)],
                               env=env) for k in range(parts)]
     failed = [k for k, proc in enumerate(procs) if proc.wait() != 0]

@@ -83,8 +83,7 @@ def _dense(cfg: Config, run: RunLayout) -> None:
     if len(pending) > 1:
         from smalltalk.run.launch import dense_side_by_side
 
-        save_config(cfg, run.config_file)  # what the jobs read
-        dense_side_by_side(run, pending, cfg.experts.parallel)
+        dense_side_by_side(run, pending, cfg.experts.parallel)  # the jobs read RUN/config.json, written first
     for kind in dense_kinds(cfg):
         train_dense(cfg, run, kind)
 

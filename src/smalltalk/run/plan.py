@@ -9,11 +9,11 @@ from __future__ import annotations
 import math
 
 from smalltalk.config import Config
-from smalltalk.experts.budget import paper_router_overhead
+from smalltalk.experts.budget import paper_router_overhead, router_prefix_flops
 from smalltalk.experts.start import expert_spec, expert_steps, trunk_steps
 from smalltalk.flops import forward_flops, training_flops
 from smalltalk.llama import ModelSpec, count_params, resolve_spec
-from smalltalk.routing.ngram import OPS_PER_TOKEN, table_sizes
+from smalltalk.routing.ngram import table_sizes
 
 GPU_PEAKS = {"h100": 989e12, "h200": 989e12, "a100": 312e12, "v100": 125e12}  # dense bf16 FLOP/s
 
@@ -51,7 +51,8 @@ def plan(cfg: Config, vocab_size: int | None = None) -> dict:
 def routing_overhead(cfg: Config, router: ModelSpec | None, expert_steps: int, expert_batch: int) -> float:
     """Routing's training FLOPs. LM routers: the paper's Table 3 accounting. N-gram routers: the same
     sequences scored (every sequence EM counts and every sequence an expert trains on, by all E routers) at
-    OPS_PER_TOKEN per scored token and router, plus each counted token once. tf-idf, random, oracle: 0."""
+    the look-ups' operations per token and router (experts/budget.py), plus each counted token once.
+    tf-idf, random, oracle: 0."""
     rc = cfg.routing
     if rc.method == "em":
         return paper_router_overhead(rc.experts, rc.rounds * rc.steps_per_round(),
@@ -60,7 +61,8 @@ def routing_overhead(cfg: Config, router: ModelSpec | None, expert_steps: int, e
     if rc.method == "ngram":
         counted = rc.rounds * rc.chunk
         scored = counted + rc.experts * expert_steps * expert_batch
-        return float(OPS_PER_TOKEN * (counted * rc.prefix + scored * rc.experts * (rc.prefix - 1)))
+        per_token, per_prefix = (router_prefix_flops({"method": "ngram"}, m, "paper") for m in (2, rc.prefix))
+        return counted * rc.prefix * per_token + scored * rc.experts * per_prefix
     return 0.0
 
 
