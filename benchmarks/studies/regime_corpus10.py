@@ -123,7 +123,7 @@ def table(rows: list[dict]) -> str:
     split = rows[0]["split"] if rows else "validation"
     out = [f"{split} split, mixture ppl ÷ dense matched in full (from scratch, one schedule) after M̂ = "
            f"{MAIN_PREFIX}; mean ± sd over seeds", "",
-           "| row | point | tokens / expert param | expert epochs | seeds | mixture ppl | ÷ dense |",
+           "| row | point | tokens / expert param | expert epochs | seeds | mixture ppl | ÷ dense matched in full |",
            "|---|---|---|---|---|---|---|"]
     for (row, point), g in sorted(groups.items(), key=lambda kv: (list(ROWS).index(kv[0][0]),
                                                                     g_tokens(kv[1]))):
