@@ -5,11 +5,13 @@ Synthetic prepared data (seq_len 16, vocab 256, 4 "domains" = 4 token ranges, wr
 briefly by EM on the smallest set; then `smalltalk partition` (prefix 8, chunk 65,536) in a fresh process
 per N, its peak RSS read from wait4(). Every output is checked: each sequence exactly once.
 Target (issue #12): peak RSS + <= 64 MB from 100k to 1.6M, seconds per sequence within 1.25x.
-With --eval, the same for `smalltalk eval` of one small mixture on 100k..1.6M test sequences; with
+With --method ngram, the same with count-based bigram routers trained by the same EM (their tables are
+fixed-size, so RSS must stay flat as well). With --eval, the same for `smalltalk eval` of one small mixture on 100k..1.6M test sequences; with
 --prepare, the same for `smalltalk data prepare` on 100k..1.6M JSONL documents (4 input files, one
 process that encodes and merges; its document indexes are streamed, so RSS must stay flat).
 
-  python benchmarks/speed/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4] [--eval] [--prepare]
+  python benchmarks/speed/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4] [--method em|ngram] [--eval]
+      [--prepare]
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def main() -> int:
     ap.add_argument("--experts", type=int, default=4)
     ap.add_argument("--chunk", type=int, default=65536)
     ap.add_argument("--router", default="cpu-router-0.03m")
+    ap.add_argument("--method", choices=["em", "ngram"], default="em", help="LM routers or count-based bigram ones")
     ap.add_argument("--eval", action="store_true", help="also measure `smalltalk eval` at the same sizes")
     ap.add_argument("--prepare", action="store_true", help="only measure `smalltalk data prepare` (documents)")
     args = ap.parse_args()
@@ -75,7 +78,7 @@ def main() -> int:
     smalltalk = [sys.executable, "-m", "smalltalk.cli"]
     common = ["--set", f"routing.router.preset={args.router}", "--set", "routing.prefix=8",
               "--set", f"routing.experts={args.experts}", "--set", "routing.train.num_threads=2",
-              "--set", "routing.score_batch_size=1024"]
+              "--set", "routing.score_batch_size=1024", "--set", f"routing.method={args.method}"]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for n in args.sizes:
@@ -99,7 +102,8 @@ def main() -> int:
             rows.append({"n": n, "seconds": seconds, "rss_mb": rss / 2**20, "nmi": manifest["quality"]["nmi"],
                          "us_per_seq": manifest["seconds"] / n * 1e6})  # the partition's own time, no startup
     base = rows[0]
-    print(f"partition, E={args.experts} routers of {args.router}, prefix 8, chunk {args.chunk}, seq_len {SEQ}")
+    routers_are = f"routers of {args.router}" if args.method == "em" else "bigram routers (routing.method=ngram)"
+    print(f"partition, E={args.experts} {routers_are}, prefix 8, chunk {args.chunk}, seq_len {SEQ}")
     print("| N | process wall s | partition us/sequence | peak RSS MB | RSS - RSS(first) | time/seq ÷ first | NMI | "
           "exactly once |")
     print("|---|---|---|---|---|---|---|---|")
