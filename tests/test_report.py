@@ -33,3 +33,15 @@ def test_report_mixture_curve_weights_experts_by_share(pipeline_run):
         assert row["flops"] == pytest.approx(1e9 + sum(r["flops"] for r in at_step))
         expected = sum(c * r["loss"] for c, r in zip(counts, at_step, strict=True)) / sum(counts)
         assert row["loss"] == pytest.approx(expected)
+
+
+def test_only_the_dense_model_continued_from_the_trunk_starts_at_the_trunks_flops():
+    """Every dense kind but `matched-trunk` trains from scratch (issue #40): drawn from the trunk's FLOPs on,
+    the loss plot credited the baseline a user would train with compute it never had (the bug before)."""
+    from smalltalk.evaluation.report import flops_before
+    from smalltalk.layout import DENSE_KINDS
+
+    assert flops_before("dense matched-trunk", 7e12) == 7e12
+    for kind in set(DENSE_KINDS) - {"matched-trunk"}:
+        assert flops_before(f"dense {kind}", 7e12) == 0.0, kind
+    assert flops_before("trunk", 7e12) == flops_before("expert 00", 7e12) == 0.0

@@ -6,12 +6,13 @@ briefly by EM on the smallest set; then `smalltalk partition` (prefix 8, chunk 6
 per N, its peak RSS read from wait4(). Every output is checked: each sequence exactly once.
 Target (issue #12): peak RSS + <= 64 MB from 100k to 1.6M, seconds per sequence within 1.25x.
 With --method ngram, the same with count-based bigram routers trained by the same EM (their tables are
-fixed-size, so RSS must stay flat as well). With --eval, the same for `smalltalk eval` of one small mixture on 100k..1.6M test sequences; with
---prepare, the same for `smalltalk data prepare` on 100k..1.6M JSONL documents (4 input files, one
-process that encodes and merges; its document indexes are streamed, so RSS must stay flat).
+fixed-size, so RSS must stay flat as well). With --eval, the same for `smalltalk eval` of one small mixture
+on 100k..1.6M test sequences; with --prepare, the same for `smalltalk data prepare` on 100k..1.6M JSONL
+documents (4 input files, one process that encodes and merges; its document indexes are streamed, so RSS
+must stay flat).
 
-  python benchmarks/speed/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4] [--method em|ngram] [--eval]
-      [--prepare]
+  python benchmarks/speed/bench_partition_scale.py [--sizes 100000 400000 1600000] [--experts 4]
+      [--method em|ngram] [--eval] [--prepare]
 """
 
 from __future__ import annotations

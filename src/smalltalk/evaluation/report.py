@@ -46,6 +46,12 @@ def mixture_curve(run: RunLayout, curves: dict[str, list[dict]], routing_flops: 
              "flops": routing_flops + sum(rows[step]["flops"] for rows in by_step)} for step in steps]
 
 
+def flops_before(curve: str, trunk_flops: float) -> float:
+    """FLOPs a training curve's model had cost before its first step: the trunk's for a model that continues
+    from it, none for a model trained from scratch, so that every curve stands at its total on the FLOPs axis."""
+    return trunk_flops if curve == "dense matched-trunk" else 0.0
+
+
 def _plot_loss(run: RunLayout, out: Path, plt, results: dict | None) -> list[str]:
     curves = training_curves(run)
     if not curves:
@@ -56,7 +62,7 @@ def _plot_loss(run: RunLayout, out: Path, plt, results: dict | None) -> list[str
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for name, rows in curves.items():
         style = "-" if name.startswith("dense") else "--"
-        start = trunk if name.startswith("dense matched") else 0.0  # matched models continue from the trunk
+        start = flops_before(name, trunk)
         axes[0].plot([r["tokens"] for r in rows], [r["loss"] for r in rows], style, label=name, alpha=0.8)
         axes[1].plot([start + r["flops"] for r in rows], [r["loss"] for r in rows], style, label=name, alpha=0.8)
     if mixture:
