@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -57,6 +58,36 @@ def test_ngram_scores_equal_a_dict_counted_reference(order, buckets):
         want = [_reference_loglik(share.tolist(), row.tolist(), order, 8.0, vocab) for row in scored]
         direct = table_sizes(vocab, order, buckets)[0] == (vocab + 1) ** (order - 1) * vocab
         assert got[:, e] == pytest.approx(want, rel=1e-5 if direct else 0.01), (order, buckets, e)
+
+
+@pytest.mark.parametrize("order,buckets", [(1, 1 << 20), (2, 1 << 20), (3, 1 << 20), (2, 1 << 10), (3, 1 << 12),
+                                           (3, 1 << 10)])
+def test_the_exported_models_ngram_routers_score_what_the_package_scores(order, buckets):
+    """hub/modeling_smalltalk.py re-implements the n-gram score in torch for the Hugging Face export (direct and
+    hashed tables): each row scores what routing/ngram.py scores for that row alone, a right-padded shorter
+    row what its real tokens score."""
+    import torch
+
+    from smalltalk.hub.modeling_smalltalk import NgramRouters as HubNgramRouters
+
+    rng = np.random.default_rng(order * buckets)
+    vocab, experts = 60, 3
+    routers = NgramRouters.empty(experts, vocab, order, 17.0, buckets)
+    for e in range(experts):
+        routers.count(e, rng.integers(15 * e, 15 * e + 30, size=(50, 10)))
+    routers.decay(0.5)  # counts that are not integers, as EM's earlier rounds leave them
+    routers.count(0, rng.integers(0, vocab, size=(7, 10)))
+    hub = HubNgramRouters(experts, vocab, order, 17.0, routers.pairs.shape[1], routers.contexts.shape[1])
+    for name in ("pairs", "contexts", "unigrams"):
+        getattr(hub, name).copy_(torch.from_numpy(getattr(routers, name)))
+    rows = rng.integers(0, vocab, size=(12, 10))
+    lengths = [10] * 6 + [2, 3, 5, 7, 9, 4]
+    mask = torch.tensor([[1] * n + [0] * (10 - n) for n in lengths])
+    padded = torch.from_numpy(rows) * mask
+    got = hub.prefix_loglik(padded, mask).numpy()
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(got[i], routers.score(rows[i:i + 1, :n])[0], rtol=1e-6)
+    assert (got.argmax(axis=1)[:6] == routers.score(rows[:6]).argmax(axis=1)).all()
 
 
 def test_ngram_routers_route_a_domain_to_the_router_that_counted_it():
@@ -119,14 +150,21 @@ def test_eval_ppl_defaults_to_validation(pipeline_run, capsys):
     assert json.loads(capsys.readouterr().out)["split"] == "validation"
 
 
-@pytest.mark.slow
-def test_a_run_routed_by_ngram_routers_costs_lookups_and_shares_its_dense_job(corpus_file, tmp_path):
-    """`smalltalk run` with routing.method=ngram: partition, experts, eval; routing is a rounding error of
-    the budget, so the inference-matched dense model is the matched one (hard links, not a second training)."""
-    run = tmp_path / "run"
+@pytest.fixture(scope="module")
+def ngram_run(corpus_file, tmp_path_factory) -> Path:
+    """A tiny run routed by bigram routers, made by `smalltalk run`."""
+    run = tmp_path_factory.mktemp("ngram") / "run"
     assert cli("run", "--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]", "--set",
                "data.max_docs=null", "--set", "routing.method=ngram", "--set", "routing.chunk=240", "--set",
                "routing.experts=3", "--set", "dense.bigger=false", "--set", "sft.enabled=false") == 0
+    return run
+
+
+@pytest.mark.slow
+def test_a_run_routed_by_ngram_routers_costs_lookups_and_shares_its_dense_job(ngram_run):
+    """`smalltalk run` with routing.method=ngram: partition, experts, eval; routing is a rounding error of
+    the budget, so the inference-matched dense model is the matched one (hard links, not a second training)."""
+    run = ngram_run
     results = json.loads((run / "eval" / "results.json").read_text())
     inference = results["flops"]["exact"]["inference"]
     assert 0 < inference["routing"] / inference["total"] < 1e-3
@@ -135,3 +173,42 @@ def test_a_run_routed_by_ngram_routers_costs_lookups_and_shares_its_dense_job(co
     assert (matched / "model.safetensors").stat().st_ino == (same / "model.safetensors").stat().st_ino
     row = next(r for r in results["sweep"] if r["prefix"] == 16)
     assert row["dense_inference_after"]["ppl"] == row["dense_matched_after"]["ppl"]
+
+
+@pytest.mark.slow
+def test_a_mixture_routed_by_ngram_routers_exports_as_one_hugging_face_model(ngram_run, tmp_path):
+    """`smalltalk export` of an n-gram-routed mixture: the count tables travel as buffers of the one model; in a
+    process without our package, a padded batch routes each row as SmallTalkMixture does (same expert, the
+    same scores) and greedy generation gives `smalltalk generate`'s text."""
+    from smalltalk.mixture.model import SmallTalkMixture
+
+    from .test_export_hf import _child, _prompts
+
+    out = tmp_path / "hf"
+    assert cli("export", "--run", ngram_run, "--out", out) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["router_method"] == "ngram" and config["router_config"]["order"] == 2
+    prompts = _prompts()
+    (tmp_path / "prompts.json").write_text(json.dumps(prompts))
+    _child(f"""
+import json, torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+model = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True).eval()
+tok = AutoTokenizer.from_pretrained({str(out)!r}, padding_side="left")
+prompts = json.load(open("prompts.json"))
+batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+with torch.no_grad():
+    routed = model(**batch)
+greedy = model.generate(**batch, max_new_tokens=8, do_sample=False)
+json.dump({{"experts": routed.routed_experts[:, 0].tolist(), "scores": routed.router_scores.tolist(),
+           "texts": tok.batch_decode(greedy[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)}},
+          open("got.json", "w"))
+""", tmp_path)
+    got = json.loads((tmp_path / "got.json").read_text())
+    mixture = SmallTalkMixture.from_pretrained(ngram_run)
+    for i, prompt in enumerate(prompts):
+        chosen, scores = mixture.route([mixture.tokenizer(prompt, add_special_tokens=False).input_ids])
+        assert got["experts"][i] == int(chosen[0]), i
+        np.testing.assert_allclose(got["scores"][i], scores[0], rtol=1e-6)
+    assert len(set(got["experts"])) > 1, "the batch must mix experts"
+    assert got["texts"] == [mixture.generate(p, max_new_tokens=8)["text"] for p in prompts]

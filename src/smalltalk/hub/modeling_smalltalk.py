@@ -6,7 +6,9 @@ exported model and the package can never route differently.
 
 Each row is routed by its own first `routing_prefix` real tokens (left or right padding: the attention mask says
 which are real): every router scores their log-likelihood (tokens 2..M given their past, uniform prior) and the
-row goes to the argmax (lowest index on ties); with routing_top_k > 1, to its k best experts, mixed with weights
+row goes to the argmax (lowest index on ties). The routers are E small Llama LMs (the paper's) or, with
+router_method "ngram", E count-based n-gram LMs whose tables are buffers of this model (look-ups, no matmul).
+With routing_top_k > 1, to its k best experts, mixed with weights
 softmax(score / routing_temperature) (c-BTM). Only the chosen experts run, each on its own rows, each with its own KV
 cache during generation. `routed_experts` of the output says which expert(s) each row used.
 """
@@ -54,6 +56,47 @@ def prefix_loglik(router: nn.Module, ids: torch.Tensor, mask: torch.Tensor) -> t
     return (logp * mask[:, 1:]).sum(dim=1)
 
 
+class NgramRouters(nn.Module):
+    """E count-based n-gram LMs (smalltalk's routing.method=ngram): log p_e(x_s | c_s) = log (n_e(c_s, x_s) +
+    prior p_e(x_s)) / (n_e(c_s) + prior), p_e the add-one unigram, c_s the order - 1 tokens before x_s (id
+    vocab_size before the start). Tables index n-grams directly while they fit, else through a multiplicative
+    hash of the key, as the package's routing/ngram.py does, in the same float precisions."""
+
+    _HASH = 0x9E3779B97F4A7C15 - (1 << 64)  # Fibonacci hashing's multiplier as int64: products wrap as uint64's
+
+    def __init__(self, num_experts: int, vocab_size: int, order: int, prior: float, pair_size: int,
+                 context_size: int) -> None:
+        super().__init__()
+        self.vocab_size, self.order, self.prior = vocab_size, order, prior
+        self.register_buffer("pairs", torch.zeros(num_experts, pair_size))
+        self.register_buffer("contexts", torch.zeros(num_experts, context_size))
+        self.register_buffer("unigrams", torch.zeros(num_experts, vocab_size))
+
+    def _fold(self, keys: torch.Tensor, size: int, space: int) -> torch.Tensor:
+        if space <= size:
+            return keys
+        bits = size.bit_length() - 1  # a power of two: the top `bits` bits of the 64-bit product
+        return ((keys * self._HASH) >> (64 - bits)) & ((1 << bits) - 1)
+
+    def prefix_loglik(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """[B, E] summed log-likelihood of each row's tokens 2..n (right padded)."""
+        vocab, width = self.vocab_size, ids.shape[1] - 1
+        padded = torch.cat([ids.new_full((ids.shape[0], self.order - 1), vocab), ids], dim=1).long()
+        context = torch.zeros(ids.shape[0], width, dtype=torch.long, device=ids.device)
+        for j in range(self.order - 1):
+            context = context * (vocab + 1) + padded[:, 1 + j:1 + j + width]
+        targets = ids[:, 1:].long()
+        space = (vocab + 1) ** (self.order - 1)
+        pair = self._fold(context * vocab + targets, self.pairs.shape[1], space * vocab)
+        context = self._fold(context, self.contexts.shape[1], space)
+        unigrams = self.unigrams.float()
+        total = unigrams.double().sum(dim=1) + vocab  # [E]
+        p_unigram = (unigrams[:, targets] + 1.0).double() / total[:, None, None]  # [E, B, S]
+        p = (self.pairs.float()[:, pair].double() + self.prior * p_unigram) / \
+            (self.contexts.float()[:, context] + self.prior).double()
+        return (p.log() * mask[:, 1:].double()).sum(dim=-1).T.float()
+
+
 @dataclass
 class MixtureState:
     """What generation carries from step to step: each row's experts and weights, each expert's rows and KV
@@ -91,23 +134,31 @@ class SmallTalkForCausalLM(PreTrainedModel, GenerationMixin):
 
     def __init__(self, config: SmallTalkConfig) -> None:
         super().__init__(config)
-        self.routers = nn.ModuleList(LlamaForCausalLM(LlamaConfig(**config.router_config))
-                                     for _ in range(config.num_experts))
+        if config.router_method == "ngram":
+            self.routers = NgramRouters(config.num_experts, **config.router_config)
+        else:
+            self.routers = nn.ModuleList(LlamaForCausalLM(LlamaConfig(**config.router_config))
+                                         for _ in range(config.num_experts))
         self.experts = nn.ModuleList(LlamaForCausalLM(LlamaConfig(**config.expert_config))
                                      for _ in range(config.num_experts))
         self._cache_keyword = _cache_keyword()
         self.post_init()
         tied = getattr(self, "all_tied_weights_keys", None)  # transformers 5: the tied pairs of every submodel
-        for group in ("routers", "experts"):
-            for i, model in enumerate(getattr(self, group)):
-                for key, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
-                    tied[f"{group}.{i}.{key}"] = f"{group}.{i}.{source}"
+        for name, model in self._llamas():
+            for key, source in (getattr(model, "all_tied_weights_keys", None) or {}).items():
+                tied[f"{name}.{key}"] = f"{name}.{source}"
+
+    def _llamas(self) -> list[tuple[str, nn.Module]]:
+        """(state-dict prefix, model) of every Llama inside: the experts and the router LMs, if any."""
+        routers = list(self.routers) if isinstance(self.routers, nn.ModuleList) else []
+        return [*((f"routers.{i}", m) for i, m in enumerate(routers)),
+                *((f"experts.{i}", m) for i, m in enumerate(self.experts))]
 
     def tie_weights(self, *args, **kwargs):
         """Each router and expert ties its LM head to its embedding when its own config says so (they sit in
         ModuleLists, where the default tying does not look)."""
         super().tie_weights(*args, **kwargs)
-        for model in [*self.routers, *self.experts]:
+        for _, model in self._llamas():
             model.tie_weights()
 
     @classmethod
@@ -122,9 +173,12 @@ class SmallTalkForCausalLM(PreTrainedModel, GenerationMixin):
         ids, mask = routing_prefix(input_ids, attention_mask, self.config.routing_prefix)
         if ids.shape[1] < 2 or bool((mask.sum(dim=1) < 2).any()):
             raise ValueError("every row needs at least 2 real tokens to be routed (the routers score tokens 2..M)")
-        bf16 = self.config.routing_dtype == "bfloat16"
-        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
-            scores = torch.stack([prefix_loglik(r, ids, mask) for r in self.routers], dim=1)
+        if isinstance(self.routers, NgramRouters):
+            scores = self.routers.prefix_loglik(ids, mask)
+        else:
+            bf16 = self.config.routing_dtype == "bfloat16"
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=bf16):
+                scores = torch.stack([prefix_loglik(r, ids, mask) for r in self.routers], dim=1)
         experts, weights = choose_experts(scores, self.config.routing_top_k, self.config.routing_temperature)
         return experts.to(ids.device), weights.to(ids.device), scores
 
