@@ -116,6 +116,16 @@ def pipeline_run(tmp_path_factory, corpus_file):
 
 
 @pytest.fixture(scope="session")
+def ngram_run(corpus_file, tmp_path_factory) -> Path:
+    """A whole tiny run routed by count-based bigram routers (routing.method=ngram), made by `smalltalk run`."""
+    run = tmp_path_factory.mktemp("ngram") / "run"
+    assert cli("run", "--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]", "--set",
+               "data.max_docs=null", "--set", "routing.method=ngram", "--set", "routing.chunk=240", "--set",
+               "routing.experts=3", "--set", "dense.bigger=false", "--set", "sft.enabled=false") == 0
+    return run
+
+
+@pytest.fixture(scope="session")
 def em_run(prepared_run, tmp_path_factory):
     out = tmp_path_factory.mktemp("em") / "routers"
     assert cli("routers", "train", *ROUTING, "--run", prepared_run, "--out", out) == 0

@@ -119,6 +119,53 @@ def test_add_then_remove_expert(pipeline_run, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_add_then_remove_with_ngram_routers(ngram_run, tmp_path, capsys):
+    """routing.method=ngram: the new router counts the new domain's prefixes, scaled to the others' counted
+    weight; the new domain goes to the new expert, old text mostly keeps its expert, the run's tables and
+    partition stay byte-identical, the grown mixture exports as one Hugging Face model that routes as the
+    package does, and removing the pair routes everything as before."""
+    from smalltalk.layout import RunLayout
+    from smalltalk.mixture.export_hf import build_hf_model
+    from smalltalk.routing.ngram import NgramRouters
+
+    run = tmp_path / "run"
+    shutil.copytree(ngram_run, run)
+    before = json.loads((run / "mixture.json").read_text())
+    untouched = {p: sha256_file(p) for d in ("routers", "partition") for p in sorted((run / d).rglob("*"))
+                 if p.is_file()}
+    docs = write_jsonl(tmp_path / "new.jsonl", new_domain_docs())
+    assert cli("experts", "add", "--run", run, "--data", docs, "--router-steps", "40") == 2
+    assert "they do not train" in capsys.readouterr().err
+    assert cli("experts", "add", "--run", run, "--data", docs, "--set", "data.validation_fraction=0.2",
+               "--set", "data.test_fraction=0.2") == 0
+    assert "added pair 03 as mixture expert 3: router counted" in capsys.readouterr().out
+    after = json.loads((run / "mixture.json").read_text())
+    assert after["router_dirs"] == [f"routers/{k:02d}/model" for k in range(4)] and after["experts"] == 4
+    assert {p: sha256_file(p) for p in untouched} == untouched, "experts add changed the run's tables or partition"
+    tables = NgramRouters.stack([NgramRouters.load(run / rel) for rel in after["router_dirs"]])
+    assert tables.mass()[3] == pytest.approx(tables.mass()[:3].mean(), rel=1e-4)  # calibrated to the others
+
+    new_val = SplitData(run / "added" / "03" / "data", "validation")
+    shift = routing_shift(run, before, after, new_val, np.arange(len(new_val)), before["prefix"])
+    assert (shift["chosen_after"] == "experts/03/model").mean() > 0.8
+    old_val = SplitData(run / "data", "validation")
+    assert routing_shift(run, before, after, old_val, np.arange(len(old_val)), before["prefix"])["changed"] < 0.2
+
+    import torch
+
+    ids = np.concatenate([new_val.batch(np.arange(4), 16), old_val.batch(np.arange(8), 16)])
+    model = build_hf_model(RunLayout(run))
+    with torch.no_grad():
+        experts, _, scores = model.route(torch.from_numpy(ids), torch.ones(ids.shape, dtype=torch.long))
+    chosen, mine = SmallTalkMixture.from_pretrained(run).route(ids, 16)
+    assert experts[:, 0].tolist() == chosen.tolist() and 3 in chosen.tolist()
+    np.testing.assert_allclose(scores.numpy(), mine, rtol=1e-6)
+
+    assert cli("experts", "remove", "--run", run, "--expert", "3") == 0
+    removed = json.loads((run / "mixture.json").read_text())
+    assert routing_shift(run, before, removed, old_val, np.arange(len(old_val)), before["prefix"])["changed"] == 0.0
+
+
 def test_add_refuses_non_em_mixture(pipeline_run, tmp_path, capsys):
     run = tmp_path / "run"
     shutil.copytree(pipeline_run[0], run)
@@ -126,7 +173,7 @@ def test_add_refuses_non_em_mixture(pipeline_run, tmp_path, capsys):
     (run / "mixture.json").write_text(json.dumps({**manifest, "method": "random"}))
     docs = write_jsonl(tmp_path / "new.jsonl", new_domain_docs(10))
     assert cli("experts", "add", "--run", run, "--data", docs) == 2
-    assert "needs EM routers" in capsys.readouterr().err
+    assert "needs one router per expert" in capsys.readouterr().err
     assert not (run / "added").exists()
 
 

@@ -7,7 +7,6 @@ import dataclasses
 import json
 import math
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,7 +18,7 @@ from smalltalk.llama import PRESETS
 from smalltalk.routing.ngram import NgramRouters, table_sizes
 from smalltalk.routing.routers import load_routers, score_split
 
-from .conftest import ROUTING, TINY_CONFIG, cli
+from .conftest import ROUTING, cli
 
 
 def _reference_loglik(rows: list[list[int]], scored: list[int], order: int, prior: float, vocab: int) -> float:
@@ -75,7 +74,7 @@ def test_the_exported_models_ngram_routers_score_what_the_package_scores(order, 
     routers = NgramRouters.empty(experts, vocab, order, 17.0, buckets)
     for e in range(experts):
         routers.count(e, rng.integers(15 * e, 15 * e + 30, size=(50, 10)))
-    routers.decay(0.5)  # counts that are not integers, as EM's earlier rounds leave them
+    routers.scale(0.5)  # counts that are not integers, as EM's earlier rounds leave them
     routers.count(0, rng.integers(0, vocab, size=(7, 10)))
     hub = HubNgramRouters(experts, vocab, order, 17.0, routers.pairs.shape[1], routers.contexts.shape[1])
     for name in ("pairs", "contexts", "unigrams"):
@@ -148,16 +147,6 @@ def test_eval_ppl_defaults_to_validation(pipeline_run, capsys):
     assert cli("eval", "ppl", "--model", run / "experts" / "00" / "model", "--data", run / "data",
                "--max-sequences", "8") == 0
     assert json.loads(capsys.readouterr().out)["split"] == "validation"
-
-
-@pytest.fixture(scope="module")
-def ngram_run(corpus_file, tmp_path_factory) -> Path:
-    """A tiny run routed by bigram routers, made by `smalltalk run`."""
-    run = tmp_path_factory.mktemp("ngram") / "run"
-    assert cli("run", "--config", TINY_CONFIG, "--run", run, "--set", f"data.inputs=[{corpus_file}]", "--set",
-               "data.max_docs=null", "--set", "routing.method=ngram", "--set", "routing.chunk=240", "--set",
-               "routing.experts=3", "--set", "dense.bigger=false", "--set", "sft.enabled=false") == 0
-    return run
 
 
 @pytest.mark.slow

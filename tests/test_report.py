@@ -45,3 +45,27 @@ def test_only_the_dense_model_continued_from_the_trunk_starts_at_the_trunks_flop
     for kind in set(DENSE_KINDS) - {"matched-trunk"}:
         assert flops_before(f"dense {kind}", 7e12) == 0.0, kind
     assert flops_before("trunk", 7e12) == flops_before("expert 00", 7e12) == 0.0
+
+
+def test_the_em_plot_of_count_based_routers_has_no_empty_loss_panel(tmp_path):
+    """n-gram routers log NMI per round, no prefix loss: one panel, drawn without matplotlib's empty-legend
+    warning (the bug before: an empty second panel and a UserWarning in every n-gram run's report)."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from smalltalk.evaluation.report import _plot_em
+    from smalltalk.fsutil import write_json
+    from smalltalk.layout import RouterFiles
+
+    run = RunLayout(tmp_path / "run")
+    run.routers.mkdir(parents=True)
+    write_json(RouterFiles(run.routers).em_history,
+               {"rounds": [{"round": r, "share_nmi": 0.1 * r, "heldout_nmi": 0.1 * r} for r in range(3)]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        files = _plot_em(run, tmp_path, plt)
+    assert files and (tmp_path / files[0]).is_file()

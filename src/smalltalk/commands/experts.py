@@ -47,8 +47,11 @@ def cmd_experts_add(args: argparse.Namespace) -> None:
     cfg, run = load(args)  # the run's own config.json: same tokenizer, presets
     before = read_mixture(run)
     added = add_expert(cfg, run, args.data, args.steps, args.router_steps)
-    print(f"added pair {added['pair']:02d} as mixture expert {added['index']}: router {added['router']['steps']} "
-          f"steps, expert {added['expert']['steps']} steps ({added['expert']['tokens_per_param']:.0f} tokens/param) "
+    router = added["router"]
+    router_did = (f"{router['steps']} steps" if "steps" in router else f"counted {router['counted_sequences']} "
+                  f"prefixes, scaled by {router['scaled_by']:.3g} to the others' weight")
+    print(f"added pair {added['pair']:02d} as mixture expert {added['index']}: router {router_did}, expert "
+          f"{added['expert']['steps']} steps ({added['expert']['tokens_per_param']:.0f} tokens/param) "
           f"on {added['train_sequences']} sequences")
     for name, data_dir in (("new", run.added(added["pair"])), ("old", run.data)):
         val = SplitData(data_dir, "validation")

@@ -137,7 +137,9 @@ def _plot_em(run: RunLayout, out: Path, plt) -> list[str]:
     if not path.is_file():
         return []
     rounds = read_json(path)["rounds"]
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+    losses = "heldout_routed_loss" in rounds[0]  # router LMs; count-based routers log NMI only
+    fig, axes = plt.subplots(1, 2 if losses else 1, figsize=(11 if losses else 5.5, 3.5), squeeze=False)
+    axes = axes[0]
     r = [row["round"] for row in rounds]
     for key in ("share_nmi", "heldout_nmi"):
         if key in rounds[0]:
@@ -145,12 +147,12 @@ def _plot_em(run: RunLayout, out: Path, plt) -> list[str]:
     axes[0].set_xlabel("EM round")
     axes[0].set_ylabel("NMI vs domains")
     axes[0].legend(fontsize=8)
-    if "heldout_routed_loss" in rounds[0]:
+    if losses:
         axes[1].plot(r, [row["heldout_routed_loss"] for row in rounds], "o-", label="held-out, best router")
         axes[1].plot(r, [float(np.mean(row["heldout_loss"])) for row in rounds], "o--", label="held-out, mean router")
-    axes[1].set_xlabel("EM round")
-    axes[1].set_ylabel("prefix loss (nats/token)")
-    axes[1].legend(fontsize=8)
+        axes[1].set_xlabel("EM round")
+        axes[1].set_ylabel("prefix loss (nats/token)")
+        axes[1].legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / REPORT_PLOTS["em"], dpi=110)
     plt.close(fig)

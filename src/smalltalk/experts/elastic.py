@@ -7,6 +7,12 @@ density models — same architecture, tokenizer, prefix length and training budg
 router reuses the run's router spec and trains for as many steps as each EM router did in total.
 `mixture.json` is the only file edited (atomically, after both models are trained), so an interrupted
 `add` leaves the mixture as it was and a rerun resumes from the pair's checkpoints.
+
+Count-based n-gram routers (routing.method=ngram) are elastic the same way: a router of the mixture is a row
+of the run's count tables, written once to its own directory (RUN/routers/NN/model, new files beside the
+unchanged tables); the new router counts its documents' prefixes and is scaled to the mean counted weight of
+the others, so that the Dirichlet prior weighs the same against each (their calibration, as the training
+budget is the router LMs').
 """
 
 from __future__ import annotations
@@ -27,23 +33,60 @@ from smalltalk.data.prepare import prepare_data
 from smalltalk.data.shards import SplitData
 from smalltalk.errors import SmalltalkError
 from smalltalk.experts.start import expert_spec, expert_train_config, start_model
-from smalltalk.fsutil import remove_tree, sha256_file, write_json
+from smalltalk.fsutil import read_json, remove_tree, sha256_file, write_json
 from smalltalk.layout import RouterFiles, RunLayout, TrainFiles, manifest_of
 from smalltalk.llama import ModelSpec
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.routing.assignment import argmax_assignment
+from smalltalk.routing.ngram import NgramRouters
 from smalltalk.routing.routers import score_split
 from smalltalk.training.nll import token_nll
 from smalltalk.training.trainer import TrainJob, train
 
+ELASTIC_METHODS = ("em", "ngram")  # one router per expert, each a density model of its share
+
 
 def read_mixture(run: RunLayout) -> dict:
-    """mixture.json with `router_dirs` filled in (one router per expert, in order) for EM routers."""
+    """mixture.json with `router_dirs` filled in (one router per expert, in order) for EM and n-gram routers
+    (an n-gram mixture's rows are written to their own directories the first time: new files)."""
     manifest = run.mixture()
     if "router_dirs" not in manifest and manifest["method"] == "em":
         routers = run.mixture_routers()  # refined ones, if the mixture routes with them
         manifest["router_dirs"] = [run.router_model_rel(name, routers) for name in run.routers_manifest()["routers"]]
+    elif "router_dirs" not in manifest and manifest["method"] == "ngram":
+        manifest["router_dirs"] = _ngram_router_dirs(run, run.mixture_routers(), manifest["experts"])
     return manifest
+
+
+def _ngram_router_dirs(run: RunLayout, routers: Path, experts: int) -> list[str]:
+    """Each row of the n-gram routers' tables as a router of its own (RUN/routers/NN/model), written once."""
+    tables, dirs = None, []
+    for e in range(experts):
+        rel = run.router_model_rel(f"{e:02d}", routers)
+        if not manifest_of(run.root / rel).is_file():
+            tables = tables or NgramRouters.load(routers)
+            tables.row(e).save(run.root / rel, {"kind": "routers", "method": "ngram", "row_of": str(
+                routers.relative_to(run.root)), "row": e})
+        dirs.append(rel)
+    return dirs
+
+
+def _count_router(run: RunLayout, manifest: dict, data: SplitData, pair: int, prefix: int) -> dict:
+    """The new pair's n-gram router: its documents' prefixes counted, scaled to the mixture's routers' mean
+    counted weight (written atomically; a rerun finds it done)."""
+    router_dir = RouterFiles(run.routers).router(f"{pair:02d}").model
+    if not manifest_of(router_dir).is_file():
+        routers = NgramRouters.stack([NgramRouters.load(run.root / rel) for rel in manifest["router_dirs"]])
+        new = NgramRouters(*(np.zeros((1, getattr(routers, name).shape[1]), np.float32)
+                             for name in ("pairs", "contexts", "unigrams")), routers.order, routers.prior)
+        ids = np.arange(len(data))
+        for start in range(0, len(ids), 4096):
+            new.count(0, data.batch(ids[start:start + 4096], prefix))
+        factor = float(routers.mass().mean() / new.mass()[0])
+        new.scale(factor)
+        new.save(router_dir, {"kind": "routers", "method": "ngram", "pair": pair, "counted_sequences": len(ids),
+                              "scaled_by": factor})
+    return read_json(manifest_of(router_dir))
 
 
 def inputs_checksum(inputs: list[str]) -> str:
@@ -67,10 +110,13 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
                router_steps: int | None = None) -> dict:
     """Prepare `inputs` with the run's tokenizer, train one router and one expert on them, append the pair."""
     manifest = read_mixture(run)
-    if manifest["method"] != "em":
-        raise SmalltalkError(f"`experts add` needs EM routers; this mixture routes by {manifest['method']!r}",
-                             fix="elastic experts rely on one router LM per expert (routing.method: em)")
-    routers_manifest = run.routers_manifest()
+    if manifest["method"] not in ELASTIC_METHODS:
+        raise SmalltalkError(f"`experts add` needs one router per expert; this mixture routes by "
+                             f"{manifest['method']!r}", fix="elastic experts rely on EM routers (routing.method: "
+                                                            "em or ngram)")
+    if manifest["method"] == "ngram" and router_steps:
+        raise SmalltalkError(f"--router-steps {router_steps} with n-gram routers: they count their documents, "
+                             "they do not train", fix="leave --router-steps out")
     checksum = inputs_checksum(inputs)
     current = set(manifest["expert_dirs"])
     for op in manifest.get("elastic", []):
@@ -93,16 +139,10 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
     if len(data) == 0:
         raise SmalltalkError(f"no training sequences in {inputs}", fix="add more documents")
 
-    rc, prefix = cfg.routing, run.prefix()
-    # as many steps as each EM router trained in all its rounds (its own manifest: the M-step's length is
-    # routing.share_passes's, which may differ from routing.train.steps)
-    steps = router_steps or TrainFiles(RouterFiles(run.routers).router(routers_manifest["routers"][0]).root
-                                       ).summary()["steps"]
-    router_cfg = dataclasses.replace(rc.train, seq_len=prefix, steps=steps, schedule_steps=steps,
-                                     seed=rc.seed + k, progress=False)
-    router_spec = ModelSpec(**routers_manifest["router_spec"])
-    router_dir = RouterFiles(run.routers).router(f"{k:02d}").root
-    router = train(TrainJob(router_spec, router_cfg, data, router_dir, name=f"router {k:02d}"), resume=True)
+    if manifest["method"] == "ngram":
+        router = _count_router(run, manifest, data, k, run.prefix())
+    else:
+        router = _train_router(cfg, run, data, k, router_steps)
     expert_cfg = expert_train_config(cfg, k)  # branched from where the others started (experts/start.py)
     expert_cfg = dataclasses.replace(expert_cfg, steps=expert_steps or expert_cfg.steps)
     expert = train(TrainJob(expert_spec(cfg, data.vocab_size), expert_cfg, data, run.expert(k),
@@ -112,14 +152,29 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
     manifest["router_dirs"] = [*manifest["router_dirs"], run.router_model_rel(f"{k:02d}")]
     manifest["expert_dirs"] = [*manifest["expert_dirs"], run.expert_model_rel(k)]
     manifest["experts"] = len(manifest["expert_dirs"])
+    router_record = ({"router_counted_sequences": router["counted_sequences"], "router_scaled_by": router["scaled_by"]}
+                     if manifest["method"] == "ngram" else {"router_steps": router["steps"]})
     manifest.setdefault("elastic", []).append({
         "op": "add", "pair": k, "data": str(pair_data.relative_to(run.root)), "inputs": [str(Path(i)) for i in inputs],
-        "inputs_sha256": checksum,
-        "router_steps": router["steps"], "expert_steps": expert["steps"], "time": time.time()})
+        "inputs_sha256": checksum, **router_record, "expert_steps": expert["steps"], "time": time.time()})
     write_json(run.mixture_file, manifest)  # the one edit, once both models are trained
     run.pending_add(k).unlink()
     return {"pair": k, "index": manifest["experts"] - 1, "router": router, "expert": expert,
             "train_sequences": len(data), "manifest": manifest}
+
+
+def _train_router(cfg: Config, run: RunLayout, data: SplitData, k: int, router_steps: int | None) -> dict:
+    """The new pair's router LM: the run's router spec, prefix and optimizer, trained on its documents."""
+    rc, prefix, routers_manifest = cfg.routing, run.prefix(), run.routers_manifest()
+    # as many steps as each EM router trained in all its rounds (its own manifest: the M-step's length is
+    # routing.share_passes's, which may differ from routing.train.steps)
+    steps = router_steps or TrainFiles(RouterFiles(run.routers).router(routers_manifest["routers"][0]).root
+                                       ).summary()["steps"]
+    router_cfg = dataclasses.replace(rc.train, seq_len=prefix, steps=steps, schedule_steps=steps,
+                                     seed=rc.seed + k, progress=False)
+    router_spec = ModelSpec(**routers_manifest["router_spec"])
+    router_dir = RouterFiles(run.routers).router(f"{k:02d}").root
+    return train(TrainJob(router_spec, router_cfg, data, router_dir, name=f"router {k:02d}"), resume=True)
 
 
 def remove_expert(run: RunLayout, index: int, delete: bool = False) -> dict:
@@ -127,8 +182,10 @@ def remove_expert(run: RunLayout, index: int, delete: bool = False) -> dict:
     unless `delete` (so a removal can be undone by editing mixture.json)."""
     manifest = read_mixture(run)
     count = len(manifest["expert_dirs"])
-    if manifest["method"] != "em":
-        raise SmalltalkError(f"`experts remove` needs EM routers; this mixture routes by {manifest['method']!r}")
+    if manifest["method"] not in ELASTIC_METHODS:
+        raise SmalltalkError(f"`experts remove` needs one router per expert; this mixture routes by "
+                             f"{manifest['method']!r}", fix="elastic experts rely on EM routers (routing.method: "
+                                                            "em or ngram)")
     if not 0 <= index < count:
         raise SmalltalkError(f"expert {index} does not exist: the mixture has experts 0..{count - 1}")
     if count <= 1:

@@ -33,11 +33,11 @@ def _routers(run: RunLayout, manifest: dict) -> tuple[str, dict, object]:
     """(router_method, router_config, the routers: a list of router LMs, or the n-gram routers' tables)."""
     from transformers import AutoModelForCausalLM
 
-    routers = read_json(manifest_of(run.mixture_routers())) if not manifest.get("router_dirs") else {"method": "em"}
-    if routers["method"] == "ngram":
+    if manifest["method"] == "ngram":
         from smalltalk.routing.ngram import NgramRouters
 
-        tables = NgramRouters.load(run.mixture_routers(), routers)
+        tables = (NgramRouters.stack([NgramRouters.load(run.root / rel) for rel in manifest["router_dirs"]])
+                  if manifest.get("router_dirs") else NgramRouters.load(run.mixture_routers()))
         return "ngram", {"vocab_size": tables.vocab_size, "order": tables.order, "prior": tables.prior,
                          "pair_size": tables.pairs.shape[1], "context_size": tables.contexts.shape[1]}, tables
     models = [AutoModelForCausalLM.from_pretrained(str(d)) for d in router_model_dirs(run, manifest)]

@@ -20,7 +20,7 @@ from smalltalk.fsutil import read_json, write_json
 from smalltalk.layout import RunLayout, manifest_of
 from smalltalk.llama import quiet_transformers
 from smalltalk.routing.assignment import argmax_assignment
-from smalltalk.routing.routers import LMRouters, load_routers, routers_checksum
+from smalltalk.routing.routers import load_router_dirs, load_routers, routers_checksum
 from smalltalk.training.distributed import resolve_device
 
 
@@ -87,8 +87,8 @@ class SmallTalkMixture:
         self.num_experts: int = manifest["experts"]
         self.prefix: int = manifest["prefix"]
         if manifest.get("router_dirs"):  # written by elastic add/remove: the router of each expert, in order
-            self.routers = LMRouters.from_model_dirs([self.root / d for d in manifest["router_dirs"]], str(self.device),
-                                                     routing_batch, workers=routing_workers)
+            self.routers = load_router_dirs(manifest["method"], [self.root / d for d in manifest["router_dirs"]],
+                                            str(self.device), routing_batch, routing_workers)
         else:
             _check_routers(self.root / manifest["routers"], manifest)
             self.routers = load_routers(self.root / manifest["routers"], str(self.device), routing_batch,

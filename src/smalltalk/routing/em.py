@@ -213,7 +213,7 @@ def train_ngram_routers(cfg: Config, data_dir: Path, out_dir: Path) -> dict:
     with atomic_dir(out_dir) as tmp:
         for r in range(rc.rounds):
             ids, assignment, epoch = _share(cfg, data_dir, tmp, stream, r)
-            routers.decay(rc.ngram_decay)
+            routers.scale(rc.ngram_decay)
             prefixes = data.batch(ids, rc.prefix)
             for e in range(rc.experts):
                 routers.count(e, prefixes[assignment == e])

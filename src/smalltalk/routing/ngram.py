@@ -22,7 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from smalltalk.layout import RouterFiles
+from smalltalk.errors import SmalltalkError
+from smalltalk.fsutil import atomic_dir, read_json, write_json
+from smalltalk.layout import RouterFiles, manifest_of
 
 # Operations per scored token and router (a hash, three look-ups, a division and a log), counted as FLOPs so
 # that the n-gram routers' share of a budget is stated, not left out.
@@ -79,15 +81,45 @@ class NgramRouters:
         np.add.at(self.contexts[expert], context.ravel(), 1.0)
         np.add.at(self.unigrams[expert], targets.ravel(), 1.0)
 
-    def decay(self, factor: float) -> None:
+    def scale(self, factor: float) -> None:
+        """Every count times `factor`: EM's decay of earlier rounds, or an elastic router's calibration."""
         for table in (self.pairs, self.contexts, self.unigrams):
             table *= factor
 
-    def save(self, directory: Path) -> None:
-        np.savez(RouterFiles(directory).ngram, pairs=self.pairs, contexts=self.contexts, unigrams=self.unigrams)
+    def mass(self) -> np.ndarray:
+        """[E] the counted weight of each router (its unigram total): what the prior is weighed against."""
+        return self.unigrams.sum(axis=1, dtype=np.float64)
+
+    def row(self, expert: int) -> NgramRouters:
+        """Router `expert` alone, as a set of one (an elastic mixture keeps one directory per router)."""
+        return NgramRouters(self.pairs[expert:expert + 1].copy(), self.contexts[expert:expert + 1].copy(),
+                            self.unigrams[expert:expert + 1].copy(), self.order, self.prior)
 
     @classmethod
-    def load(cls, directory: Path, manifest: dict) -> NgramRouters:
+    def stack(cls, routers: list[NgramRouters]) -> NgramRouters:
+        """One set from several (the routers of an elastic mixture, in expert order); they must share order,
+        prior and table sizes, or their scores would not be comparable."""
+        shape = {(r.order, r.prior, r.pairs.shape[1], r.contexts.shape[1], r.vocab_size) for r in routers}
+        if len(shape) != 1:
+            raise SmalltalkError(f"these n-gram routers differ in (order, prior, table sizes, vocabulary): {shape}",
+                                 fix="every router of a mixture needs the run's n-gram settings")
+        return cls(*(np.concatenate([getattr(r, name) for r in routers]) for name in ("pairs", "contexts", "unigrams")),
+                   routers[0].order, routers[0].prior)
+
+    def save(self, directory: Path, manifest: dict | None = None) -> None:
+        """The tables (npz: arrays only); with `manifest`, also the manifest that `load` reads (a router on
+        its own: written atomically with it)."""
+        if manifest is None:
+            np.savez(RouterFiles(directory).ngram, pairs=self.pairs, contexts=self.contexts, unigrams=self.unigrams)
+            return
+        with atomic_dir(directory) as tmp:
+            self.save(tmp)
+            write_json(manifest_of(tmp), {**manifest, "experts": self.num_experts, "order": self.order,
+                                          "prior": self.prior})
+
+    @classmethod
+    def load(cls, directory: Path, manifest: dict | None = None) -> NgramRouters:
+        manifest = manifest or read_json(manifest_of(directory))
         with np.load(RouterFiles(directory).ngram, allow_pickle=False) as state:
             return cls(state["pairs"], state["contexts"], state["unigrams"], manifest["order"], manifest["prior"])
 

@@ -193,6 +193,17 @@ def load_routers(routers_dir: str | Path, device: str = "cpu", batch_size: int =
     raise SmalltalkError(f"unknown routing method {method!r} in {manifest_path}")
 
 
+def load_router_dirs(method: str, dirs: list[Path], device: str = "cpu", batch_size: int = 256,
+                     workers: int | None = None) -> Router:
+    """The routers of an elastic mixture (mixture.json's router_dirs): one directory per expert, in expert
+    order, each a router LM or one n-gram router."""
+    if method == "ngram":
+        from smalltalk.routing.ngram import NgramRouters
+
+        return NgramRouters.stack([NgramRouters.load(d) for d in dirs])
+    return LMRouters.from_model_dirs(dirs, device, batch_size, workers=workers)
+
+
 def score_split(router: Router, data, ids: np.ndarray, prefix: int, batch_size: int = 1024) -> np.ndarray:
     """Scores [len(ids), E] of the first `prefix` tokens of sequences `ids` of a SplitData (by their labels
     for the oracle)."""
