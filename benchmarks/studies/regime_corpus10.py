@@ -186,6 +186,8 @@ def plot(rows: list[dict], png: Path) -> None:
         ax.text(x, ax.get_ylim()[1], name, rotation=90, va="top", ha="right", fontsize=8, color="grey")
     ax.axhline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")
+    ax.set_xticks([50, 100, 160, 320, 640], labels=["50", "100", "160", "320", "640"])
+    ax.minorticks_off()
     ax.set_xlabel("training tokens per expert parameter")
     ax.set_ylabel("mixture ppl ÷ dense matched in full")
     ax.set_title("corpus10, validation, after M̂ = 64 (below 1: the mixture wins)")
