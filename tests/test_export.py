@@ -66,3 +66,8 @@ def test_export_never_overwrites_a_run_and_asks_before_replacing(pipeline_run, t
     assert "not empty" in capsys.readouterr().err and (taken / "notes.txt").read_text() == "mine"
     assert cli("export", "--run", run, "--out", taken, "--force", "--format", "smalltalk") == 0
     assert (taken / "mixture.json").is_file() and not (taken / "notes.txt").exists()
+    # --force replaces an export of either layout; a Hugging Face export's config.json is not a run's (it was
+    # refused as "a run directory" before)
+    for _ in range(2):
+        assert cli("export", "--run", run, "--out", taken, "--force") == 0
+        assert (taken / "model.safetensors").is_file() and not (taken / "mixture.json").exists()

@@ -168,7 +168,7 @@ def test_a_run_routed_by_ngram_routers_costs_lookups_and_shares_its_dense_job(ng
 def test_a_mixture_routed_by_ngram_routers_exports_as_one_hugging_face_model(ngram_run, tmp_path):
     """`smalltalk export` of an n-gram-routed mixture: the count tables travel as buffers of the one model; in a
     process without our package, a padded batch routes each row as SmallTalkMixture does (same expert, the
-    same scores) and greedy generation gives `smalltalk generate`'s text."""
+    same scores, also when loaded in bfloat16) and greedy generation gives `smalltalk generate`'s text."""
     from smalltalk.mixture.model import SmallTalkMixture
 
     from .test_export_hf import _child, _prompts
@@ -189,7 +189,11 @@ batch = tok(prompts, return_tensors="pt", padding=True, add_special_tokens=False
 with torch.no_grad():
     routed = model(**batch)
 greedy = model.generate(**batch, max_new_tokens=8, do_sample=False)
-json.dump({{"experts": routed.routed_experts[:, 0].tolist(), "scores": routed.router_scores.tolist(),
+half = AutoModelForCausalLM.from_pretrained({str(out)!r}, trust_remote_code=True, dtype=torch.bfloat16).eval()
+with torch.no_grad():
+    half_scores = half.route(batch["input_ids"], batch["attention_mask"])[2]
+json.dump({{"half_tables": str(half.routers.pairs.dtype), "half_scores": half_scores.tolist(),
+           "experts": routed.routed_experts[:, 0].tolist(), "scores": routed.router_scores.tolist(),
            "texts": tok.batch_decode(greedy[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)}},
           open("got.json", "w"))
 """, tmp_path)
@@ -200,4 +204,7 @@ json.dump({{"experts": routed.routed_experts[:, 0].tolist(), "scores": routed.ro
         assert got["experts"][i] == int(chosen[0]), i
         np.testing.assert_allclose(got["scores"][i], scores[0], rtol=1e-6)
     assert len(set(got["experts"])) > 1, "the batch must mix experts"
+    # loaded in bfloat16 the experts are bfloat16, the count tables stay float32: the same scores (they were
+    # rounded counts before)
+    assert got["half_tables"] == "torch.float32" and got["half_scores"] == got["scores"]
     assert got["texts"] == [mixture.generate(p, max_new_tokens=8)["text"] for p in prompts]

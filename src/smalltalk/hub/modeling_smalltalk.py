@@ -68,9 +68,16 @@ class NgramRouters(nn.Module):
                  context_size: int) -> None:
         super().__init__()
         self.vocab_size, self.order, self.prior = vocab_size, order, prior
-        self.register_buffer("pairs", torch.zeros(num_experts, pair_size))
-        self.register_buffer("contexts", torch.zeros(num_experts, context_size))
-        self.register_buffer("unigrams", torch.zeros(num_experts, vocab_size))
+        for name, size in (("pairs", pair_size), ("contexts", context_size), ("unigrams", vocab_size)):
+            self.register_buffer(name, torch.zeros(num_experts, size, dtype=torch.float32))
+
+    def _apply(self, fn, recurse: bool = True):
+        """Follow the model to its device, never to its dtype: the tables are counts, and a bfloat16 copy would
+        round them (a model loaded with dtype=torch.bfloat16 routes as in float32)."""
+        for name, table in self._buffers.items():
+            device = fn(torch.empty(0, dtype=table.dtype, device=table.device)).device
+            self._buffers[name] = torch.empty_like(table, device=device) if table.is_meta else table.to(device)
+        return self
 
     def _fold(self, keys: torch.Tensor, size: int, space: int) -> torch.Tensor:
         if space <= size:

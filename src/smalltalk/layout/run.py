@@ -223,8 +223,15 @@ class RunLayout:
         return path
 
     def is_run(self) -> bool:
-        """Whether root holds a run (its config, stage record or prepared data)."""
-        return any(p.is_file() for p in (self.stages_file, self.config_file, self.data / "manifest.json"))
+        """Whether root holds a run: its stage record, prepared data or our config. A Hugging Face model's
+        config.json (an export's, a checkpoint's) is not ours; one that is not JSON counts as a run (refused)."""
+        if self.stages_file.is_file() or (self.data / "manifest.json").is_file():
+            return True
+        try:
+            config = self.config()
+        except (ValueError, SmalltalkError):
+            return True
+        return config is not None and not ("model_type" in config and "routing" not in config)
 
     def check_output(self, out: Path, what: str, allowed: tuple[Path, ...] = ()) -> None:
         """Refuse an output directory `out` that is this run, holds it, lies inside it (except at one of
