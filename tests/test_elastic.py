@@ -136,6 +136,7 @@ def test_add_then_remove_with_ngram_routers(ngram_run, tmp_path, capsys):
     docs = write_jsonl(tmp_path / "new.jsonl", new_domain_docs())
     assert cli("experts", "add", "--run", run, "--data", docs, "--router-steps", "40") == 2
     assert "they do not train" in capsys.readouterr().err
+    assert not (run / "routers" / "00").exists() and not (run / "added").exists()  # nothing written
     assert cli("experts", "add", "--run", run, "--data", docs, "--set", "data.validation_fraction=0.2",
                "--set", "data.test_fraction=0.2") == 0
     assert "added pair 03 as mixture expert 3: router counted" in capsys.readouterr().out

@@ -42,10 +42,10 @@ def cmd_experts_train(args: argparse.Namespace) -> None:
 def cmd_experts_add(args: argparse.Namespace) -> None:
 
     from smalltalk.data.shards import SplitData
-    from smalltalk.experts.elastic import add_expert, read_mixture, routing_shift
+    from smalltalk.experts.elastic import add_expert, routing_shift
 
     cfg, run = load(args)  # the run's own config.json: same tokenizer, presets
-    before = read_mixture(run)
+    before = run.mixture()  # routed as it is: the comparison after the add
     added = add_expert(cfg, run, args.data, args.steps, args.router_steps)
     router = added["router"]
     router_did = (f"{router['steps']} steps" if "steps" in router else f"counted {router['counted_sequences']} "

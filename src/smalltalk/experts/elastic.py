@@ -109,14 +109,14 @@ def _free_index(run: RunLayout) -> int:
 def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int | None = None,
                router_steps: int | None = None) -> dict:
     """Prepare `inputs` with the run's tokenizer, train one router and one expert on them, append the pair."""
-    manifest = read_mixture(run)
-    if manifest["method"] not in ELASTIC_METHODS:
-        raise SmalltalkError(f"`experts add` needs one router per expert; this mixture routes by "
-                             f"{manifest['method']!r}", fix="elastic experts rely on EM routers (routing.method: "
-                                                            "em or ngram)")
-    if manifest["method"] == "ngram" and router_steps:
+    method = run.mixture()["method"]
+    if method not in ELASTIC_METHODS:
+        raise SmalltalkError(f"`experts add` needs one router per expert; this mixture routes by {method!r}",
+                             fix="elastic experts rely on EM routers (routing.method: em or ngram)")
+    if method == "ngram" and router_steps:
         raise SmalltalkError(f"--router-steps {router_steps} with n-gram routers: they count their documents, "
                              "they do not train", fix="leave --router-steps out")
+    manifest = read_mixture(run)
     checksum = inputs_checksum(inputs)
     current = set(manifest["expert_dirs"])
     for op in manifest.get("elastic", []):
