@@ -17,10 +17,14 @@
 #                installed) vs HF's own loss (paper-335m, bf16 autocast, eager): loss and gradient
 #                agreement, forward+backward time and tokens/s of each (~30 s). Section 1 trains by the
 #                path `auto` picks there (its train_manifest.json records which).
+#   9. export:   the tiny run, and a twin routed by count-based n-gram routers, exported in the Hugging Face layout
+#                and loaded by transformers on the GPU in DTYPE: each routes validation prefixes as the package
+#                does on the CPU (share printed; near-ties may flip under bf16 router LMs, never the n-gram
+#                tables, which stay float32), and generates.
 # Usage: bash benchmarks/checks/gpu_check.sh [PEAK_FLOPS]      (logs also under $OUT when that is set)
 # Dry run on a CPU machine: DEVICE=cpu DTYPE=float32 SKIP=train,scoring bash benchmarks/checks/gpu_check.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."  # the repository root (this file lives in benchmarks/checks/)
 PEAK=${1:-989e12}
 DEVICE=${DEVICE:-cuda}
 DTYPE=${DTYPE:-bfloat16}
@@ -127,6 +131,32 @@ for split, part in (('train', rows[:120]), ('test', rows[120:])):
     --set "train.dtype=$DTYPE" --set sft.micro_batch_size=8 --set sft.lr=3e-3
 }
 
+export_hf() {
+  local on=(--set "train.device=$DEVICE" --set "routing.train.device=$DEVICE" --set "eval.device=$DEVICE")
+  "$PY" -m smalltalk.cli run --config configs/tiny.yaml --run "$TMP/run-ngram" --set "data.inputs=[$TMP/docs.jsonl]" \
+    --set data.max_docs=null --set routing.experts=3 --set routing.chunk=240 --set routing.method=ngram \
+    --set sft.enabled=false "${on[@]}" > "$LOGS/export-ngram-run.log" || return 1
+  for run in run run-ngram; do
+    "$PY" -m smalltalk.cli export --run "$TMP/$run" --out "$TMP/hf-$run" || return 1
+    "$PY" -c "
+import numpy as np, torch
+from transformers import AutoModelForCausalLM
+from smalltalk.data.shards import SplitData
+from smalltalk.mixture.model import SmallTalkMixture
+model = AutoModelForCausalLM.from_pretrained('$TMP/hf-$run', trust_remote_code=True, dtype=torch.$DTYPE).to('$DEVICE')
+x = SplitData('$TMP/$run/data', 'validation').batch(np.arange(64), 16)
+ids = torch.from_numpy(x).to('$DEVICE')
+with torch.no_grad():
+    experts = model.route(ids, torch.ones_like(ids))[0][:, 0].cpu().numpy()
+chosen, _ = SmallTalkMixture.from_pretrained('$TMP/$run').route(x, 16)
+same = float((experts == chosen).mean())
+out = model.generate(input_ids=ids[:4], attention_mask=torch.ones_like(ids[:4]), max_new_tokens=8, do_sample=False)
+print(f'$run: {model.config.router_method} routers, routed as the package on {same:.0%} of 64 prefixes; '
+      f'generated {out.shape[1] - 16} tokens on', out.device)
+assert same >= (1.0 if model.config.router_method == 'ngram' else 0.9)" || return 1
+  done
+}
+
 same_partition() {  # every expert's share file byte-identical to the pipeline's partition
   local status=0
   for f in "$TMP"/run/partition/expert_*.npy; do
@@ -136,7 +166,7 @@ same_partition() {  # every expert's share file byte-identical to the pipeline's
   return $status
 }
 
-echo "device $DEVICE, dtype $DTYPE; $("$PY" -c "import torch; print('torch', torch.__version__,
+echo "root $PWD; device $DEVICE, dtype $DTYPE; $("$PY" -c "import torch; print('torch', torch.__version__,
   torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA')")"
 if [ "$DEVICE" != cpu ] && command -v nvidia-smi >/dev/null; then
   nvidia-smi --query-compute-apps=pid,used_memory --format=csv,noheader -lms 500 > "$LOGS/gpu_apps.csv" 2>&1 &
@@ -150,6 +180,7 @@ section torchrun torchrun_partition
 section serving serving
 section sft sft
 section forward forward
+section export export_hf
 if [ -n "${SMI:-}" ]; then
   kill "$SMI" 2>/dev/null
   echo; echo "processes that held the GPU: $(cut -d, -f1 "$LOGS/gpu_apps.csv" | sort -u | grep -c '^[0-9]')"
