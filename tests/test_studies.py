@@ -139,3 +139,19 @@ def test_a_grid_resumes_skipping_its_committed_rows_and_reports_a_failed_job(tmp
     assert ran == [("a", 0), ("b", 0), ("broken", 0), ("c", 1)]  # a and b ran once: the second call skipped them
     assert [(r["name"], r["seed"]) for r in json.loads(path.read_text())["rows"]] == [("a", 0), ("b", 0), ("c", 1)]
     assert not any((tmp_path / ".claims").iterdir())  # every claim released, the failed job's too
+
+
+def test_a_row_is_written_even_when_this_version_cannot_print_the_table(tmp_path):
+    """Processes of two code versions share a grid's file: one whose table does not know a row name another
+    added must still write its own row (before, the table raised inside the lock and the row was lost)."""
+    path = tmp_path / "rows.json"
+    path.write_text(json.dumps({"rows": [{"name": "from-a-newer-version", "seed": 0}]}))
+
+    def table(rows: list[dict]) -> str:
+        known = ["a"]
+        return "\n".join(str(known.index(r["name"])) for r in rows)  # ValueError on the newer row
+
+    assert corpus10_runs.work_through([("a", 0)], tmp_path, path, lambda name, seed: f"{name}-s{seed}",
+                                      lambda root, name, seed: {"name": name, "seed": seed},
+                                      lambda r: (r["name"], r["seed"]), table) == 0
+    assert [r["name"] for r in json.loads(path.read_text())["rows"]] == ["from-a-newer-version", "a"]

@@ -205,4 +205,8 @@ def work_through(jobs: list[Job], root: Path, path: Path, run_name: Callable[...
             continue
         with locked_rows(path) as done:
             done.append(result)
-            print(table(done), flush=True)
+            rows = list(done)
+        try:  # after the rows are written: a table this code cannot print (a row another version added) loses none
+            print(table(rows), flush=True)
+        except (KeyError, ValueError) as error:
+            print(f"rows saved; the table is not printed here ({error!r}): print it with --table-only", flush=True)
