@@ -170,6 +170,7 @@ def test_launched_jobs_split_the_cores_this_process_may_use_not_the_machines(pip
 def test_a_process_given_one_thread_gives_its_jobs_one(monkeypatch):
     from smalltalk.host import threads_per_job, usable_cores
 
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # the suite may itself run with one thread
     cores = usable_cores()
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     assert usable_cores() == 1 and threads_per_job(1) == 1
