@@ -39,7 +39,7 @@ from smalltalk.llama import ModelSpec
 from smalltalk.mixture.model import SmallTalkMixture
 from smalltalk.routing.assignment import argmax_assignment
 from smalltalk.routing.ngram import NgramRouters
-from smalltalk.routing.routers import score_split
+from smalltalk.routing.routers import load_router_dirs, score_split
 from smalltalk.training.nll import token_nll
 from smalltalk.training.trainer import TrainJob, train
 
@@ -71,12 +71,21 @@ def _ngram_router_dirs(run: RunLayout, routers: Path, experts: int) -> list[str]
     return dirs
 
 
+def _elastic_method(run: RunLayout, verb: str) -> str:
+    """The mixture's routing method, refused unless it has one router per expert (before anything is written)."""
+    method = run.mixture()["method"]
+    if method not in ELASTIC_METHODS:
+        raise SmalltalkError(f"`experts {verb}` needs one router per expert; this mixture routes by {method!r}",
+                             fix="elastic experts rely on EM routers (routing.method: em or ngram)")
+    return method
+
+
 def _count_router(run: RunLayout, manifest: dict, data: SplitData, pair: int, prefix: int) -> dict:
     """The new pair's n-gram router: its documents' prefixes counted, scaled to the mixture's routers' mean
     counted weight (written atomically; a rerun finds it done)."""
     router_dir = RouterFiles(run.routers).router(f"{pair:02d}").model
     if not manifest_of(router_dir).is_file():
-        routers = NgramRouters.stack([NgramRouters.load(run.root / rel) for rel in manifest["router_dirs"]])
+        routers = load_router_dirs("ngram", [run.root / rel for rel in manifest["router_dirs"]])
         new = NgramRouters(*(np.zeros((1, getattr(routers, name).shape[1]), np.float32)
                              for name in ("pairs", "contexts", "unigrams")), routers.order, routers.prior)
         ids = np.arange(len(data))
@@ -109,10 +118,7 @@ def _free_index(run: RunLayout) -> int:
 def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int | None = None,
                router_steps: int | None = None) -> dict:
     """Prepare `inputs` with the run's tokenizer, train one router and one expert on them, append the pair."""
-    method = run.mixture()["method"]
-    if method not in ELASTIC_METHODS:
-        raise SmalltalkError(f"`experts add` needs one router per expert; this mixture routes by {method!r}",
-                             fix="elastic experts rely on EM routers (routing.method: em or ngram)")
+    method = _elastic_method(run, "add")
     if method == "ngram" and router_steps:
         raise SmalltalkError(f"--router-steps {router_steps} with n-gram routers: they count their documents, "
                              "they do not train", fix="leave --router-steps out")
@@ -139,7 +145,7 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
     if len(data) == 0:
         raise SmalltalkError(f"no training sequences in {inputs}", fix="add more documents")
 
-    if manifest["method"] == "ngram":
+    if method == "ngram":
         router = _count_router(run, manifest, data, k, run.prefix())
     else:
         router = _train_router(cfg, run, data, k, router_steps)
@@ -153,7 +159,7 @@ def add_expert(cfg: Config, run: RunLayout, inputs: list[str], expert_steps: int
     manifest["expert_dirs"] = [*manifest["expert_dirs"], run.expert_model_rel(k)]
     manifest["experts"] = len(manifest["expert_dirs"])
     router_record = ({"router_counted_sequences": router["counted_sequences"], "router_scaled_by": router["scaled_by"]}
-                     if manifest["method"] == "ngram" else {"router_steps": router["steps"]})
+                     if method == "ngram" else {"router_steps": router["steps"]})
     manifest.setdefault("elastic", []).append({
         "op": "add", "pair": k, "data": str(pair_data.relative_to(run.root)), "inputs": [str(Path(i)) for i in inputs],
         "inputs_sha256": checksum, **router_record, "expert_steps": expert["steps"], "time": time.time()})
@@ -180,12 +186,9 @@ def _train_router(cfg: Config, run: RunLayout, data: SplitData, k: int, router_s
 def remove_expert(run: RunLayout, index: int, delete: bool = False) -> dict:
     """Drop mixture expert `index` (its position in mixture.json) and its router. The files stay on disk
     unless `delete` (so a removal can be undone by editing mixture.json)."""
+    _elastic_method(run, "remove")
     manifest = read_mixture(run)
     count = len(manifest["expert_dirs"])
-    if manifest["method"] not in ELASTIC_METHODS:
-        raise SmalltalkError(f"`experts remove` needs one router per expert; this mixture routes by "
-                             f"{manifest['method']!r}", fix="elastic experts rely on EM routers (routing.method: "
-                                                            "em or ngram)")
     if not 0 <= index < count:
         raise SmalltalkError(f"expert {index} does not exist: the mixture has experts 0..{count - 1}")
     if count <= 1:

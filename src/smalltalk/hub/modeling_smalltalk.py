@@ -96,11 +96,9 @@ class NgramRouters(nn.Module):
         space = (vocab + 1) ** (self.order - 1)
         pair = self._fold(context * vocab + targets, self.pairs.shape[1], space * vocab)
         context = self._fold(context, self.contexts.shape[1], space)
-        unigrams = self.unigrams.float()
-        total = unigrams.double().sum(dim=1) + vocab  # [E]
-        p_unigram = (unigrams[:, targets] + 1.0).double() / total[:, None, None]  # [E, B, S]
-        p = (self.pairs.float()[:, pair].double() + self.prior * p_unigram) / \
-            (self.contexts.float()[:, context] + self.prior).double()
+        total = self.unigrams.double().sum(dim=1) + vocab  # [E]; the tables are float32 (_apply keeps them)
+        p_unigram = (self.unigrams[:, targets] + 1.0).double() / total[:, None, None]  # [E, B, S]
+        p = (self.pairs[:, pair].double() + self.prior * p_unigram) / (self.contexts[:, context] + self.prior).double()
         return (p.log() * mask[:, 1:].double()).sum(dim=-1).T.float()
 
 

@@ -34,10 +34,10 @@ def _routers(run: RunLayout, manifest: dict) -> tuple[str, dict, object]:
     from transformers import AutoModelForCausalLM
 
     if manifest["method"] == "ngram":
-        from smalltalk.routing.ngram import NgramRouters
+        from smalltalk.routing.routers import load_router_dirs, load_routers
 
-        tables = (NgramRouters.stack([NgramRouters.load(run.root / rel) for rel in manifest["router_dirs"]])
-                  if manifest.get("router_dirs") else NgramRouters.load(run.mixture_routers()))
+        tables = (load_router_dirs("ngram", [run.root / rel for rel in manifest["router_dirs"]])
+                  if manifest.get("router_dirs") else load_routers(run.mixture_routers()))
         return "ngram", {"vocab_size": tables.vocab_size, "order": tables.order, "prior": tables.prior,
                          "pair_size": tables.pairs.shape[1], "context_size": tables.contexts.shape[1]}, tables
     models = [AutoModelForCausalLM.from_pretrained(str(d)) for d in router_model_dirs(run, manifest)]
