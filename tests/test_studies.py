@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -112,6 +113,11 @@ def test_a_copied_dense_model_that_is_not_the_runs_match_is_refused(tmp_path):
     (twin / "dense" / "matched" / "train_manifest.json").write_text(json.dumps({"steps": 120}))
     with pytest.raises(SystemExit, match="100 steps, the copy 120"):
         corpus10_runs.check_copied_dense(matched, run, twin / "dense" / "matched")
+    shutil.rmtree(twin)  # the twin's row written and its directory deleted: the budget alone decides
+    corpus10_runs.check_copied_dense(matched, run, twin / "dense" / "matched")
+    with pytest.raises(SystemExit, match="the copy's source deleted"):
+        corpus10_runs.check_copied_dense({"flops": {"exact": {"dense_budget_ratio": {"matched": 1.03}}}}, run,
+                                         twin / "dense" / "matched")
 
 
 def test_a_killed_processs_claim_is_taken_over_and_a_live_ones_is_not(tmp_path):
