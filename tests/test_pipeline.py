@@ -53,8 +53,10 @@ def test_rerun_skips_every_stage_and_refuses_a_changed_config(pipeline_run, caps
     capsys.readouterr()
     assert cli(*args) == 0
     assert capsys.readouterr().out.count("done, skipped") == len(STAGES)
+    saved = (run / "config.json").read_text()
     assert cli(*args, "--set", "train.lr=0.5") == 2
     assert "different config" in capsys.readouterr().err
+    assert (run / "config.json").read_text() == saved  # was: the refused config, which the run's jobs then read
 
 
 @pytest.mark.slow

@@ -204,14 +204,16 @@ def run_pipeline(cfg: Config, run: RunLayout) -> None:
     run.root.mkdir(parents=True, exist_ok=True)
     for path in remove_stale_temps(run.root):  # left by a killed earlier run: never a finished artifact
         print(f"removed {path} (left by a killed run)", flush=True)
-    save_config(cfg, run.config_file)
     record = run.stages()
+    for stage in STAGES:  # before RUN/config.json is written: a refused config leaves the run's own one in place
+        if stage.name in record and record[stage.name]["digest"] not in accepted_digests(cfg, stage) \
+                and stage.done(cfg, run):
+            raise SmalltalkError(f"stage '{stage.name}' of {run.root} was produced with a different config",
+                                 fix="use a new run directory (--run) for the new config")
+    save_config(cfg, run.config_file)
     for stage in STAGES:
         want = digest(cfg, stage)
         if stage.name in record and stage.done(cfg, run):
-            if record[stage.name]["digest"] not in accepted_digests(cfg, stage):
-                raise SmalltalkError(f"stage '{stage.name}' of {run.root} was produced with a different config",
-                                     fix="use a new run directory (--run) for the new config")
             print(f"[{stage.name}] done, skipped", flush=True)
             continue
         print(f"[{stage.name}] running", flush=True)
