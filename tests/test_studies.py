@@ -19,6 +19,8 @@ import corpus10_runs  # noqa: E402
 import proportions_corpus10 as proportions  # noqa: E402
 import regime_corpus10 as regime  # noqa: E402
 
+from smalltalk.config import load_config  # noqa: E402
+
 
 def _regime_row(point: str, ratio: float, seed: int, row: str = "oracle-E4") -> dict:
     steps = regime.POINTS[point][1]
@@ -161,3 +163,14 @@ def test_a_row_is_written_even_when_this_version_cannot_print_the_table(tmp_path
                                       lambda root, name, seed: {"name": name, "seed": seed},
                                       lambda r: (r["name"], r["seed"]), table) == 0
     assert [r["name"] for r in json.loads(path.read_text())["rows"]] == ["from-a-newer-version", "a"]
+
+
+def test_every_grid_row_pins_its_routing_so_a_change_of_the_configs_default_leaves_it_alone():
+    """The rows name a routing ("default" is the configs' routing of the day they started): when the rule moves the
+    configs' default, a row's config, and so its runs' digests, must not move with it."""
+    moved = ["routing.method=ngram", "routing.init_split=random", "routing.router.preset=cpu-router-0.01m",
+             "routing.ngram_order=1"]
+    config = Path(__file__).resolve().parents[1] / "configs" / "corpus10.yaml"
+    rows = [*proportions.ROWS.values(), *(routing for _, routing, _ in regime.ROWS.values())]
+    for overrides in rows:
+        assert load_config(config, [*moved, *overrides]).routing == load_config(config, overrides).routing, overrides

@@ -50,13 +50,18 @@ from corpus10_runs import (
 POINTS = {"p50": ("cpu-expert-0.04m", 248), "p100": ("cpu-expert-0.04m", 500), "p160": ("cpu-expert-0.04m", 800),
           "p320": ("cpu-expert-0.04m", 1600), "p640": ("cpu-expert-0.04m", 3200),
           "p100-wide": ("cpu-expert-0.15m", 1600)}
+# The configs' routing of 2026-12-07, pinned: a row keeps its meaning (and its runs their digests) when the
+# configs' default routing changes.
+LM_EM = ["routing.method=em", "routing.init_split=tfidf", "routing.router.preset=cpu-router-0.03m",
+         "routing.ngram_order=2"]
 ROWS = {  # name: (E, routing overrides, experts.init)
-    "oracle-E4": (4, ["routing.method=oracle"], "scratch"),
-    "oracle-E4-trunk": (4, ["routing.method=oracle"], "trunk"),
-    "oracle-E8": (8, ["routing.method=oracle"], "scratch"),
-    "em-E4": (4, [], "scratch"),
-    "em-E4-trunk": (4, [], "trunk"),
-    "ngram-E4": (4, ["routing.method=ngram"], "scratch"),  # the same EM with count-based bigram routers (#40)
+    "oracle-E4": (4, [*LM_EM, "routing.method=oracle"], "scratch"),
+    "oracle-E4-trunk": (4, [*LM_EM, "routing.method=oracle"], "trunk"),
+    "oracle-E8": (8, [*LM_EM, "routing.method=oracle"], "scratch"),
+    "em-E4": (4, LM_EM, "scratch"),
+    "em-E4-trunk": (4, LM_EM, "trunk"),
+    # the same EM with count-based bigram routers (#40)
+    "ngram-E4": (4, [*LM_EM, "routing.method=ngram"], "scratch"),
 }
 TWIN = {"oracle-E4-trunk": "oracle-E4", "em-E4-trunk": "em-E4"}  # same routing, same total FLOPs
 MAIN_PREFIX = 64
