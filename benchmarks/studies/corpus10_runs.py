@@ -40,6 +40,11 @@ def share_experts_only_dense(run: Path, donor: Path | None, free_routing: bool =
             shutil.copytree(source, run / "dense" / kind)
 
 
+# The configs' routing of 2026-12-07, pinned by both grids' rows: a row keeps its meaning (and its runs their
+# digests) when the configs' default routing changes to the rule's choice.
+LM_EM = ["routing.method=em", "routing.init_split=tfidf", "routing.router.preset=cpu-router-0.03m",
+         "routing.ngram_order=2"]
+
 def share_matched_dense(run: Path, twin: Path, kind: str = "matched") -> None:
     """Copy `twin`'s dense model `kind` (matched in full, or matched at inference) into `run`, whose routing
     costs the same FLOPs by construction (rows that differ only in how round 0 is split, or in the order of

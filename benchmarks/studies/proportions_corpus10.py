@@ -45,6 +45,7 @@ from pathlib import Path
 
 from corpus10_runs import (
     CORPUS,
+    LM_EM,
     RESULTS,
     check_copied_dense,
     claimed_by_other,
@@ -55,10 +56,6 @@ from corpus10_runs import (
     work_through,
 )
 
-# The configs' routing of 2026-12-07, pinned: a row keeps its meaning (and its runs their digests) when the
-# configs' default routing changes to the rule's choice.
-LM_EM = ["routing.method=em", "routing.init_split=tfidf", "routing.router.preset=cpu-router-0.03m",
-         "routing.ngram_order=2"]
 PAPER = [*LM_EM, "experts.init=scratch", "routing.init_split=random", "dense.experts_only=true"]
 ROWS = {
     "paper": PAPER,

@@ -36,6 +36,7 @@ from pathlib import Path
 
 from corpus10_runs import (
     CORPUS,
+    LM_EM,
     RESULTS,
     check_copied_dense,
     claimed_by_other,
@@ -50,10 +51,6 @@ from corpus10_runs import (
 POINTS = {"p50": ("cpu-expert-0.04m", 248), "p100": ("cpu-expert-0.04m", 500), "p160": ("cpu-expert-0.04m", 800),
           "p320": ("cpu-expert-0.04m", 1600), "p640": ("cpu-expert-0.04m", 3200),
           "p100-wide": ("cpu-expert-0.15m", 1600)}
-# The configs' routing of 2026-12-07, pinned: a row keeps its meaning (and its runs their digests) when the
-# configs' default routing changes.
-LM_EM = ["routing.method=em", "routing.init_split=tfidf", "routing.router.preset=cpu-router-0.03m",
-         "routing.ngram_order=2"]
 ROWS = {  # name: (E, routing overrides, experts.init)
     "oracle-E4": (4, [*LM_EM, "routing.method=oracle"], "scratch"),
     "oracle-E4-trunk": (4, [*LM_EM, "routing.method=oracle"], "trunk"),
