@@ -45,6 +45,7 @@ def share_experts_only_dense(run: Path, donor: Path | None, free_routing: bool =
 LM_EM = ["routing.method=em", "routing.init_split=tfidf", "routing.router.preset=cpu-router-0.03m",
          "routing.ngram_order=2"]
 
+
 def share_matched_dense(run: Path, twin: Path, kind: str = "matched") -> None:
     """Copy `twin`'s dense model `kind` (matched in full, or matched at inference) into `run`, whose routing
     costs the same FLOPs by construction (rows that differ only in how round 0 is split, or in the order of
