@@ -64,6 +64,11 @@ def test_routing_without_router_lms_costs_no_gpu_hours_and_its_own_flops(capsys)
     assert main(["plan", "--config", str(CONFIGS / "paper-335m.yaml"), "--set", "routing.method=ngram"]) == 0
     out = capsys.readouterr().out
     assert "n-gram routers of order 2, 4.5 MB of tables each" in out and "(routing < 0.01%)" in out, out
+    assert "routing with n-gram counts instead" not in out, out
+    lm_rows = {r["stage"]: r for r in resources(load_config(CONFIGS / "paper-335m.yaml"), 989e12, 0.4)}
+    assert main(["plan", "--config", str(CONFIGS / "paper-335m.yaml")]) == 0
+    saved = lm_rows["routers (EM)"]["hours"] + lm_rows["partition"]["hours"]
+    assert f"the {saved:,.1f} GPU-hours of routers and partition become CPU work" in capsys.readouterr().out
     oracle = load_config(CONFIGS / "paper-335m.yaml", ["routing.method=oracle"])
     assert plan(oracle)["router_overhead_flops"] == 0
     assert {r["stage"]: r for r in resources(oracle, 989e12, 0.4)}["partition"]["hours"] is None

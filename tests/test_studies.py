@@ -168,9 +168,11 @@ def test_a_row_is_written_even_when_this_version_cannot_print_the_table(tmp_path
 def test_every_grid_row_pins_its_routing_so_a_change_of_the_configs_default_leaves_it_alone():
     """The rows name a routing ("default" is the configs' routing of the day they started): when the rule moves the
     configs' default, a row's config, and so its runs' digests, must not move with it."""
-    moved = ["routing.method=ngram", "routing.init_split=random", "routing.router.preset=cpu-router-0.01m",
-             "routing.ngram_order=1"]
     config = Path(__file__).resolve().parents[1] / "configs" / "corpus10.yaml"
     rows = [*proportions.ROWS.values(), *(routing for _, routing, _ in regime.ROWS.values())]
-    for overrides in rows:
-        assert load_config(config, [*moved, *overrides]).routing == load_config(config, overrides).routing, overrides
+    for method in ("em", "ngram"):
+        moved = [f"routing.method={method}", "routing.init_split=random", "routing.router.preset=cpu-router-0.01m",
+                 "routing.ngram_order=1"]
+        for overrides in rows:
+            assert load_config(config, [*moved, *overrides]).routing == load_config(config, overrides).routing, \
+                overrides

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from corpus10_runs import CORPUS
+from corpus10_runs import CORPUS, LM_EM
 
 from smalltalk.cli import main as smalltalk
 from smalltalk.data.shards import SplitData
@@ -52,7 +52,8 @@ def main() -> int:
     rest = sorted(p for p in corpus.glob("*.jsonl.gz") if p != held)
     run = RunLayout(Path(args.root) / f"without-{args.holdout}")
     common = ["--config", ROOT / "configs" / "corpus10.yaml", "--run", run.root,
-              "--set", f"data.inputs=[{','.join(map(str, rest))}]", "--set", "routing.experts=4"]
+              "--set", f"data.inputs=[{','.join(map(str, rest))}]", "--set", "routing.experts=4",
+              *[x for o in LM_EM for x in ("--set", o)]]  # the LM routers it was measured with
     run_stage(["tokenizer", "train", *common], run.tokenizer / "manifest.json")
     run_stage(["data", "prepare", *common], run.data / "manifest.json")
     run_stage(["routers", "train", *common], run.routers / "manifest.json")

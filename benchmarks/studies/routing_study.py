@@ -30,7 +30,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from corpus10_runs import CORPUS, run_and_results, share_experts_only_dense
+from corpus10_runs import CORPUS, LM_EM, run_and_results, share_experts_only_dense
 
 from smalltalk.config import load_config
 
@@ -143,8 +143,8 @@ def main() -> int:
         return 0
     root = Path(args.root)
     # every lever alone against the paper's EM, whatever configs/corpus10.yaml's defaults are
-    common = [f"data.inputs=[{CORPUS}]", "routing.experts=4", "routing.init_split=random", "routing.router_init=shared",
-              "routing.share_passes=1"]
+    common = [*LM_EM, f"data.inputs=[{CORPUS}]", "routing.experts=4", "routing.init_split=random",
+              "routing.router_init=shared", "routing.share_passes=1"]
     if args.reuse_grid:  # seed 0 of baseline and oracle = the grid's em-4 and oracle-4 (same configs)
         for lever, grid_run in (("baseline", "em-4"), ("oracle", "oracle-4")):
             source, target = Path(args.reuse_grid) / grid_run, root / f"{lever}-s{args.seeds[0]}"

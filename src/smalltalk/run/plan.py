@@ -198,7 +198,18 @@ def format_plan(result: dict, peak: float, mfu: float) -> str:
             lines.append(f"| {row['stage']} | {_size(row['disk'])} | {_size(row['memory'])} | {hours} |")
         lines.append("(disk of `partition` counts its parts too; memory is the process's, not the GPU's; "
                      "-: no GPU, CPU work)")
+        lines += _ngram_hint(result["resources"])
     return "\n".join(lines)
+
+
+def _ngram_hint(rows: list[dict]) -> list[str]:
+    """With LM routers, what the count-based routers (the corpus10 configs' default, chosen by the proportions
+    study) would save: the routers' and the partition's GPU-hours, spent as CPU table look-ups instead."""
+    lm = [r["hours"] for r in rows if r["stage"] in ("routers (EM)", "partition") and r["hours"] is not None]
+    if len(lm) < 2:
+        return []
+    return [f"routing with n-gram counts instead (`--set routing.method=ngram`, configs/corpus10.yaml's default; "
+            f"docs/studies/proportions.md): the {sum(lm):,.1f} GPU-hours of routers and partition become CPU work"]
 
 
 def _size(n: float) -> str:
