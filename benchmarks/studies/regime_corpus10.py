@@ -8,9 +8,10 @@ Points (expert preset x steps per expert; tokens per parameter at 32 x 256 token
   p640  cpu-expert-0.04m, 3200 steps: ~640 (6 epochs at E = 4)
   p100-wide  cpu-expert-0.15m, 1600 steps: ~100 with a 3.2x larger expert, repeated (3 epochs at E = 4)
 (Steps divisible by 4, so that a trunk row's trunk + experts equals its scratch twin's budget to the step.)
-Rows at each point: the label oracle at E = 4 and 8 and the configs' routing (EM from the tf-idf split) at E = 4,
-experts from scratch (the paper) and, at E = 4, from the configs' trunk (a quarter of the budget); `ngram-E4`:
-the same EM with count-based bigram routers (issue #40), routing that costs ~no FLOPs. Every dense
+Rows at each point: the label oracle at E = 4 and 8 and the configs' routing of 2026-12-07 (EM from the tf-idf
+split, 26k-parameter LM routers: `em-E4`) at E = 4, experts from scratch (the paper) and, at E = 4, from the
+configs' trunk (a quarter of the budget); `ngram-E4`: the same EM with count-based bigram routers (issue #40),
+routing that costs ~no FLOPs, the configs' routing since 2026-12-08, so also from the trunk. Every dense
 baseline is matched in full, from scratch, one schedule (`matched`): trunk + experts + routing FLOPs. A trunk row
 costs what its scratch twin costs (trunk + experts = the scratch experts' FLOPs, the same routers): it shares the
 twin's dense model (copied, checked) and its routers and partition (hard links). Two seeds per point.
@@ -57,10 +58,12 @@ ROWS = {  # name: (E, routing overrides, experts.init)
     "oracle-E8": (8, [*LM_EM, "routing.method=oracle"], "scratch"),
     "em-E4": (4, LM_EM, "scratch"),
     "em-E4-trunk": (4, LM_EM, "trunk"),
-    # the same EM with count-based bigram routers (#40)
+    # the same EM with count-based bigram routers (#40; the configs' routing since 2026-12-08)
     "ngram-E4": (4, [*LM_EM, "routing.method=ngram"], "scratch"),
+    "ngram-E4-trunk": (4, [*LM_EM, "routing.method=ngram"], "trunk"),
 }
-TWIN = {"oracle-E4-trunk": "oracle-E4", "em-E4-trunk": "em-E4"}  # same routing, same total FLOPs
+TWIN = {"oracle-E4-trunk": "oracle-E4", "em-E4-trunk": "em-E4",  # same routing, same total FLOPs
+        "ngram-E4-trunk": "ngram-E4"}
 MAIN_PREFIX = 64
 PAPER_TOKENS_PER_PARAM = {"paper 335M": 100, "paper 1.3B": 52}  # the paper's experts, one pass (issue #41)
 
@@ -72,7 +75,7 @@ def run_name(point: str, row: str, seed: int) -> str:
 def plan(points: list[str], seeds: list[int], rows: list[str]) -> list[tuple[str, str, int]]:
     """The map's backbone first (oracle E = 4, every point, seed 0), then the configs' routing, E = 8, the
     trunk rows, then the other seeds; within a tier the cheaper points first."""
-    order = ["oracle-E4", "em-E4", "oracle-E8", "em-E4-trunk", "oracle-E4-trunk", "ngram-E4"]
+    order = ["oracle-E4", "em-E4", "oracle-E8", "em-E4-trunk", "oracle-E4-trunk", "ngram-E4", "ngram-E4-trunk"]
     cost = {p: POINTS[p][1] * (3 if "wide" in p else 1) for p in points}
     jobs = [(p, r, s) for p in points for r in rows for s in seeds]
     return sorted(jobs, key=lambda j: (j[2] != seeds[0], j[2], order.index(j[1]), cost[j[0]]))
