@@ -104,12 +104,17 @@ def fork_stages(source: Path, run: Path, stages: tuple[str, ...]) -> None:
     tmp.rename(run)
 
 
+def set_flags(overrides: list[str]) -> list[str]:
+    """`--set` before each override: how the studies hand their overrides to the CLI."""
+    return [x for o in overrides for x in ("--set", o)]
+
+
 def run_and_results(run: Path, overrides: list[str], final: bool = False,
                     config: Path = ROOT / "configs" / "corpus10.yaml") -> dict | None:
     """The results of `run` after (re)running it with `config`; None if a stage failed. Refuses a split
     other than the one asked for: a study's choices come from validation, its final table from test."""
     code = smalltalk(["run", "--config", str(config), "--run", str(run),
-                      *[x for o in overrides for x in ("--set", o)]])
+                      *set_flags(overrides)])
     if code == 0 and final and not (run / "eval-final" / "results.json").is_file():
         code = smalltalk(["eval", "--run", str(run), "--final"])
     if code != 0:

@@ -19,7 +19,7 @@ import json
 import sys
 from pathlib import Path
 
-from corpus10_runs import CORPUS, LM_EM
+from corpus10_runs import CORPUS, LM_EM, set_flags
 
 from smalltalk.cli import main as smalltalk
 from smalltalk.data.shards import SplitData
@@ -53,7 +53,7 @@ def main() -> int:
     run = RunLayout(Path(args.root) / f"without-{args.holdout}")
     common = ["--config", ROOT / "configs" / "corpus10.yaml", "--run", run.root,
               "--set", f"data.inputs=[{','.join(map(str, rest))}]", "--set", "routing.experts=4",
-              *[x for o in LM_EM for x in ("--set", o)]]  # the LM routers it was measured with
+              *set_flags(LM_EM)]  # the LM routers it was measured with
     run_stage(["tokenizer", "train", *common], run.tokenizer / "manifest.json")
     run_stage(["data", "prepare", *common], run.data / "manifest.json")
     run_stage(["routers", "train", *common], run.routers / "manifest.json")

@@ -42,7 +42,7 @@ import sys
 import time
 from pathlib import Path
 
-from corpus10_runs import CORPUS, PRE27_ROUTING, ROOT, fork_stages, run_and_results
+from corpus10_runs import CORPUS, PRE27_ROUTING, ROOT, fork_stages, run_and_results, set_flags
 
 from smalltalk.cli import main as smalltalk
 from smalltalk.config import load_config
@@ -110,7 +110,7 @@ def _mixture_only(run: Path, corpus: str, overrides: list[str]) -> dict | None:
     """The trunk, the experts and the mixture's validation figure, before the dense model (the longest job):
     what the target needs. The same stages as `smalltalk run`'s, which later finishes the row from them."""
     common = ["--config", str(CONFIGS[corpus]), "--run", str(run),
-              *[x for o in [*STUDY, *overrides] for x in ("--set", o)]]
+              *set_flags([*STUDY, *overrides])]
     out = run / "eval-mixture-only"
     for verb in (["trunk", "train"], ["experts", "train", "--all"], ["eval", "--out", str(out)]):
         if verb[0] == "eval" and (out / "results.json").is_file():
